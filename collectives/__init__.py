@@ -1,0 +1,1 @@
+"""Transports and the sparse collectives: how bytes move. Knows nothing about experts."""

@@ -1,0 +1,1 @@
+"""How workers start: the CLI, the simulated cluster, torchrun, Ray, MPI, SLURM."""

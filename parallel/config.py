@@ -1,0 +1,63 @@
+"""The parts of the run config that ``parallel/`` reads. They are plain dataclasses so that the trainer's
+config (``hecate.trainer.config``) can nest them and validate them with the rest, before any worker starts."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from hecate.collectives.errors import ConfigError
+
+ACTIVATIONS = ("gelu", "swiglu")
+SCORES = ("softmax", "sigmoid")
+
+
+@dataclass
+class MoEConfig:
+    """Mixture-of-Experts FFN settings (one MoE layer every ``every`` transformer blocks)."""
+
+    num_experts: int = 8
+    top_k: int = 2
+    every: int = 1  # block i is MoE when (i + 1) % every == 0; the others have a dense FFN
+    ffn_dim: int = 256  # hidden size of one expert
+    activation: str = "gelu"  # gelu: two matrices; swiglu: three
+    score: str = "softmax"  # softmax over experts, or independent sigmoid scores (DeepSeek-V3 style)
+    renormalize: bool = True  # rescale the k chosen weights to sum to 1
+    aux_loss_coef: float = 0.01  # Switch/GShard load-balancing loss
+    z_loss_coef: float = 0.001  # router z-loss (ST-MoE)
+    bias_update_rate: float = 0.0  # aux-loss-free balancing (expert bias on selection only); 0 = off
+    capacity_factor: float = 0.0  # 0 = dropless; else each expert keeps ceil(cf * tokens * k / E) pairs
+    shared_expert: bool = False  # one always-on expert of ffn_dim added to every token
+
+    def validate(self, prefix: str = "moe") -> None:
+        if self.num_experts < 1:
+            raise ConfigError(f"{prefix}.num_experts", f"must be >= 1, got {self.num_experts}")
+        if not 1 <= self.top_k <= self.num_experts:
+            raise ConfigError(f"{prefix}.top_k", f"must be in [1, num_experts={self.num_experts}], got {self.top_k}")
+        if self.every < 1:
+            raise ConfigError(f"{prefix}.every", f"must be >= 1 (1 = every block is MoE), got {self.every}")
+        if self.ffn_dim < 1:
+            raise ConfigError(f"{prefix}.ffn_dim", f"must be >= 1, got {self.ffn_dim}")
+        if self.activation not in ACTIVATIONS:
+            raise ConfigError(f"{prefix}.activation", f"must be one of {ACTIVATIONS}, got {self.activation!r}")
+        if self.score not in SCORES:
+            raise ConfigError(f"{prefix}.score", f"must be one of {SCORES}, got {self.score!r}")
+        for name in ("aux_loss_coef", "z_loss_coef", "bias_update_rate", "capacity_factor"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{prefix}.{name}", f"must be >= 0, got {getattr(self, name)}")
+
+
+@dataclass
+class ParallelConfig:
+    """How the world is split. dp = -1 means 'whatever is left of the world'."""
+
+    dp: int = -1
+    tp: int = 1
+    pp: int = 1
+    ep: int = 1
+    etp: int = 1
+
+    def validate(self, prefix: str = "parallel") -> None:
+        if self.dp == 0 or self.dp < -1:
+            raise ConfigError(f"{prefix}.dp", f"must be >= 1 or -1 (derived from the world size), got {self.dp}")
+        for name in ("tp", "pp", "ep", "etp"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{prefix}.{name}", f"must be >= 1, got {getattr(self, name)}")

@@ -1,0 +1,1 @@
+"""What is trained: config, model, data, optimizer, loop, checkpoints, metrics."""
