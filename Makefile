@@ -1,0 +1,37 @@
+# Two commands: `make demo` trains the demo model; `make test` runs the whole test suite.
+# Both set up what they need on a fresh Debian machine (a venv with CPU torch; apt packages for the tests).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+TORCH  ?= torch==2.13.0
+APT_PACKAGES := openmpi-bin libopenmpi-dev slurm-wlm munge
+
+.PHONY: demo test setup system-deps bench clean
+
+demo: $(STAMP)
+	$(BIN)/hecate train examples/tiny.yaml --fresh
+
+test: system-deps $(STAMP)
+	$(BIN)/python -m pytest -q
+
+setup: $(STAMP)
+
+# A pinned CPU torch first: a bare `torch` would pull a multi-GB CUDA build on a machine without a GPU.
+$(STAMP): setup.py pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e ".[dev,mpi]"
+	touch $@
+
+# MPI and SLURM for the launcher and transport tests (needs root or sudo once).
+system-deps:
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
+
+clean:
+	rm -rf $(VENV) runs build *.egg-info

@@ -1,0 +1,242 @@
+"""The run config: typed dataclasses, loaded from YAML, overridable from the command line.
+
+Everything is validated here, before any worker starts; an invalid value raises one
+:class:`~hecate.collectives.errors.ConfigError` that names the field and says what is allowed.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from hecate.collectives.errors import ConfigError
+from hecate.parallel.config import MoEConfig, ParallelConfig
+
+DTYPES = ("fp32", "bf16")
+NO_DECAY_GROUPS = ("norm", "bias", "embedding")
+
+
+@dataclass
+class ModelConfig:
+    """Decoder-only transformer. The vocabulary size comes from the prepared data's tokenizer."""
+
+    dim: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    seq_len: int = 256
+    dense_ffn_dim: int = 1024  # hidden size of the dense FFN in non-MoE blocks
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    init_std: float = 0.02
+    tie_embeddings: bool = True
+
+    def validate(self) -> None:
+        for name in ("dim", "n_layers", "n_heads", "seq_len", "dense_ffn_dim"):
+            _positive(f"model.{name}", getattr(self, name))
+        if self.dim % self.n_heads:
+            raise ConfigError("model.n_heads", f"must divide model.dim={self.dim}, got {self.n_heads}")
+        if (self.dim // self.n_heads) % 2:
+            raise ConfigError("model.n_heads", f"head size dim/n_heads must be even for RoPE, got {self.dim // self.n_heads}")
+        _positive("model.norm_eps", self.norm_eps)
+        _positive("model.rope_theta", self.rope_theta)
+        _positive("model.init_std", self.init_std)
+
+
+@dataclass
+class DataConfig:
+    """Where the tokenized corpus lives, and what ``prepare-data`` reads when it is missing."""
+
+    dir: str = "data/stdlib"
+    inputs: list[str] = field(default_factory=lambda: ["stdlib"])
+    vocab_size: int = 8192
+    val_fraction: float = 0.05
+
+    def validate(self) -> None:
+        if not self.dir:
+            raise ConfigError("data.dir", "must be a folder path")
+        if not self.inputs:
+            raise ConfigError("data.inputs", "must list at least one input ('stdlib' or a path)")
+        if not 256 < self.vocab_size <= 2**32:
+            raise ConfigError("data.vocab_size", f"must be > 256 (the byte alphabet), got {self.vocab_size}")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ConfigError("data.val_fraction", f"must be in (0, 1), got {self.val_fraction}")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warmup and cosine decay to ``min_lr_ratio * lr``."""
+
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 20
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    no_decay: list[str] = field(default_factory=lambda: list(NO_DECAY_GROUPS))
+    grad_clip: float = 1.0  # max global gradient norm; 0 = no clipping
+
+    def validate(self) -> None:
+        _positive("optim.lr", self.lr)
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError("optim.min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
+        _non_negative("optim.warmup_steps", self.warmup_steps)
+        for name in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"optim.{name}", f"must be in [0, 1), got {getattr(self, name)}")
+        _positive("optim.eps", self.eps)
+        _non_negative("optim.weight_decay", self.weight_decay)
+        _non_negative("optim.grad_clip", self.grad_clip)
+        for group in self.no_decay:
+            if group not in NO_DECAY_GROUPS:
+                raise ConfigError("optim.no_decay", f"entries must be among {NO_DECAY_GROUPS}, got {group!r}")
+
+
+@dataclass
+class TrainConfig:
+    """The loop: how many steps, how big a batch, which precision, how often to evaluate."""
+
+    steps: int = 300
+    global_batch: int = 16  # sequences per optimizer step, over all data-parallel ranks and micro-batches
+    grad_accum: int = 1  # micro-batches per optimizer step
+    seed: int = 0
+    dtype: str = "fp32"  # fp32, or bf16 autocast (master weights and optimizer stay fp32)
+    eval_every: int = 100  # 0 = only at the end
+    eval_batches: int = 8
+    run_dir: str = "runs/tiny"
+
+    def validate(self) -> None:
+        _positive("train.steps", self.steps)
+        _positive("train.global_batch", self.global_batch)
+        _positive("train.grad_accum", self.grad_accum)
+        if self.global_batch % self.grad_accum:
+            raise ConfigError("train.grad_accum", f"must divide train.global_batch={self.global_batch}, got {self.grad_accum}")
+        _non_negative("train.seed", self.seed)
+        if self.dtype not in DTYPES:
+            raise ConfigError("train.dtype", f"must be one of {DTYPES}, got {self.dtype!r}")
+        _non_negative("train.eval_every", self.eval_every)
+        _positive("train.eval_batches", self.eval_batches)
+        if not self.run_dir:
+            raise ConfigError("train.run_dir", "must be a folder path")
+
+
+@dataclass
+class CheckpointConfig:
+    """Periodic, atomic checkpoints in ``RUN_DIR/checkpoints``."""
+
+    every: int = 100  # steps between checkpoints; 0 = only at the end
+    keep: int = 3  # complete checkpoints kept; older ones are deleted
+
+    def validate(self) -> None:
+        _non_negative("checkpoint.every", self.every)
+        _positive("checkpoint.keep", self.keep)
+
+
+@dataclass
+class LoggingConfig:
+    """Where the run reports: console progress, metrics.jsonl (always), TensorBoard, plots."""
+
+    progress: bool = True
+    tensorboard: bool = True
+    plots: bool = True
+    level: str = "INFO"
+
+    def validate(self) -> None:
+        if self.level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            raise ConfigError("logging.level", f"must be DEBUG, INFO, WARNING or ERROR, got {self.level!r}")
+
+
+@dataclass
+class RunConfig:
+    """One training run: every section of the YAML file."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def validate(self) -> "RunConfig":
+        for section in dataclasses.fields(self):
+            getattr(self, section.name).validate()
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return OmegaConf.to_yaml(OmegaConf.structured(self))
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Defaults, then the YAML file, then ``key=value`` overrides; typed, checked and validated."""
+    base = OmegaConf.structured(RunConfig)
+    layers = []
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError("CONFIG", f"file {str(path)!r} does not exist")
+        layers.append(_parse(lambda: OmegaConf.load(path), f"in {path}"))
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(item, "overrides are written key=value, e.g. -o moe.num_experts=16")
+        layers.append(_parse(lambda: OmegaConf.from_dotlist([item]), f"in override {item!r}"))
+    try:
+        merged = OmegaConf.merge(base, *layers)
+        config = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        raise _as_config_error(err) from None
+    return config.validate()
+
+
+def config_from_dict(values: dict[str, Any]) -> RunConfig:
+    """Rebuild a validated config from ``RunConfig.to_dict()`` output (e.g. a run folder's config)."""
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RunConfig), values)).validate()
+    except OmegaConfBaseException as err:
+        raise _as_config_error(err) from None
+
+
+def _parse(load, where: str):
+    try:
+        return load()
+    except OmegaConfBaseException as err:
+        raise ConfigError(where, str(err).splitlines()[0]) from None
+    except Exception as err:  # YAML syntax errors come from the yaml package
+        raise ConfigError(where, f"cannot be parsed: {str(err).splitlines()[0]}") from None
+
+
+def _as_config_error(err: OmegaConfBaseException) -> ConfigError:
+    key = getattr(err, "full_key", None) or "config"
+    first = str(err).splitlines()[0]
+    if "not in" in first or "Key '" in first:
+        parent = key.rsplit(".", 1)[0] if "." in key else ""
+        allowed = _allowed_keys(parent)
+        return ConfigError(key, f"unknown key; allowed here: {', '.join(allowed)}")
+    return ConfigError(key, first)
+
+
+def _allowed_keys(parent: str) -> list[str]:
+    node: Any = RunConfig()
+    for part in filter(None, parent.split(".")):
+        node = getattr(node, part, None)
+    if node is None or not dataclasses.is_dataclass(node):
+        return [f.name for f in dataclasses.fields(RunConfig)]
+    return [f.name for f in dataclasses.fields(node)]
+
+
+def _positive(name: str, value: float) -> None:
+    if value <= 0:
+        raise ConfigError(name, f"must be > 0, got {value}")
+
+
+def _non_negative(name: str, value: float) -> None:
+    if value < 0:
+        raise ConfigError(name, f"must be >= 0, got {value}")

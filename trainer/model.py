@@ -1,0 +1,118 @@
+"""A decoder-only MoE transformer that reads top to bottom. No parallelism here: ``parallel/`` applies it
+from outside (expert parallelism swaps the MoE dispatcher, pipeline parallelism keeps a slice of ``blocks``).
+
+Shapes: B batch, S sequence, D model dim, H heads, Dh head dim, V vocabulary.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hecate.parallel.config import MoEConfig
+from hecate.parallel.moe import MoE, FeedForward
+from hecate.trainer.config import ModelConfig
+
+
+def rope_tables(seq_len: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin of the rotary angles, each [S, Dh/2]."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    angles_SF = torch.outer(torch.arange(seq_len, dtype=torch.float64), inv_freq)
+    return angles_SF.cos().float(), angles_SF.sin().float()
+
+
+def apply_rope(x_BHSDh: torch.Tensor, cos_SF: torch.Tensor, sin_SF: torch.Tensor) -> torch.Tensor:
+    """Rotate (even, odd) feature pairs by the position's angle."""
+    x1, x2 = x_BHSDh[..., 0::2], x_BHSDh[..., 1::2]
+    cos, sin = cos_SF.to(x_BHSDh.dtype), sin_SF.to(x_BHSDh.dtype)
+    return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+
+
+class Attention(nn.Module):
+    """Causal multi-head self-attention with RoPE, computed by torch's SDPA."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.qkv = nn.Linear(cfg.dim, 3 * cfg.dim, bias=False)
+        self.proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
+
+    def forward(self, x_BSD: torch.Tensor, cos_SF: torch.Tensor, sin_SF: torch.Tensor) -> torch.Tensor:
+        B, S, D = x_BSD.shape
+        q, k, v = self.qkv(x_BSD).view(B, S, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)
+        q, k = apply_rope(q, cos_SF[:S], sin_SF[:S]), apply_rope(k, cos_SF[:S], sin_SF[:S])
+        out_BHSDh = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.proj(out_BHSDh.transpose(1, 2).reshape(B, S, D))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block; its FFN is an MoE layer or a dense FeedForward."""
+
+    def __init__(self, cfg: ModelConfig, moe: MoEConfig | None):
+        super().__init__()
+        self.attn_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.ffn_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.ffn = MoE(cfg.dim, moe) if moe is not None else FeedForward(cfg.dim, cfg.dense_ffn_dim, "gelu")
+
+    def forward(self, x_BSD: torch.Tensor, cos_SF: torch.Tensor, sin_SF: torch.Tensor) -> torch.Tensor:
+        x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), cos_SF, sin_SF)
+        return x_BSD + self.ffn(self.ffn_norm(x_BSD))
+
+
+def is_moe_block(index: int, moe: MoEConfig) -> bool:
+    """Block ``index`` (0-based) is an MoE block every ``moe.every`` blocks, the last of each group."""
+    return (index + 1) % moe.every == 0
+
+
+class Transformer(nn.Module):
+    """tokens_BS -> logits_BSV. ``blocks`` is a ModuleDict keyed by the global block index so that a
+    pipeline stage can keep a slice of it with unchanged parameter names."""
+
+    def __init__(self, cfg: ModelConfig, moe: MoEConfig, vocab_size: int):
+        super().__init__()
+        self.cfg = cfg
+        self.vocab_size = vocab_size
+        self.tok_emb = nn.Embedding(vocab_size, cfg.dim)
+        self.blocks = nn.ModuleDict(
+            {str(i): Block(cfg, moe if is_moe_block(i, moe) else None) for i in range(cfg.n_layers)}
+        )
+        self.norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.dim, vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        cos_SF, sin_SF = rope_tables(cfg.seq_len, cfg.dim // cfg.n_heads, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos_SF, persistent=False)
+        self.register_buffer("rope_sin", sin_SF, persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Normal(0, init_std) for matrices; residual output projections scaled by 1/sqrt(2 * n_layers)
+        (GPT-2) so that the residual stream's variance does not grow with depth. Expert weights are
+        initialised by the MoE layer itself."""
+        std = self.cfg.init_std
+        nn.init.normal_(self.tok_emb.weight, std=std)
+        if not self.cfg.tie_embeddings:
+            nn.init.normal_(self.lm_head.weight, std=std)
+        for block in self.blocks.values():
+            nn.init.normal_(block.attn.qkv.weight, std=std)
+            nn.init.normal_(block.attn.proj.weight, std=std / math.sqrt(2 * self.cfg.n_layers))
+
+    def forward(self, tokens_BS: torch.Tensor) -> torch.Tensor:
+        x_BSD = self.tok_emb(tokens_BS)
+        for block in self.blocks.values():
+            x_BSD = block(x_BSD, self.rope_cos, self.rope_sin)
+        return self.lm_head(self.norm(x_BSD))
+
+    def moe_layers(self) -> dict[int, MoE]:
+        """The MoE layers by block index; their ``stats`` hold the last forward's losses and loads."""
+        return {int(i): b.ffn for i, b in self.blocks.items() if isinstance(b.ffn, MoE)}
+
+
+def build_model(cfg: ModelConfig, moe: MoEConfig, vocab_size: int, seed: int) -> Transformer:
+    """The same seed gives the same initial weights in every process and every layout."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return Transformer(cfg, moe, vocab_size)

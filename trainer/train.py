@@ -1,0 +1,226 @@
+"""The training loop. One optimizer step: for each micro-batch, forward + loss + backward; then clip, step,
+update the router biases, log, and now and then evaluate and checkpoint.
+
+The single-process run is the reference every parallel layout is checked against, so everything here is a
+pure function of (config, seed, step): the batch of step s, the learning rate of step s, the initial weights.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from hecate.collectives.errors import HecateError, TrainingError
+from hecate.trainer import checkpoint as ckpt
+from hecate.trainer.config import RunConfig
+from hecate.trainer.data import TrainLoader, ValLoader, load_manifest, token_bytes
+from hecate.trainer.metrics import MetricsWriter, truncate_metrics, write_plots
+from hecate.trainer.model import Transformer, build_model
+from hecate.trainer.optim import build_optimizer, lr_at, set_lr
+
+log = logging.getLogger(__name__)
+
+TOKENIZER_FILE = "tokenizer.json"
+MOE_SHAPE_FIELDS = ("num_experts", "ffn_dim", "activation", "every", "shared_expert")
+
+
+@dataclass
+class StepLosses:
+    """Per-step sums over micro-batches (each already divided by the number of micro-batches)."""
+
+    loss: float = 0.0
+    lm_loss: float = 0.0
+    aux_loss: float = 0.0
+    z_loss: float = 0.0
+    counts: dict[int, torch.Tensor] = field(default_factory=dict)  # block index -> tokens per expert
+    dropped: int = 0
+    grad_norm: float = 0.0
+    lr: float = 0.0
+
+
+class Trainer:
+    """Builds model, optimizer and data from a validated config, and runs or resumes the loop."""
+
+    def __init__(self, cfg: RunConfig, resume: bool = False, fresh: bool = False):
+        self.cfg = cfg
+        self.run_dir = Path(cfg.train.run_dir)
+        self._prepare_run_dir(resume, fresh)
+        data_dir = Path(cfg.data.dir)
+        self.manifest = load_manifest(data_dir)
+        self.vocab_size = int(self.manifest["vocab_size"])
+        self.model = build_model(cfg.model, cfg.moe, self.vocab_size, cfg.train.seed)
+        self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.loader = TrainLoader(data_dir, cfg.model.seq_len, cfg.train.global_batch, cfg.train.grad_accum,
+                                  seed=cfg.train.seed)
+        self.val_loader = ValLoader(data_dir, cfg.model.seq_len, cfg.train.global_batch // cfg.train.grad_accum,
+                                    cfg.train.eval_batches)
+        self.token_bytes_V = torch.from_numpy(token_bytes(data_dir / TOKENIZER_FILE))
+        self.autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.train.dtype == "bf16")
+        self.step = 0
+        if resume:
+            self._resume()
+        (self.run_dir / "config.yaml").write_text(cfg.to_yaml())
+        shutil.copyfile(data_dir / TOKENIZER_FILE, self.run_dir / TOKENIZER_FILE)
+        self.metrics = MetricsWriter(self.run_dir, cfg.logging.tensorboard)
+
+    # ---- the loop -------------------------------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        """Train until ``train.steps``; returns the summary (also written to ``summary.json``)."""
+        cfg = self.cfg.train
+        tokens_per_step = cfg.global_batch * self.cfg.model.seq_len
+        bar = tqdm(total=cfg.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
+                   disable=not self.cfg.logging.progress, mininterval=1.0)
+        started, last_eval = time.perf_counter(), None
+        try:
+            while self.step < cfg.steps:
+                t0 = time.perf_counter()
+                losses = self.train_step(self.step)
+                self.step += 1
+                step_time = time.perf_counter() - t0
+                record = self._step_record(losses, step_time, tokens_per_step)
+                self.metrics.write(record)
+                bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+                bar.update(1)
+                if self.step == cfg.steps or (cfg.eval_every and self.step % cfg.eval_every == 0):
+                    last_eval = self.evaluate()
+                    self.metrics.write({"step": self.step, **last_eval})
+                    bar.write(f"step {self.step}: val_loss {last_eval['val_loss']:.4f}, "
+                              f"val_bpb {last_eval['val_bpb']:.3f}")
+                every = self.cfg.checkpoint.every
+                if self.step == cfg.steps or (every and self.step % every == 0):
+                    self.save()
+        finally:
+            bar.close()
+            self.metrics.close()
+        if last_eval is None:
+            last_eval = self.evaluate()
+        return self._finish(last_eval, time.perf_counter() - started)
+
+    def train_step(self, step: int) -> StepLosses:
+        """One optimizer step (``step`` counts from 0). Raises TrainingError on a non-finite value, before
+        the optimizer touches the weights, so no later checkpoint can hold a poisoned state."""
+        cfg = self.cfg
+        micro_batches = cfg.train.grad_accum
+        set_lr(self.optimizer, lr_at(step, cfg.train.steps, cfg.optim))
+        self.model.train()
+        out = StepLosses()
+        for micro in range(micro_batches):
+            inputs_BS, targets_BS = self.loader.batch(step, micro)
+            with self.autocast:
+                logits_BSV = self.model(inputs_BS)
+            lm_loss = F.cross_entropy(logits_BSV.float().flatten(0, 1), targets_BS.flatten())
+            aux_loss, z_loss = self._router_losses(out)
+            loss = lm_loss + cfg.moe.aux_loss_coef * aux_loss + cfg.moe.z_loss_coef * z_loss
+            if not torch.isfinite(loss):
+                raise TrainingError(
+                    f"non-finite loss ({loss.item()}) at step {step + 1}, micro-batch {micro}; "
+                    f"stopped before the update, nothing was saved from this state "
+                    f"(last good checkpoint: {ckpt.latest_checkpoint(self.run_dir / 'checkpoints')})")
+            (loss / micro_batches).backward()
+            out.loss += loss.item() / micro_batches
+            out.lm_loss += lm_loss.item() / micro_batches
+            out.aux_loss += float(aux_loss) / micro_batches
+            out.z_loss += float(z_loss) / micro_batches
+        max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        if not torch.isfinite(grad_norm):
+            raise TrainingError(f"non-finite gradient norm at step {step + 1}; stopped before the update")
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        for index, layer in self.model.moe_layers().items():
+            layer.update_bias(out.counts[index])
+        out.grad_norm = grad_norm.item()
+        out.lr = self.optimizer.param_groups[0]["lr"]
+        return out
+
+    def _router_losses(self, out: StepLosses) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sum the MoE layers' (unscaled) aux and z losses of the last forward; accumulate their loads."""
+        aux = z = torch.zeros(())
+        for index, layer in self.model.moe_layers().items():
+            stats = layer.stats
+            aux, z = aux + stats.aux_loss, z + stats.z_loss
+            out.counts[index] = out.counts.get(index, 0) + stats.counts_E
+            out.dropped += int(stats.dropped)
+        return aux, z
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Validation loss (nats/token) and bits per byte over the held-out files."""
+        self.model.eval()
+        nats = tokens = bytes_ = 0.0
+        for inputs_BS, targets_BS in self.val_loader:
+            with self.autocast:
+                logits_BSV = self.model(inputs_BS)
+            nats += F.cross_entropy(logits_BSV.float().flatten(0, 1), targets_BS.flatten(), reduction="sum").item()
+            tokens += targets_BS.numel()
+            bytes_ += self.token_bytes_V[targets_BS].sum().item()
+        return {"val_loss": nats / tokens, "val_bpb": nats / (math.log(2) * bytes_)}
+
+    def describe(self) -> str:
+        total = sum(p.numel() for p in self.model.parameters())
+        experts = sum(p.numel() for layer in self.model.moe_layers().values() for p in layer.experts.parameters())
+        return f"{total / 1e6:.2f}M parameters ({experts / 1e6:.2f}M in experts), vocabulary {self.vocab_size}"
+
+    # ---- records, checkpoints, the run folder ---------------------------------------------------
+
+    def _step_record(self, losses: StepLosses, step_time: float, tokens_per_step: int) -> dict[str, Any]:
+        record: dict[str, Any] = {
+            "step": self.step, "loss": losses.loss, "lm_loss": losses.lm_loss, "aux_loss": losses.aux_loss,
+            "z_loss": losses.z_loss, "lr": losses.lr, "grad_norm": losses.grad_norm,
+            "tokens_per_s": tokens_per_step / step_time, "step_time_s": step_time,
+        }
+        if losses.counts:
+            record["expert_load"] = {str(i): c.tolist() for i, c in losses.counts.items()}
+            record["expert_imbalance"] = {str(i): (c.max() / c.float().mean().clamp(min=1e-9)).item()
+                                          for i, c in losses.counts.items()}
+            record["dropped_pairs"] = losses.dropped
+        return record
+
+    def checkpoint_identity(self) -> dict[str, Any]:
+        """What a checkpoint must match to be loaded into this run: the shape of the model."""
+        moe = dataclasses.asdict(self.cfg.moe)
+        return {"model": dataclasses.asdict(self.cfg.model), "moe": {k: moe[k] for k in MOE_SHAPE_FIELDS},
+                "vocab_size": self.vocab_size}
+
+    def save(self) -> Path:
+        return ckpt.save_checkpoint(self.run_dir / "checkpoints", self.step, self.model, self.optimizer,
+                                    self.checkpoint_identity(), keep=self.cfg.checkpoint.keep)
+
+    def _resume(self) -> None:
+        path = ckpt.latest_checkpoint(self.run_dir / "checkpoints")
+        if path is None:
+            log.info("no complete checkpoint in %s: starting from step 0", self.run_dir / "checkpoints")
+            truncate_metrics(self.run_dir, after_step=0)
+            return
+        state = ckpt.load_checkpoint(path, self.model, self.optimizer, expect=self.checkpoint_identity())
+        self.step = int(state["step"])
+        truncate_metrics(self.run_dir, after_step=self.step)
+        log.info("resumed from %s (step %d)", path, self.step)
+
+    def _prepare_run_dir(self, resume: bool, fresh: bool) -> None:
+        if fresh and self.run_dir.exists():
+            shutil.rmtree(self.run_dir)
+        if not resume and (self.run_dir / "metrics.jsonl").exists():
+            raise HecateError(f"run folder {self.run_dir} already holds a run: pass --resume to continue it, "
+                              f"--fresh to start it over, or -o train.run_dir=OTHER")
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+
+    def _finish(self, last_eval: dict[str, float], seconds: float) -> dict[str, Any]:
+        summary = {"steps": self.step, "train_seconds": seconds, **last_eval,
+                   "gzip9_val_bpb": self.manifest.get("gzip9_val_bpb")}
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        if self.cfg.logging.plots:
+            for path in write_plots(self.run_dir):
+                log.info("wrote %s", path)
+        return summary
