@@ -33,3 +33,16 @@ class CheckpointError(HecateError):
 
 class TrainingError(HecateError):
     """Training cannot go on (e.g. a non-finite loss); the message names the step."""
+
+
+class TransportUnavailable(CollectiveError):
+    """A transport cannot run here (its library, a GPU or NCCL is missing); the message names what."""
+
+
+class WorkerFailure(HecateError):
+    """A worker process raised, died or timed out. The message names the rank(s) and carries the traceback,
+    exit code or stacks, so that the job goes down with the reason rather than hanging."""
+
+    def __init__(self, message: str, ranks: tuple[int, ...]):
+        self.ranks = ranks
+        super().__init__(message)

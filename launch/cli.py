@@ -16,6 +16,7 @@ EXAMPLES = """examples:
   hecate train examples/tiny.yaml -o moe.num_experts=16 -o train.steps=50 --fresh
   hecate train examples/tiny.yaml --resume             # continue from the last complete checkpoint
   hecate generate runs/tiny --prompt "def main("       # sample from the latest checkpoint
+  hecate plan examples/tiny.yaml --world 4 -o parallel.ep=4   # rank groups and memory per rank
 """
 
 
@@ -54,7 +55,28 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     gen.add_argument("--top-k", type=int, default=50, help="0 = no top-k filtering")
     gen.add_argument("--seed", type=int, default=0)
+    plan = sub.add_parser("plan", parents=[common], help="show the rank groups and memory per rank of a layout",
+                          description="Validate a config's parallel layout for a world size and print which "
+                                      "ranks form each group and an estimate of the memory each rank holds.")
+    plan.add_argument("config", help="YAML config")
+    plan.add_argument("--world", type=int, required=True, help="number of ranks (processes / GPUs)")
+    plan.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE")
+    plan.add_argument("--vocab-size", type=int, default=None,
+                      help="vocabulary size (default: from the prepared data, else data.vocab_size)")
     return parser
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from hecate.trainer.config import load_config
+    from hecate.trainer.plan import describe_plan
+
+    cfg = load_config(args.config, args.override)
+    vocab = args.vocab_size
+    if vocab is None:
+        manifest = Path(cfg.data.dir) / "manifest.json"
+        vocab = json.loads(manifest.read_text())["vocab_size"] if manifest.is_file() else cfg.data.vocab_size
+    print(describe_plan(cfg, args.world, vocab))
+    return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -104,7 +126,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "prepare-data": cmd_prepare_data, "generate": cmd_generate}
+COMMANDS = {"train": cmd_train, "prepare-data": cmd_prepare_data, "generate": cmd_generate, "plan": cmd_plan}
 
 
 def main(argv: list[str] | None = None) -> int:

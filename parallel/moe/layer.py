@@ -1,0 +1,79 @@
+"""The MoE layer, read top to bottom: route -> sums (reduced) -> capacity -> dispatch -> experts -> combine.
+
+Two seams are attributes that parallelism replaces from outside, the layer's code staying as it is:
+- ``dispatcher`` (:mod:`.dispatcher`): expert parallelism swaps :class:`LocalDispatcher` for one that exchanges
+  rows with all-to-all between dispatch and combine (and ``experts`` then holds only the local experts).
+- ``reduce`` (:mod:`.losses`): data parallelism swaps :func:`local_reduce` for an all-reduce of the router sums
+  over the ranks that share a micro-batch, so that aux loss, z-loss and capacity dropping equal the values of one
+  process holding the whole micro-batch.
+
+After each forward ``stats`` holds the router losses, unscaled (the trainer multiplies by aux_loss_coef and
+z_loss_coef), and the load. Losses and counts are over the reduce group; on one device, over this forward's tokens.
+
+Shapes: B batch, S sequence, T = B * S tokens, D model dim, E experts, K experts per token, N kept pairs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from hecate.parallel.config import MoEConfig
+from hecate.parallel.moe.capacity import dropped_pairs, expert_capacity, keep_within_capacity
+from hecate.parallel.moe.dispatcher import Dispatcher, LocalDispatcher
+from hecate.parallel.moe.experts import Experts
+from hecate.parallel.moe.ffn import FeedForward
+from hecate.parallel.moe.losses import Reduce, aux_loss, local_reduce, router_sums, z_loss
+from hecate.parallel.moe.router import Router
+
+
+@dataclass
+class MoEStats:
+    """The last forward's router losses (unscaled, differentiable) and expert load (detached)."""
+
+    aux_loss: torch.Tensor  # fp32 scalar, Switch/GShard load-balancing loss
+    z_loss: torch.Tensor  # fp32 scalar, router z-loss
+    counts_E: torch.Tensor  # long, (token, k) pairs routed to each expert before dropping
+    dropped: int  # pairs dropped by capacity (0 when dropless)
+    tokens: int  # tokens routed
+
+
+class MoE(nn.Module):
+    """x_BSD -> y_BSD (same shape and dtype). Weights: router gate and experts ~ Normal(0, init_std); the
+    experts' (and shared expert's) output matrix ~ Normal(0, out_init_std), default init_std - pass
+    init_std / sqrt(2 * n_layers) to scale it like the other residual projections."""
+
+    def __init__(self, dim: int, cfg: MoEConfig, init_std: float = 0.02, out_init_std: float | None = None,
+                 dispatcher: Dispatcher | None = None, reduce: Reduce = local_reduce):
+        super().__init__()
+        self.cfg = cfg
+        self.router = Router(dim, cfg.num_experts, cfg.top_k, cfg.score, cfg.renormalize, cfg.bias_update_rate)
+        nn.init.normal_(self.router.gate.weight, std=init_std)
+        self.experts = Experts(cfg.num_experts, dim, cfg.ffn_dim, cfg.activation, init_std, out_init_std)
+        self.shared = (FeedForward(dim, cfg.ffn_dim, cfg.activation, init_std, out_init_std)
+                       if cfg.shared_expert else None)
+        self.dispatcher = dispatcher if dispatcher is not None else LocalDispatcher(cfg.num_experts)
+        self.reduce = reduce
+        self.stats: MoEStats | None = None
+
+    def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
+        cfg = self.cfg
+        x_TD = x_BSD.reshape(-1, x_BSD.shape[-1])
+        routing = self.router(x_TD)
+        sums = self.reduce(router_sums(routing, cfg.num_experts))
+        capacity = expert_capacity(cfg.capacity_factor, sums.tokens, cfg.top_k, cfg.num_experts)
+        keep_TK = None if capacity is None else keep_within_capacity(routing.experts_TK, capacity, sums.offset_E)
+        x_ND, counts_E, handle = self.dispatcher.dispatch(x_TD, routing.experts_TK, keep_TK)
+        y_ND = self.experts(x_ND, counts_E)
+        out_TD = self.dispatcher.combine(y_ND, routing.weights_TK, handle)
+        if self.shared is not None:
+            out_TD = out_TD + self.shared(x_TD)
+        self.stats = MoEStats(aux_loss=aux_loss(sums, cfg.top_k), z_loss=z_loss(sums),
+                              counts_E=sums.counts_E.detach(), dropped=dropped_pairs(sums.counts_E, capacity),
+                              tokens=sums.tokens)
+        return out_TD.to(x_BSD.dtype).view_as(x_BSD)
+
+    def update_bias(self, counts_E: torch.Tensor) -> None:
+        """Aux-loss-free balancing: call after the optimizer step with the step's global counts."""
+        self.router.update_bias(counts_E)

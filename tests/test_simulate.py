@@ -1,0 +1,120 @@
+"""The simulated cluster's process core: results by rank, and failures that name the rank and leave nothing."""
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from hecate.collectives.errors import HecateError, WorkerFailure
+from hecate.launch.simulate import STOP_GRACE_S, run_workers, start_workers
+
+# Spawning workers and importing torch takes a few seconds each on a loaded 2-core machine; a failure must
+# still be reported well before the other workers' collectives would time out on their own.
+FAILURE_REPORTED_WITHIN_S = 30.0 + STOP_GRACE_S
+
+
+def _describe_rank() -> dict:
+    total = torch.tensor([float(dist.get_rank() + 1)])
+    dist.all_reduce(total)
+    names = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "HECATE_TEST_EXTRA")
+    return {
+        "rank": dist.get_rank(),
+        "world_size": dist.get_world_size(),
+        "env": {name: os.environ[name] for name in names},
+        "threads": torch.get_num_threads(),
+        "total": total.item(),
+    }
+
+
+def _record_pid_then(pid_dir: str, failing_rank: int, how: str) -> None:
+    """Every rank leaves its pid; one rank fails as told, the others wait in a collective that never ends."""
+    rank = dist.get_rank()
+    Path(pid_dir, f"{rank}.pid").write_text(str(os.getpid()))
+    dist.barrier()
+    if rank != failing_rank:
+        dist.barrier()
+    elif how == "raise":
+        raise ValueError(f"rank {rank} failed on purpose")
+    elif how == "sigkill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    elif how == "exit":
+        os._exit(3)
+
+
+def _init_from_environment() -> float:
+    """What a trainer entry point does under torchrun: form the group from the environment itself."""
+    dist.init_process_group("gloo")
+    total = torch.ones(1)
+    dist.all_reduce(total)
+    dist.destroy_process_group()
+    return total.item()
+
+
+def _sleep_forever_on_rank_1() -> str:
+    if dist.get_rank() == 1:
+        time.sleep(3600)
+    return "done"
+
+
+def _assert_all_gone(pid_dir: Path, world_size: int) -> None:
+    pids = [int(path.read_text()) for path in sorted(pid_dir.glob("*.pid"))]
+    assert len(pids) == world_size
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+def test_results_come_back_ordered_by_rank_with_torchrun_environment():
+    results = run_workers(_describe_rank, 3, env={"HECATE_TEST_EXTRA": "x"}, timeout_s=120)
+    assert [r["rank"] for r in results] == [0, 1, 2]
+    for rank, result in enumerate(results):
+        assert result["world_size"] == 3
+        assert result["env"] == {
+            "RANK": str(rank), "WORLD_SIZE": "3", "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": "3",
+            "MASTER_ADDR": "127.0.0.1", "HECATE_TEST_EXTRA": "x",
+        }
+        assert result["threads"] == 1
+        assert result["total"] == 6.0
+
+
+def test_workers_can_form_their_own_group_from_the_environment():
+    assert start_workers(_init_from_environment, 2, backend=None).join(timeout_s=120) == [2.0, 2.0]
+
+
+@pytest.mark.parametrize(
+    "how, expected",
+    [
+        ("raise", ["rank 1 of 3 raised", "ValueError: rank 1 failed on purpose", "Traceback", "_record_pid_then"]),
+        ("sigkill", ["rank 1 of 3 was killed by signal SIGKILL (9)"]),
+        ("exit", ["rank 1 of 3 exited with code 3"]),
+    ],
+)
+def test_failing_worker_is_named_and_nothing_is_left_running(tmp_path, how, expected):
+    start = time.monotonic()
+    with pytest.raises(WorkerFailure) as caught:
+        run_workers(_record_pid_then, 3, str(tmp_path), 1, how, timeout_s=120)
+    assert time.monotonic() - start < FAILURE_REPORTED_WITHIN_S
+    for text in expected:
+        assert text in str(caught.value)
+    assert caught.value.ranks == (1,)
+    _assert_all_gone(tmp_path, 3)
+
+
+def test_timeout_names_unfinished_ranks_and_where_they_wait():
+    timeout_s = 15.0
+    start = time.monotonic()
+    with pytest.raises(WorkerFailure) as caught:
+        run_workers(_sleep_forever_on_rank_1, 2, timeout_s=timeout_s)
+    assert time.monotonic() - start < timeout_s + FAILURE_REPORTED_WITHIN_S
+    message = str(caught.value)
+    assert "timed out after 15.0 s; ranks [1] of 2 had not finished" in message
+    assert "_sleep_forever_on_rank_1" in message
+    assert caught.value.ranks == (1,)
+
+
+def test_function_that_cannot_be_pickled_is_refused_before_any_process_starts():
+    with pytest.raises(HecateError, match="module level"):
+        run_workers(lambda: None, 2)

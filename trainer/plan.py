@@ -1,0 +1,57 @@
+"""``hecate plan``: which ranks do what under a layout, and what each rank holds in memory - before any
+process starts. Parameter counts come from building the model on the meta device (no memory, exact shapes)."""
+from __future__ import annotations
+
+import torch
+
+from hecate.parallel.topology import DENSE_DIMS, MOE_DIMS, ParallelDims
+from hecate.trainer.config import RunConfig
+from hecate.trainer.model import Transformer
+
+BYTES_FP32 = 4
+ADAMW_MOMENTS = 2
+# Saved activations per token per block, in units of model.dim values: the block input, the norms, q/k/v, the
+# attention output, the FFN input and the router/expert intermediates (~ top_k * ffn_dim / dim). A rough bound
+# that is good enough to compare layouts; the simulator (issue 11) refines it.
+ACTIVATION_VALUES_PER_DIM = 12
+
+
+def layout_of(cfg: RunConfig, world: int) -> ParallelDims:
+    return ParallelDims.from_config(cfg.parallel, world, cfg.moe.num_experts, cfg.model.n_layers, cfg.model.n_heads)
+
+
+def parameter_counts(cfg: RunConfig, vocab_size: int) -> tuple[int, int]:
+    """(dense parameters, expert parameters) of the whole model."""
+    with torch.device("meta"):
+        model = Transformer(cfg.model, cfg.moe, vocab_size)
+    experts = sum(p.numel() for layer in model.moe_layers().values() for p in layer.experts.parameters())
+    return sum(p.numel() for p in model.parameters()) - experts, experts
+
+
+def memory_per_rank(cfg: RunConfig, dims: ParallelDims, vocab_size: int) -> dict[str, float]:
+    """Bytes per rank (fp32 master weights): dense weights split over pp x tp, experts over pp x ep x etp."""
+    dense, experts = parameter_counts(cfg, vocab_size)
+    params = dense / (dims.pp * dims.tp) + experts / (dims.pp * dims.ep * dims.etp)
+    micro_tokens = cfg.train.global_batch // (cfg.train.grad_accum * dims.dp) * cfg.model.seq_len
+    layers_per_stage = -(-cfg.model.n_layers // dims.pp)
+    activations = micro_tokens * cfg.model.dim * ACTIVATION_VALUES_PER_DIM * layers_per_stage / dims.tp
+    logits = micro_tokens * vocab_size / dims.tp * (2 if dims.pp == 1 else 1)  # logits + their gradient
+    return {"parameters": params * BYTES_FP32, "gradients": params * BYTES_FP32,
+            "optimizer": params * BYTES_FP32 * ADAMW_MOMENTS, "activations": (activations + logits) * BYTES_FP32}
+
+
+def describe_plan(cfg: RunConfig, world: int, vocab_size: int) -> str:
+    dims = layout_of(cfg, world)
+    lines = [f"world {world}: pp={dims.pp} dp={dims.dp} tp={dims.tp} | MoE folded: edp={dims.edp} ep={dims.ep} "
+             f"etp={dims.etp}", ""]
+    for dim in (*DENSE_DIMS, *MOE_DIMS[1:]):
+        lines.append(f"  {dim:>4} groups: {dims.groups(dim)}")
+    experts_per_rank = cfg.moe.num_experts // dims.ep
+    lines += ["", f"  experts per rank per MoE layer: {experts_per_rank} (of {cfg.moe.num_experts})", ""]
+    dense, experts = parameter_counts(cfg, vocab_size)
+    lines.append(f"  model: {dense / 1e6:.2f}M dense + {experts / 1e6:.2f}M expert parameters (vocabulary {vocab_size})")
+    memory = memory_per_rank(cfg, dims, vocab_size)
+    lines.append("  memory per rank (fp32 weights, AdamW): " + ", ".join(
+        f"{name} {value / 2**20:.1f} MiB" for name, value in memory.items())
+        + f"; total {sum(memory.values()) / 2**20:.1f} MiB")
+    return "\n".join(lines)
