@@ -2,13 +2,14 @@
 
 - ``Transport`` (protocol) with ``TorchTransport`` (default), ``MpiTransport`` and ``CupyNcclTransport``;
   every operation returns a ``Handle`` and is counted in the transport's ``CommStats``.
-- ``all_to_all_autograd``: token dispatch / combine with the reverse exchange in backward.
+- ``all_to_all_autograd`` / ``all_reduce_autograd``: token dispatch / combine and router statistics, with
+  the matching exchange in backward.
 - ``OwnerPlacement`` / ``MaterializedPlacement`` and ``SparseAllGather`` / ``SparseReduceScatter``.
 
 The MPI and cupy transports import their libraries only when constructed.
 """
 from hecate.collectives.accounting import CommStats, OpStats, delta
-from hecate.collectives.autograd import all_to_all_autograd
+from hecate.collectives.autograd import all_reduce_autograd, all_to_all_autograd
 from hecate.collectives.cupy_transport import CupyNcclTransport
 from hecate.collectives.handle import Handle
 from hecate.collectives.mpi_transport import MpiTransport
@@ -21,5 +22,5 @@ from hecate.collectives.transport import PeerOp, Transport
 __all__ = [
     "ChunkSpec", "CommStats", "CupyNcclTransport", "ExchangePlan", "Handle", "MaterializedPlacement",
     "MpiTransport", "OpStats", "OwnerPlacement", "PeerOp", "SparseAllGather", "SparseReduceScatter",
-    "TorchTransport", "Transport", "all_to_all_autograd", "delta", "gather_plan", "reduce_scatter_plan",
+    "TorchTransport", "Transport", "all_reduce_autograd", "all_to_all_autograd", "delta", "gather_plan", "reduce_scatter_plan",
 ]

@@ -15,6 +15,7 @@ EXAMPLES = """examples:
   hecate train examples/tiny.yaml                      # train the demo model on CPU (prepares data if needed)
   hecate train examples/tiny.yaml -o moe.num_experts=16 -o train.steps=50 --fresh
   hecate train examples/tiny.yaml --resume             # continue from the last complete checkpoint
+  hecate train examples/tiny.yaml --simulate 4 -o parallel.ep=2   # 4 processes on this machine: DP=2 x EP=2
   hecate generate runs/tiny --prompt "def main("       # sample from the latest checkpoint
   hecate plan examples/tiny.yaml --world 4 -o parallel.ep=4   # rank groups and memory per rank
 """
@@ -38,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     mode = train.add_mutually_exclusive_group()
     mode.add_argument("--resume", action="store_true", help="continue from the run folder's last complete checkpoint")
     mode.add_argument("--fresh", action="store_true", help="delete the run folder first and start over")
+    train.add_argument("--simulate", type=int, default=None, metavar="N",
+                       help="run N worker processes on this machine (gloo), as N ranks of a cluster")
 
     prep = sub.add_parser("prepare-data", parents=[common], help="collect text, train a BPE tokenizer, write token shards",
                           description="Collect text files, train a byte-level BPE tokenizer on the training "
@@ -86,16 +89,39 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.override)
     setup_logging(None, rank=0, level=cfg.logging.level)
-    _ensure_data(cfg.data)
-    trainer = Trainer(cfg, resume=args.resume, fresh=args.fresh)
-    setup_logging(trainer.run_dir, rank=0, level=cfg.logging.level)
-    logging.getLogger("hecate").info("run folder %s; %s", trainer.run_dir, trainer.describe())
-    summary = trainer.run()
+    if args.simulate is not None:
+        summary = _train_simulated(cfg, args.simulate, args.resume, args.fresh)
+    else:
+        _ensure_data(cfg.data)
+        trainer = Trainer(cfg, resume=args.resume, fresh=args.fresh)
+        setup_logging(trainer.run_dir, rank=0, level=cfg.logging.level)
+        logging.getLogger("hecate").info("run folder %s; %s", trainer.run_dir, trainer.describe())
+        summary = trainer.run()
     gzip = summary.get("gzip9_val_bpb")
     print(f"done: {summary['steps']} steps in {summary['train_seconds']:.0f} s; held-out val_loss "
           f"{summary['val_loss']:.3f} nats/token, {summary['val_bpb']:.3f} bits/byte"
           + (f" (gzip -9 on the same files: {gzip:.3f} bits/byte)" if gzip else ""))
     return 0
+
+
+def _train_simulated(cfg, world: int, resume: bool, fresh: bool) -> dict:
+    """Validate everything here, then run ``world`` workers on this machine; the first failure stops all."""
+    import os
+
+    from hecate.launch.simulate import start_workers
+    from hecate.launch.worker import train_worker
+    from hecate.trainer.plan import layout_of
+    from hecate.trainer.train import prepare_run_dir
+
+    cores = os.cpu_count() or 1
+    if not 1 <= world <= MAX_SIMULATED_PER_CORE * cores:
+        raise HecateError(f"--simulate {world}: this machine has {cores} cores; simulate between 1 and "
+                          f"{MAX_SIMULATED_PER_CORE * cores} ranks")
+    layout_of(cfg, world)
+    _ensure_data(cfg.data)
+    prepare_run_dir(Path(cfg.train.run_dir), resume, fresh)
+    group = start_workers(train_worker, world, (cfg.to_dict(), resume), threads_per_worker=max(1, cores // world))
+    return group.join(timeout_s=SIMULATE_TIMEOUT_S)[0]
 
 
 def _ensure_data(data) -> None:
@@ -125,6 +151,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     print(generate(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed))
     return 0
 
+
+MAX_SIMULATED_PER_CORE = 8  # beyond this the processes only fight for the cores and memory
+SIMULATE_TIMEOUT_S = 30 * 24 * 3600.0  # a job's wall-clock limit belongs to the scheduler; hangs end by collective timeouts
 
 COMMANDS = {"train": cmd_train, "prepare-data": cmd_prepare_data, "generate": cmd_generate, "plan": cmd_plan}
 

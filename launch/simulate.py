@@ -65,11 +65,17 @@ def _worker_main(conn, fn, args, environ, threads, backend, stack_path) -> None:
             value = fn(*args)
             if backend is not None:
                 dist.destroy_process_group()
-            conn.send(("ok", value))
+            _report(conn, ("ok", value))
         except BaseException:
-            conn.send(("error", traceback.format_exc()))
+            _report(conn, ("error", traceback.format_exc()))
         finally:
             conn.close()
+
+
+def _report(conn, message: tuple[str, Any]) -> None:
+    """Send by value: the pipe's own pickler would share tensors through file descriptors that vanish with this
+    process, which may exit before the parent reads."""
+    conn.send_bytes(pickle.dumps(message))
 
 
 def _die_with_parent() -> None:
@@ -131,7 +137,7 @@ class WorkerGroup:
         conn = self.conns[rank]
         if conn.poll():
             try:
-                return conn.recv()
+                return pickle.loads(conn.recv_bytes())
             except EOFError:
                 pass
         self.processes[rank].join(STOP_GRACE_S)

@@ -21,6 +21,7 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from hecate.collectives.errors import CheckpointError
+from hecate.parallel.parallelize import Parallel
 
 log = logging.getLogger(__name__)
 
@@ -48,26 +49,51 @@ def latest_checkpoint(root: Path) -> Path | None:
 
 
 def save_checkpoint(root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    trainer_state: dict[str, Any], keep: int) -> Path:
-    """Write the checkpoint taken after ``step`` optimizer steps, then keep only the newest ``keep``."""
+                    trainer_state: dict[str, Any], keep: int, parallel: Parallel | None = None) -> Path:
+    """Write the checkpoint taken after ``step`` optimizer steps, then keep only the newest ``keep``.
+    Collective: every rank writes its share; rank 0 alone completes, renames and prunes."""
+    parallel = parallel if parallel is not None else Parallel.single()
     final = root / f"{PREFIX}{step:08d}"
     tmp = root / f".tmp-{final.name}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    if parallel.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    parallel.barrier()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*assuming the intent is to save in a single process.*")
-        dcp.save({"model": model_sd, "optim": optim_sd, "rng": torch.get_rng_state()}, checkpoint_id=tmp)
-    (tmp / STATE_FILE).write_text(json.dumps({"step": step, **trainer_state}, indent=1))
-    (tmp / COMPLETE).write_text(f"{step}\n")
-    if final.exists():  # a re-run of the same step (e.g. after a resume): the new one replaces it
-        shutil.rmtree(final)
-    tmp.rename(final)
-    for stale in root.glob(".tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    for old in checkpoint_dirs(root)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        dcp.save(_tensors(model, optimizer, parallel), checkpoint_id=tmp)
+    if parallel.is_main:
+        (tmp / STATE_FILE).write_text(json.dumps({"step": step, **trainer_state}, indent=1))
+        (tmp / COMPLETE).write_text(f"{step}\n")
+        if final.exists():  # a re-run of the same step (e.g. after a resume): the new one replaces it
+            shutil.rmtree(final)
+        tmp.rename(final)
+        for stale in root.glob(".tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        for old in checkpoint_dirs(root)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    parallel.barrier()
     return final
+
+
+def _tensors(model: nn.Module, optimizer: torch.optim.Optimizer | None, parallel: Parallel) -> dict[str, Any]:
+    """What DCP saves and loads: model, optimizer state (expert tensors as sharded DTensors) and the RNG."""
+    if optimizer is None:
+        return {"model": model.state_dict(), "rng": torch.get_rng_state()}
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state = parallel.shard_expert_state(model, {"model": model_sd, "optim": optim_sd})
+    return {**state, "rng": torch.get_rng_state()}
+
+
+def _local(tree: Any) -> Any:
+    """The same nested state with every DTensor replaced by its local shard."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(tree, dict):
+        return {k: _local(v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_local(v) for v in tree]
+    return tree.to_local() if isinstance(tree, DTensor) else tree
 
 
 def read_trainer_state(path: Path) -> dict[str, Any]:
@@ -78,7 +104,7 @@ def read_trainer_state(path: Path) -> dict[str, Any]:
 
 
 def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None,
-                    expect: dict[str, Any]) -> dict[str, Any]:
+                    expect: dict[str, Any], parallel: Parallel | None = None) -> dict[str, Any]:
     """Restore model (and optimizer, RNG) in place; returns the trainer state.
 
     ``expect`` holds trainer-state entries that must match (e.g. the model config): a checkpoint of another
@@ -90,16 +116,14 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
         if saved != wanted:
             diffs = _differences(saved, wanted, key)
             raise CheckpointError(f"checkpoint {path} was written for another {key}: {diffs}")
-    model_sd, optim_sd = get_state_dict(model, optimizer) if optimizer is not None else (model.state_dict(), None)
-    to_load: dict[str, Any] = {"model": model_sd, "rng": torch.get_rng_state()}
-    if optim_sd is not None:
-        to_load["optim"] = optim_sd
+    to_load = _tensors(model, optimizer, parallel if parallel is not None else Parallel.single())
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process.*")
             dcp.load(to_load, checkpoint_id=path)
     except Exception as err:
         raise CheckpointError(f"cannot load checkpoint {path}: {str(err).splitlines()[0]}") from None
+    to_load = _local(to_load)
     if optimizer is not None:
         set_state_dict(model, optimizer, model_state_dict=to_load["model"], optim_state_dict=to_load["optim"])
     else:

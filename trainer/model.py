@@ -55,7 +55,9 @@ class Block(nn.Module):
         self.attn_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.attn = Attention(cfg)
         self.ffn_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
-        self.ffn = MoE(cfg.dim, moe) if moe is not None else FeedForward(cfg.dim, cfg.dense_ffn_dim, "gelu")
+        stds = dict(init_std=cfg.init_std, out_init_std=cfg.init_std / math.sqrt(2 * cfg.n_layers))
+        self.ffn = (MoE(cfg.dim, moe, **stds) if moe is not None
+                    else FeedForward(cfg.dim, cfg.dense_ffn_dim, "gelu", **stds))
 
     def forward(self, x_BSD: torch.Tensor, cos_SF: torch.Tensor, sin_SF: torch.Tensor) -> torch.Tensor:
         x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), cos_SF, sin_SF)
@@ -90,8 +92,8 @@ class Transformer(nn.Module):
 
     def reset_parameters(self) -> None:
         """Normal(0, init_std) for matrices; residual output projections scaled by 1/sqrt(2 * n_layers)
-        (GPT-2) so that the residual stream's variance does not grow with depth. Expert weights are
-        initialised by the MoE layer itself."""
+        (GPT-2) so that the residual stream's variance does not grow with depth. FFN and expert weights are
+        initialised by their own modules with the same two stds (see Block)."""
         std = self.cfg.init_std
         nn.init.normal_(self.tok_emb.weight, std=std)
         if not self.cfg.tie_embeddings:

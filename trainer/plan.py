@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from hecate.collectives.errors import LayoutError
+from hecate.parallel.parallelize import check_layout
 from hecate.parallel.topology import DENSE_DIMS, MOE_DIMS, ParallelDims
 from hecate.trainer.config import RunConfig
 from hecate.trainer.model import Transformer
@@ -17,7 +19,14 @@ ACTIVATION_VALUES_PER_DIM = 12
 
 
 def layout_of(cfg: RunConfig, world: int) -> ParallelDims:
-    return ParallelDims.from_config(cfg.parallel, world, cfg.moe.num_experts, cfg.model.n_layers, cfg.model.n_heads)
+    """The run's validated layout on ``world`` ranks: it must fit the model and split every micro-batch evenly
+    over the data-parallel ranks. Launchers call this before starting workers."""
+    dims = check_layout(cfg.parallel, world, cfg.moe.num_experts, cfg.model.n_layers, cfg.model.n_heads)
+    rows = cfg.train.global_batch // cfg.train.grad_accum
+    if rows % dims.dp:
+        raise LayoutError(f"train.global_batch={cfg.train.global_batch} / train.grad_accum={cfg.train.grad_accum} "
+                          f"= {rows} sequences per micro-batch cannot be split over {dims.dp} data-parallel ranks")
+    return dims
 
 
 def parameter_counts(cfg: RunConfig, vocab_size: int) -> tuple[int, int]:

@@ -19,10 +19,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from hecate.collectives.errors import HecateError, TrainingError
 from hecate.trainer import checkpoint as ckpt
 from hecate.trainer.config import RunConfig
+from hecate.parallel.parallelize import Parallel
 from hecate.trainer.data import TrainLoader, ValLoader, load_manifest, token_bytes
 from hecate.trainer.metrics import MetricsWriter, truncate_metrics, write_plots
 from hecate.trainer.model import Transformer, build_model
@@ -49,29 +51,38 @@ class StepLosses:
 
 
 class Trainer:
-    """Builds model, optimizer and data from a validated config, and runs or resumes the loop."""
+    """Builds model, optimizer and data from a validated config, and runs or resumes the loop.
 
-    def __init__(self, cfg: RunConfig, resume: bool = False, fresh: bool = False):
+    ``parallel`` places this process in the run's layout (one process when omitted); every rank runs this same
+    code, and rank 0 alone writes the run folder's shared files.
+    """
+
+    def __init__(self, cfg: RunConfig, resume: bool = False, fresh: bool = False, parallel: Parallel | None = None):
         self.cfg = cfg
+        self.parallel = parallel = parallel if parallel is not None else Parallel.single()
         self.run_dir = Path(cfg.train.run_dir)
-        self._prepare_run_dir(resume, fresh)
+        if parallel.is_main:
+            prepare_run_dir(self.run_dir, resume, fresh)
+        parallel.barrier()
         data_dir = Path(cfg.data.dir)
         self.manifest = load_manifest(data_dir)
         self.vocab_size = int(self.manifest["vocab_size"])
         self.model = build_model(cfg.model, cfg.moe, self.vocab_size, cfg.train.seed)
+        parallel.apply(self.model)
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.loader = TrainLoader(data_dir, cfg.model.seq_len, cfg.train.global_batch, cfg.train.grad_accum,
-                                  seed=cfg.train.seed)
+                                  dp_rank=parallel.dp_rank, dp_size=parallel.dp_size, seed=cfg.train.seed)
         self.val_loader = ValLoader(data_dir, cfg.model.seq_len, cfg.train.global_batch // cfg.train.grad_accum,
-                                    cfg.train.eval_batches)
+                                    cfg.train.eval_batches, dp_rank=parallel.dp_rank, dp_size=parallel.dp_size)
         self.token_bytes_V = torch.from_numpy(token_bytes(data_dir / TOKENIZER_FILE))
         self.autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.train.dtype == "bf16")
         self.step = 0
         if resume:
             self._resume()
-        (self.run_dir / "config.yaml").write_text(cfg.to_yaml())
-        shutil.copyfile(data_dir / TOKENIZER_FILE, self.run_dir / TOKENIZER_FILE)
-        self.metrics = MetricsWriter(self.run_dir, cfg.logging.tensorboard)
+        if parallel.is_main:
+            (self.run_dir / "config.yaml").write_text(cfg.to_yaml())
+            shutil.copyfile(data_dir / TOKENIZER_FILE, self.run_dir / TOKENIZER_FILE)
+        self.metrics = MetricsWriter(self.run_dir, cfg.logging.tensorboard) if parallel.is_main else None
 
     # ---- the loop -------------------------------------------------------------------------------
 
@@ -80,29 +91,31 @@ class Trainer:
         cfg = self.cfg.train
         tokens_per_step = cfg.global_batch * self.cfg.model.seq_len
         bar = tqdm(total=cfg.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
-                   disable=not self.cfg.logging.progress, mininterval=1.0)
+                   disable=not (self.cfg.logging.progress and self.parallel.is_main), mininterval=1.0)
         started, last_eval = time.perf_counter(), None
         try:
-            while self.step < cfg.steps:
-                t0 = time.perf_counter()
-                losses = self.train_step(self.step)
-                self.step += 1
-                step_time = time.perf_counter() - t0
-                record = self._step_record(losses, step_time, tokens_per_step)
-                self.metrics.write(record)
-                bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
-                bar.update(1)
-                if self.step == cfg.steps or (cfg.eval_every and self.step % cfg.eval_every == 0):
-                    last_eval = self.evaluate()
-                    self.metrics.write({"step": self.step, **last_eval})
-                    bar.write(f"step {self.step}: val_loss {last_eval['val_loss']:.4f}, "
-                              f"val_bpb {last_eval['val_bpb']:.3f}")
-                every = self.cfg.checkpoint.every
-                if self.step == cfg.steps or (every and self.step % every == 0):
-                    self.save()
+            with logging_redirect_tqdm():  # log lines print above the progress bar, not through it
+                while self.step < cfg.steps:
+                    t0 = time.perf_counter()
+                    losses = self.train_step(self.step)
+                    self.step += 1
+                    step_time = time.perf_counter() - t0
+                    record = self._step_record(losses, step_time, tokens_per_step)
+                    self._write_metrics(record)
+                    bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+                    bar.update(1)
+                    if self.step == cfg.steps or (cfg.eval_every and self.step % cfg.eval_every == 0):
+                        last_eval = self.evaluate()
+                        self._write_metrics({"step": self.step, **last_eval})
+                        log.info("step %d: val_loss %.4f, val_bpb %.3f", self.step, last_eval["val_loss"],
+                                 last_eval["val_bpb"])
+                    every = self.cfg.checkpoint.every
+                    if self.step == cfg.steps or (every and self.step % every == 0):
+                        self.save()
         finally:
             bar.close()
-            self.metrics.close()
+            if self.metrics is not None:
+                self.metrics.close()
         if last_eval is None:
             last_eval = self.evaluate()
         return self._finish(last_eval, time.perf_counter() - started)
@@ -114,6 +127,7 @@ class Trainer:
         micro_batches = cfg.train.grad_accum
         set_lr(self.optimizer, lr_at(step, cfg.train.steps, cfg.optim))
         self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
         out = StepLosses()
         for micro in range(micro_batches):
             inputs_BS, targets_BS = self.loader.batch(step, micro)
@@ -130,16 +144,18 @@ class Trainer:
             (loss / micro_batches).backward()
             out.loss += loss.item() / micro_batches
             out.lm_loss += lm_loss.item() / micro_batches
-            out.aux_loss += float(aux_loss) / micro_batches
-            out.z_loss += float(z_loss) / micro_batches
+            out.aux_loss += aux_loss.detach().item() / micro_batches
+            out.z_loss += z_loss.detach().item() / micro_batches
+        self.parallel.average_gradients()
         max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        grad_norm = self.parallel.clip_grad_norm(self.model, max_norm)
         if not torch.isfinite(grad_norm):
             raise TrainingError(f"non-finite gradient norm at step {step + 1}; stopped before the update")
         self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
         for index, layer in self.model.moe_layers().items():
             layer.update_bias(out.counts[index])
+        out.loss, out.lm_loss, out.aux_loss, out.z_loss = self.parallel.data_mean(
+            [out.loss, out.lm_loss, out.aux_loss, out.z_loss])
         out.grad_norm = grad_norm.item()
         out.lr = self.optimizer.param_groups[0]["lr"]
         return out
@@ -158,13 +174,14 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         """Validation loss (nats/token) and bits per byte over the held-out files."""
         self.model.eval()
-        nats = tokens = bytes_ = 0.0
+        totals = torch.zeros(3, dtype=torch.float64)  # nats, tokens, bytes
         for inputs_BS, targets_BS in self.val_loader:
             with self.autocast:
                 logits_BSV = self.model(inputs_BS)
-            nats += F.cross_entropy(logits_BSV.float().flatten(0, 1), targets_BS.flatten(), reduction="sum").item()
-            tokens += targets_BS.numel()
-            bytes_ += self.token_bytes_V[targets_BS].sum().item()
+            totals[0] += F.cross_entropy(logits_BSV.float().flatten(0, 1), targets_BS.flatten(), reduction="sum")
+            totals[1] += targets_BS.numel()
+            totals[2] += self.token_bytes_V[targets_BS].sum()
+        nats, tokens, bytes_ = self.parallel.data_sum(totals).tolist()
         return {"val_loss": nats / tokens, "val_bpb": nats / (math.log(2) * bytes_)}
 
     def describe(self) -> str:
@@ -195,7 +212,7 @@ class Trainer:
 
     def save(self) -> Path:
         return ckpt.save_checkpoint(self.run_dir / "checkpoints", self.step, self.model, self.optimizer,
-                                    self.checkpoint_identity(), keep=self.cfg.checkpoint.keep)
+                                    self.checkpoint_identity(), keep=self.cfg.checkpoint.keep, parallel=self.parallel)
 
     def _resume(self) -> None:
         path = ckpt.latest_checkpoint(self.run_dir / "checkpoints")
@@ -203,24 +220,34 @@ class Trainer:
             log.info("no complete checkpoint in %s: starting from step 0", self.run_dir / "checkpoints")
             truncate_metrics(self.run_dir, after_step=0)
             return
-        state = ckpt.load_checkpoint(path, self.model, self.optimizer, expect=self.checkpoint_identity())
+        state = ckpt.load_checkpoint(path, self.model, self.optimizer, expect=self.checkpoint_identity(),
+                                     parallel=self.parallel)
         self.step = int(state["step"])
         truncate_metrics(self.run_dir, after_step=self.step)
         log.info("resumed from %s (step %d)", path, self.step)
 
-    def _prepare_run_dir(self, resume: bool, fresh: bool) -> None:
-        if fresh and self.run_dir.exists():
-            shutil.rmtree(self.run_dir)
-        if not resume and (self.run_dir / "metrics.jsonl").exists():
-            raise HecateError(f"run folder {self.run_dir} already holds a run: pass --resume to continue it, "
-                              f"--fresh to start it over, or -o train.run_dir=OTHER")
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+    def _write_metrics(self, record: dict[str, Any]) -> None:
+        if self.metrics is not None:
+            self.metrics.write(record)
 
     def _finish(self, last_eval: dict[str, float], seconds: float) -> dict[str, Any]:
         summary = {"steps": self.step, "train_seconds": seconds, **last_eval,
                    "gzip9_val_bpb": self.manifest.get("gzip9_val_bpb")}
+        if not self.parallel.is_main:
+            return summary
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         if self.cfg.logging.plots:
             for path in write_plots(self.run_dir):
                 log.info("wrote %s", path)
         return summary
+
+
+def prepare_run_dir(run_dir: Path, resume: bool, fresh: bool) -> None:
+    """Refuse to overwrite a finished or running run unless told: ``--resume`` continues it, ``--fresh``
+    deletes it. Launchers call this before starting workers, so the error comes before anything runs."""
+    if fresh and run_dir.exists():
+        shutil.rmtree(run_dir)
+    if not resume and (run_dir / "metrics.jsonl").exists():
+        raise HecateError(f"run folder {run_dir} already holds a run: pass --resume to continue it, "
+                          f"--fresh to start it over, or -o train.run_dir=OTHER")
+    run_dir.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,187 @@
+"""One run's parallel context: where this process sits in the layout, the transports of its groups, and what
+changes in a model to run under that layout.
+
+The trainer builds a :class:`Parallel` once (``Parallel.single()`` for one process, ``Parallel.from_world`` in a
+worker whose process group is up), calls :meth:`Parallel.apply` on the freshly built model, and then only asks
+it to average gradients, to take the global gradient norm and to reduce the numbers it logs. The model code
+stays as it is: expert parallelism swaps each MoE layer's ``dispatcher`` and keeps only the local experts, data
+parallelism swaps its ``reduce`` hook (:mod:`hecate.parallel.moe.layer`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from hecate.collectives import CommStats, TorchTransport, Transport
+from hecate.collectives.errors import LayoutError
+from hecate.parallel.config import ParallelConfig
+from hecate.parallel.data_parallel import GradientAverager, global_grad_norm, router_sums_reduce
+from hecate.parallel.moe import MoE
+from hecate.parallel.moe.ep_dispatcher import ExpertParallelDispatcher
+from hecate.parallel.topology import Meshes, ParallelDims, build_meshes
+
+EXPERT_WEIGHTS = ("w1", "w2", "w3")
+
+
+@dataclass
+class Parallel:
+    """The layout of this run seen from one rank. Transports are None on one process."""
+
+    dims: ParallelDims
+    rank: int = 0
+    meshes: Meshes | None = None
+    dp: Transport | None = None  # dense data parallelism: the ranks that split each micro-batch
+    ep: Transport | None = None  # expert parallelism: the ranks that split each layer's experts
+    edp: Transport | None = None  # expert data parallelism: the ranks that hold the same experts
+    stats: CommStats = field(default_factory=CommStats)
+    _averager: GradientAverager | None = None
+
+    @classmethod
+    def single(cls) -> Parallel:
+        return cls(ParallelDims(world=1, dp=1, tp=1, pp=1, ep=1, etp=1))
+
+    @classmethod
+    def from_world(cls, cfg: ParallelConfig, num_experts: int, n_layers: int, n_heads: int) -> Parallel:
+        """Inside a worker whose default process group is initialised: validate, build meshes and transports."""
+        import torch.distributed as dist
+
+        dims = check_layout(cfg, dist.get_world_size(), num_experts, n_layers, n_heads)
+        meshes = build_meshes(dims)
+        stats = CommStats()
+        return cls(dims, rank=dist.get_rank(), meshes=meshes, stats=stats,
+                   dp=TorchTransport.from_mesh(meshes.dense, "dp", stats),
+                   ep=TorchTransport.from_mesh(meshes.moe, "ep", stats),
+                   edp=TorchTransport.from_mesh(meshes.moe, "edp", stats))
+
+    # ---- where this rank sits -------------------------------------------------------------------
+
+    @property
+    def dp_rank(self) -> int:
+        return self.dp.rank if self.dp is not None else 0
+
+    @property
+    def dp_size(self) -> int:
+        return self.dims.dp
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 writes the run folder's shared files (metrics, plots, summary)."""
+        return self.rank == 0
+
+    # ---- what changes in the model --------------------------------------------------------------
+
+    def apply(self, model: nn.Module) -> None:
+        """Expert-parallel dispatch with local experts only, and router statistics over the micro-batch's ranks.
+        Call on a model that holds every expert (built from the run's seed), before the optimizer is built."""
+        for layer in moe_layers(model):
+            if self.dims.ep > 1:
+                keep_local_experts(layer, self.ep.rank, self.dims.ep)
+                layer.dispatcher = ExpertParallelDispatcher(layer.cfg.num_experts, self.ep)
+            if self.dims.dp > 1:
+                layer.reduce = router_sums_reduce(self.dp)
+        if self.dims.world > 1:
+            dense, experts = split_parameters(model)
+            self._averager = GradientAverager(dense, experts, self.dp, self.edp, self.dims.dp)
+
+    def average_gradients(self) -> None:
+        """After the last backward of a step: every rank then holds the gradients of the global-batch loss."""
+        if self._averager is not None:
+            self._averager()
+
+    def clip_grad_norm(self, model: nn.Module, max_norm: float) -> torch.Tensor:
+        """Clip all gradients by their global norm (over every rank's share); returns the norm before clipping."""
+        dense, experts = split_parameters(model)
+        norm = global_grad_norm(dense, experts, self.ep)
+        if max_norm < float("inf"):
+            torch.nn.utils.clip_grads_with_norm_(dense + experts, max_norm, norm.float())
+        return norm
+
+    # ---- what the trainer reduces ---------------------------------------------------------------
+
+    def data_mean(self, values: list[float]) -> list[float]:
+        """Mean over the data-parallel ranks of per-rank numbers (local losses of equal-sized shares)."""
+        if self.dp is None or self.dims.dp == 1:
+            return values
+        return (self.data_sum(torch.tensor(values, dtype=torch.float64)) / self.dims.dp).tolist()
+
+    def data_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum over the data-parallel ranks (e.g. validation nats, tokens and bytes)."""
+        if self.dp is None or self.dims.dp == 1:
+            return tensor
+        return self.dp.all_reduce(tensor.clone(), name="metrics").wait()
+
+    def gather_experts(self, model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``tensors`` keyed by parameter name (weights, gradients), with every expert's slice gathered from the EP
+        group as one process holds it; the others copied. Collective over the EP group."""
+        full = {name: t.detach().clone() for name, t in tensors.items()}
+        if self.dims.ep > 1:
+            for name in expert_state_names(model):
+                if name in full:
+                    local = full[name].contiguous()
+                    gathered = local.new_empty((local.shape[0] * self.dims.ep, *local.shape[1:]))
+                    full[name] = self.ep.all_gather(gathered, local, name="gather_experts").wait()
+        return full
+
+    def shard_expert_state(self, model: nn.Module, state: dict[str, Any]) -> dict[str, Any]:
+        """Mark each expert tensor of a ``get_state_dict`` pair ({"model": ..., "optim": ...}) - the weights and
+        their optimizer moments - as a DTensor sharded over ep (replicated over edp), in place. Distributed
+        checkpoint then saves every expert once, and can load it into another layout."""
+        if self.dims.ep == 1:
+            return state
+        from torch.distributed.tensor import DTensor, Replicate, Shard
+
+        mesh, placements = self.meshes.moe["edp", "ep"], [Replicate(), Shard(0)]
+        names = expert_state_names(model)
+        wrap = lambda t: DTensor.from_local(t, mesh, placements, run_check=False)  # noqa: E731
+        for name in names:
+            state["model"][name] = wrap(state["model"][name])
+            for key, value in state["optim"]["state"].get(name, {}).items():
+                if value.dim() > 0:
+                    state["optim"]["state"][name][key] = wrap(value)
+        return state
+
+    def barrier(self) -> None:
+        if self.dp is not None:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+
+def check_layout(cfg: ParallelConfig, world: int, num_experts: int, n_layers: int, n_heads: int) -> ParallelDims:
+    """The validated degrees; layouts this version cannot run yet are refused, naming the field."""
+    dims = ParallelDims.from_config(cfg, world, num_experts, n_layers, n_heads)
+    for name in ("tp", "pp", "etp"):
+        if getattr(dims, name) > 1:
+            raise LayoutError(f"parallel.{name}={getattr(dims, name)}: tensor and pipeline parallelism are not "
+                              f"available yet; use parallel.dp and parallel.ep")
+    return dims
+
+
+def moe_layers(model: nn.Module) -> list[MoE]:
+    return [m for m in model.modules() if isinstance(m, MoE)]
+
+
+def split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """(dense parameters, expert parameters): experts are split over ep, everything else is replicated."""
+    expert_ids = {id(p) for layer in moe_layers(model) for p in layer.experts.parameters()}
+    dense = [p for p in model.parameters() if id(p) not in expert_ids]
+    experts = [p for p in model.parameters() if id(p) in expert_ids]
+    return dense, experts
+
+
+def expert_state_names(model: nn.Module) -> list[str]:
+    """State-dict names of the expert weights (split over ep along dim 0)."""
+    expert_ids = {id(p) for layer in moe_layers(model) for p in layer.experts.parameters()}
+    return [name for name, p in model.named_parameters() if id(p) in expert_ids]
+
+
+def keep_local_experts(layer: MoE, ep_rank: int, ep: int) -> None:
+    """Replace the layer's [E, ...] expert weights by this rank's slice [E/ep, ...]."""
+    local = layer.cfg.num_experts // ep
+    for name in EXPERT_WEIGHTS:
+        weight = getattr(layer.experts, name)
+        if weight is not None:
+            setattr(layer.experts, name, nn.Parameter(weight.detach()[ep_rank * local:(ep_rank + 1) * local].clone()))

@@ -1,0 +1,78 @@
+"""``manifest.json``: what a prepared data folder holds, as plain JSON a person can read.
+
+    format_version, inputs, val_fraction, vocab_size, eot_id, dtype, tokenizer_sha256, gzip9_val_bpb,
+    skipped_files {name: reason},
+    splits {train|val: {files, documents, tokens, bytes, max_document_tokens, sha256}}
+
+``files`` lists the documents in shard order; ``bytes`` is their UTF-8 size; ``max_document_tokens``
+excludes the EOT. Loading checks that the folder is complete (the files exist with the manifest's sizes,
+the tokenizer has its hash), so a half-copied folder fails here, naming the file, rather than mid-run.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from hecate.collectives.errors import DataError
+from hecate.trainer.data.shards import SPLITS, open_tokens
+from hecate.trainer.data.tokenizer import TOKENIZER_FILE
+
+MANIFEST_FILE = "manifest.json"
+FORMAT_VERSION = 1
+REQUIRED = ("format_version", "inputs", "vocab_size", "eot_id", "dtype", "tokenizer_sha256", "gzip9_val_bpb",
+            "skipped_files", "splits")
+SPLIT_REQUIRED = ("files", "documents", "tokens", "bytes", "max_document_tokens", "sha256")
+
+
+def write_manifest(data_dir: Path, manifest: dict[str, Any]) -> None:
+    text = json.dumps(manifest, indent=1, ensure_ascii=False) + "\n"
+    (data_dir / MANIFEST_FILE).write_bytes(text.encode("utf-8"))
+
+
+def load_manifest(data_dir: str | os.PathLike) -> dict[str, Any]:
+    """The manifest of a complete prepared data folder; DataError (saying how to prepare it) otherwise."""
+    data_dir = Path(data_dir)
+    path = data_dir / MANIFEST_FILE
+    if not path.is_file():
+        raise DataError(f"{path}: {MANIFEST_FILE} is missing, so {data_dir} holds no prepared data; "
+                        f"{_prepare_hint(data_dir)}")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+        _check_fields(manifest)
+    except (ValueError, TypeError, KeyError) as err:
+        raise DataError(f"{path} is corrupt ({err}); {_prepare_hint(data_dir)}") from err
+    tokenizer = data_dir / TOKENIZER_FILE
+    if not tokenizer.is_file() or _sha256(tokenizer.read_bytes()) != manifest["tokenizer_sha256"]:
+        raise DataError(f"{tokenizer} is missing or not the tokenizer the shards were made with; "
+                        f"{_prepare_hint(data_dir)}")
+    for split in SPLITS:
+        open_tokens(data_dir, manifest, split)  # raises, naming the file, when it is missing or cut short
+    return manifest
+
+
+def longest_document(manifest: dict[str, Any]) -> int:
+    """Tokens (without EOT) of the longest document of any split: the largest useful ``model.seq_len``."""
+    return max(int(entry["max_document_tokens"]) for entry in manifest["splits"].values())
+
+
+def _check_fields(manifest: Any) -> None:
+    if not isinstance(manifest, dict):
+        raise ValueError("not a JSON object")
+    missing = [key for key in REQUIRED if key not in manifest]
+    missing += [f"splits.{split}.{key}" for split in SPLITS for key in SPLIT_REQUIRED
+                if key not in manifest.get("splits", {}).get(split, {})]
+    if missing:
+        raise ValueError(f"missing {', '.join(missing)}")
+    if manifest["format_version"] != FORMAT_VERSION:
+        raise ValueError(f"format_version {manifest['format_version']}, this version reads {FORMAT_VERSION}")
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _prepare_hint(data_dir: Path) -> str:
+    return f"prepare it with `hecate prepare-data --input stdlib|PATH... --out {data_dir}`"
