@@ -153,7 +153,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 MAX_SIMULATED_PER_CORE = 8  # beyond this the processes only fight for the cores and memory
-SIMULATE_TIMEOUT_S = 30 * 24 * 3600.0  # a job's wall-clock limit belongs to the scheduler; hangs end by collective timeouts
+SIMULATE_TIMEOUT_S = 7 * 24 * 3600.0  # a job's wall-clock limit belongs to the scheduler; hangs end by collective timeouts
 
 COMMANDS = {"train": cmd_train, "prepare-data": cmd_prepare_data, "generate": cmd_generate, "plan": cmd_plan}
 

@@ -107,7 +107,11 @@ class WorkerGroup:
     def join(self, timeout_s: float) -> list[Any]:
         """Wait for every worker's result (ordered by rank); on any failure stop all and raise WorkerFailure."""
         try:
-            return self._collect(time.monotonic() + timeout_s, timeout_s)
+            results = self._collect(time.monotonic() + timeout_s, timeout_s)
+            deadline = time.monotonic() + STOP_GRACE_S
+            for process in self.processes:  # let them exit on their own: a terminated one leaks its semaphores
+                process.join(max(0.0, deadline - time.monotonic()))
+            return results
         finally:
             self.stop()
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,8 @@ def train_worker(cfg_dict: dict[str, Any], resume: bool) -> dict[str, Any]:
     parallel = Parallel.from_world(cfg.parallel, cfg.moe.num_experts, cfg.model.n_layers, cfg.model.n_heads)
     trainer = Trainer(cfg, resume=resume, parallel=parallel)
     setup_logging(trainer.run_dir, rank=rank, level=cfg.logging.level)
-    log.info("rank %d of %d; run folder %s; %s", rank, dist.get_world_size(), trainer.run_dir, trainer.describe())
+    log.info("rank %d of %d (pid %d); run folder %s; %s", rank, dist.get_world_size(), os.getpid(), trainer.run_dir,
+             trainer.describe())
     return trainer.run()
 
 

@@ -127,8 +127,9 @@ class Parallel:
 
     def shard_expert_state(self, model: nn.Module, state: dict[str, Any]) -> dict[str, Any]:
         """Mark each expert tensor of a ``get_state_dict`` pair ({"model": ..., "optim": ...}) - the weights and
-        their optimizer moments - as a DTensor sharded over ep (replicated over edp), in place. Distributed
-        checkpoint then saves every expert once, and can load it into another layout."""
+        their optimizer moments - as a DTensor sharded over ep (replicated over edp). Distributed checkpoint then
+        saves every expert once, and can load it into another layout. The per-parameter dicts are copied: the
+        optimizer's ``state_dict`` shares them with the live optimizer."""
         if self.dims.ep == 1:
             return state
         from torch.distributed.tensor import DTensor, Replicate, Shard
@@ -136,12 +137,12 @@ class Parallel:
         mesh, placements = self.meshes.moe["edp", "ep"], [Replicate(), Shard(0)]
         names = expert_state_names(model)
         wrap = lambda t: DTensor.from_local(t, mesh, placements, run_check=False)  # noqa: E731
+        model_sd, optim_state = dict(state["model"]), dict(state["optim"]["state"])
         for name in names:
-            state["model"][name] = wrap(state["model"][name])
-            for key, value in state["optim"]["state"].get(name, {}).items():
-                if value.dim() > 0:
-                    state["optim"]["state"][name][key] = wrap(value)
-        return state
+            model_sd[name] = wrap(model_sd[name])
+            if name in optim_state:
+                optim_state[name] = {k: wrap(v) if v.dim() > 0 else v for k, v in optim_state[name].items()}
+        return {"model": model_sd, "optim": {**state["optim"], "state": optim_state}}
 
     def barrier(self) -> None:
         if self.dp is not None:

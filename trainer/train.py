@@ -6,6 +6,7 @@ pure function of (config, seed, step): the batch of step s, the learning rate of
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -22,10 +23,11 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from hecate.collectives.errors import HecateError, TrainingError
+from hecate.parallel.parallelize import Parallel
 from hecate.trainer import checkpoint as ckpt
 from hecate.trainer.config import RunConfig
-from hecate.parallel.parallelize import Parallel
 from hecate.trainer.data import TrainLoader, ValLoader, load_manifest, token_bytes
+from hecate.trainer.faults import maybe_inject
 from hecate.trainer.metrics import MetricsWriter, truncate_metrics, write_plots
 from hecate.trainer.model import Transformer, build_model
 from hecate.trainer.optim import build_optimizer, lr_at, set_lr
@@ -94,7 +96,9 @@ class Trainer:
                    disable=not (self.cfg.logging.progress and self.parallel.is_main), mininterval=1.0)
         started, last_eval = time.perf_counter(), None
         try:
-            with logging_redirect_tqdm():  # log lines print above the progress bar, not through it
+            # log lines print above the progress bar, not through it (only where there is a bar: tqdm's redirect
+            # would otherwise give every rank a console)
+            with logging_redirect_tqdm() if not bar.disable else contextlib.nullcontext():
                 while self.step < cfg.steps:
                     t0 = time.perf_counter()
                     losses = self.train_step(self.step)
@@ -124,6 +128,7 @@ class Trainer:
         """One optimizer step (``step`` counts from 0). Raises TrainingError on a non-finite value, before
         the optimizer touches the weights, so no later checkpoint can hold a poisoned state."""
         cfg = self.cfg
+        maybe_inject(self.parallel.rank, step + 1)
         micro_batches = cfg.train.grad_accum
         set_lr(self.optimizer, lr_at(step, cfg.train.steps, cfg.optim))
         self.model.train()
@@ -218,12 +223,14 @@ class Trainer:
         path = ckpt.latest_checkpoint(self.run_dir / "checkpoints")
         if path is None:
             log.info("no complete checkpoint in %s: starting from step 0", self.run_dir / "checkpoints")
-            truncate_metrics(self.run_dir, after_step=0)
+            if self.parallel.is_main:
+                truncate_metrics(self.run_dir, after_step=0)
             return
         state = ckpt.load_checkpoint(path, self.model, self.optimizer, expect=self.checkpoint_identity(),
                                      parallel=self.parallel)
         self.step = int(state["step"])
-        truncate_metrics(self.run_dir, after_step=self.step)
+        if self.parallel.is_main:
+            truncate_metrics(self.run_dir, after_step=self.step)
         log.info("resumed from %s (step %d)", path, self.step)
 
     def _write_metrics(self, record: dict[str, Any]) -> None:

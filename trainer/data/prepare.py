@@ -39,7 +39,7 @@ def prepare_data(inputs: Sequence[str], out: str | os.PathLike, vocab_size: int 
         raise DataError(f"the corpus of {list(inputs)} has {len(documents)} non-empty file(s) "
                         f"({', '.join(d.name for d in documents)}); a split by file needs at least 2")
     splits = split_by_file(documents, val_fraction)
-    log(f"corpus: {len(documents)} files ({sum(len(d.text) for d in documents) / 1e6:.1f}M characters), "
+    log(f"corpus: {len(documents)} files ({sum(len(d.text) for d in documents) / 1e6:.2f}M characters), "
         f"{len(splits['val'])} held out for validation, {len(skipped)} skipped")
 
     t0 = time.perf_counter()
@@ -115,6 +115,9 @@ def _write_atomically(out: Path, tokenizer_json: str, shards: dict[str, bytes], 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.preparing-", dir=out.parent))
     old = None
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would hide the data from the other users of a cluster
         (tmp / TOKENIZER_FILE).write_bytes(tokenizer_json.encode("utf-8"))
         for split, data in shards.items():
             (tmp / shard_file(split)).write_bytes(data)
