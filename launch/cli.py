@@ -138,7 +138,8 @@ def cmd_prepare_data(args: argparse.Namespace) -> int:
     from hecate.trainer.data import prepare_data
 
     manifest = prepare_data(args.input, Path(args.out), vocab_size=args.vocab_size, val_fraction=args.val_fraction)
-    print(json.dumps({k: manifest[k] for k in ("vocab_size", "train", "val", "gzip9_val_bpb") if k in manifest},
+    splits = {split: {k: entry[k] for k in ("documents", "tokens", "bytes")} for split, entry in manifest["splits"].items()}
+    print(json.dumps({"vocab_size": manifest["vocab_size"], **splits, "gzip9_val_bpb": manifest["gzip9_val_bpb"]},
                      indent=1))
     return 0
 

@@ -33,7 +33,7 @@ def test_demo_config_trains_and_loss_falls(tmp_path, small_data):
                 "expert_load", "expert_imbalance"):
         assert key in steps[0], key
     assert sorted(steps[0]["expert_load"]) == ["0", "1", "2", "3"]
-    assert sum(steps[0]["expert_load"]["0"]) == 8 * 128 * 2  # every (token, k) pair of the batch routed
+    assert sum(steps[0]["expert_load"]["0"]) == cfg.train.global_batch * cfg.model.seq_len * cfg.moe.top_k
     evals = [r for r in records if "val_loss" in r]
     assert [r["step"] for r in evals] == [6, 12] and 0 < summary["val_bpb"] < 8
     run = tmp_path / "run"

@@ -60,8 +60,9 @@ class DataConfig:
             raise ConfigError("data.dir", "must be a folder path")
         if not self.inputs:
             raise ConfigError("data.inputs", "must list at least one input ('stdlib' or a path)")
-        if not 256 < self.vocab_size <= 2**32:
-            raise ConfigError("data.vocab_size", f"must be > 256 (the byte alphabet), got {self.vocab_size}")
+        if not 256 < self.vocab_size <= 2**16:
+            raise ConfigError("data.vocab_size", f"must be > 256 (the byte alphabet) and <= 65536 (tokens are "
+                                                 f"stored as 16-bit ids), got {self.vocab_size}")
         if not 0.0 < self.val_fraction < 1.0:
             raise ConfigError("data.val_fraction", f"must be in (0, 1), got {self.val_fraction}")
 

@@ -10,6 +10,7 @@ from tokenizers import Tokenizer
 from hecate.collectives.errors import CheckpointError
 from hecate.trainer import checkpoint as ckpt
 from hecate.trainer.config import config_from_dict
+from hecate.trainer.data import load_tokenizer
 from hecate.trainer.model import Transformer, build_model
 
 
@@ -23,7 +24,7 @@ def load_trained(run_dir: Path) -> tuple[Transformer, Tokenizer, int]:
     if path is None:
         raise CheckpointError(f"{run_dir} has no complete checkpoint yet")
     state = ckpt.read_trainer_state(path)
-    tokenizer = Tokenizer.from_file(str(run_dir / "tokenizer.json"))
+    tokenizer = load_tokenizer(run_dir / "tokenizer.json")
     model = build_model(cfg.model, cfg.moe, int(state["vocab_size"]), cfg.train.seed)
     ckpt.load_checkpoint(path, model, None, expect={})
     return model.eval(), tokenizer, int(state["step"])
