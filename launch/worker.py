@@ -28,7 +28,8 @@ def train_worker(cfg_dict: dict[str, Any], resume: bool) -> dict[str, Any]:
     rank = dist.get_rank()
     setup_logging(None, rank=rank, level=cfg.logging.level)
     layout_of(cfg, dist.get_world_size())
-    parallel = Parallel.from_world(cfg.parallel, cfg.moe.num_experts, cfg.model.n_layers, cfg.model.n_heads)
+    parallel = Parallel.from_world(cfg.parallel, cfg.moe.num_experts, cfg.model.n_layers, cfg.model.n_heads,
+                                   cfg.fssdp)
     trainer = Trainer(cfg, resume=resume, parallel=parallel)
     setup_logging(trainer.run_dir, rank=rank, level=cfg.logging.level)
     log.info("rank %d of %d (pid %d); run folder %s; %s", rank, dist.get_world_size(), os.getpid(), trainer.run_dir,

@@ -61,3 +61,36 @@ class ParallelConfig:
         for name in ("tp", "pp", "ep", "etp"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{prefix}.{name}", f"must be >= 1, got {getattr(self, name)}")
+
+
+POLICIES = ("off", "ep", "fsdp", "shadow", "fssdp")
+
+
+@dataclass
+class FssdpConfig:
+    """Fully sharded sparse data parallelism for the MoE layers (DESIGN.md section 2). With a policy other than
+    ``off``, each expert is owned by one rank of the data-parallel group and the policy decides, every step,
+    which experts are materialized where: ``ep`` none, ``fsdp`` all everywhere, ``shadow`` the
+    ``memory_budget`` hottest everywhere, ``fssdp`` the Hecate planner."""
+
+    policy: str = "off"
+    window: int = 5  # steps in the sliding-window mean of per-expert token counts
+    overlap_budget: int = 2  # expert copies that can arrive while a block's attention runs (per device)
+    memory_budget: int = 2  # extra expert slots per device (per layer) for replicas
+    rematerialize: bool = False  # free replicas after forward, gather them again in backward
+    reshard_every: int = 0  # heterogeneous re-sharding of ownership every K steps; 0 = off
+    devices_per_node: int = 0  # ranks per node, for placement preferences; 0 = all ranks on one node
+
+    def validate(self, prefix: str = "fssdp") -> None:
+        if self.policy not in POLICIES:
+            raise ConfigError(f"{prefix}.policy", f"must be one of {POLICIES}, got {self.policy!r}")
+        for name in ("window",):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{prefix}.{name}", f"must be >= 1, got {getattr(self, name)}")
+        for name in ("overlap_budget", "memory_budget", "reshard_every", "devices_per_node"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{prefix}.{name}", f"must be >= 0, got {getattr(self, name)}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.policy != "off"

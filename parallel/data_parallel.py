@@ -50,7 +50,7 @@ class GradientAverager:
     group in one flat all-reduce. ``dp`` is the number of ranks that split the global batch."""
 
     def __init__(self, dense: list[nn.Parameter], experts: list[nn.Parameter], dense_dp: Transport,
-                 expert_dp: Transport, dp: int):
+                 expert_dp: Transport | None, dp: int):
         self.buckets = [(dense, dense_dp, "grad.dense"), (experts, expert_dp, "grad.experts")]
         self.dp = dp
 
@@ -59,7 +59,7 @@ class GradientAverager:
             grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
             if not grads:
                 continue
-            if transport.world_size > 1:
+            if transport is not None and transport.world_size > 1:
                 flat = _flatten_dense_tensors(grads)
                 transport.all_reduce(flat, name=name).wait()
                 grads_synced = _unflatten_dense_tensors(flat, grads)

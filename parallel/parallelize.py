@@ -15,10 +15,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from hecate.collectives import CommStats, TorchTransport, Transport
+from hecate.collectives import CommStats, OpStats, TorchTransport, Transport, delta
 from hecate.collectives.errors import LayoutError
-from hecate.parallel.config import ParallelConfig
+from hecate.parallel.config import FssdpConfig, ParallelConfig
 from hecate.parallel.data_parallel import GradientAverager, global_grad_norm, router_sums_reduce
+from hecate.parallel.fssdp.engine import FssdpEngine
 from hecate.parallel.moe import MoE
 from hecate.parallel.moe.ep_dispatcher import ExpertParallelDispatcher
 from hecate.parallel.topology import Meshes, ParallelDims, build_meshes
@@ -37,21 +38,26 @@ class Parallel:
     ep: Transport | None = None  # expert parallelism: the ranks that split each layer's experts
     edp: Transport | None = None  # expert data parallelism: the ranks that hold the same experts
     stats: CommStats = field(default_factory=CommStats)
+    fssdp: FssdpConfig = field(default_factory=FssdpConfig)
+    engine: FssdpEngine | None = None  # set by apply() when an FSSDP policy places the experts
     _averager: GradientAverager | None = None
+    _last_stats: dict[str, OpStats] = field(default_factory=dict)
 
     @classmethod
     def single(cls) -> Parallel:
         return cls(ParallelDims(world=1, dp=1, tp=1, pp=1, ep=1, etp=1))
 
     @classmethod
-    def from_world(cls, cfg: ParallelConfig, num_experts: int, n_layers: int, n_heads: int) -> Parallel:
+    def from_world(cls, cfg: ParallelConfig, num_experts: int, n_layers: int, n_heads: int,
+                   fssdp: FssdpConfig | None = None) -> Parallel:
         """Inside a worker whose default process group is initialised: validate, build meshes and transports."""
         import torch.distributed as dist
 
-        dims = check_layout(cfg, dist.get_world_size(), num_experts, n_layers, n_heads)
+        fssdp = fssdp if fssdp is not None else FssdpConfig()
+        dims = check_layout(cfg, dist.get_world_size(), num_experts, n_layers, n_heads, fssdp)
         meshes = build_meshes(dims)
         stats = CommStats()
-        return cls(dims, rank=dist.get_rank(), meshes=meshes, stats=stats,
+        return cls(dims, rank=dist.get_rank(), meshes=meshes, stats=stats, fssdp=fssdp,
                    dp=TorchTransport.from_mesh(meshes.dense, "dp", stats),
                    ep=TorchTransport.from_mesh(meshes.moe, "ep", stats),
                    edp=TorchTransport.from_mesh(meshes.moe, "edp", stats))
@@ -82,9 +88,23 @@ class Parallel:
                 layer.dispatcher = ExpertParallelDispatcher(layer.cfg.num_experts, self.ep)
             if self.dims.dp > 1:
                 layer.reduce = router_sums_reduce(self.dp)
+        if self.fssdp.enabled and self.dims.world > 1:
+            self.engine = FssdpEngine(model, self.dp, self.fssdp)
         if self.dims.world > 1:
             dense, experts = split_parameters(model)
-            self._averager = GradientAverager(dense, experts, self.dp, self.edp, self.dims.dp)
+            # under FSSDP every expert has one owner, which already holds the sum over all ranks' tokens
+            expert_dp = None if self.engine is not None else self.edp
+            self._averager = GradientAverager(dense, experts, self.dp, expert_dp, self.dims.dp)
+
+    def end_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """After the optimizer step: FSSDP rolls its load estimate, may re-shard, and plans the next step."""
+        if self.engine is not None:
+            self.engine.end_step(optimizer)
+
+    @property
+    def expert_shards(self) -> Transport | None:
+        """The ranks over which the experts are split (each held by one of them)."""
+        return self.dp if self.engine is not None else self.ep
 
     def average_gradients(self) -> None:
         """After the last backward of a step: every rank then holds the gradients of the global-batch loss."""
@@ -94,7 +114,7 @@ class Parallel:
     def clip_grad_norm(self, model: nn.Module, max_norm: float) -> torch.Tensor:
         """Clip all gradients by their global norm (over every rank's share); returns the norm before clipping."""
         dense, experts = split_parameters(model)
-        norm = global_grad_norm(dense, experts, self.ep)
+        norm = global_grad_norm(dense, experts, self.expert_shards)
         if max_norm < float("inf"):
             torch.nn.utils.clip_grads_with_norm_(dense + experts, max_norm, norm.float())
         return norm
@@ -117,7 +137,11 @@ class Parallel:
         """``tensors`` keyed by parameter name (weights, gradients), with every expert's slice gathered from the EP
         group as one process holds it; the others copied. Collective over the EP group."""
         full = {name: t.detach().clone() for name, t in tensors.items()}
-        if self.dims.ep > 1:
+        if self.engine is not None:
+            for name in expert_state_names(model):
+                if name in full:
+                    full[name] = self.engine.layer_of(name).full(full[name])
+        elif self.dims.ep > 1:
             for name in expert_state_names(model):
                 if name in full:
                     local = full[name].contiguous()
@@ -125,24 +149,48 @@ class Parallel:
                     full[name] = self.ep.all_gather(gathered, local, name="gather_experts").wait()
         return full
 
-    def shard_expert_state(self, model: nn.Module, state: dict[str, Any]) -> dict[str, Any]:
-        """Mark each expert tensor of a ``get_state_dict`` pair ({"model": ..., "optim": ...}) - the weights and
-        their optimizer moments - as a DTensor sharded over ep (replicated over edp). Distributed checkpoint then
-        saves every expert once, and can load it into another layout. The per-parameter dicts are copied: the
-        optimizer's ``state_dict`` shares them with the live optimizer."""
-        if self.dims.ep == 1:
+    def to_checkpoint(self, model: nn.Module, state: dict[str, Any]) -> dict[str, Any]:
+        """A ``get_state_dict`` pair ({"model": ..., "optim": ...}) in the form distributed checkpoint saves, so that
+        every expert is saved once and can be loaded into another layout. Under EP each expert tensor (weights
+        and AdamW moments) becomes a DTensor sharded over ep, replicated over edp; under FSSDP, whose owners
+        need not be contiguous, the full tensor in expert order. Copies the per-parameter dicts: the optimizer's
+        ``state_dict`` shares them with the live optimizer."""
+        if self.engine is None and self.dims.ep == 1:
             return state
-        from torch.distributed.tensor import DTensor, Replicate, Shard
+        if self.engine is not None:
+            convert = lambda name, t: self.engine.layer_of(name).full(t)  # noqa: E731
+        else:
+            from torch.distributed.tensor import DTensor, Replicate, Shard
 
-        mesh, placements = self.meshes.moe["edp", "ep"], [Replicate(), Shard(0)]
-        names = expert_state_names(model)
-        wrap = lambda t: DTensor.from_local(t, mesh, placements, run_check=False)  # noqa: E731
-        model_sd, optim_state = dict(state["model"]), dict(state["optim"]["state"])
-        for name in names:
-            model_sd[name] = wrap(model_sd[name])
-            if name in optim_state:
-                optim_state[name] = {k: wrap(v) if v.dim() > 0 else v for k, v in optim_state[name].items()}
-        return {"model": model_sd, "optim": {**state["optim"], "state": optim_state}}
+            mesh, placements = self.meshes.moe["edp", "ep"], [Replicate(), Shard(0)]
+            convert = lambda name, t: DTensor.from_local(t, mesh, placements, run_check=False)  # noqa: E731
+        return _map_expert_state(model, state, convert)
+
+    def from_checkpoint(self, model: nn.Module, state: dict[str, Any]) -> dict[str, Any]:
+        """Undo :meth:`to_checkpoint` on loaded tensors: this rank's rows of every expert tensor."""
+        if self.engine is None and self.dims.ep == 1:
+            return state
+        if self.engine is not None:
+            convert = lambda name, t: self.engine.layer_of(name).local(t)  # noqa: E731
+        else:
+            convert = lambda name, t: t.to_local()  # noqa: E731
+        return _map_expert_state(model, state, convert)
+
+    def step_metrics(self) -> dict[str, Any]:
+        """What the last step moved and waited for, per collective (this rank), and under FSSDP the replicas per
+        layer and the spread of expert rows over ranks (max / mean; 1.0 is balanced). Collective over dp."""
+        now = self.stats.snapshot()
+        moved = delta(now, self._last_stats)
+        self._last_stats = now
+        out: dict[str, Any] = {"comm": {name: {"bytes": s.bytes_sent + s.bytes_received, "wait_s": s.wait_s}
+                                        for name, s in sorted(moved.items()) if s.calls}}
+        if self.engine is not None:
+            rows = torch.zeros(self.dims.dp, dtype=torch.float64)
+            rows[self.dp_rank] = sum(fl.last_rows for fl in self.engine.layers.values())
+            rows = self.data_sum(rows)
+            out["replicas"] = self.engine.last_replicas
+            out["expert_rows_max_over_mean"] = (rows.max() / rows.mean().clamp(min=1)).item()
+        return out
 
     def barrier(self) -> None:
         if self.dp is not None:
@@ -151,9 +199,17 @@ class Parallel:
             dist.barrier()
 
 
-def check_layout(cfg: ParallelConfig, world: int, num_experts: int, n_layers: int, n_heads: int) -> ParallelDims:
+def check_layout(cfg: ParallelConfig, world: int, num_experts: int, n_layers: int, n_heads: int,
+                 fssdp: FssdpConfig | None = None) -> ParallelDims:
     """The validated degrees; layouts this version cannot run yet are refused, naming the field."""
     dims = ParallelDims.from_config(cfg, world, num_experts, n_layers, n_heads)
+    if fssdp is not None and fssdp.enabled:
+        if dims.ep > 1:
+            raise LayoutError(f"fssdp.policy={fssdp.policy} places the experts itself over the data-parallel ranks; "
+                              f"leave parallel.ep=1 (got {dims.ep})")
+        if num_experts % dims.dp:
+            raise LayoutError(f"fssdp.policy={fssdp.policy}: moe.num_experts={num_experts} must be divisible by the "
+                              f"{dims.dp} data-parallel ranks that own them")
     for name in ("tp", "pp", "etp"):
         if getattr(dims, name) > 1:
             raise LayoutError(f"parallel.{name}={getattr(dims, name)}: tensor and pipeline parallelism are not "
@@ -186,3 +242,13 @@ def keep_local_experts(layer: MoE, ep_rank: int, ep: int) -> None:
         weight = getattr(layer.experts, name)
         if weight is not None:
             setattr(layer.experts, name, nn.Parameter(weight.detach()[ep_rank * local:(ep_rank + 1) * local].clone()))
+
+
+def _map_expert_state(model: nn.Module, state: dict[str, Any], convert) -> dict[str, Any]:
+    """``convert(name, tensor)`` applied to every expert weight and to its non-scalar optimizer state."""
+    model_sd, optim_state = dict(state["model"]), dict(state["optim"]["state"])
+    for name in expert_state_names(model):
+        model_sd[name] = convert(name, model_sd[name])
+        if name in optim_state:
+            optim_state[name] = {k: convert(name, v) if v.dim() > 0 else v for k, v in optim_state[name].items()}
+    return {"model": model_sd, "optim": {**state["optim"], "state": optim_state}}

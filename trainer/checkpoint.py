@@ -81,19 +81,8 @@ def _tensors(model: nn.Module, optimizer: torch.optim.Optimizer | None, parallel
     if optimizer is None:
         return {"model": model.state_dict(), "rng": torch.get_rng_state()}
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    state = parallel.shard_expert_state(model, {"model": model_sd, "optim": optim_sd})
+    state = parallel.to_checkpoint(model, {"model": model_sd, "optim": optim_sd})
     return {**state, "rng": torch.get_rng_state()}
-
-
-def _local(tree: Any) -> Any:
-    """The same nested state with every DTensor replaced by its local shard."""
-    from torch.distributed.tensor import DTensor
-
-    if isinstance(tree, dict):
-        return {k: _local(v) for k, v in tree.items()}
-    if isinstance(tree, list):
-        return [_local(v) for v in tree]
-    return tree.to_local() if isinstance(tree, DTensor) else tree
 
 
 def read_trainer_state(path: Path) -> dict[str, Any]:
@@ -116,15 +105,16 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
         if saved != wanted:
             diffs = _differences(saved, wanted, key)
             raise CheckpointError(f"checkpoint {path} was written for another {key}: {diffs}")
-    to_load = _tensors(model, optimizer, parallel if parallel is not None else Parallel.single())
+    parallel = parallel if parallel is not None else Parallel.single()
+    to_load = _tensors(model, optimizer, parallel)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process.*")
             dcp.load(to_load, checkpoint_id=path)
     except Exception as err:
         raise CheckpointError(f"cannot load checkpoint {path}: {str(err).splitlines()[0]}") from None
-    to_load = _local(to_load)
     if optimizer is not None:
+        to_load = {**parallel.from_checkpoint(model, to_load), "rng": to_load["rng"]}
         set_state_dict(model, optimizer, model_state_dict=to_load["model"], optim_state_dict=to_load["optim"])
     else:
         model.load_state_dict(to_load["model"])

@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from hecate.collectives.errors import ConfigError
-from hecate.parallel.config import MoEConfig, ParallelConfig
+from hecate.parallel.config import FssdpConfig, MoEConfig, ParallelConfig
 
 DTYPES = ("fp32", "bf16")
 NO_DECAY_GROUPS = ("norm", "bias", "embedding")
@@ -158,6 +158,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    fssdp: FssdpConfig = field(default_factory=FssdpConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

@@ -21,7 +21,7 @@ ACTIVATION_VALUES_PER_DIM = 12
 def layout_of(cfg: RunConfig, world: int) -> ParallelDims:
     """The run's validated layout on ``world`` ranks: it must fit the model and split every micro-batch evenly
     over the data-parallel ranks. Launchers call this before starting workers."""
-    dims = check_layout(cfg.parallel, world, cfg.moe.num_experts, cfg.model.n_layers, cfg.model.n_heads)
+    dims = check_layout(cfg.parallel, world, cfg.moe.num_experts, cfg.model.n_layers, cfg.model.n_heads, cfg.fssdp)
     rows = cfg.train.global_batch // cfg.train.grad_accum
     if rows % dims.dp:
         raise LayoutError(f"train.global_batch={cfg.train.global_batch} / train.grad_accum={cfg.train.grad_accum} "

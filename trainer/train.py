@@ -157,6 +157,7 @@ class Trainer:
         if not torch.isfinite(grad_norm):
             raise TrainingError(f"non-finite gradient norm at step {step + 1}; stopped before the update")
         self.optimizer.step()
+        self.parallel.end_step(self.optimizer)
         for index, layer in self.model.moe_layers().items():
             layer.update_bias(out.counts[index])
         out.loss, out.lm_loss, out.aux_loss, out.z_loss = self.parallel.data_mean(
@@ -202,6 +203,8 @@ class Trainer:
             "z_loss": losses.z_loss, "lr": losses.lr, "grad_norm": losses.grad_norm,
             "tokens_per_s": tokens_per_step / step_time, "step_time_s": step_time,
         }
+        if self.parallel.dims.world > 1:
+            record.update(self.parallel.step_metrics())
         if losses.counts:
             record["expert_load"] = {str(i): c.tolist() for i, c in losses.counts.items()}
             record["expert_imbalance"] = {str(i): (c.max() / c.float().mean().clamp(min=1e-9)).item()

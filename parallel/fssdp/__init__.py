@@ -1,0 +1,33 @@
+"""Fully Sharded Sparse Data Parallelism (DESIGN.md section 2): pure planning pieces.
+
+- ``LoadEstimator``: sliding-window per-expert load, the planner's input.
+- ``plan_replicas`` / ``check_materialized`` / ``predicted_device_load``: this step's replicas under the
+  overlap and memory budgets.
+- ``Policy`` and ``build_policy``: ``ep``, ``fsdp``, ``shadow``, ``fssdp`` as interchangeable planners.
+- ``initial_owners`` / ``reshard_owners`` / ``moves``: heterogeneous sharding of ownership over layers.
+
+Nothing here touches process groups: every rank computes the same result from the same inputs.
+"""
+from hecate.parallel.fssdp.load import LoadEstimator
+from hecate.parallel.fssdp.planner import (
+    check_materialized,
+    hottest_experts,
+    plan_replicas,
+    predicted_device_load,
+)
+from hecate.parallel.fssdp.policies import (
+    POLICIES,
+    EpPolicy,
+    FsdpPolicy,
+    FssdpPolicy,
+    Policy,
+    ShadowPolicy,
+    build_policy,
+)
+from hecate.parallel.fssdp.resharding import initial_owners, moves, reshard_owners
+
+__all__ = [
+    "POLICIES", "EpPolicy", "FsdpPolicy", "FssdpPolicy", "LoadEstimator", "Policy", "ShadowPolicy",
+    "build_policy", "check_materialized", "hottest_experts", "initial_owners", "moves", "plan_replicas",
+    "predicted_device_load", "reshard_owners",
+]

@@ -1,0 +1,285 @@
+"""The FSSDP engine: one MoE layer's step, in order (DESIGN.md section 2).
+
+    plan      the policy turns (owners, load estimate) into a materialized placement - at the end of each step
+    gather    SparseAllGather(owners -> materialized), issued before the block's attention, waited before experts
+    dispatch  each (token, expert) pair to one holder: local copy first, else spread over the holders
+    compute   every held expert's rows in one matmul chain, with owned weights or gathered replicas
+    combine   the reverse all-to-all
+    reduce    in backward, SparseReduceScatter(materialized -> owners) sums every copy's gradient on the owner
+    [RM]      re-materialization: replicas freed after forward and gathered again when backward reaches the layer
+    reshard   every K steps, ownership moves (weights and AdamW moments) so that hot experts spread over ranks
+
+Only owners hold an expert's master weights and optimizer state, so expert memory per rank equals expert
+parallelism's; the optimizer updates the owned rows. Everything here runs identically on every rank of the
+group: plans come from the same global counts, so the collectives agree.
+
+Shapes: E experts, O owned experts, H held experts (owned + replicas), C floats in one expert's chunk.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from hecate.collectives import (ChunkSpec, MaterializedPlacement, OwnerPlacement, SparseAllGather,
+                                SparseReduceScatter, Transport)
+from hecate.collectives.handle import Handle
+from hecate.parallel.config import FssdpConfig
+from hecate.parallel.fssdp.load import LoadEstimator
+from hecate.parallel.fssdp.policies import Policy, build_policy
+from hecate.parallel.fssdp.resharding import initial_owners, reshard_owners
+from hecate.parallel.moe import MoE, experts_forward
+from hecate.parallel.moe.ep_dispatcher import ExpertParallelDispatcher
+
+WEIGHTS = ("w1", "w2", "w3")
+
+
+class ShardedExperts(nn.Module):
+    """Replaces a layer's ``Experts``: holds the owned experts' weights [O, ...] (rows in ascending expert order)
+    and computes the held experts with weights the engine materializes."""
+
+    def __init__(self, experts: nn.Module, owned: Sequence[int], engine_layer: FssdpLayer):
+        super().__init__()
+        self.activation = experts.activation
+        rows = torch.tensor(owned, dtype=torch.long)
+        for name in WEIGHTS:
+            full = getattr(experts, name)
+            setattr(self, name, None if full is None else nn.Parameter(full.detach()[rows].clone()))
+        self._engine_layer = [engine_layer]  # a list: not a submodule
+
+    def weights(self) -> list[torch.Tensor]:
+        return [w for w in (self.w1, self.w2, self.w3) if w is not None]
+
+    def forward(self, x_ND: torch.Tensor, counts_H: torch.Tensor) -> torch.Tensor:
+        fl = self._engine_layer[0]
+        if self.training:
+            fl.rows_computed += x_ND.shape[0]
+        held = _Materialize.apply(fl, *self.weights())
+        w1, w2, *w3 = held
+        return experts_forward(x_ND, counts_H, w1, w2, w3[0] if w3 else None, self.activation)
+
+
+class _Materialize(torch.autograd.Function):
+    """Owned weights in, held-expert weight stacks out; backward sums every copy's gradient on its owner."""
+
+    @staticmethod
+    def forward(ctx, fl: FssdpLayer, *owned: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        ctx.fl, ctx.owner, ctx.materialized = fl, fl.owner, fl.materialized
+        stacks = fl.build_held_stacks(fl.wait_replicas(), owned)
+        fl.held_stacks = stacks
+        return tuple(stacks)
+
+    @staticmethod
+    def backward(ctx, *grads_H: torch.Tensor):
+        fl = ctx.fl
+        return (None, *fl.reduce_gradients(ctx.owner, ctx.materialized, grads_H))
+
+
+class FssdpLayer:
+    """One MoE layer under FSSDP: its owners, current materialized placement, load estimate and collectives."""
+
+    def __init__(self, layer: MoE, transport: Transport, policy: Policy, cfg: FssdpConfig):
+        experts, ranks = layer.cfg.num_experts, transport.world_size
+        self.layer, self.transport, self.policy, self.cfg = layer, transport, policy, cfg
+        self.owner = initial_owners(experts, ranks)
+        self.materialized = MaterializedPlacement.from_owner(self.owner)
+        self.estimator = LoadEstimator(experts, cfg.window)
+        self.step_counts_E = torch.zeros(experts, dtype=torch.long)
+        self.rows_computed = 0  # (token, expert) rows this rank computed in this step
+        self.last_rows = 0  # ... in the step that ended last
+        full = layer.experts
+        self.shapes = [tuple(getattr(full, n).shape[1:]) for n in WEIGHTS if getattr(full, n) is not None]
+        self.sizes = [math.prod(shape) for shape in self.shapes]
+        self.spec = ChunkSpec.flat(sum(self.sizes), full.w1.dtype)
+        layer.experts = ShardedExperts(full, self.owner.chunks_on(transport.rank), self)
+        layer.dispatcher = ExpertParallelDispatcher(experts, transport, holders=lambda: self.materialized.devices_C)
+        self.pending: Handle | None = None
+        self.held_stacks: list[torch.Tensor] = []
+
+    @property
+    def rank(self) -> int:
+        return self.transport.rank
+
+    # ---- forward: gather replicas, build the held stacks -----------------------------------------
+
+    def start_gather(self) -> None:
+        """Issue the gather of this step's replicas (before the block's attention runs)."""
+        if self.pending is None:
+            self.pending = self._gather(self.owner, self.materialized)
+
+    def wait_replicas(self) -> dict[int, torch.Tensor]:
+        self.start_gather()
+        replicas, self.pending = self.pending.wait(), None
+        return replicas
+
+    def _gather(self, owner: OwnerPlacement, materialized: MaterializedPlacement) -> Handle:
+        gather = SparseAllGather(owner, materialized, self.spec, self.transport)
+        return gather.start(self.owned_chunks())
+
+    def owned_chunks(self) -> dict[int, torch.Tensor]:
+        """Each owned expert's weights as one flat chunk (w1, w2[, w3] concatenated)."""
+        weights = self.layer.experts.weights()
+        return {e: torch.cat([w[i].detach().reshape(-1) for w in weights])
+                for i, e in enumerate(self.owner.chunks_on(self.rank))}
+
+    def build_held_stacks(self, replicas: dict[int, torch.Tensor], owned: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Per weight, the [H, ...] stack of the held experts in ascending order: owned rows or replicas."""
+        position = {e: i for i, e in enumerate(self.owner.chunks_on(self.rank))}
+        stacks = []
+        for j, (shape, offset) in enumerate(zip(self.shapes, _offsets(self.sizes))):
+            rows = [owned[j][position[e]] if e in position
+                    else replicas[e][offset:offset + self.sizes[j]].view(shape)
+                    for e in self.materialized.chunks_on(self.rank)]
+            stacks.append(torch.stack([r.detach() for r in rows]))
+        return stacks
+
+    # ---- backward: sum every copy's gradient on its owner ----------------------------------------
+
+    def reduce_gradients(self, owner: OwnerPlacement, materialized: MaterializedPlacement,
+                         grads_H: Sequence[torch.Tensor | None]) -> list[torch.Tensor]:
+        held = materialized.chunks_on(self.rank)
+        grads_H = [g if g is not None else torch.zeros((len(held), *s)) for g, s in zip(grads_H, self.shapes)]
+        copies = {e: torch.cat([g[h].reshape(-1) for g in grads_H]) for h, e in enumerate(held)}
+        summed = SparseReduceScatter(owner, materialized, self.spec, self.transport)(copies)
+        owned = owner.chunks_on(self.rank)
+        return [torch.stack([summed[e][offset:offset + size].view(shape) for e in owned])
+                for shape, size, offset in zip(self.shapes, self.sizes, _offsets(self.sizes))]
+
+    # ---- re-materialization --------------------------------------------------------------------
+
+    def free_replicas(self) -> None:
+        """After forward (RM mode): drop the held stacks' memory; autograd keeps views of them."""
+        for stack in self.held_stacks:
+            stack.untyped_storage().resize_(0)
+
+    def rematerialize(self) -> None:
+        """When backward reaches the layer (RM mode): gather the replicas again and refill the held stacks."""
+        replicas = self._gather(self.owner, self.materialized).wait()
+        fresh = self.build_held_stacks(replicas, self.layer.experts.weights())
+        for stack, values in zip(self.held_stacks, fresh):
+            stack.untyped_storage().resize_(values.numel() * values.element_size())
+            # write through an alias with its own version counter: autograd saved views of ``stack``
+            alias = torch.empty(0, dtype=stack.dtype).set_(stack.untyped_storage(), stack.storage_offset(),
+                                                          stack.shape, stack.stride())
+            alias.copy_(values)
+        self.held_stacks = []
+
+    # ---- between steps -------------------------------------------------------------------------
+
+    def end_step(self) -> None:
+        self.estimator.update(self.step_counts_E)
+        self.step_counts_E = torch.zeros_like(self.step_counts_E)
+        self.last_rows, self.rows_computed = self.rows_computed, 0
+
+    def plan(self) -> None:
+        self.materialized = self.policy.materialize(self.owner, self.estimator.estimate())
+
+    def move_ownership(self, new: OwnerPlacement, optimizer: torch.optim.Optimizer) -> None:
+        """Hand owned experts to their new owners with their AdamW moments (and last gradients); the math is
+        unchanged."""
+        if new == self.owner:
+            return
+        params = self.layer.experts.weights()
+        states = [optimizer.state.get(p, {}) for p in params]
+        moment_keys = [k for k in ("exp_avg", "exp_avg_sq") if all(k in s for s in states)]
+        with_grad = all(p.grad is not None for p in params)
+        tensors = [[p.detach(), *(s[k] for k in moment_keys), *([p.grad] if with_grad else [])]
+                   for p, s in zip(params, states)]
+        flat_rows = [t for group in tensors for t in group]  # per weight: weight, moments
+        old_owned = self.owner.chunks_on(self.rank)
+        chunks = {e: torch.cat([t[i].reshape(-1) for t in flat_rows]) for i, e in enumerate(old_owned)}
+        moved = [(e, new.owner_C[e]) for e in range(new.num_chunks) if new.owner_C[e] != self.owner.owner_C[e]]
+        spec = ChunkSpec.flat(sum(t[0].numel() for t in flat_rows), params[0].dtype)
+        received = SparseAllGather(self.owner, MaterializedPlacement.from_owner(self.owner, moved), spec,
+                                   self.transport)(chunks)
+        new_owned = new.chunks_on(self.rank)
+        rows = [chunks[e] if e in chunks else received[e] for e in new_owned]
+        sizes = [t[0].numel() for t in flat_rows]
+        rebuilt = [torch.stack([r[o:o + n] for r in rows]).view(len(new_owned), *t.shape[1:])
+                   for t, n, o in zip(flat_rows, sizes, _offsets(sizes))]
+        per_weight = 1 + len(moment_keys) + with_grad
+        for j, (param, state) in enumerate(zip(params, states)):
+            param.data = rebuilt[j * per_weight].clone()
+            for m, key in enumerate(moment_keys):
+                state[key] = rebuilt[j * per_weight + 1 + m].clone()
+            if with_grad:
+                param.grad = rebuilt[j * per_weight + per_weight - 1].clone()
+        self.owner = new
+
+    # ---- whole tensors (for tests and checkpoints) ----------------------------------------------
+
+    def full(self, local_O: torch.Tensor) -> torch.Tensor:
+        """An owned-rows tensor [O, ...] gathered into expert order [E, ...] (collective)."""
+        ranks = self.transport.world_size
+        gathered = local_O.new_empty((local_O.shape[0] * ranks, *local_O.shape[1:]))
+        self.transport.all_gather(gathered, local_O.contiguous(), name="fssdp.gather_full").wait()
+        per_rank = local_O.shape[0]
+        index = [r * per_rank + self.owner.chunks_on(r).index(e) for e, r in enumerate(self.owner.owner_C)]
+        return gathered[torch.tensor(index)]
+
+    def local(self, full_E: torch.Tensor) -> torch.Tensor:
+        return full_E[torch.tensor(self.owner.chunks_on(self.rank))].clone()
+
+
+class FssdpEngine:
+    """All MoE layers of a model under one policy, over the data-parallel group of ``transport``."""
+
+    def __init__(self, model: nn.Module, transport: Transport, cfg: FssdpConfig):
+        self.cfg = cfg
+        self.transport = transport
+        self.policy = build_policy(cfg.policy, cfg.overlap_budget, cfg.memory_budget,
+                                   cfg.devices_per_node or None)
+        self.layers: dict[str, FssdpLayer] = {}
+        self.steps = 0
+        self.last_replicas: dict[str, int] = {}  # replicas per layer in the step that ended last
+        for name, module in list(model.named_modules()):
+            for child_name, child in module.named_children():
+                if isinstance(child, MoE):
+                    fl = FssdpLayer(child, transport, self.policy, cfg)
+                    self.layers[f"{name}.{child_name}" if name else child_name] = fl
+                    module.register_forward_pre_hook(lambda _m, _args, fl=fl: fl.start_gather())
+                    child.register_forward_hook(lambda _m, _args, out, fl=fl: self._after_forward(fl, out))
+        for fl in self.layers.values():
+            fl.plan()
+
+    def _after_forward(self, fl: FssdpLayer, out: torch.Tensor) -> None:
+        stats = fl.layer.stats
+        if fl.layer.training:
+            fl.step_counts_E += stats.counts_E.to(fl.step_counts_E.dtype)
+        if self.cfg.rematerialize and out.requires_grad:
+            fl.free_replicas()
+            out.register_hook(lambda grad, fl=fl: (fl.rematerialize(), grad)[1])
+
+    def end_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """After the optimizer step: roll the load windows, re-shard now and then, plan the next step."""
+        self.steps += 1
+        self.last_replicas = self.replicas()
+        for fl in self.layers.values():
+            fl.end_step()
+        if self.cfg.reshard_every and self.steps % self.cfg.reshard_every == 0:
+            owners = reshard_owners([fl.estimator.estimate() for fl in self.layers.values()],
+                                    self.transport.world_size, self.cfg.devices_per_node or None)
+            for fl, owner in zip(self.layers.values(), owners):
+                fl.move_ownership(owner, optimizer)
+        for fl in self.layers.values():
+            fl.plan()
+
+    def layer_of(self, param_name: str) -> FssdpLayer | None:
+        """The FSSDP layer whose expert weight ``param_name`` is (e.g. ``blocks.1.ffn.experts.w1``)."""
+        prefix, _, weight = param_name.rpartition(".experts.")
+        return self.layers.get(prefix) if weight in WEIGHTS else None
+
+    def replicas(self) -> dict[str, int]:
+        """Replicas (copies beyond the owners) per layer in the current plan."""
+        return {name: sum(len(d) for d in fl.materialized.devices_C) - fl.owner.num_chunks
+                for name, fl in self.layers.items()}
+
+
+def _offsets(sizes: Sequence[int]) -> list[int]:
+    out, total = [], 0
+    for size in sizes:
+        out.append(total)
+        total += size
+    return out
