@@ -176,6 +176,14 @@ class Parallel:
             convert = lambda name, t: t.to_local()  # noqa: E731
         return _map_expert_state(model, state, convert)
 
+    def state_dict(self) -> dict[str, Any]:
+        """Small, JSON-able state beyond the tensors that a resumed run needs (FSSDP owners and load windows)."""
+        return {"fssdp": self.engine.state_dict()} if self.engine is not None else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.engine is not None and "fssdp" in state:
+            self.engine.load_state_dict(state["fssdp"])
+
     def step_metrics(self) -> dict[str, Any]:
         """What the last step moved and waited for, per collective (this rank), and under FSSDP the replicas per
         layer and the spread of expert rows over ranks (max / mean; 1.0 is balanced). Collective over dp."""

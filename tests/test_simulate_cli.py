@@ -59,20 +59,24 @@ def assert_all_gone(pids: list[int]) -> None:
             time.sleep(0.2)
 
 
-def test_simulated_dp2_ep2_trains_and_resumes_identically(small_data, tmp_path):
+@pytest.mark.parametrize("world, layout", [
+    (4, ["parallel.ep=2"]),  # DP=4 folded as EDP=2 x EP=2: experts saved as DTensors sharded over ep
+    (2, ["fssdp.policy=fssdp", "fssdp.reshard_every=2"]),  # owners move at steps 2 and 4, across the resume
+], ids=["dp4-ep2", "fssdp-reshard"])
+def test_simulated_run_resumes_identically(small_data, tmp_path, world, layout):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    done = hecate(*train_args(small_data, straight, "parallel.ep=2", "train.steps=6", "checkpoint.every=3"),
-                  "--simulate", "4")
+    done = hecate(*train_args(small_data, straight, *layout, "train.steps=6", "checkpoint.every=3"),
+                  "--simulate", str(world))
     assert done.returncode == 0, done.stderr
     assert "done: 6 steps" in done.stdout
-    assert sorted(p.name for p in (straight / "logs").iterdir()) == [f"rank{r}.log" for r in range(4)]
-    assert len(set(worker_pids(straight))) == 4
+    assert sorted(p.name for p in (straight / "logs").iterdir()) == [f"rank{r}.log" for r in range(world)]
+    assert len(set(worker_pids(straight))) == world
 
-    first = hecate(*train_args(small_data, resumed, "parallel.ep=2", "train.steps=3", "checkpoint.every=3"),
-                   "--simulate", "4")
+    first = hecate(*train_args(small_data, resumed, *layout, "train.steps=3", "checkpoint.every=3"),
+                   "--simulate", str(world))
     assert first.returncode == 0, first.stderr
-    second = hecate(*train_args(small_data, resumed, "parallel.ep=2", "train.steps=6", "checkpoint.every=3"),
-                    "--simulate", "4", "--resume")
+    second = hecate(*train_args(small_data, resumed, *layout, "train.steps=6", "checkpoint.every=3"),
+                    "--simulate", str(world), "--resume")
     assert second.returncode == 0, second.stderr
     assert losses(resumed) == losses(straight)
 

@@ -219,8 +219,9 @@ class Trainer:
                 "vocab_size": self.vocab_size}
 
     def save(self) -> Path:
-        return ckpt.save_checkpoint(self.run_dir / "checkpoints", self.step, self.model, self.optimizer,
-                                    self.checkpoint_identity(), keep=self.cfg.checkpoint.keep, parallel=self.parallel)
+        state = {**self.checkpoint_identity(), "parallel": self.parallel.state_dict()}
+        return ckpt.save_checkpoint(self.run_dir / "checkpoints", self.step, self.model, self.optimizer, state,
+                                    keep=self.cfg.checkpoint.keep, parallel=self.parallel)
 
     def _resume(self) -> None:
         path = ckpt.latest_checkpoint(self.run_dir / "checkpoints")
@@ -229,6 +230,7 @@ class Trainer:
             if self.parallel.is_main:
                 truncate_metrics(self.run_dir, after_step=0)
             return
+        self.parallel.load_state_dict(ckpt.read_trainer_state(path).get("parallel", {}))
         state = ckpt.load_checkpoint(path, self.model, self.optimizer, expect=self.checkpoint_identity(),
                                      parallel=self.parallel)
         self.step = int(state["step"])

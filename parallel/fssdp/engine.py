@@ -266,6 +266,20 @@ class FssdpEngine:
         for fl in self.layers.values():
             fl.plan()
 
+    def state_dict(self) -> dict:
+        """Owners and load windows (the same on every rank): a resumed run plans exactly as an uninterrupted one."""
+        return {"steps": self.steps, "layers": {name: {"owner": list(fl.owner.owner_C),
+                                                       "load": fl.estimator.state_dict()}
+                                                for name, fl in self.layers.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore owners and load windows before the weights are loaded (they are sliced by owner)."""
+        self.steps = int(state["steps"])
+        for name, fl in self.layers.items():
+            fl.owner = OwnerPlacement(tuple(state["layers"][name]["owner"]), self.transport.world_size)
+            fl.estimator.load_state_dict(state["layers"][name]["load"])
+            fl.plan()
+
     def layer_of(self, param_name: str) -> FssdpLayer | None:
         """The FSSDP layer whose expert weight ``param_name`` is (e.g. ``blocks.1.ffn.experts.w1``)."""
         prefix, _, weight = param_name.rpartition(".experts.")
