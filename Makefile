@@ -22,10 +22,10 @@ $(STAMP): setup.py pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e ".[dev,mpi]"
+	$(BIN)/python -m pip install -q -e ".[dev,mpi,ray]"
 	touch $@
 
-# MPI and SLURM for the launcher and transport tests (needs root or sudo once).
+# MPI, SLURM and munge for the launcher and transport tests (needs root or sudo once); Ray comes from pip (.[ray]).
 system-deps:
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \

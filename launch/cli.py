@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shlex
 import sys
 from pathlib import Path
 
@@ -18,6 +19,9 @@ EXAMPLES = """examples:
   hecate train examples/tiny.yaml --simulate 4 -o parallel.ep=2   # 4 processes on this machine: DP=2 x EP=2
   hecate generate runs/tiny --prompt "def main("       # sample from the latest checkpoint
   hecate plan examples/tiny.yaml --world 4 -o parallel.ep=4   # rank groups and memory per rank
+  hecate train examples/tiny.yaml --launcher mpi --workers 4     # mpirun -np 4 on this node
+  hecate train examples/tiny.yaml --launcher ray --address http://HEAD:8265 --workers 8
+  hecate sbatch examples/tiny.yaml --nodes 2 --gpus-per-node 8 --partition gpu --time 02:00:00 --submit
 """
 
 
@@ -41,6 +45,32 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--fresh", action="store_true", help="delete the run folder first and start over")
     train.add_argument("--simulate", type=int, default=None, metavar="N",
                        help="run N worker processes on this machine (gloo), as N ranks of a cluster")
+    train.add_argument("--launcher", choices=("mpi", "ray"), default=None,
+                       help="start --workers workers with mpirun on this node, or as actors of the Ray cluster at "
+                            "--address (torchrun and srun start `python -m hecate.launch.worker` themselves)")
+    train.add_argument("--workers", type=int, default=None, metavar="N", help="number of workers (ranks) to launch")
+    train.add_argument("--address", default=None, help="Ray: the cluster's dashboard address, e.g. http://HEAD:8265")
+    train.add_argument("--gpus-per-worker", type=float, default=0.0, help="Ray: GPUs reserved per worker")
+    train.add_argument("--cpus-per-worker", type=float, default=1.0, help="Ray: CPUs reserved per worker")
+    train.add_argument("--placement", choices=("pack", "spread"), default="pack",
+                       help="Ray: workers on as few nodes as possible (pack) or as many (spread)")
+
+    batch = sub.add_parser("sbatch", parents=[common], help="write (and --submit) a SLURM batch script",
+                           description="Write a SLURM batch script that starts the workers with srun, one task per "
+                                       "worker, and with --submit hand it to sbatch.")
+    batch.add_argument("config", help="YAML config")
+    batch.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE")
+    batch.add_argument("--nodes", type=int, required=True)
+    batch.add_argument("--gpus-per-node", type=int, default=0)
+    batch.add_argument("--tasks-per-node", type=int, default=None,
+                       help="workers per node (default: --gpus-per-node, or 1 without GPUs)")
+    batch.add_argument("--partition", default=None)
+    batch.add_argument("--time", default=None, help="wall-clock limit, e.g. 02:00:00")
+    batch.add_argument("--account", default=None)
+    batch.add_argument("--job-name", default=None, help="default: hecate-<run folder name>")
+    batch.add_argument("--out", default=None, help="where to write the script (default: <run_dir>.sbatch)")
+    batch.add_argument("--resume", action="store_true", help="the job continues from the last checkpoint")
+    batch.add_argument("--submit", action="store_true", help="submit it with sbatch and print the job id")
 
     prep = sub.add_parser("prepare-data", parents=[common], help="collect text, train a BPE tokenizer, write token shards",
                           description="Collect text files, train a byte-level BPE tokenizer on the training "
@@ -89,8 +119,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.override)
     setup_logging(None, rank=0, level=cfg.logging.level)
+    if args.simulate is not None and args.launcher is not None:
+        raise HecateError("--simulate and --launcher exclude each other: pick one way to start the workers")
     if args.simulate is not None:
         summary = _train_simulated(cfg, args.simulate, args.resume, args.fresh)
+    elif args.launcher is not None:
+        summary = _train_launched(args, cfg)
     else:
         _ensure_data(cfg.data)
         trainer = Trainer(cfg, resume=args.resume, fresh=args.fresh)
@@ -109,7 +143,7 @@ def _train_simulated(cfg, world: int, resume: bool, fresh: bool) -> dict:
     import os
 
     from hecate.launch.simulate import start_workers
-    from hecate.launch.worker import train_worker
+    from hecate.launch.worker import run_from_environment
     from hecate.trainer.plan import layout_of
     from hecate.trainer.train import prepare_run_dir
 
@@ -120,8 +154,67 @@ def _train_simulated(cfg, world: int, resume: bool, fresh: bool) -> dict:
     layout_of(cfg, world)
     _ensure_data(cfg.data)
     prepare_run_dir(Path(cfg.train.run_dir), resume, fresh)
-    group = start_workers(train_worker, world, (cfg.to_dict(), resume), threads_per_worker=max(1, cores // world))
+    group = start_workers(run_from_environment, world, (cfg.to_dict(), resume),
+                          threads_per_worker=max(1, cores // world), backend=None)
     return group.join(timeout_s=SIMULATE_TIMEOUT_S)[0]
+
+
+def _train_launched(args: argparse.Namespace, cfg) -> dict:
+    """Validate here, then let mpirun / Ray start the workers; the summary comes back through the run folder."""
+    from hecate.trainer.plan import layout_of
+    from hecate.trainer.train import prepare_run_dir
+
+    if args.workers is None or args.workers < 1:
+        raise HecateError(f"--launcher {args.launcher} needs --workers N (N >= 1)")
+    if args.launcher == "ray" and not args.address:
+        raise HecateError("--launcher ray needs --address, the Ray dashboard's address (e.g. http://HEAD:8265)")
+    layout_of(cfg, args.workers)
+    _ensure_data(cfg.data)
+    run_dir = Path(cfg.train.run_dir)
+    prepare_run_dir(run_dir, args.resume, args.fresh)
+    worker_args = _worker_args(args.config, args.override, args.resume)
+    if args.launcher == "mpi":
+        from hecate.launch.mpi import run_mpi
+
+        run_mpi(args.workers, worker_args)
+    else:
+        from hecate.launch.ray_job import submit
+
+        submit(args.address, args.workers, worker_args, gpus_per_worker=args.gpus_per_worker,
+               cpus_per_worker=args.cpus_per_worker, placement=args.placement)
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def _worker_args(config: str, overrides: list[str], resume: bool) -> list[str]:
+    """``CONFIG -o ... [--resume]`` for ``python -m hecate.launch.worker``, with the config's absolute path."""
+    args = [str(Path(config).resolve())]
+    for item in overrides:
+        args += ["-o", item]
+    return args + (["--resume"] if resume else [])
+
+
+def cmd_sbatch(args: argparse.Namespace) -> int:
+    from hecate.launch.slurm import BatchJob, submit, write_script
+    from hecate.trainer.config import load_config
+    from hecate.trainer.plan import layout_of
+
+    cfg = load_config(args.config, args.override)
+    tasks = args.tasks_per_node if args.tasks_per_node is not None else (args.gpus_per_node or 1)
+    if args.nodes < 1 or tasks < 1 or args.gpus_per_node < 0:
+        raise HecateError(f"--nodes {args.nodes} / --tasks-per-node {tasks} / --gpus-per-node {args.gpus_per_node}: "
+                          f"nodes and tasks must be >= 1, GPUs >= 0")
+    layout_of(cfg, args.nodes * tasks)
+    run_dir = Path(cfg.train.run_dir)
+    job = BatchJob(job_name=args.job_name or f"hecate-{run_dir.name}", nodes=args.nodes, tasks_per_node=tasks,
+                   gpus_per_node=args.gpus_per_node, workdir=Path.cwd(), output=Path(f"{run_dir}.slurm-%j.out"),
+                   worker_args=_worker_args(args.config, args.override, args.resume),
+                   partition=args.partition, time=args.time, account=args.account)
+    path = write_script(job, Path(args.out or f"{run_dir}.sbatch"), "hecate " + " ".join(
+        shlex.quote(a) for a in sys.argv[1:]))
+    print(f"wrote {path} ({job.workers} workers: {job.nodes} node(s) x {tasks})")
+    if args.submit:
+        print(f"submitted job {submit(path)}; its output goes to {str(job.output).replace('%j', '<job id>')}")
+    return 0
 
 
 def _ensure_data(data) -> None:
@@ -156,7 +249,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 MAX_SIMULATED_PER_CORE = 8  # beyond this the processes only fight for the cores and memory
 SIMULATE_TIMEOUT_S = 7 * 24 * 3600.0  # a job's wall-clock limit belongs to the scheduler; hangs end by collective timeouts
 
-COMMANDS = {"train": cmd_train, "prepare-data": cmd_prepare_data, "generate": cmd_generate, "plan": cmd_plan}
+COMMANDS = {"train": cmd_train, "prepare-data": cmd_prepare_data, "generate": cmd_generate, "plan": cmd_plan,
+            "sbatch": cmd_sbatch}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,6 +1,7 @@
 """The one worker entry point. Every launch mode ends here: the simulated cluster calls :func:`train_worker`
-in processes it started, and torchrun / mpirun / srun start ``python -m hecate.launch.worker CONFIG``, which
-joins the process group from the environment they set and calls the same function.
+in processes it started, and torchrun / mpirun / srun / the Ray launcher's actors start
+``python -m hecate.launch.worker CONFIG``, which finds its place from the environment they set
+(:mod:`hecate.launch.environment`), joins the process group and calls the same function.
 """
 from __future__ import annotations
 
@@ -8,11 +9,15 @@ import argparse
 import logging
 import os
 import sys
-from pathlib import Path
+from datetime import timedelta
 from typing import Any
 
+import torch
 import torch.distributed as dist
 
+from hecate.collectives.errors import HecateError
+from hecate.launch.environment import LaunchError, WorkerEnv, detect
+from hecate.launch.hangs import CollectiveTimeout, waiting_in
 from hecate.parallel.parallelize import Parallel
 from hecate.trainer.config import config_from_dict, load_config
 from hecate.trainer.log import setup_logging
@@ -22,7 +27,7 @@ from hecate.trainer.train import Trainer
 log = logging.getLogger("hecate")
 
 
-def train_worker(cfg_dict: dict[str, Any], resume: bool) -> dict[str, Any]:
+def train_worker(cfg_dict: dict[str, Any], resume: bool, env: WorkerEnv | None = None) -> dict[str, Any]:
     """Train as one rank of an initialised default process group; returns the run summary."""
     cfg = config_from_dict(cfg_dict)
     rank = dist.get_rank()
@@ -34,23 +39,80 @@ def train_worker(cfg_dict: dict[str, Any], resume: bool) -> dict[str, Any]:
     setup_logging(trainer.run_dir, rank=rank, level=cfg.logging.level)
     log.info("rank %d of %d (pid %d); run folder %s; %s", rank, dist.get_world_size(), os.getpid(), trainer.run_dir,
              trainer.describe())
-    return trainer.run()
+    if env is not None:
+        log.info("started by %s", env.describe())
+    try:
+        return trainer.run()
+    except RuntimeError as err:
+        where = waiting_in(err, trainer.model)
+        if where is None:
+            raise
+        message = (f"rank {rank} of {dist.get_world_size()}: collective failed in step {trainer.step + 1} after "
+                   f"waiting in {where}: {str(err).splitlines()[0]} (train.collective_timeout_s="
+                   f"{cfg.train.collective_timeout_s:g})")
+        log.error("%s", message)
+        raise CollectiveTimeout(message) from err
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m hecate.launch.worker CONFIG [-o KEY=VALUE ...] [--resume]`` under a launcher that sets
-    RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT (torchrun does)."""
+def init_distributed(env: WorkerEnv, timeout_s: float) -> None:
+    """Join the job's gloo group: through torchrun's agent store when there is one, else rank 0 hosts a TCPStore
+    at MASTER_ADDR:MASTER_PORT. Every collective then fails after ``timeout_s`` instead of hanging."""
+    timeout = timedelta(seconds=timeout_s)
+    try:
+        if env.agent_store:
+            dist.init_process_group("gloo", init_method="env://", timeout=timeout)
+            return
+        store = dist.TCPStore(env.master_addr, env.master_port, env.world_size, env.rank == 0, timeout=timeout)
+        dist.init_process_group("gloo", store=store, rank=env.rank, world_size=env.world_size, timeout=timeout)
+    except (RuntimeError, TimeoutError) as err:  # DistStoreError / DistNetworkError are RuntimeErrors
+        raise LaunchError(f"rank {env.rank} of {env.world_size} ({env.launcher}) could not join the job at "
+                          f"{env.master_addr}:{env.master_port} within train.collective_timeout_s={timeout_s:g} s "
+                          f"(a node that never joined, or a wrong MASTER_ADDR/MASTER_PORT): "
+                          f"{str(err).splitlines()[0]}") from err
+
+
+def set_threads(env: WorkerEnv) -> None:
+    """Share the node's cores among its workers (as ``--simulate`` does), unless OMP_NUM_THREADS says otherwise."""
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // env.local_world_size))
+
+
+def run_from_environment(cfg_dict: dict[str, Any], resume: bool) -> dict[str, Any]:
+    """Find this worker's place, join the group, train, leave: the body of every launched worker."""
+    cfg = config_from_dict(cfg_dict)
+    env = detect()
+    set_threads(env)
+    init_distributed(env, cfg.train.collective_timeout_s)
+    try:
+        return train_worker(cfg_dict, resume, env)
+    finally:
+        dist.destroy_process_group()
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m hecate.launch.worker")
     parser.add_argument("config")
     parser.add_argument("-o", "--override", action="append", default=[])
     parser.add_argument("--resume", action="store_true")
-    args = parser.parse_args(argv)
-    cfg = load_config(args.config, args.override)
-    dist.init_process_group("gloo")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
+                        help=argparse.SUPPRESS)  # appended by DeepSpeed's launcher; LOCAL_RANK carries the same
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m hecate.launch.worker CONFIG [-o KEY=VALUE ...] [--resume]`` under torchrun, mpirun, srun (or
+    any launcher :mod:`hecate.launch.environment` knows). Exits 2 with one line on a user error (bad config,
+    inconsistent launcher variables, a collective that timed out); 1 with a traceback on anything else."""
+    args = parse_args(argv)
     try:
-        train_worker(cfg.to_dict(), args.resume)
-    finally:
-        dist.destroy_process_group()
+        cfg = load_config(args.config, args.override)
+        run_from_environment(cfg.to_dict(), args.resume)
+    except HecateError as err:
+        if args.debug:
+            raise
+        print(f"hecate worker: error: {err}", file=sys.stderr, flush=True)
+        return 2
     return 0
 
 

@@ -21,6 +21,8 @@ CASES = {  # name: (fssdp overrides, skewed routing)
     "fssdp-proportional": (["fssdp.policy=fssdp", "fssdp.overlap_budget=4", "fssdp.memory_budget=1"], True),
     "fssdp-rm": (["fssdp.policy=fssdp", "fssdp.rematerialize=true"], True),
     "fssdp-reshard": (["fssdp.policy=fssdp", "fssdp.reshard_every=3"], True),
+    "fssdp-nodes": (["fssdp.policy=fssdp", "fssdp.devices_per_node=2", "fssdp.overlap_budget=4",
+                     "fssdp.memory_budget=1"], True),
     "fssdp-rm-reshard-natural": (["fssdp.policy=fssdp", "fssdp.rematerialize=true", "fssdp.reshard_every=4"], False),
 }
 COMMON = [f"moe.num_experts={EXPERTS}"]

@@ -109,6 +109,7 @@ class TrainConfig:
     eval_every: int = 100  # 0 = only at the end
     eval_batches: int = 8
     run_dir: str = "runs/tiny"
+    collective_timeout_s: float = 600.0  # a collective (or the rendezvous) waiting longer fails the job, naming it
 
     def validate(self) -> None:
         _positive("train.steps", self.steps)
@@ -123,6 +124,7 @@ class TrainConfig:
         _positive("train.eval_batches", self.eval_batches)
         if not self.run_dir:
             raise ConfigError("train.run_dir", "must be a folder path")
+        _positive("train.collective_timeout_s", self.collective_timeout_s)
 
 
 @dataclass

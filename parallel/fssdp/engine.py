@@ -94,7 +94,8 @@ class FssdpLayer:
         self.sizes = [math.prod(shape) for shape in self.shapes]
         self.spec = ChunkSpec.flat(sum(self.sizes), full.w1.dtype)
         layer.experts = ShardedExperts(full, self.owner.chunks_on(transport.rank), self)
-        layer.dispatcher = ExpertParallelDispatcher(experts, transport, holders=lambda: self.materialized.devices_C)
+        layer.dispatcher = ExpertParallelDispatcher(experts, transport, holders=lambda: self.materialized.devices_C,
+                                                    ranks_per_node=cfg.devices_per_node or None)
         self.pending: Handle | None = None
         self.held_stacks: list[torch.Tensor] = []
 

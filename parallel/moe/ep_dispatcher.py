@@ -4,8 +4,9 @@ computed on one rank that holds its expert.
 Who holds what is a *placement*: ``holders()[e]`` lists the ranks holding expert e. Under expert parallelism
 it is fixed - rank p holds experts [p * L, (p + 1) * L), L = E / ranks. Under FSSDP an engine materializes
 extra copies every step and passes its current placement. A pair goes to this rank when it holds the expert
-(local copy first); otherwise the rank's pairs of that expert are split evenly over its holders, starting at a
-holder that depends on the rank, so that remote ranks' tokens spread over every copy.
+(local copy first); otherwise to the holders on this rank's node when there are any (``ranks_per_node``), else
+to all holders; the rank's pairs of that expert are split evenly over those, starting at a holder that depends
+on the rank, so that different ranks' tokens spread over every copy.
 
 One dispatch, in order:
 1. sort the local pairs by global expert (the same permutation as on one device) and choose each one's rank;
@@ -52,7 +53,8 @@ class ExpertParallelDispatcher:
     """Dispatch and combine across the group of ``transport``; holds no weights. The experts module must compute
     the experts this rank holds, in ascending order, with the per-expert row counts dispatch returns."""
 
-    def __init__(self, num_experts: int, transport: Transport, holders: Callable[[], Holders] | None = None):
+    def __init__(self, num_experts: int, transport: Transport, holders: Callable[[], Holders] | None = None,
+                 ranks_per_node: int | None = None):
         if holders is None:
             if num_experts % transport.world_size:
                 raise ValueError(f"{num_experts} experts cannot be split over {transport.world_size} ranks")
@@ -61,6 +63,7 @@ class ExpertParallelDispatcher:
         self.num_experts = num_experts
         self.transport = transport
         self.holders = holders
+        self.ranks_per_node = ranks_per_node
 
     def dispatch(self, x_TD: torch.Tensor, experts_TK: torch.Tensor,
                  keep_TK: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, ExpertParallelHandle]:
@@ -93,11 +96,14 @@ class ExpertParallelDispatcher:
 
     def _choose_ranks(self, counts_E: list[int], holders: Holders, device: torch.device) -> torch.Tensor:
         """rank_N for the expert-sorted pairs: this rank when it holds the expert, else an even split of the
-        expert's pairs over its holders, rotated by this rank's index."""
-        me = self.transport.rank
+        expert's pairs over its holders (those on this node if any), rotated by this rank's index."""
+        me, per_node = self.transport.rank, self.ranks_per_node
         parts = []
         for expert, count in enumerate(counts_E):
             ranks = holders[expert]
+            if per_node and me not in ranks:
+                near = [r for r in ranks if r // per_node == me // per_node]
+                ranks = near or ranks
             if me in ranks or len(ranks) == 1:
                 target = me if me in ranks else ranks[0]
                 parts.append(torch.full((count,), target, dtype=torch.long, device=device))
