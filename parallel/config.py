@@ -26,6 +26,7 @@ class MoEConfig:
     bias_update_rate: float = 0.0  # aux-loss-free balancing (expert bias on selection only); 0 = off
     capacity_factor: float = 0.0  # 0 = dropless; else each expert keeps ceil(cf * tokens * k / E) pairs
     shared_expert: bool = False  # one always-on expert of ffn_dim added to every token
+    overlap_chunks: int = 1  # token chunks pipelined through dispatch / experts / combine under EP; 1 = no overlap
 
     def validate(self, prefix: str = "moe") -> None:
         if self.num_experts < 1:
@@ -40,6 +41,8 @@ class MoEConfig:
             raise ConfigError(f"{prefix}.activation", f"must be one of {ACTIVATIONS}, got {self.activation!r}")
         if self.score not in SCORES:
             raise ConfigError(f"{prefix}.score", f"must be one of {SCORES}, got {self.score!r}")
+        if self.overlap_chunks < 1:
+            raise ConfigError(f"{prefix}.overlap_chunks", f"must be >= 1 (1 = no overlap), got {self.overlap_chunks}")
         for name in ("aux_loss_coef", "z_loss_coef", "bias_update_rate", "capacity_factor"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{prefix}.{name}", f"must be >= 0, got {getattr(self, name)}")

@@ -85,7 +85,8 @@ class Parallel:
         for layer in moe_layers(model):
             if self.dims.ep > 1:
                 keep_local_experts(layer, self.ep.rank, self.dims.ep)
-                layer.dispatcher = ExpertParallelDispatcher(layer.cfg.num_experts, self.ep)
+                layer.dispatcher = ExpertParallelDispatcher(layer.cfg.num_experts, self.ep,
+                                                            overlap_chunks=layer.cfg.overlap_chunks)
             if self.dims.dp > 1:
                 layer.reduce = router_sums_reduce(self.dp)
         if self.fssdp.enabled and self.dims.world > 1:

@@ -5,8 +5,12 @@
     dispatch  each (token, expert) pair to one holder: local copy first, else spread over the holders
     compute   every held expert's rows in one matmul chain, with owned weights or gathered replicas
     combine   the reverse all-to-all
-    reduce    in backward, SparseReduceScatter(materialized -> owners) sums every copy's gradient on the owner
-    [RM]      re-materialization: replicas freed after forward and gathered again when backward reaches the layer
+    reduce    in backward, SparseReduceScatter(materialized -> owners) sums every copy's gradient on the owner:
+              issued when backward leaves the layer's experts, waited at the end of backward (an autograd
+              callback) that adds the sums to the owners' ``.grad`` - so it travels under attention backward
+    [RM]      re-materialization: replicas freed after forward and gathered again in backward; the gather of
+              the next layer backward reaches is issued when this layer's is done, so it travels under this
+              layer's backward and the attention backward in between
     reshard   every K steps, ownership moves (weights and AdamW moments) so that hot experts spread over ranks
 
 Only owners hold an expert's master weights and optimizer state, so expert memory per rank equals expert
@@ -53,16 +57,19 @@ class ShardedExperts(nn.Module):
         return [w for w in (self.w1, self.w2, self.w3) if w is not None]
 
     def forward(self, x_ND: torch.Tensor, counts_H: torch.Tensor) -> torch.Tensor:
+        """Called once per chunk when the dispatcher pipelines chunks: the layer materializes once per forward."""
         fl = self._engine_layer[0]
         if self.training:
             fl.rows_computed += x_ND.shape[0]
-        held = _Materialize.apply(fl, *self.weights())
-        w1, w2, *w3 = held
+        if fl.held is None:
+            fl.held = _Materialize.apply(fl, *self.weights())
+        w1, w2, *w3 = fl.held
         return experts_forward(x_ND, counts_H, w1, w2, w3[0] if w3 else None, self.activation)
 
 
 class _Materialize(torch.autograd.Function):
-    """Owned weights in, held-expert weight stacks out; backward sums every copy's gradient on its owner."""
+    """Owned weights in, held-expert weight stacks out; backward issues the sum of every copy's gradient on its
+    owner and returns no gradient itself: the sums reach the owned weights' ``.grad`` at the end of backward."""
 
     @staticmethod
     def forward(ctx, fl: FssdpLayer, *owned: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -74,7 +81,9 @@ class _Materialize(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads_H: torch.Tensor):
         fl = ctx.fl
-        return (None, *fl.reduce_gradients(ctx.owner, ctx.materialized, grads_H))
+        pending = fl.start_reduce(ctx.owner, ctx.materialized, grads_H)
+        torch.autograd.Variable._execution_engine.queue_callback(lambda: fl.finish_reduce(pending, ctx.owner))
+        return (None,) * (1 + len(grads_H))
 
 
 class FssdpLayer:
@@ -95,8 +104,11 @@ class FssdpLayer:
         self.spec = ChunkSpec.flat(sum(self.sizes), full.w1.dtype)
         layer.experts = ShardedExperts(full, self.owner.chunks_on(transport.rank), self)
         layer.dispatcher = ExpertParallelDispatcher(experts, transport, holders=lambda: self.materialized.devices_C,
-                                                    ranks_per_node=cfg.devices_per_node or None)
+                                                    ranks_per_node=cfg.devices_per_node or None,
+                                                    overlap_chunks=layer.cfg.overlap_chunks)
         self.pending: Handle | None = None
+        self.regather: Handle | None = None  # RM: the backward gather, issued ahead by the layer after this one
+        self.held: tuple[torch.Tensor, ...] | None = None  # this forward's materialized stacks (autograd outputs)
         self.held_stacks: list[torch.Tensor] = []
 
     @property
@@ -138,15 +150,22 @@ class FssdpLayer:
 
     # ---- backward: sum every copy's gradient on its owner ----------------------------------------
 
-    def reduce_gradients(self, owner: OwnerPlacement, materialized: MaterializedPlacement,
-                         grads_H: Sequence[torch.Tensor | None]) -> list[torch.Tensor]:
+    def start_reduce(self, owner: OwnerPlacement, materialized: MaterializedPlacement,
+                     grads_H: Sequence[torch.Tensor | None]) -> Handle[dict[int, torch.Tensor]]:
+        """Issue SparseReduceScatter of the held experts' gradients; ``finish_reduce`` waits for it."""
         held = materialized.chunks_on(self.rank)
         grads_H = [g if g is not None else torch.zeros((len(held), *s)) for g, s in zip(grads_H, self.shapes)]
         copies = {e: torch.cat([g[h].reshape(-1) for g in grads_H]) for h, e in enumerate(held)}
-        summed = SparseReduceScatter(owner, materialized, self.spec, self.transport)(copies)
+        return SparseReduceScatter(owner, materialized, self.spec, self.transport).start(copies)
+
+    def finish_reduce(self, pending: Handle[dict[int, torch.Tensor]], owner: OwnerPlacement) -> None:
+        """At the end of backward: add every owned expert's summed gradient to its weights' ``.grad``."""
+        summed = pending.wait()
         owned = owner.chunks_on(self.rank)
-        return [torch.stack([summed[e][offset:offset + size].view(shape) for e in owned])
-                for shape, size, offset in zip(self.shapes, self.sizes, _offsets(self.sizes))]
+        for param, shape, size, offset in zip(self.layer.experts.weights(), self.shapes, self.sizes,
+                                              _offsets(self.sizes)):
+            grad = torch.stack([summed[e][offset:offset + size].view(shape) for e in owned])
+            param.grad = grad if param.grad is None else param.grad.add_(grad)
 
     # ---- re-materialization --------------------------------------------------------------------
 
@@ -155,9 +174,15 @@ class FssdpLayer:
         for stack in self.held_stacks:
             stack.untyped_storage().resize_(0)
 
+    def start_regather(self) -> None:
+        """RM: issue the backward gather ahead of time (no-op when this forward freed nothing)."""
+        if self.held_stacks and self.regather is None:
+            self.regather = self._gather(self.owner, self.materialized)
+
     def rematerialize(self) -> None:
-        """When backward reaches the layer (RM mode): gather the replicas again and refill the held stacks."""
-        replicas = self._gather(self.owner, self.materialized).wait()
+        """When backward reaches the layer (RM mode): wait for the replicas and refill the held stacks."""
+        self.start_regather()
+        replicas, self.regather = self.regather.wait(), None
         fresh = self.build_held_stacks(replicas, self.layer.experts.weights())
         for stack, values in zip(self.held_stacks, fresh):
             stack.untyped_storage().resize_(values.numel() * values.element_size())
@@ -247,11 +272,20 @@ class FssdpEngine:
 
     def _after_forward(self, fl: FssdpLayer, out: torch.Tensor) -> None:
         stats = fl.layer.stats
+        fl.held = None
         if fl.layer.training:
             fl.step_counts_E += stats.counts_E.to(fl.step_counts_E.dtype)
         if self.cfg.rematerialize and out.requires_grad:
             fl.free_replicas()
-            out.register_hook(lambda grad, fl=fl: (fl.rematerialize(), grad)[1])
+            out.register_hook(lambda grad, fl=fl: (self._rematerialize(fl), grad)[1])
+
+    def _rematerialize(self, fl: FssdpLayer) -> None:
+        """Refill this layer's replicas, then prefetch those of the layer backward reaches next."""
+        fl.rematerialize()
+        layers = list(self.layers.values())
+        index = layers.index(fl)
+        if index > 0:
+            layers[index - 1].start_regather()
 
     def end_step(self, optimizer: torch.optim.Optimizer) -> None:
         """After the optimizer step: roll the load windows, re-shard now and then, plan the next step."""

@@ -11,6 +11,7 @@ Shapes: T tokens, D model dim, E experts (E_local under EP), K experts per token
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import torch
@@ -28,6 +29,19 @@ class Dispatcher(Protocol):
         """-> out_TD: expert outputs weighted and summed per token; dropped pairs contribute zero."""
         ...
 
+    def run(self, x_TD: torch.Tensor, experts_TK: torch.Tensor, keep_TK: torch.Tensor | None,
+            weights_TK: torch.Tensor, experts: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """dispatch -> experts -> combine; a dispatcher that pipelines chunks (overlap) reorders these steps."""
+        ...
+
+
+def dispatch_compute_combine(dispatcher: Dispatcher, x_TD: torch.Tensor, experts_TK: torch.Tensor,
+                             keep_TK: torch.Tensor | None, weights_TK: torch.Tensor,
+                             experts: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """The three steps one after the other: every dispatcher's ``run`` without overlap."""
+    x_ND, counts_E, handle = dispatcher.dispatch(x_TD, experts_TK, keep_TK)
+    return dispatcher.combine(experts(x_ND, counts_E), weights_TK, handle)
+
 
 class LocalDispatcher:
     """Every expert lives here: dispatch is a permutation, combine its inverse; no exchange."""
@@ -42,3 +56,7 @@ class LocalDispatcher:
 
     def combine(self, y_ND: torch.Tensor, weights_TK: torch.Tensor, handle: Permutation) -> torch.Tensor:
         return unpermute(y_ND, weights_TK, handle)
+
+    def run(self, x_TD: torch.Tensor, experts_TK: torch.Tensor, keep_TK: torch.Tensor | None,
+            weights_TK: torch.Tensor, experts: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        return dispatch_compute_combine(self, x_TD, experts_TK, keep_TK, weights_TK, experts)

@@ -64,9 +64,7 @@ class MoE(nn.Module):
         sums = self.reduce(router_sums(routing, cfg.num_experts))
         capacity = expert_capacity(cfg.capacity_factor, sums.tokens, cfg.top_k, cfg.num_experts)
         keep_TK = None if capacity is None else keep_within_capacity(routing.experts_TK, capacity, sums.offset_E)
-        x_ND, counts_E, handle = self.dispatcher.dispatch(x_TD, routing.experts_TK, keep_TK)
-        y_ND = self.experts(x_ND, counts_E)
-        out_TD = self.dispatcher.combine(y_ND, routing.weights_TK, handle)
+        out_TD = self.dispatcher.run(x_TD, routing.experts_TK, keep_TK, routing.weights_TK, self.experts)
         if self.shared is not None:
             out_TD = out_TD + self.shared(x_TD)
         self.stats = MoEStats(aux_loss=aux_loss(sums, cfg.top_k), z_loss=z_loss(sums),
