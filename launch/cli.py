@@ -45,6 +45,15 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--fresh", action="store_true", help="delete the run folder first and start over")
     train.add_argument("--simulate", type=int, default=None, metavar="N",
                        help="run N worker processes on this machine (gloo), as N ranks of a cluster")
+    train.add_argument("--sim-nodes", type=int, default=None, metavar="K",
+                       help="with --simulate: group the ranks into K emulated nodes joined by a simulated network")
+    train.add_argument("--sim-inter-node-gbps", type=float, default=None, metavar="G",
+                       help="with --sim-nodes: inter-node link bandwidth in Gbit/s (transfers are delayed to it)")
+    train.add_argument("--sim-latency-us", type=float, default=0.0, metavar="L",
+                       help="with --sim-nodes: inter-node latency in microseconds (default 0)")
+    train.add_argument("--profile-step", type=int, default=None, metavar="K",
+                       help="write a Chrome/Perfetto timeline of step K (compute and each collective on its own "
+                            "track) to RUN_DIR/profile_stepK.json; same as -o logging.profile_step=K")
     train.add_argument("--launcher", choices=("mpi", "ray"), default=None,
                        help="start --workers workers with mpirun on this node, or as actors of the Ray cluster at "
                             "--address (torchrun and srun start `python -m hecate.launch.worker` themselves)")
@@ -117,12 +126,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     from hecate.trainer.log import setup_logging
     from hecate.trainer.train import Trainer
 
-    cfg = load_config(args.config, args.override)
+    profile = [f"logging.profile_step={args.profile_step}"] if args.profile_step is not None else []
+    cfg = load_config(args.config, args.override + profile)
     setup_logging(None, rank=0, level=cfg.logging.level)
     if args.simulate is not None and args.launcher is not None:
         raise HecateError("--simulate and --launcher exclude each other: pick one way to start the workers")
+    network = _simulated_network(args)
     if args.simulate is not None:
-        summary = _train_simulated(cfg, args.simulate, args.resume, args.fresh)
+        summary = _train_simulated(cfg, args.simulate, args.resume, args.fresh, network)
     elif args.launcher is not None:
         summary = _train_launched(args, cfg)
     else:
@@ -138,11 +149,28 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _train_simulated(cfg, world: int, resume: bool, fresh: bool) -> dict:
+def _simulated_network(args: argparse.Namespace):
+    """The ``--sim-*`` options as a SimulatedNetwork (None without ``--sim-nodes``), checked before workers start."""
+    from hecate.collectives.simulated_network import SimulatedNetwork
+
+    if args.sim_nodes is None:
+        if args.sim_inter_node_gbps is not None or args.sim_latency_us:
+            raise HecateError("--sim-inter-node-gbps / --sim-latency-us need --sim-nodes K (and --simulate N)")
+        return None
+    if args.simulate is None:
+        raise HecateError("--sim-nodes simulates a network between simulated ranks: it needs --simulate N")
+    if args.sim_inter_node_gbps is None:
+        raise HecateError("--sim-nodes needs --sim-inter-node-gbps G, the inter-node bandwidth in Gbit/s")
+    network = SimulatedNetwork(args.sim_nodes, args.sim_inter_node_gbps, args.sim_latency_us)
+    network.validate(args.simulate)
+    return network
+
+
+def _train_simulated(cfg, world: int, resume: bool, fresh: bool, network=None) -> dict:
     """Validate everything here, then run ``world`` workers on this machine; the first failure stops all."""
     import os
 
-    from hecate.launch.simulate import start_workers
+    from hecate.launch.simulate import network_environment, start_workers
     from hecate.launch.worker import run_from_environment
     from hecate.trainer.plan import layout_of
     from hecate.trainer.train import prepare_run_dir
@@ -155,7 +183,8 @@ def _train_simulated(cfg, world: int, resume: bool, fresh: bool) -> dict:
     _ensure_data(cfg.data)
     prepare_run_dir(Path(cfg.train.run_dir), resume, fresh)
     group = start_workers(run_from_environment, world, (cfg.to_dict(), resume),
-                          threads_per_worker=max(1, cores // world), backend=None)
+                          threads_per_worker=max(1, cores // world), backend=None,
+                          env=network_environment(network) if network else None)
     return group.join(timeout_s=SIMULATE_TIMEOUT_S)[0]
 
 

@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 from hecate.collectives.errors import HecateError, WorkerFailure
+from hecate.collectives.simulated_network import SimulatedNetwork
 
 T = TypeVar("T")
 
@@ -36,7 +37,10 @@ PR_SET_PDEATHSIG = 1  # prctl option from <linux/prctl.h>
 STOP_GRACE_S = 10.0  # SIGTERM first; whoever is still alive after this is SIGKILLed
 STACK_DUMP_WAIT_S = 1.0  # time given to hung workers to write their Python stacks before they are stopped
 
-__all__ = ["WorkerFailure", "WorkerGroup", "run_workers", "start_workers", "worker_environment"]
+SIM_NETWORK_ENV = "HECATE_SIM_NETWORK"  # "nodes,gbps,latency_us" for the workers of a simulated network
+
+__all__ = ["WorkerFailure", "WorkerGroup", "network_environment", "network_from_environment", "run_workers",
+           "start_workers", "worker_environment"]
 
 
 def worker_environment(rank: int, world_size: int, master_port: int) -> dict[str, str]:
@@ -50,6 +54,19 @@ def worker_environment(rank: int, world_size: int, master_port: int) -> dict[str
         "LOCAL_WORLD_SIZE": str(world_size),
         "TORCHELASTIC_USE_AGENT_STORE": "True",
     }
+
+
+def network_environment(network: SimulatedNetwork) -> dict[str, str]:
+    """How ``--sim-nodes`` reaches the workers: one variable, read back by :func:`network_from_environment`."""
+    return {SIM_NETWORK_ENV: f"{network.nodes},{network.inter_node_gbps!r},{network.latency_us!r}"}
+
+
+def network_from_environment() -> SimulatedNetwork | None:
+    value = os.environ.get(SIM_NETWORK_ENV)
+    if not value:
+        return None
+    nodes, gbps, latency_us = value.split(",")
+    return SimulatedNetwork(int(nodes), float(gbps), float(latency_us))
 
 
 def _worker_main(conn, fn, args, environ, threads, backend, stack_path) -> None:

@@ -16,8 +16,10 @@ import torch
 import torch.distributed as dist
 
 from hecate.collectives.errors import HecateError
+from hecate.collectives.timeline import Timeline
 from hecate.launch.environment import LaunchError, WorkerEnv, detect
 from hecate.launch.hangs import CollectiveTimeout, waiting_in
+from hecate.launch.simulate import network_from_environment
 from hecate.parallel.parallelize import Parallel
 from hecate.trainer.config import config_from_dict, load_config
 from hecate.trainer.log import setup_logging
@@ -34,7 +36,8 @@ def train_worker(cfg_dict: dict[str, Any], resume: bool, env: WorkerEnv | None =
     setup_logging(None, rank=rank, level=cfg.logging.level)
     layout_of(cfg, dist.get_world_size())
     parallel = Parallel.from_world(cfg.parallel, cfg.moe.num_experts, cfg.model.n_layers, cfg.model.n_heads,
-                                   cfg.fssdp)
+                                   cfg.fssdp, network=network_from_environment(),
+                                   timeline=Timeline(rank) if cfg.logging.profile_step else None)
     trainer = Trainer(cfg, resume=resume, parallel=parallel)
     setup_logging(trainer.run_dir, rank=rank, level=cfg.logging.level)
     log.info("rank %d of %d (pid %d); run folder %s; %s", rank, dist.get_world_size(), os.getpid(), trainer.run_dir,

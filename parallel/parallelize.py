@@ -17,6 +17,8 @@ from torch import nn
 
 from hecate.collectives import CommStats, OpStats, TorchTransport, Transport, delta
 from hecate.collectives.errors import LayoutError
+from hecate.collectives.simulated_network import SimulatedNetwork, SimulatedNetworkTransport
+from hecate.collectives.timeline import Timeline
 from hecate.parallel.config import FssdpConfig, ParallelConfig
 from hecate.parallel.data_parallel import GradientAverager, global_grad_norm, router_sums_reduce
 from hecate.parallel.fssdp.engine import FssdpEngine
@@ -40,6 +42,7 @@ class Parallel:
     stats: CommStats = field(default_factory=CommStats)
     fssdp: FssdpConfig = field(default_factory=FssdpConfig)
     engine: FssdpEngine | None = None  # set by apply() when an FSSDP policy places the experts
+    timeline: Timeline | None = None  # where the transports record collectives (``--profile-step``)
     _averager: GradientAverager | None = None
     _last_stats: dict[str, OpStats] = field(default_factory=dict)
 
@@ -49,18 +52,22 @@ class Parallel:
 
     @classmethod
     def from_world(cls, cfg: ParallelConfig, num_experts: int, n_layers: int, n_heads: int,
-                   fssdp: FssdpConfig | None = None) -> Parallel:
-        """Inside a worker whose default process group is initialised: validate, build meshes and transports."""
+                   fssdp: FssdpConfig | None = None, network: SimulatedNetwork | None = None,
+                   timeline: Timeline | None = None) -> Parallel:
+        """Inside a worker whose default process group is initialised: validate, build meshes and transports.
+        With ``network`` the transports delay inter-node transfers (simulated cluster); with ``timeline`` they
+        record when each collective was in flight (``--profile-step``)."""
         import torch.distributed as dist
 
         fssdp = fssdp if fssdp is not None else FssdpConfig()
         dims = check_layout(cfg, dist.get_world_size(), num_experts, n_layers, n_heads, fssdp)
         meshes = build_meshes(dims)
         stats = CommStats()
-        return cls(dims, rank=dist.get_rank(), meshes=meshes, stats=stats, fssdp=fssdp,
-                   dp=TorchTransport.from_mesh(meshes.dense, "dp", stats),
-                   ep=TorchTransport.from_mesh(meshes.moe, "ep", stats),
-                   edp=TorchTransport.from_mesh(meshes.moe, "edp", stats))
+        observe = lambda t, mesh, dim: observed(t, mesh, dim, dims.world, network, timeline)  # noqa: E731
+        return cls(dims, rank=dist.get_rank(), meshes=meshes, stats=stats, fssdp=fssdp, timeline=timeline,
+                   dp=observe(TorchTransport.from_mesh(meshes.dense, "dp", stats), meshes.dense, "dp"),
+                   ep=observe(TorchTransport.from_mesh(meshes.moe, "ep", stats), meshes.moe, "ep"),
+                   edp=observe(TorchTransport.from_mesh(meshes.moe, "edp", stats), meshes.moe, "edp"))
 
     # ---- where this rank sits -------------------------------------------------------------------
 
@@ -224,6 +231,18 @@ def check_layout(cfg: ParallelConfig, world: int, num_experts: int, n_layers: in
             raise LayoutError(f"parallel.{name}={getattr(dims, name)}: tensor and pipeline parallelism are not "
                               f"available yet; use parallel.dp and parallel.ep")
     return dims
+
+
+def observed(inner: Transport, mesh, dim: str, world: int, network: SimulatedNetwork | None,
+             timeline: Timeline | None) -> Transport:
+    """``inner`` behind the simulated network and/or the timeline, when either is asked for."""
+    if network is None and timeline is None:
+        return inner
+    import torch.distributed as dist
+
+    ranks = dist.get_process_group_ranks(mesh.get_group(dim))
+    return SimulatedNetworkTransport(inner, network, [network.node_of(r, world) if network else 0 for r in ranks],
+                                     timeline)
 
 
 def moe_layers(model: nn.Module) -> list[MoE]:

@@ -147,10 +147,13 @@ class LoggingConfig:
     tensorboard: bool = True
     plots: bool = True
     level: str = "INFO"
+    profile_step: int = 0  # write a Chrome/Perfetto timeline of this step (1-based) to the run folder; 0 = off
 
     def validate(self) -> None:
         if self.level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ConfigError("logging.level", f"must be DEBUG, INFO, WARNING or ERROR, got {self.level!r}")
+        if self.profile_step < 0:
+            raise ConfigError("logging.profile_step", f"must be >= 0 (0 = off), got {self.profile_step}")
 
 
 @dataclass

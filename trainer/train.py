@@ -31,6 +31,7 @@ from hecate.trainer.faults import maybe_inject
 from hecate.trainer.metrics import MetricsWriter, truncate_metrics, write_plots
 from hecate.trainer.model import Transformer, build_model
 from hecate.trainer.optim import build_optimizer, lr_at, set_lr
+from hecate.trainer.profile import profiled_step
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +102,9 @@ class Trainer:
             with logging_redirect_tqdm() if not bar.disable else contextlib.nullcontext():
                 while self.step < cfg.steps:
                     t0 = time.perf_counter()
-                    losses = self.train_step(self.step)
+                    with profiled_step(self.model, self.parallel, self.run_dir, self.step + 1,
+                                       self.cfg.logging.profile_step):
+                        losses = self.train_step(self.step)
                     self.step += 1
                     step_time = time.perf_counter() - t0
                     record = self._step_record(losses, step_time, tokens_per_step)
