@@ -1,0 +1,10 @@
+"""The scale simulator (docs/SCALING.md): predicts the step time, its breakdown and the memory of every placement
+policy on GPU clusters of 16 to 1024 devices, from recorded routing traces or Zipf skew, with the training
+code's own planner (``hecate.parallel.fssdp``) and sparse-collective plans (``hecate.collectives.plan``).
+
+- ``trace``: the routing trace file and the recorder behind ``hecate train --record-routing``;
+- ``loads``: routing sources (trace replay, Zipf); ``dispatch``: the dispatcher's rule on counts;
+- ``cluster``, ``workload``: the machine and the model; ``comm``: collectives' time from their bytes;
+- ``cost``: one MoE layer's phases under the engine's overlap rules, memory per device;
+- ``simulate``: the step loop over policies and sizes; ``report``: the ``hecate simulate`` command's output.
+"""
