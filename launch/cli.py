@@ -18,6 +18,7 @@ EXAMPLES = """examples:
   hecate train examples/tiny.yaml --resume             # continue from the last complete checkpoint
   hecate train examples/tiny.yaml --simulate 4 -o parallel.ep=2   # 4 processes on this machine: DP=2 x EP=2
   hecate generate runs/tiny --prompt "def main("       # sample from the latest checkpoint
+  hecate export runs/tiny --out exports/tiny           # safetensors + config.json; train ... --init-from exports/tiny
   hecate plan examples/tiny.yaml --world 4 -o parallel.ep=4   # rank groups and memory per rank
   hecate train examples/tiny.yaml --launcher mpi --workers 4     # mpirun -np 4 on this node
   hecate train examples/tiny.yaml --launcher ray --address http://HEAD:8265 --workers 8
@@ -43,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     mode = train.add_mutually_exclusive_group()
     mode.add_argument("--resume", action="store_true", help="continue from the run folder's last complete checkpoint")
     mode.add_argument("--fresh", action="store_true", help="delete the run folder first and start over")
+    train.add_argument("--init-from", default=None, metavar="DIR",
+                       help="start from the weights of an exported model (`hecate export`); same as "
+                            "-o train.init_from=DIR")
     train.add_argument("--simulate", type=int, default=None, metavar="N",
                        help="run N worker processes on this machine (gloo), as N ranks of a cluster")
     train.add_argument("--sim-nodes", type=int, default=None, metavar="K",
@@ -63,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--cpus-per-worker", type=float, default=1.0, help="Ray: CPUs reserved per worker")
     train.add_argument("--placement", choices=("pack", "spread"), default="pack",
                        help="Ray: workers on as few nodes as possible (pack) or as many (spread)")
+    train.add_argument("--max-restarts", type=int, default=0, metavar="N",
+                       help="Ray: restart all workers up to N times after a failure; they resume from the last "
+                            "complete checkpoint (torchrun: pass its own --max-restarts)")
 
     batch = sub.add_parser("sbatch", parents=[common], help="write (and --submit) a SLURM batch script",
                            description="Write a SLURM batch script that starts the workers with srun, one task per "
@@ -89,6 +96,13 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--out", default="data/stdlib", help="output folder (default: data/stdlib)")
     prep.add_argument("--vocab-size", type=int, default=8192, help="BPE vocabulary size (default: 8192)")
     prep.add_argument("--val-fraction", type=float, default=0.05, help="share of files held out (default: 0.05)")
+
+    export = sub.add_parser("export", parents=[common], help="write a run's latest weights as safetensors",
+                            description="Write the newest complete checkpoint of a run, whatever layout trained it, "
+                                        "as one safetensors file with readable parameter names, a config.json "
+                                        "and the tokenizer; `hecate train ... --init-from DIR` starts from it.")
+    export.add_argument("run_dir", help="a run folder (train.run_dir), e.g. runs/tiny")
+    export.add_argument("--out", required=True, help="folder to write model.safetensors and config.json into")
 
     gen = sub.add_parser("generate", parents=[common], help="sample text from a run's latest checkpoint")
     gen.add_argument("run_dir", help="a run folder (train.run_dir), e.g. runs/tiny")
@@ -127,6 +141,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     from hecate.trainer.train import Trainer
 
     profile = [f"logging.profile_step={args.profile_step}"] if args.profile_step is not None else []
+    if args.init_from is not None:  # checked here, before any worker starts; workers get it as an override
+        from hecate.trainer.export import read_export_config
+
+        read_export_config(Path(args.init_from))
+        args.override = [*args.override, f"train.init_from={Path(args.init_from).resolve()}"]
     cfg = load_config(args.config, args.override + profile)
     setup_logging(None, rank=0, level=cfg.logging.level)
     if args.simulate is not None and args.launcher is not None:
@@ -210,7 +229,7 @@ def _train_launched(args: argparse.Namespace, cfg) -> dict:
         from hecate.launch.ray_job import submit
 
         submit(args.address, args.workers, worker_args, gpus_per_worker=args.gpus_per_worker,
-               cpus_per_worker=args.cpus_per_worker, placement=args.placement)
+               cpus_per_worker=args.cpus_per_worker, placement=args.placement, max_restarts=args.max_restarts)
     return json.loads((run_dir / "summary.json").read_text())
 
 
@@ -266,6 +285,16 @@ def cmd_prepare_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from hecate.trainer.export import CONFIG_FILE, WEIGHTS_FILE, export_run
+
+    out = Path(args.out)
+    config = export_run(Path(args.run_dir), out)
+    print(f"wrote {out / WEIGHTS_FILE} ({len(config['parameters'])} tensors, step {config['step']}) and "
+          f"{out / CONFIG_FILE}")
+    return 0
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from hecate.trainer.generate import generate, load_trained
 
@@ -279,7 +308,7 @@ MAX_SIMULATED_PER_CORE = 8  # beyond this the processes only fight for the cores
 SIMULATE_TIMEOUT_S = 7 * 24 * 3600.0  # a job's wall-clock limit belongs to the scheduler; hangs end by collective timeouts
 
 COMMANDS = {"train": cmd_train, "prepare-data": cmd_prepare_data, "generate": cmd_generate, "plan": cmd_plan,
-            "sbatch": cmd_sbatch}
+            "sbatch": cmd_sbatch, "export": cmd_export}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,7 +9,9 @@ Two halves:
   as few nodes as possible; ``spread``: as many), starts one actor per bundle, lets rank 0 publish its node's
   address and a free port as MASTER_ADDR/MASTER_PORT, and runs the ordinary worker in every actor with the
   torchrun-style variables set (:mod:`hecate.launch.environment`). The first actor that fails fails the job with
-  its rank and traceback; the others are killed.
+  its rank and traceback; the others are killed. With ``--max-restarts N`` the driver instead starts a fresh set
+  of actors (up to N times) with ``TORCHELASTIC_RESTART_COUNT`` set, as torchrun does, so that the workers resume
+  from the last complete checkpoint.
 
 The run folder is written where the workers run: the cluster must share the filesystem the paths name (as a
 SLURM cluster does), and ``python`` on the cluster is this one (``sys.executable``) unless ``--python`` says.
@@ -26,6 +28,7 @@ from typing import Any
 
 from hecate.collectives.errors import HecateError
 from hecate.trainer.faults import ENV as FAULT_ENV
+from hecate.trainer.faults import RESTART_ENV
 
 STRATEGIES = {"pack": "PACK", "spread": "SPREAD"}
 POLL_S = 1.0
@@ -35,7 +38,8 @@ PLACEMENT_TIMEOUT_S = 120.0  # a placement group that cannot be placed (too few 
 # ---- on the user's machine ------------------------------------------------------------------------------------
 
 def submit(address: str, workers: int, worker_args: list[str], *, gpus_per_worker: float = 0.0,
-           cpus_per_worker: float = 1.0, placement: str = "pack", python: str | None = None) -> None:
+           cpus_per_worker: float = 1.0, placement: str = "pack", python: str | None = None,
+           max_restarts: int = 0) -> None:
     """Submit, stream the log until the job ends; raises HecateError when it cannot be submitted or fails."""
     try:
         from ray.job_submission import JobStatus, JobSubmissionClient
@@ -43,7 +47,7 @@ def submit(address: str, workers: int, worker_args: list[str], *, gpus_per_worke
         raise HecateError("--launcher ray needs Ray: pip install -e '.[ray]' (ray[default])") from None
     driver = [python or sys.executable, "-m", "hecate.launch.ray_job", "--workers", str(workers),
               "--cpus-per-worker", str(cpus_per_worker), "--gpus-per-worker", str(gpus_per_worker),
-              "--placement", placement, "--", *worker_args]
+              "--placement", placement, "--max-restarts", str(max_restarts), "--", *worker_args]
     entrypoint = f"cd {shlex.quote(os.getcwd())} && {shlex.join(driver)}"
     env_vars = {name: os.environ[name] for name in (FAULT_ENV, "PYTHONPATH") if name in os.environ}
     try:
@@ -96,15 +100,14 @@ class WorkerActor:
 
 def main(argv: list[str] | None = None) -> int:
     import ray
-    from ray.exceptions import RayActorError, RayTaskError
     from ray.util.placement_group import placement_group, remove_placement_group
-    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     parser = argparse.ArgumentParser(prog="python -m hecate.launch.ray_job")
     parser.add_argument("--workers", type=int, required=True)
     parser.add_argument("--cpus-per-worker", type=float, default=1.0)
     parser.add_argument("--gpus-per-worker", type=float, default=0.0)
     parser.add_argument("--placement", choices=sorted(STRATEGIES), default="pack")
+    parser.add_argument("--max-restarts", type=int, default=0)
     parser.add_argument("worker_args", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     worker_args = args.worker_args[1:] if args.worker_args[:1] == ["--"] else args.worker_args
@@ -120,35 +123,65 @@ def main(argv: list[str] | None = None) -> int:
                   f"({args.placement}) within {PLACEMENT_TIMEOUT_S:.0f} s: {ray.cluster_resources()}",
                   file=sys.stderr)
             return 2
-        remote = ray.remote(WorkerActor)
-        actors = [remote.options(num_cpus=args.cpus_per_worker, num_gpus=args.gpus_per_worker,
-                                 scheduling_strategy=PlacementGroupSchedulingStrategy(group, i)).remote()
-                  for i in range(args.workers)]
-        addresses = ray.get([a.node_address.remote() for a in actors])
-        master_addr, master_port = addresses[0]  # rank 0 publishes its node and a free port there
-        nodes = [ip for ip, _ in addresses]
-        runs = {}
-        for rank, actor in enumerate(actors):
-            environ = {"RANK": str(rank), "WORLD_SIZE": str(args.workers),
-                       "LOCAL_RANK": str(nodes[:rank].count(nodes[rank])),
-                       "LOCAL_WORLD_SIZE": str(nodes.count(nodes[rank])),
-                       "MASTER_ADDR": master_addr, "MASTER_PORT": str(master_port)}
-            runs[actor.run.remote(environ, worker_args)] = rank
-        pending = list(runs)
-        while pending:
-            done, pending = ray.wait(pending, num_returns=1)
-            try:
-                ray.get(done[0])
-            except (RayTaskError, RayActorError) as err:
-                print(f"hecate: error: rank {runs[done[0]]} of {args.workers} failed:\n{err}", file=sys.stderr,
-                      flush=True)
-                return 1
-        print(f"hecate: {args.workers} Ray workers finished", flush=True)
-        return 0
+        for attempt in range(args.max_restarts + 1):
+            actors = start_actors(group, args.workers, bundle)
+            failed = run_attempt(actors, worker_args, attempt)
+            if failed is None:
+                print(f"hecate: {args.workers} Ray workers finished", flush=True)
+                return 0
+            rank, err = failed
+            print(f"hecate: error: rank {rank} of {args.workers} failed:\n{err}", file=sys.stderr, flush=True)
+            kill_actors(actors)
+            if attempt < args.max_restarts:
+                print(f"hecate: restarting the workers ({attempt + 1} of {args.max_restarts}); they resume from the "
+                      f"last complete checkpoint", file=sys.stderr, flush=True)
+        return 1
     finally:
-        for actor in actors:
-            ray.kill(actor)
+        kill_actors(actors)
         remove_placement_group(group)
+
+
+def start_actors(group, workers: int, bundle: dict[str, float]) -> list:
+    """One actor per bundle of the placement group."""
+    import ray
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    remote = ray.remote(WorkerActor)
+    return [remote.options(num_cpus=bundle["CPU"], num_gpus=bundle.get("GPU", 0),
+                           scheduling_strategy=PlacementGroupSchedulingStrategy(group, i)).remote()
+            for i in range(workers)]
+
+
+def run_attempt(actors: list, worker_args: list[str], attempt: int) -> tuple[int, Exception] | None:
+    """Run the worker in every actor; None when all finish, else (rank, error) of the first that failed."""
+    import ray
+    from ray.exceptions import RayActorError, RayTaskError
+
+    addresses = ray.get([a.node_address.remote() for a in actors])
+    master_addr, master_port = addresses[0]  # rank 0 publishes its node and a free port there
+    nodes = [ip for ip, _ in addresses]
+    runs = {}
+    for rank, actor in enumerate(actors):
+        environ = {"RANK": str(rank), "WORLD_SIZE": str(len(actors)),
+                   "LOCAL_RANK": str(nodes[:rank].count(nodes[rank])),
+                   "LOCAL_WORLD_SIZE": str(nodes.count(nodes[rank])),
+                   "MASTER_ADDR": master_addr, "MASTER_PORT": str(master_port), RESTART_ENV: str(attempt)}
+        runs[actor.run.remote(environ, worker_args)] = rank
+    pending = list(runs)
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1)
+        try:
+            ray.get(done[0])
+        except (RayTaskError, RayActorError) as err:
+            return runs[done[0]], err
+    return None
+
+
+def kill_actors(actors: list) -> None:
+    import ray
+
+    for actor in actors:
+        ray.kill(actor)
 
 
 if __name__ == "__main__":

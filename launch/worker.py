@@ -22,6 +22,7 @@ from hecate.launch.hangs import CollectiveTimeout, waiting_in
 from hecate.launch.simulate import network_from_environment
 from hecate.parallel.parallelize import Parallel
 from hecate.trainer.config import config_from_dict, load_config
+from hecate.trainer.faults import RESTART_ENV
 from hecate.trainer.log import setup_logging
 from hecate.trainer.plan import layout_of
 from hecate.trainer.train import Trainer
@@ -81,8 +82,11 @@ def set_threads(env: WorkerEnv) -> None:
 
 
 def run_from_environment(cfg_dict: dict[str, Any], resume: bool) -> dict[str, Any]:
-    """Find this worker's place, join the group, train, leave: the body of every launched worker."""
+    """Find this worker's place, join the group, train, leave: the body of every launched worker. A restarted
+    attempt (torchrun ``--max-restarts``, the Ray launcher's ``--max-restarts``) resumes from the last complete
+    checkpoint by itself."""
     cfg = config_from_dict(cfg_dict)
+    resume = resume or restart_count() > 0
     env = detect()
     set_threads(env)
     init_distributed(env, cfg.train.collective_timeout_s)
@@ -90,6 +94,11 @@ def run_from_environment(cfg_dict: dict[str, Any], resume: bool) -> dict[str, An
         return train_worker(cfg_dict, resume, env)
     finally:
         dist.destroy_process_group()
+
+
+def restart_count() -> int:
+    """How many times the launcher restarted this job (torchrun's variable; the Ray launcher sets it too)."""
+    return int(os.environ.get(RESTART_ENV, "0") or 0)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -185,12 +185,20 @@ class Parallel:
         return _map_expert_state(model, state, convert)
 
     def state_dict(self) -> dict[str, Any]:
-        """Small, JSON-able state beyond the tensors that a resumed run needs (FSSDP owners and load windows)."""
-        return {"fssdp": self.engine.state_dict()} if self.engine is not None else {}
+        """Small, JSON-able state beyond the tensors that a resumed run needs (FSSDP owners and load windows, and
+        the number of ranks the owners name)."""
+        return {"fssdp": self.engine.state_dict(), "dp": self.dims.dp} if self.engine is not None else {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if self.engine is not None and "fssdp" in state:
-            self.engine.load_state_dict(state["fssdp"])
+        """Restore FSSDP owners and load windows. Owners saved on another number of ranks name ranks this layout
+        does not have: this layout keeps its own owners and takes the load windows and step count."""
+        if self.engine is None or "fssdp" not in state:
+            return
+        saved = state["fssdp"]
+        if state.get("dp", self.dims.dp) != self.dims.dp:
+            saved = {**saved, "layers": {name: {**layer, "owner": list(self.engine.layers[name].owner.owner_C)}
+                                         for name, layer in saved["layers"].items()}}
+        self.engine.load_state_dict(saved)
 
     def step_metrics(self) -> dict[str, Any]:
         """What the last step moved and waited for, per collective (this rank), and under FSSDP the replicas per

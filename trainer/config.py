@@ -18,6 +18,7 @@ from hecate.parallel.config import FssdpConfig, MoEConfig, ParallelConfig
 
 DTYPES = ("fp32", "bf16")
 NO_DECAY_GROUPS = ("norm", "bias", "embedding")
+NONFINITE_POLICIES = ("stop", "skip")
 
 
 @dataclass
@@ -110,6 +111,8 @@ class TrainConfig:
     eval_batches: int = 8
     run_dir: str = "runs/tiny"
     collective_timeout_s: float = 600.0  # a collective (or the rendezvous) waiting longer fails the job, naming it
+    nonfinite: str = "stop"  # a NaN/inf in a step: stop (naming step and layer) or skip the step's update
+    init_from: str = ""  # an exported model folder (`hecate export`) whose weights start the run
 
     def validate(self) -> None:
         _positive("train.steps", self.steps)
@@ -125,6 +128,8 @@ class TrainConfig:
         if not self.run_dir:
             raise ConfigError("train.run_dir", "must be a folder path")
         _positive("train.collective_timeout_s", self.collective_timeout_s)
+        if self.nonfinite not in NONFINITE_POLICIES:
+            raise ConfigError("train.nonfinite", f"must be one of {NONFINITE_POLICIES}, got {self.nonfinite!r}")
 
 
 @dataclass
@@ -133,6 +138,7 @@ class CheckpointConfig:
 
     every: int = 100  # steps between checkpoints; 0 = only at the end
     keep: int = 3  # complete checkpoints kept; older ones are deleted
+    async_save: bool = False  # write in a background thread while training goes on (the copy is taken at once)
 
     def validate(self) -> None:
         _non_negative("checkpoint.every", self.every)

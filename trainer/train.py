@@ -7,7 +7,6 @@ pure function of (config, seed, step): the batch of step s, the learning rate of
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import logging
 import math
@@ -27,16 +26,17 @@ from hecate.parallel.parallelize import Parallel
 from hecate.trainer import checkpoint as ckpt
 from hecate.trainer.config import RunConfig
 from hecate.trainer.data import TrainLoader, ValLoader, load_manifest, token_bytes
+from hecate.trainer.export import import_weights
 from hecate.trainer.faults import maybe_inject
 from hecate.trainer.metrics import MetricsWriter, truncate_metrics, write_plots
 from hecate.trainer.model import Transformer, build_model
+from hecate.trainer.nonfinite import NonFiniteTracer, first_nonfinite_gradient
 from hecate.trainer.optim import build_optimizer, lr_at, set_lr
 from hecate.trainer.profile import profiled_step
 
 log = logging.getLogger(__name__)
 
 TOKENIZER_FILE = "tokenizer.json"
-MOE_SHAPE_FIELDS = ("num_experts", "ffn_dim", "activation", "every", "shared_expert")
 
 
 @dataclass
@@ -51,6 +51,7 @@ class StepLosses:
     dropped: int = 0
     grad_norm: float = 0.0
     lr: float = 0.0
+    skipped: str | None = None  # where the first non-finite value appeared, when train.nonfinite=skip dropped the step
 
 
 class Trainer:
@@ -71,7 +72,12 @@ class Trainer:
         self.manifest = load_manifest(data_dir)
         self.vocab_size = int(self.manifest["vocab_size"])
         self.model = build_model(cfg.model, cfg.moe, self.vocab_size, cfg.train.seed)
+        if cfg.train.init_from:
+            import_weights(Path(cfg.train.init_from), self.model, self.checkpoint_identity())
         parallel.apply(self.model)
+        self.nonfinite = NonFiniteTracer(self.model)
+        self.checkpointer = ckpt.Checkpointer(self.run_dir / "checkpoints", cfg.checkpoint.keep, parallel,
+                                              async_save=cfg.checkpoint.async_save)
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.loader = TrainLoader(data_dir, cfg.model.seq_len, cfg.train.global_batch, cfg.train.grad_accum,
                                   dp_rank=parallel.dp_rank, dp_size=parallel.dp_size, seed=cfg.train.seed)
@@ -119,6 +125,7 @@ class Trainer:
                     every = self.cfg.checkpoint.every
                     if self.step == cfg.steps or (every and self.step % every == 0):
                         self.save()
+            self.checkpointer.wait()
         finally:
             bar.close()
             if self.metrics is not None:
@@ -136,6 +143,7 @@ class Trainer:
         set_lr(self.optimizer, lr_at(step, cfg.train.steps, cfg.optim))
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
+        self.nonfinite.reset()
         out = StepLosses()
         for micro in range(micro_batches):
             inputs_BS, targets_BS = self.loader.batch(step, micro)
@@ -144,11 +152,9 @@ class Trainer:
             lm_loss = F.cross_entropy(logits_BSV.float().flatten(0, 1), targets_BS.flatten())
             aux_loss, z_loss = self._router_losses(out)
             loss = lm_loss + cfg.moe.aux_loss_coef * aux_loss + cfg.moe.z_loss_coef * z_loss
-            if not torch.isfinite(loss):
-                raise TrainingError(
-                    f"non-finite loss ({loss.item()}) at step {step + 1}, micro-batch {micro}; "
-                    f"stopped before the update, nothing was saved from this state "
-                    f"(last good checkpoint: {ckpt.latest_checkpoint(self.run_dir / 'checkpoints')})")
+            if not torch.isfinite(loss) and cfg.train.nonfinite == "stop":
+                raise TrainingError(self._nonfinite_message(
+                    f"loss ({loss.item()}) at step {step + 1}, micro-batch {micro}", self.nonfinite.first))
             (loss / micro_batches).backward()
             out.loss += loss.item() / micro_batches
             out.lm_loss += lm_loss.item() / micro_batches
@@ -158,7 +164,10 @@ class Trainer:
         max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
         grad_norm = self.parallel.clip_grad_norm(self.model, max_norm)
         if not torch.isfinite(grad_norm):
-            raise TrainingError(f"non-finite gradient norm at step {step + 1}; stopped before the update")
+            where = self.nonfinite.first or f"the gradient of {first_nonfinite_gradient(self.model)}"
+            if cfg.train.nonfinite == "stop":
+                raise TrainingError(self._nonfinite_message(f"gradient norm at step {step + 1}", where))
+            return self._skip_step(step, out, where)
         self.optimizer.step()
         self.parallel.end_step(self.optimizer)
         for index, layer in self.model.moe_layers().items():
@@ -167,6 +176,22 @@ class Trainer:
             [out.loss, out.lm_loss, out.aux_loss, out.z_loss])
         out.grad_norm = grad_norm.item()
         out.lr = self.optimizer.param_groups[0]["lr"]
+        return out
+
+    def _nonfinite_message(self, what: str, where: str | None) -> str:
+        return (f"non-finite {what}; first non-finite value in {where or 'the loss'}; stopped before the update, "
+                f"nothing was saved from this state (last good checkpoint: "
+                f"{ckpt.latest_checkpoint(self.run_dir / 'checkpoints')}; train.nonfinite=skip drops such steps)")
+
+    def _skip_step(self, step: int, out: StepLosses, where: str) -> StepLosses:
+        """train.nonfinite=skip: drop this step's update (weights, moments, router biases stay as they were) on
+        every rank - the global gradient norm is non-finite on all of them - and go on with the next batch."""
+        log.warning("non-finite values at step %d, first in %s: skipping the step's update", step + 1, where)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.parallel.end_step(self.optimizer)
+        out.loss, out.lm_loss, out.aux_loss, out.z_loss = self.parallel.data_mean(
+            [out.loss, out.lm_loss, out.aux_loss, out.z_loss])
+        out.grad_norm, out.lr, out.skipped = math.nan, self.optimizer.param_groups[0]["lr"], where
         return out
 
     def _router_losses(self, out: StepLosses) -> tuple[torch.Tensor, torch.Tensor]:
@@ -213,18 +238,17 @@ class Trainer:
             record["expert_imbalance"] = {str(i): (c.max() / c.float().mean().clamp(min=1e-9)).item()
                                           for i, c in losses.counts.items()}
             record["dropped_pairs"] = losses.dropped
+        if losses.skipped is not None:
+            record["skipped_nonfinite"] = losses.skipped
         return record
 
     def checkpoint_identity(self) -> dict[str, Any]:
         """What a checkpoint must match to be loaded into this run: the shape of the model."""
-        moe = dataclasses.asdict(self.cfg.moe)
-        return {"model": dataclasses.asdict(self.cfg.model), "moe": {k: moe[k] for k in MOE_SHAPE_FIELDS},
-                "vocab_size": self.vocab_size}
+        return ckpt.model_identity(self.cfg.model, self.cfg.moe, self.vocab_size)
 
     def save(self) -> Path:
         state = {**self.checkpoint_identity(), "parallel": self.parallel.state_dict()}
-        return ckpt.save_checkpoint(self.run_dir / "checkpoints", self.step, self.model, self.optimizer, state,
-                                    keep=self.cfg.checkpoint.keep, parallel=self.parallel)
+        return self.checkpointer.save(self.step, self.model, self.optimizer, state)
 
     def _resume(self) -> None:
         path = ckpt.latest_checkpoint(self.run_dir / "checkpoints")

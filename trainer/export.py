@@ -1,0 +1,62 @@
+"""A run's weights outside the trainer: ``hecate export RUN_DIR --out DIR`` and ``hecate train ... --init-from DIR``.
+
+The export is one safetensors file with the model's own parameter names (``blocks.1.ffn.experts.w1`` holds every
+expert of that layer, [E, ...] in expert order, whatever layout trained it), a ``config.json`` naming the model
+it fits (the same identity a checkpoint carries) and the run's tokenizer. Safetensors holds tensors only, so
+importing one unpickles nothing.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from safetensors import SafetensorError
+from safetensors.torch import load_model, save_model
+from torch import nn
+
+from hecate.collectives.errors import CheckpointError
+from hecate.trainer import checkpoint as ckpt
+from hecate.trainer.generate import load_trained
+
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+TOKENIZER_FILE = "tokenizer.json"
+IDENTITY_KEYS = ("model", "moe", "vocab_size")
+
+
+def export_run(run_dir: Path, out: Path) -> dict[str, Any]:
+    """Write the newest complete checkpoint of ``run_dir`` to ``out``; returns what config.json says."""
+    model, _, step = load_trained(run_dir)
+    state = ckpt.read_trainer_state(ckpt.checkpoint_dirs(run_dir / "checkpoints")[-1])
+    out.mkdir(parents=True, exist_ok=True)
+    save_model(model, str(out / WEIGHTS_FILE), metadata={"format": "pt", "step": str(step)})
+    config = {**{k: state[k] for k in IDENTITY_KEYS}, "step": step, "source": str(run_dir.resolve()),
+              "parameters": {name: list(t.shape) for name, t in model.state_dict().items()}}
+    (out / CONFIG_FILE).write_text(json.dumps(config, indent=1))
+    if (run_dir / TOKENIZER_FILE).is_file():
+        shutil.copyfile(run_dir / TOKENIZER_FILE, out / TOKENIZER_FILE)
+    return config
+
+
+def read_export_config(path: Path) -> dict[str, Any]:
+    """The config.json of an export folder; a folder that is not one is refused naming what is missing."""
+    missing = [name for name in (CONFIG_FILE, WEIGHTS_FILE) if not (path / name).is_file()]
+    if missing:
+        raise CheckpointError(f"--init-from {path}: not an exported model (no {' or '.join(missing)}; "
+                              f"write one with `hecate export RUN_DIR --out {path}`)")
+    try:
+        return json.loads((path / CONFIG_FILE).read_text())
+    except ValueError as err:
+        raise CheckpointError(f"--init-from {path}: unreadable {CONFIG_FILE}: {err}") from None
+
+
+def import_weights(path: Path, model: nn.Module, expect: dict[str, Any]) -> None:
+    """Load an export into a freshly built model that holds every expert (before the layout splits it)."""
+    ckpt.check_identity(read_export_config(path), expect, f"exported model {path}")
+    try:
+        load_model(model, str(path / WEIGHTS_FILE), strict=True)
+    except (SafetensorError, RuntimeError, OSError) as err:
+        raise CheckpointError(f"--init-from {path}: cannot load {WEIGHTS_FILE}: {str(err).splitlines()[0]}") \
+            from None
