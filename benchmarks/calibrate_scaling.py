@@ -1,0 +1,132 @@
+"""Question: with this machine's own compute and link figures, does the scale simulator predict the step times
+we measure here? (issue 11; the check is ``tests/test_scaling.py::test_simulator_predicts_measured_cpu_steps``)
+
+Measures, on 2 and 4 simulated ranks (worker processes with one thread each, as ``hecate train --simulate`` runs
+them), all ranks at once:
+- compute: fp32 matmul throughput per rank, on the expert matmul's shape (rows x D @ D x F);
+- link: gloo ``all_to_all_single`` time for a small and a large uniform split; latency = the small one's time,
+  bandwidth = the extra bytes a rank sends over the extra time;
+- step times: the MoE block of ``benchmarks/skew.py`` (attention + MoE, forward + backward, slowest rank) under
+  ``ep`` and ``fssdp``, taking turns step by step, with each rank's routed pairs per expert recorded (the trace
+  the simulator replays).
+Writes ``tests/data/scaling_calibration.json``.
+
+    python benchmarks/calibrate_scaling.py [--out tests/data/scaling_calibration.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import skew  # noqa: E402  (the MoE block, its forced router and its per-policy runs)
+
+POLICIES = ("ep", "fssdp")
+EXPONENTS = (0.0, 1.2)
+SMALL_BYTES, LARGE_BYTES = 4 << 10, 1 << 20  # per peer
+
+
+def matmul_flops_per_s(config: skew.Config, world: int, repeats: int = 20) -> float:
+    rows = config.tokens * config.top_k // world
+    a, b = torch.randn(rows, config.dim), torch.randn(config.dim, config.ffn_dim)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        times.append(time.perf_counter() - start)
+    return 2 * rows * config.dim * config.ffn_dim / statistics.median(times)
+
+
+def all_to_all_seconds(per_peer_bytes: int, repeats: int = 20) -> float:
+    import torch.distributed as dist
+
+    world = dist.get_world_size()
+    send = torch.zeros(world * per_peer_bytes // 4)
+    recv = torch.empty_like(send)
+    times = []
+    for _ in range(repeats):
+        dist.barrier()
+        start = time.perf_counter()
+        dist.all_to_all_single(recv, send)
+        elapsed = torch.tensor([time.perf_counter() - start], dtype=torch.float64)
+        dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+        times.append(elapsed.item())
+    return statistics.median(times)
+
+
+def step_times(config: skew.Config, s: float) -> dict:
+    """ep and fssdp taking turns; each rank's pairs per expert of every step (warm-up included)."""
+    scenario = skew.Scenario("zipf", s, None, 0, tuple(skew.zipf_weights(config.experts, s, 0)))
+    runs = {policy: skew.PolicyRun(config, scenario, policy) for policy in POLICIES}
+    counts: list[list[int]] = []
+    router = runs["ep"].block.moe.router  # the same draws under every policy (seeded by step and rank)
+    router.register_forward_hook(lambda _m, _a, routing: counts.append(
+        torch.bincount(routing.experts_TK.flatten(), minlength=config.experts).tolist()))
+    times = {policy: [] for policy in POLICIES}
+    for step in range(config.warmup + config.iters):
+        for policy, run in runs.items():
+            seconds = run.step()
+            if step >= config.warmup:
+                times[policy].append(seconds)
+    return {"s": s, "times_s": times, "counts_SE": counts}
+
+
+def worker(config: skew.Config) -> dict:
+    import torch.distributed as dist
+
+    world = dist.get_world_size()
+    dist.barrier()
+    flops = torch.tensor([matmul_flops_per_s(config, world)], dtype=torch.float64)
+    dist.all_reduce(flops, op=dist.ReduceOp.MIN)
+    small, large = all_to_all_seconds(SMALL_BYTES), all_to_all_seconds(LARGE_BYTES)
+    extra_bytes = (world - 1) * (LARGE_BYTES - SMALL_BYTES)
+    return {"flops_per_s": flops.item(), "latency_s": small, "bytes_per_s": extra_bytes / max(large - small, 1e-9),
+            "cases": [step_times(config, s) for s in EXPONENTS]}
+
+
+def measure(config: skew.Config, world: int) -> dict:
+    from hecate.launch.simulate import run_workers
+
+    per_rank = run_workers(worker, world, config, timeout_s=1800)
+    first = per_rank[0]
+    cases = []
+    for i, case in enumerate(first["cases"]):
+        counts_SRE = [[rank["cases"][i]["counts_SE"][step] for rank in per_rank]
+                      for step in range(len(case["counts_SE"]))]
+        for policy in POLICIES:
+            cases.append({"policy": policy, "s": case["s"], "step_ms_median": 1e3 * statistics.median(
+                case["times_s"][policy]), "step_ms": [round(1e3 * t, 2) for t in case["times_s"][policy]],
+                "counts_SRE": counts_SRE})
+    return {"world_size": world, "flops_per_s": first["flops_per_s"], "latency_s": first["latency_s"],
+            "bytes_per_s": first["bytes_per_s"], "cases": cases}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("tests/data/scaling_calibration.json"))
+    parser.add_argument("--world-sizes", type=int, nargs="+", default=[2, 4])
+    args = parser.parse_args()
+    config = replace(skew.Config(), policies=POLICIES)
+    started = time.perf_counter()
+    results = [measure(config, world) for world in args.world_sizes]
+    for r in results:
+        print(f"{r['world_size']} ranks: {r['flops_per_s'] / 1e9:.1f} GFLOP/s per rank, all-to-all latency "
+              f"{1e3 * r['latency_s']:.2f} ms, {r['bytes_per_s'] / 2**30:.2f} GiB/s per rank")
+        for case in r["cases"]:
+            print(f"  zipf {case['s']}: {case['policy']:<6} {case['step_ms_median']:.1f} ms")
+    record = {"command": "python benchmarks/calibrate_scaling.py", "measured": time.strftime("%Y-%m-%d"),
+              "seconds": round(time.perf_counter() - started), "block": asdict(config), "world_sizes": results}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(record) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
