@@ -23,6 +23,7 @@ EXAMPLES = """examples:
   hecate train examples/tiny.yaml --launcher mpi --workers 4     # mpirun -np 4 on this node
   hecate train examples/tiny.yaml --launcher ray --address http://HEAD:8265 --workers 8
   hecate sbatch examples/tiny.yaml --nodes 2 --gpus-per-node 8 --partition gpu --time 02:00:00 --submit
+  hecate simulate --cluster examples/clusters/a100-400gbps.yaml --model examples/models/gpt-moe-s.yaml --zipf 1.0
 """
 
 
@@ -67,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--cpus-per-worker", type=float, default=1.0, help="Ray: CPUs reserved per worker")
     train.add_argument("--placement", choices=("pack", "spread"), default="pack",
                        help="Ray: workers on as few nodes as possible (pack) or as many (spread)")
+    train.add_argument("--record-routing", action="store_true",
+                       help="write each step's expert counts per layer and source rank to RUN_DIR/routing_trace.bin "
+                            "(logging.record_routing; replay it with hecate simulate --trace)")
     train.add_argument("--max-restarts", type=int, default=0, metavar="N",
                        help="Ray: restart all workers up to N times after a failure; they resume from the last "
                             "complete checkpoint (torchrun: pass its own --max-restarts)")
@@ -119,7 +123,45 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE")
     plan.add_argument("--vocab-size", type=int, default=None,
                       help="vocabulary size (default: from the prepared data, else data.vocab_size)")
+
+    sim = sub.add_parser("simulate", parents=[common], help="predict step time per placement policy on a GPU cluster",
+                         description="Cost model of one training iteration (trainer/scaling/, docs/SCALING.md) "
+                                     "with the training code's planner, from a routing trace or Zipf skew.")
+    sim.add_argument("--cluster", required=True, help="cluster YAML, e.g. examples/clusters/a100-400gbps.yaml")
+    sim.add_argument("--model", required=True, help="run config YAML, e.g. examples/models/gpt-moe-s.yaml")
+    source = sim.add_mutually_exclusive_group(required=True)
+    source.add_argument("--trace", help="routing trace recorded with hecate train --record-routing")
+    source.add_argument("--zipf", type=float, help="synthetic routing: Zipf exponent of expert popularity")
+    sim.add_argument("--policy", nargs="+", default=["ep", "fsdp", "shadow", "fssdp"], help="policies to compare")
+    sim.add_argument("--gpus", type=int, nargs="+", default=None, help="cluster sizes (default 16 32 ... 1024)")
+    sim.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE")
+    sim.add_argument("--tokens-per-gpu", type=int, default=8192, help="tokens per GPU per step (default 8192)")
+    sim.add_argument("--steps", type=int, default=10, help="simulated steps after the load window fills")
+    sim.add_argument("--overlap-budget", type=int, default=None,
+                     help="fssdp.overlap_budget (default: derived from attention time and link bandwidth)")
+    sim.add_argument("--memory-budget", type=int, default=None, help="default: the config's fssdp.memory_budget")
+    sim.add_argument("--reshard-every", type=int, default=None, help="default: the config's fssdp.reshard_every")
+    sim.add_argument("--rematerialize", action="store_true", help="fssdp.rematerialize: gather again in backward")
+    sim.add_argument("--no-overlap-reduce-scatter", action="store_true",
+                     help="SparseReduceScatter waits instead of hiding under attention backward (the engine as built)")
+    sim.add_argument("--seed", type=int, default=0, help="Zipf permutation and draws")
+    sim.add_argument("--out", default="runs/simulate", help="folder for results.json and step_time.png")
     return parser
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from hecate.trainer.scaling.report import DEFAULT_GPUS, run_simulation, table, write_outputs
+
+    results = run_simulation(args.cluster, args.model, args.policy, args.gpus or list(DEFAULT_GPUS), args.trace,
+                             args.zipf, args.override, args.tokens_per_gpu, args.steps, args.overlap_budget,
+                             args.memory_budget, args.rematerialize, args.reshard_every,
+                             not args.no_overlap_reduce_scatter, args.seed)
+    print(table(results))
+    source = f"trace {args.trace}" if args.trace else f"Zipf s={args.zipf}"
+    title = f"{Path(args.model).stem} on {Path(args.cluster).stem}, {source}"
+    for path in write_outputs(results, Path(args.out), title, dict(vars(args))):
+        print(f"wrote {path}")
+    return 0
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -141,6 +183,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from hecate.trainer.train import Trainer
 
     profile = [f"logging.profile_step={args.profile_step}"] if args.profile_step is not None else []
+    if args.record_routing:  # an override, so that launched workers record too
+        args.override = [*args.override, "logging.record_routing=true"]
     if args.init_from is not None:  # checked here, before any worker starts; workers get it as an override
         from hecate.trainer.export import read_export_config
 
@@ -308,7 +352,7 @@ MAX_SIMULATED_PER_CORE = 8  # beyond this the processes only fight for the cores
 SIMULATE_TIMEOUT_S = 7 * 24 * 3600.0  # a job's wall-clock limit belongs to the scheduler; hangs end by collective timeouts
 
 COMMANDS = {"train": cmd_train, "prepare-data": cmd_prepare_data, "generate": cmd_generate, "plan": cmd_plan,
-            "sbatch": cmd_sbatch, "export": cmd_export}
+            "sbatch": cmd_sbatch, "export": cmd_export, "simulate": cmd_simulate}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -154,6 +154,7 @@ class LoggingConfig:
     plots: bool = True
     level: str = "INFO"
     profile_step: int = 0  # write a Chrome/Perfetto timeline of this step (1-based) to the run folder; 0 = off
+    record_routing: bool = False  # routing_trace.bin: expert counts per step, layer and source rank (hecate simulate)
 
     def validate(self) -> None:
         if self.level not in ("DEBUG", "INFO", "WARNING", "ERROR"):

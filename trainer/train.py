@@ -33,6 +33,7 @@ from hecate.trainer.model import Transformer, build_model
 from hecate.trainer.nonfinite import NonFiniteTracer, first_nonfinite_gradient
 from hecate.trainer.optim import build_optimizer, lr_at, set_lr
 from hecate.trainer.profile import profiled_step
+from hecate.trainer.scaling.trace import TRACE_FILE, RoutingRecorder
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +93,10 @@ class Trainer:
             (self.run_dir / "config.yaml").write_text(cfg.to_yaml())
             shutil.copyfile(data_dir / TOKENIZER_FILE, self.run_dir / TOKENIZER_FILE)
         self.metrics = MetricsWriter(self.run_dir, cfg.logging.tensorboard) if parallel.is_main else None
+        self.routing = (RoutingRecorder(self.run_dir / TRACE_FILE, self.model.moe_layers(), parallel.dp,
+                                        cfg.train.global_batch * cfg.model.seq_len // parallel.dp_size,
+                                        parallel.is_main, resume_step=self.step)
+                        if cfg.logging.record_routing and self.model.moe_layers() else None)
 
     # ---- the loop -------------------------------------------------------------------------------
 
@@ -112,6 +117,8 @@ class Trainer:
                                        self.cfg.logging.profile_step):
                         losses = self.train_step(self.step)
                     self.step += 1
+                    if self.routing is not None:
+                        self.routing.end_step(self.step)
                     step_time = time.perf_counter() - t0
                     record = self._step_record(losses, step_time, tokens_per_step)
                     self._write_metrics(record)
