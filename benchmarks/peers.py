@@ -1,0 +1,448 @@
+"""Question: on the same MoE layer, data and initial weights, how long does one training step take in Hecate and
+in DeepSpeed-MoE, and how far is each from this machine's floor?
+
+The layer: hidden 256, expert hidden 1024, 8 experts, top-2 softmax routing renormalized over the two chosen,
+GELU (exact erf) two-matrix experts without biases, fp32, 4096 tokens per rank, one thread per rank, on 2 and 4
+simulated ranks (gloo). The step: forward, loss = mean of the output's squares, backward to the input, the gate
+and the experts. Systems:
+
+- ``hecate-ep``: expert parallelism as ``parallel.ep=P`` trains it (``ExpertParallelDispatcher``, local experts,
+  router statistics reduced over the group), dropless;
+- ``hecate-fssdp``: the FSSDP engine with the ``fssdp`` policy (replicas planned from a load window), dropless;
+- ``deepspeed-dropless``: ``deepspeed.moe.layer.MoE(ep_size=P, k=2, drop_tokens=False)``; it pads every
+  (rank, expert) slot to the largest count in the group;
+- ``deepspeed-cf1``: the same with ``drop_tokens=True, capacity_factor=1.0`` (each expert keeps
+  2 x T / E pairs per rank, first choices first).
+
+DeepSpeed's second-expert sampling (Gumbel noise on the second choice) is turned off so that both systems route
+every token identically (top-2 of the same logits). Every system starts from the same weights: Hecate's MoE is
+built with seed 0 and copied into DeepSpeed's gate and experts (``nn.Linear`` weights are the transposes).
+Before timing, each system runs one step and its output, input gradient, gate gradient and expert gradients are
+compared with ``hecate-ep``'s (the relative difference, max |a - b| / max |b|, over all ranks; the routing's
+pair counts must agree exactly); DeepSpeed with capacity reports the pairs it dropped instead.
+
+All systems run in the same worker processes, taking turns step by step (the starting system rotates each
+round), warm-up rounds discarded, so the machine's background load falls on all alike. A step's time is the
+slowest rank's forward + backward; a system's figure is the median over measured rounds (min and max beside
+it), and its ratio to DeepSpeed dropless is the median of the per-round ratios. The floors come from
+``benchmarks/floor.py``'s measurements, taken in the same workers before the steps. Peak memory is the largest,
+over ranks, of live tensor bytes at the peak of one extra step (``MemTracker``: parameters, gradients,
+activations, temporaries; not the allocator's own overhead). One more step of rank 0 runs under
+``torch.profiler``; the JSON keeps its top operators by self time (where the time goes).
+
+    python benchmarks/peers.py --json runs/peers.json
+
+Shapes: T tokens per rank, D model dim, F expert hidden dim, E experts, P ranks, L = E / P local experts.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed._tools.mem_tracker import MemTracker
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import floor  # noqa: E402  (benchmarks/ is not a package)
+
+SYSTEMS = ("hecate-ep", "hecate-fssdp", "deepspeed-dropless", "deepspeed-cf1")
+BASELINE = "deepspeed-dropless"
+REFERENCE = "hecate-ep"  # the numerics every other system is compared with
+EXTENSIONS_DIR = Path(__file__).resolve().parent.parent / "build" / "torch_extensions"  # DeepSpeed's JIT ops
+
+
+@dataclass(frozen=True)
+class Config:
+    world_sizes: tuple[int, ...] = (2, 4)
+    systems: tuple[str, ...] = SYSTEMS
+    dim: int = 256
+    ffn_dim: int = 1024
+    experts: int = 8
+    top_k: int = 2
+    tokens: int = 4096  # per rank
+    warmup: int = 5  # >= the FSSDP load window, so that its plan is settled when timing starts
+    iters: int = 10
+
+    @property
+    def shape(self) -> floor.LayerShape:
+        return floor.LayerShape(self.dim, self.ffn_dim, self.experts, self.top_k, self.tokens)
+
+
+# ---- the systems ------------------------------------------------------------------------------------------
+
+
+def hecate_moe(config: Config, capacity_factor: float = 0.0):
+    """The full layer with seed-0 weights (every system's starting point)."""
+    from hecate.parallel.config import MoEConfig
+    from hecate.parallel.moe import MoE
+
+    cfg = MoEConfig(num_experts=config.experts, top_k=config.top_k, ffn_dim=config.ffn_dim, activation="gelu",
+                    score="softmax", renormalize=True, capacity_factor=capacity_factor)
+    torch.manual_seed(0)
+    return MoE(config.dim, cfg, init_std=0.02)
+
+
+class System:
+    """One system's layer on this rank: ``step`` runs forward + backward and returns the slowest rank's seconds."""
+
+    name: str
+    module: nn.Module
+
+    def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def after_step(self) -> None:
+        """Between steps, untimed (e.g. the FSSDP engine plans the next step)."""
+
+    def step(self, x_TD: torch.Tensor) -> float:
+        dist.barrier()
+        start = time.perf_counter()
+        self.forward(x_TD).square().mean().backward()
+        seconds = time.perf_counter() - start
+        self.module.zero_grad(set_to_none=True)
+        x_TD.grad = None
+        self.after_step()
+        slowest = torch.tensor([seconds], dtype=torch.float64)
+        dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+        return slowest.item()
+
+    def expert_grads(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The gradients of every expert's w1 [E, D, F] and w2 [E, F, D], gathered from their ranks."""
+        raise NotImplementedError
+
+    def gate_grad(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def counts(self) -> torch.Tensor:
+        """Pairs routed to each expert in the last forward, summed over ranks (before any dropping)."""
+        raise NotImplementedError
+
+
+def _gather_experts(local_LXY: torch.Tensor) -> torch.Tensor:
+    """[L, ...] on every rank (rank p holding experts [p L, (p + 1) L)) -> [E, ...]."""
+    parts = [torch.empty_like(local_LXY) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, local_LXY.contiguous())
+    return torch.cat(parts)
+
+
+class HecateEP(System):
+    name = "hecate-ep"
+
+    def __init__(self, config: Config):
+        from hecate.collectives import CommStats, TorchTransport
+        from hecate.parallel.data_parallel import router_sums_reduce
+        from hecate.parallel.moe.ep_dispatcher import ExpertParallelDispatcher
+        from hecate.parallel.parallelize import keep_local_experts
+
+        transport = TorchTransport(None, CommStats())
+        self.module = hecate_moe(config)
+        keep_local_experts(self.module, transport.rank, transport.world_size)
+        self.module.dispatcher = ExpertParallelDispatcher(config.experts, transport)
+        self.module.reduce = router_sums_reduce(transport)
+
+    def forward(self, x_TD):
+        return self.module(x_TD)
+
+    def expert_grads(self):
+        experts = self.module.experts
+        return _gather_experts(experts.w1.grad), _gather_experts(experts.w2.grad)
+
+    def gate_grad(self):
+        return self.module.router.gate.weight.grad
+
+    def counts(self):
+        return self.module.stats.counts_E
+
+
+class HecateFSSDP(HecateEP):
+    name = "hecate-fssdp"
+
+    def __init__(self, config: Config, policy: str = "fssdp"):
+        from hecate.collectives import CommStats, TorchTransport
+        from hecate.parallel.config import FssdpConfig
+        from hecate.parallel.data_parallel import router_sums_reduce
+        from hecate.parallel.fssdp.engine import FssdpEngine
+
+        transport = TorchTransport(None, CommStats())
+        self.module = hecate_moe(config)
+        self.module.reduce = router_sums_reduce(transport)  # global counts: every rank plans the same
+        self.holder = nn.Sequential(self.module)  # the engine gathers replicas in a pre-hook on the MoE's parent
+        self.engine = FssdpEngine(self.holder, transport, FssdpConfig(policy=policy))
+        (self.layer,) = self.engine.layers.values()
+        self.optimizer = torch.optim.SGD(self.module.parameters(), lr=0.0)
+
+    def after_step(self):
+        self.engine.end_step(self.optimizer)
+
+    def forward(self, x_TD):
+        return self.holder(x_TD)
+
+    def expert_grads(self):
+        experts = self.module.experts
+        return self.layer.full(experts.w1.grad), self.layer.full(experts.w2.grad)
+
+
+class DeepSpeedMoE(System):
+    def __init__(self, config: Config, drop_tokens: bool):
+        from deepspeed.moe.layer import MoE
+
+        world, rank = dist.get_world_size(), dist.get_rank()
+        local = config.experts // world
+        expert = nn.Sequential(nn.Linear(config.dim, config.ffn_dim, bias=False), nn.GELU(),
+                               nn.Linear(config.ffn_dim, config.dim, bias=False))
+        self.name = "deepspeed-dropless" if not drop_tokens else "deepspeed-cf1"
+        self.module = MoE(config.dim, expert, num_experts=config.experts, ep_size=world, k=config.top_k,
+                          capacity_factor=1.0, drop_tokens=drop_tokens, top2_2nd_expert_sampling=False)
+        self.module.set_deepspeed_parallelism()
+        reference = hecate_moe(config)
+        with torch.no_grad():
+            self.module.deepspeed_moe.gate.wg.weight.copy_(reference.router.gate.weight)
+            for i, ds_expert in enumerate(self.experts):
+                ds_expert[0].weight.copy_(reference.experts.w1[rank * local + i].t())
+                ds_expert[2].weight.copy_(reference.experts.w2[rank * local + i].t())
+        self.capacity_factor = None if not drop_tokens else 1.0
+
+    @property
+    def experts(self) -> list[nn.Sequential]:
+        return list(self.module.deepspeed_moe.experts.deepspeed_experts)
+
+    def forward(self, x_TD):
+        out, _aux, self.last_counts = self.module(x_TD)
+        return out
+
+    def expert_grads(self):
+        w1 = torch.stack([e[0].weight.grad.t() for e in self.experts])
+        w2 = torch.stack([e[2].weight.grad.t() for e in self.experts])
+        return _gather_experts(w1), _gather_experts(w2)
+
+    def gate_grad(self):
+        return self.module.deepspeed_moe.gate.wg.weight.grad
+
+    def counts(self):
+        counts = self.last_counts.clone()
+        dist.all_reduce(counts)
+        return counts
+
+    def dropped_pairs(self, config: Config) -> int:
+        """Pairs beyond each expert's per-rank capacity in the last forward, summed over ranks."""
+        capacity = -(-config.tokens * config.top_k * self.capacity_factor // config.experts)
+        dropped = (self.last_counts - capacity).clamp_min(0).sum()
+        dist.all_reduce(dropped)
+        return int(dropped)
+
+
+def build(name: str, config: Config) -> System:
+    if name == "hecate-ep":
+        return HecateEP(config)
+    if name == "hecate-fssdp":
+        return HecateFSSDP(config)
+    return DeepSpeedMoE(config, drop_tokens=name == "deepspeed-cf1")
+
+
+# ---- one rank -----------------------------------------------------------------------------------------------
+
+
+def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| / max |b|, the largest over ranks."""
+    value = torch.tensor([((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()], dtype=torch.float64)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return value.item()
+
+
+def reference_step(system: System, x_TD: torch.Tensor) -> dict[str, torch.Tensor]:
+    """One untimed step whose results are kept for the agreement check."""
+    out = system.forward(x_TD)
+    out.square().mean().backward()
+    w1, w2 = system.expert_grads()
+    results = {"out": out.detach().clone(), "x_grad": x_TD.grad.clone(), "gate_grad": system.gate_grad().clone(),
+               "w1_grad": w1, "w2_grad": w2, "counts": system.counts()}
+    system.module.zero_grad(set_to_none=True)
+    x_TD.grad = None
+    system.after_step()
+    return results
+
+
+def agreement(system: System, config: Config, mine: dict, reference: dict) -> dict:
+    """How this system's first step compares with the reference's, on the same input and weights."""
+    result = {"routing_identical": bool(torch.equal(mine["counts"].long(), reference["counts"].long()))}
+    if getattr(system, "capacity_factor", None):
+        result["dropped_pairs"] = system.dropped_pairs(config)
+        result["pairs"] = config.tokens * config.top_k * dist.get_world_size()
+        return result
+    for key in ("out", "x_grad", "gate_grad", "w1_grad", "w2_grad"):
+        result[key] = relative_difference(mine[key], reference[key])
+    return result
+
+
+def profile_step(system: System, x_TD: torch.Tensor, top: int = 12) -> list[dict]:
+    """Rank 0's operators by self CPU time in one step (every rank runs the step; only rank 0 records)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    if dist.get_rank() != 0:
+        system.step(x_TD)
+        return []
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        system.step(x_TD)
+    rows = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
+    return [{"op": e.key, "self_ms": round(e.self_cpu_time_total / 1e3, 2), "calls": e.count} for e in rows]
+
+
+def peak_memory(system: System, x_TD: torch.Tensor) -> int:
+    """Bytes of live tensors at the peak of one step."""
+    tracker = MemTracker()
+    tracker.track_external(system.module, x_TD)
+    with tracker:
+        system.step(x_TD)
+    return tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"]
+
+
+def worker(config: Config) -> dict:
+    """This rank's measurements: floors, agreement, step times by system and round, peak memory, profiles."""
+    if any(name.startswith("deepspeed") for name in config.systems):
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="gloo")  # adopts the simulated group
+    rank = dist.get_rank()
+    measured_floor = floor.measure_in_workers(config.shape)
+    systems = [build(name, config) for name in config.systems]
+    x_TD = torch.randn(config.tokens, config.dim, generator=torch.Generator().manual_seed(1000 + rank))
+    x_TD.requires_grad_(True)
+    firsts = {s.name: reference_step(s, x_TD) for s in systems}
+    agreements = {s.name: agreement(s, config, firsts[s.name], firsts[REFERENCE]) for s in systems
+                  if REFERENCE in firsts}
+    for _ in range(config.warmup - 1):
+        for system in systems:
+            system.step(x_TD)
+    times: dict[str, list[float]] = {s.name: [] for s in systems}
+    for i in range(config.iters):
+        start = i % len(systems)
+        for system in systems[start:] + systems[:start]:
+            times[system.name].append(system.step(x_TD))
+    peaks = {s.name: peak_memory(s, x_TD) for s in systems}
+    peak_ranks = {}
+    for name, peak in peaks.items():
+        value = torch.tensor([peak], dtype=torch.float64)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        peak_ranks[name] = int(value.item())
+    extra = {s.name: {"rows_per_rank": s.layer.last_rows, "replicas": s.engine.last_replicas}
+             for s in systems if isinstance(s, HecateFSSDP)}
+    profiles = {s.name: profile_step(s, x_TD) for s in systems}
+    return {"floor": measured_floor, "agreement": agreements, "times": times, "peak": peak_ranks,
+            "profiles": profiles, "extra": extra}
+
+
+# ---- the parent: rows, tables -------------------------------------------------------------------------------
+
+
+def paired_ratio(times: list[float], baseline: list[float]) -> tuple[float, float, float]:
+    """(median, min, max) of the per-round ratios."""
+    ratios = [t / b for t, b in zip(times, baseline)]
+    return statistics.median(ratios), min(ratios), max(ratios)
+
+
+def rows_for(config: Config, world: int, result: dict) -> list[dict]:
+    """One JSON object per system measured on ``world`` ranks."""
+    measured = result["floor"]
+    a2a = statistics.median(measured["all_to_all_s"])
+    floors = floor.floors(config.shape, world, measured["single_thread_flops"], a2a)
+    rows = []
+    for name in config.systems:
+        times = result["times"][name]
+        median = statistics.median(times)
+        row = {"world_size": world, "system": name, "step_ms": round(1e3 * median, 1),
+               "step_ms_min": round(1e3 * min(times), 1), "step_ms_max": round(1e3 * max(times), 1),
+               "times_ms": [round(1e3 * t, 1) for t in times]}
+        if BASELINE in result["times"]:
+            ratio = paired_ratio(times, result["times"][BASELINE])
+            row.update({f"ratio_to_{BASELINE}": round(ratio[0], 3),
+                        f"ratio_to_{BASELINE}_min_max": [round(ratio[1], 3), round(ratio[2], 3)]})
+        row.update({"x_compute_floor": round(median / floors["compute_floor_s"], 3),
+                    "x_compute_and_comm_floor": round(median / floors["floor_s"], 3),
+                    "compute_floor_ms": round(1e3 * floors["compute_floor_s"], 1),
+                    "comm_floor_ms": round(1e3 * floors["comm_floor_s"], 1),
+                    "single_thread_gflops": round(measured["single_thread_flops"] / 1e9, 1),
+                    "all_to_all_ms": round(1e3 * a2a, 2),
+                    "peak_mib": round(result["peak"][name] / 2**20, 1),
+                    "agreement": result["agreement"].get(name),
+                    **result["extra"].get(name, {}),
+                    "profile_rank0": result["profiles"][name]})
+        rows.append(row)
+    return rows
+
+
+def run(config: Config, world: int) -> list[dict]:
+    from hecate.launch.simulate import run_workers
+
+    env = {"DS_ACCELERATOR": "cpu", "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(EXTENSIONS_DIR))}
+    result = run_workers(worker, world, config, timeout_s=1800, env=env)[0]
+    return rows_for(config, world, result)
+
+
+def print_table(rows: list[dict]) -> None:
+    print(f"{'ranks':>5}  {'system':<20}{'step ms':>8}{'min':>8}{'max':>8}{'x DS dropless':>14}{'(min, max)':>16}"
+          f"{'x compute floor':>16}{'x floor':>8}{'peak MiB':>9}  agreement")
+    for r in rows:
+        ratio = r.get(f"ratio_to_{BASELINE}", float("nan"))
+        lo, hi = r.get(f"ratio_to_{BASELINE}_min_max", (float("nan"), float("nan")))
+        agree = r["agreement"] or {}
+        if "dropped_pairs" in agree:
+            text = f"dropped {agree['dropped_pairs']} of {agree['pairs']} pairs"
+        else:
+            text = ("routing " + ("identical" if agree.get("routing_identical") else "DIFFERS") + ", max rel diff "
+                    + f"{max(v for k, v in agree.items() if k != 'routing_identical'):.1e}") if agree else "-"
+        print(f"{r['world_size']:>5}  {r['system']:<20}{r['step_ms']:>8.1f}{r['step_ms_min']:>8.1f}"
+              f"{r['step_ms_max']:>8.1f}{ratio:>14.3f}{f'({lo:.3f}, {hi:.3f})':>16}{r['x_compute_floor']:>16.3f}"
+              f"{r['x_compute_and_comm_floor']:>8.3f}{r['peak_mib']:>9.1f}  {text}")
+
+
+def goals(rows: list[dict]) -> list[str]:
+    lines = []
+    for r in rows:
+        if r["system"] != "hecate-ep":
+            continue
+        ratio = r.get(f"ratio_to_{BASELINE}")
+        if ratio is not None:
+            lines.append(f"{r['world_size']} ranks: hecate-ep / deepspeed-dropless step time {ratio:.3f} "
+                         f"(goal <= 0.8: {'met' if ratio <= 0.8 else 'NOT met'})")
+        lines.append(f"{r['world_size']} ranks: hecate-ep / compute floor {r['x_compute_floor']:.3f} "
+                     f"(goal <= 1.25: {'met' if r['x_compute_floor'] <= 1.25 else 'NOT met'})")
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    defaults = Config()
+    parser.add_argument("--world-sizes", type=int, nargs="+", default=list(defaults.world_sizes))
+    parser.add_argument("--systems", nargs="+", default=list(defaults.systems), choices=list(SYSTEMS))
+    for name in ("dim", "ffn_dim", "experts", "top_k", "tokens", "warmup", "iters"):
+        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name))
+    parser.add_argument("--json", type=Path, help="write one JSON object per measured configuration to this file")
+    args = parser.parse_args()
+    config = Config(**{name: tuple(value) if isinstance(value, list) else value
+                       for name, value in vars(args).items() if name != "json"})
+    if config.warmup < 1 or config.iters < 1:
+        raise SystemExit("--warmup and --iters must be >= 1")
+    if any(config.experts % world for world in config.world_sizes):
+        raise SystemExit(f"--experts ({config.experts}) must be a multiple of every world size")
+    start = time.perf_counter()
+    rows = [row for world in config.world_sizes for row in run(config, world)]
+    print_table(rows)
+    print()
+    print("\n".join(goals(rows)))
+    print(f"\n{len(rows)} configurations in {time.perf_counter() - start:.0f} s; config: {json.dumps(asdict(config))}",
+          file=sys.stderr)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(rows, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
