@@ -33,5 +33,22 @@ system-deps:
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	fi
 
+# Every figure of docs/BENCHMARKS.md: JSON rows into runs/bench/, charts into docs/img/ (< 20 min on 2 cores).
+# DeepSpeed builds no ops when installed (DS_BUILD_OPS=0); the one it compiles at start-up is cached in build/.
+BENCH_STAMP := $(VENV)/.installed-peers
+BENCH_OUT   := runs/bench
+
+$(BENCH_STAMP): $(STAMP)
+	DS_BUILD_OPS=0 $(BIN)/python -m pip install -q -e ".[peers]"
+	touch $@
+
+bench: system-deps $(BENCH_STAMP)
+	$(BIN)/python benchmarks/floor.py --json $(BENCH_OUT)/floor.json
+	$(BIN)/python benchmarks/peers.py --json $(BENCH_OUT)/peers.json
+	$(BIN)/python benchmarks/end_to_end.py --json $(BENCH_OUT)/end_to_end.json
+	$(BIN)/python benchmarks/sparse_collectives.py --json $(BENCH_OUT)/sparse_collectives.json
+	$(BIN)/python benchmarks/sparse_collectives.py --chunk-kib 64 --json $(BENCH_OUT)/sparse_collectives_64k.json
+	$(BIN)/python benchmarks/plot.py $(BENCH_OUT) --out docs/img
+
 clean:
 	rm -rf $(VENV) runs build *.egg-info

@@ -50,6 +50,8 @@ setup(
         "ray": ["ray[default]>=2.40"],
         "gpu": ["cupy-cuda12x"],
         "deepspeed": ["deepspeed"],
+        # benchmarks/peers.py and the charts; install with DS_BUILD_OPS=0 on CPU (`make bench` does)
+        "peers": ["deepspeed", "matplotlib"],
         "dev": ["pytest>=8", "pytest-timeout", "hypothesis"],
     },
     entry_points={"console_scripts": ["hecate = hecate.launch.cli:main"]},
