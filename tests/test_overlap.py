@@ -1,0 +1,144 @@
+"""Overlap changes when things happen, never what is computed: chunked dispatch/compute/combine, the FSSDP
+backward reduce-scatter waited at the end of backward, the prefetched re-gather and the simulated network all
+reproduce the single-process run (tests/parity.py's tolerances). The simulated network delays without burning
+CPU, and a profiled step's trace has the compute track and a track per collective."""
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from hecate.collectives import TorchTransport
+from hecate.collectives.simulated_network import SimulatedNetwork, SimulatedNetworkTransport
+from hecate.collectives.timeline import Timeline
+from hecate.launch.cli import main
+from hecate.launch.simulate import run_workers
+from hecate.parallel.parallelize import Parallel
+from hecate.trainer.config import config_from_dict
+from hecate.trainer.profile import profiled_step
+from hecate.trainer.train import Trainer
+from parity import GRAD_RTOL_LONG, SKEW, assert_matches, small_config, train
+
+STEPS = 2
+EXPERTS = 8
+CASES = {  # name: (overrides, simulated network or None)
+    "ep-chunks3": (["parallel.ep=2", "moe.overlap_chunks=3"], None),
+    "ep-chunks3-capacity-network": (["parallel.ep=2", "moe.overlap_chunks=3", "moe.capacity_factor=1.0"],
+                                    SimulatedNetwork(2, 5.0, 50.0)),
+    "fsdp-rm-chunks2": (["fssdp.policy=fsdp", "fssdp.rematerialize=true", "moe.overlap_chunks=2"], None),
+    "fssdp-chunks3-network": (["fssdp.policy=fssdp", "moe.overlap_chunks=3"], SimulatedNetwork(2, 5.0, 50.0)),
+}
+CASES_4 = {  # one case: 4 processes share the 2 cores of CI
+    "fssdp-rm-chunks2-network": (["fssdp.policy=fssdp", "fssdp.rematerialize=true", "moe.overlap_chunks=2"],
+                                 SimulatedNetwork(2, 5.0, 20.0)),
+}
+COMMON = [f"moe.num_experts={EXPERTS}"]
+# 0.08 Gbit/s = 10 MB/s: the ~1 MB each rank sends to the other node takes ~100 ms on the simulated link
+SLOW = SimulatedNetwork(2, 0.08, 1000.0)
+SLOW_BYTES = 1_000_000  # sent by each rank, split evenly over its peers
+
+
+def _train_one(cfg_dict: dict, network: SimulatedNetwork | None, profile_step: int = 0) -> dict:
+    """parity.train's record for one config, on a Parallel behind ``network``; with the trace of ``profile_step``."""
+    cfg = config_from_dict(cfg_dict)
+    parallel = Parallel.from_world(cfg.parallel, cfg.moe.num_experts, cfg.model.n_layers, cfg.model.n_heads,
+                                   cfg.fssdp, network=network, timeline=Timeline(dist.get_rank()))
+    trainer = Trainer(cfg, parallel=parallel)
+    for layer in trainer.model.moe_layers().values():
+        layer.router.expert_bias.copy_(torch.tensor(SKEW[:cfg.moe.num_experts]))
+    out = {"losses": [], "dropped": [], "grads": []}
+    for step in range(cfg.train.steps):
+        with profiled_step(trainer.model, parallel, trainer.run_dir, step + 1, profile_step):
+            losses = trainer.train_step(step)
+        out["losses"].append(losses.loss)
+        out["dropped"].append(losses.dropped)
+        out["grads"].append(parallel.gather_experts(trainer.model,
+                                                    {n: p.grad for n, p in trainer.model.named_parameters()}))
+    out["params"] = parallel.gather_experts(trainer.model, dict(trainer.model.named_parameters()))
+    if profile_step:
+        out["trace"] = json.loads((trainer.run_dir / f"profile_step{profile_step}.json").read_text())
+    return out
+
+
+def _slow_exchange() -> dict:
+    """One all-to-all over the SLOW link: wall time, this process's CPU time while waiting, and the numbers."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    transport = SimulatedNetworkTransport(TorchTransport(), SLOW, [SLOW.node_of(r, world) for r in range(world)])
+    rows = SLOW_BYTES // (4 * 1000 * (world - 1))
+    x = torch.full((rows * world, 1000), float(rank))
+    out = torch.empty_like(x)
+    start, cpu = time.monotonic(), time.process_time()
+    handle = transport.all_to_all(out, x, [rows] * world, [rows] * world)
+    handle.wait()
+    remote = sum(SLOW.node_of(r, world) != SLOW.node_of(rank, world) for r in range(world))
+    return {"wall_s": time.monotonic() - start, "cpu_s": time.process_time() - cpu,
+            "modeled_s": SLOW.transfer_s(remote * rows * 4000) + SLOW.latency_us * 1e-6,
+            "correct": torch.equal(out, torch.arange(world).float().repeat_interleave(rows)[:, None].expand_as(out)),
+            "wait_s": transport.stats.snapshot()["all_to_all"].wait_s}
+
+
+def _worker(cases: dict, cfg_dicts: list[dict], profile_first: bool) -> dict | None:
+    exchange = _slow_exchange()
+    results = {name: _train_one(cfg, cases[name][1], 2 if profile_first and i == 0 else 0)
+               for i, (name, cfg) in enumerate(zip(cases, cfg_dicts))}
+    return {"exchange": exchange, "results": results} if dist.get_rank() == 0 else None
+
+
+@pytest.fixture(scope="module")
+def reference(small_data, tmp_path_factory):
+    cfg = small_config(small_data, tmp_path_factory.mktemp("ref"), COMMON, STEPS).to_dict()
+    return train([cfg], distributed=False, skew=True)[0]
+
+
+@pytest.fixture(scope="module")
+def reference_capacity(small_data, tmp_path_factory):
+    cfg = small_config(small_data, tmp_path_factory.mktemp("ref-cap"), COMMON + ["moe.capacity_factor=1.0"],
+                       STEPS).to_dict()
+    return train([cfg], distributed=False, skew=True)[0]
+
+
+@pytest.mark.parametrize("world,cases", [(2, CASES), (4, CASES_4)], ids=["2ranks", "4ranks"])
+def test_overlap_and_simulated_network_match_single_process(world, cases, reference, reference_capacity,
+                                                            small_data, tmp_path):
+    cfgs = [small_config(small_data, tmp_path / name, COMMON + overrides, STEPS).to_dict()
+            for name, (overrides, _) in cases.items()]
+    got = run_workers(_worker, world, cases, cfgs, world == 2, timeout_s=600)[0]
+    for name, result in got["results"].items():
+        want = reference_capacity if "capacity" in name else reference
+        assert_matches(result, want, f"{name} on {world} ranks", grad_rtol=GRAD_RTOL_LONG)
+    if world == 2:
+        assert sum(got["results"]["ep-chunks3-capacity-network"]["dropped"]) > 0, "capacity dropped nothing"
+
+    exchange = got["exchange"]
+    modeled = exchange["modeled_s"]
+    assert exchange["correct"], "the simulated network changed the exchanged values"
+    assert exchange["wall_s"] >= modeled * 0.99, f"{exchange['wall_s']:.3f} s < modeled {modeled:.3f} s"
+    assert exchange["wait_s"] >= modeled * 0.5, "the modeled delay must count as wait time"  # less issue time
+    assert exchange["cpu_s"] < 0.5 * exchange["wall_s"], f"the delay burnt CPU: {exchange}"
+
+    if world == 2:
+        events = got["results"]["ep-chunks3"]["trace"]["traceEvents"]
+        tracks = {(e["pid"], e["args"]["name"]) for e in events if e["name"] == "thread_name"}
+        for rank in range(world):
+            for track in ("compute", "moe.dispatch", "moe.combine", "moe.dispatch.backward", "moe.combine.backward"):
+                assert (rank, track) in tracks, f"rank {rank} has no {track} track in {sorted(tracks)}"
+        spans = [e["name"] for e in events if e["ph"] == "X" and e["pid"] == 0]
+        assert spans.count("moe.dispatch") == 3 * 2 * 2, "one dispatch per chunk, layer and micro-batch"
+        assert {"blocks.0.attn forward", "blocks.0.attn backward", "blocks.1.ffn.experts backward"} <= set(spans)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--simulate", "2", "--sim-nodes", "3", "--sim-inter-node-gbps", "1"], "--sim-nodes 3"),
+    (["--simulate", "2", "--sim-nodes", "2", "--sim-inter-node-gbps", "0"], "--sim-inter-node-gbps 0"),
+    (["--sim-nodes", "2", "--sim-inter-node-gbps", "1"], "needs --simulate"),
+    (["--simulate", "2", "-o", "moe.overlap_chunks=0", "--profile-step", "1"], "moe.overlap_chunks"),
+    (["--simulate", "2", "--profile-step", "-1"], "logging.profile_step"),
+])
+def test_bad_overlap_options_are_refused_before_workers_start(args, message, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert main(["train", "examples/tiny.yaml", "-o", f"train.run_dir={run_dir}", *args]) == 2
+    assert message in capsys.readouterr().err
+    assert not run_dir.exists()
