@@ -57,11 +57,12 @@ class ParallelConfig:
     pp: int = 1
     ep: int = 1
     etp: int = 1
+    pp_virtual: int = 1  # pipeline stages per pipeline rank; > 1 runs interleaved 1F1B instead of 1F1B
 
     def validate(self, prefix: str = "parallel") -> None:
         if self.dp == 0 or self.dp < -1:
             raise ConfigError(f"{prefix}.dp", f"must be >= 1 or -1 (derived from the world size), got {self.dp}")
-        for name in ("tp", "pp", "ep", "etp"):
+        for name in ("tp", "pp", "ep", "etp", "pp_virtual"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{prefix}.{name}", f"must be >= 1, got {getattr(self, name)}")
 

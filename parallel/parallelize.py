@@ -24,6 +24,7 @@ from hecate.parallel.data_parallel import GradientAverager, global_grad_norm, ro
 from hecate.parallel.fssdp.engine import FssdpEngine
 from hecate.parallel.moe import MoE
 from hecate.parallel.moe.ep_dispatcher import ExpertParallelDispatcher
+from hecate.parallel.model_parallel import ModelParallel
 from hecate.parallel.topology import Meshes, ParallelDims, build_meshes
 
 EXPERT_WEIGHTS = ("w1", "w2", "w3")
@@ -44,6 +45,7 @@ class Parallel:
     engine: FssdpEngine | None = None  # set by apply() when an FSSDP policy places the experts
     timeline: Timeline | None = None  # where the transports record collectives (``--profile-step``)
     _averager: GradientAverager | None = None
+    model_parallel: ModelParallel | None = None  # tensor, expert-tensor and pipeline parallelism, when used
     _last_stats: dict[str, OpStats] = field(default_factory=dict)
 
     @classmethod
@@ -64,10 +66,13 @@ class Parallel:
         meshes = build_meshes(dims)
         stats = CommStats()
         observe = lambda t, mesh, dim: observed(t, mesh, dim, dims.world, network, timeline)  # noqa: E731
-        return cls(dims, rank=dist.get_rank(), meshes=meshes, stats=stats, fssdp=fssdp, timeline=timeline,
+        parallel = cls(dims, rank=dist.get_rank(), meshes=meshes, stats=stats, fssdp=fssdp, timeline=timeline,
                    dp=observe(TorchTransport.from_mesh(meshes.dense, "dp", stats), meshes.dense, "dp"),
                    ep=observe(TorchTransport.from_mesh(meshes.moe, "ep", stats), meshes.moe, "ep"),
                    edp=observe(TorchTransport.from_mesh(meshes.moe, "edp", stats), meshes.moe, "edp"))
+        if max(dims.tp, dims.pp, dims.etp) > 1:
+            parallel.model_parallel = ModelParallel.build(dims, meshes, cfg.pp_virtual, parallel.dp, stats)
+        return parallel
 
     # ---- where this rank sits -------------------------------------------------------------------
 
@@ -86,23 +91,38 @@ class Parallel:
 
     # ---- what changes in the model --------------------------------------------------------------
 
-    def apply(self, model: nn.Module) -> None:
+    def apply(self, model: nn.Module, micro_batches: int = 1) -> None:
         """Expert-parallel dispatch with local experts only, and router statistics over the micro-batch's ranks.
-        Call on a model that holds every expert (built from the run's seed), before the optimizer is built."""
+        Call on a model that holds every expert (built from the run's seed), before the optimizer is built.
+        Under tp, pp or etp the model is first cut to this rank's pipeline stages and split over tp, and its
+        ``micro_batches`` per step go through a pipeline schedule (:mod:`hecate.parallel.model_parallel`)."""
+        mp = self.model_parallel
+        if mp is not None:
+            mp.split_model(model)
         for layer in moe_layers(model):
             if self.dims.ep > 1:
                 keep_local_experts(layer, self.ep.rank, self.dims.ep)
                 layer.dispatcher = ExpertParallelDispatcher(layer.cfg.num_experts, self.ep,
                                                             overlap_chunks=layer.cfg.overlap_chunks)
-            if self.dims.dp > 1:
-                layer.reduce = router_sums_reduce(self.dp)
+            if mp is not None:
+                mp.split_experts(layer)
+            if self.dims.dp * self.dims.tp > 1:
+                layer.reduce = mp.router_reduce() if mp is not None else router_sums_reduce(self.dp)
         if self.fssdp.enabled and self.dims.world > 1:
-            self.engine = FssdpEngine(model, self.dp, self.fssdp)
+            self.engine = FssdpEngine(model, mp.stage if mp is not None else self.dp, self.fssdp)
         if self.dims.world > 1:
             dense, experts = split_parameters(model)
             # under FSSDP every expert has one owner, which already holds the sum over all ranks' tokens
             expert_dp = None if self.engine is not None else self.edp
-            self._averager = GradientAverager(dense, experts, self.dp, expert_dp, self.dims.dp)
+            self._averager = (GradientAverager(dense, experts, self.dp, expert_dp, self.dims.dp) if mp is None
+                              else mp.averager(model, experts, self.dp, expert_dp))
+        if mp is not None:
+            mp.build_pipeline(model, micro_batches, self.cross_entropy)
+
+    @property
+    def pipeline(self):
+        """The pipeline schedule of this rank's stages (pp > 1), else None."""
+        return self.model_parallel.pipeline if self.model_parallel is not None else None
 
     def end_step(self, optimizer: torch.optim.Optimizer) -> None:
         """After the optimizer step: FSSDP rolls its load estimate, may re-shard, and plans the next step."""
@@ -122,7 +142,10 @@ class Parallel:
     def clip_grad_norm(self, model: nn.Module, max_norm: float) -> torch.Tensor:
         """Clip all gradients by their global norm (over every rank's share); returns the norm before clipping."""
         dense, experts = split_parameters(model)
-        norm = global_grad_norm(dense, experts, self.expert_shards)
+        if self.model_parallel is not None:
+            norm = self.model_parallel.grad_norm(model, experts, 1 if self.engine is not None else self.dims.edp)
+        else:
+            norm = global_grad_norm(dense, experts, self.expert_shards)
         if max_norm < float("inf"):
             torch.nn.utils.clip_grads_with_norm_(dense + experts, max_norm, norm.float())
         return norm
@@ -140,6 +163,37 @@ class Parallel:
         if self.dp is None or self.dims.dp == 1:
             return tensor
         return self.dp.all_reduce(tensor.clone(), name="metrics").wait()
+
+    def cross_entropy(self, logits_BSV: torch.Tensor, targets_BS: torch.Tensor,
+                      reduction: str = "mean") -> torch.Tensor:
+        """fp32 cross-entropy of the model's logits (split over the vocabulary under tp)."""
+        logits_NV, targets_N = logits_BSV.float().flatten(0, 1), targets_BS.flatten()
+        if self.model_parallel is not None and self.model_parallel.tp is not None:
+            return self.model_parallel.cross_entropy(logits_NV, targets_N, reduction)
+        return torch.nn.functional.cross_entropy(logits_NV, targets_N, reduction=reduction)
+
+    def forward(self, model: nn.Module, tokens_BS: torch.Tensor) -> torch.Tensor | None:
+        """The model's logits (forward only); under pp they come out on the last stage's ranks, None elsewhere."""
+        if self.pipeline is None:
+            return model(tokens_BS)
+        shape = (tokens_BS.shape[0] // self.dims.tp, tokens_BS.shape[1], model.cfg.dim)
+        return self.pipeline.forward(tokens_BS, shape)
+
+    def pipeline_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum over the pipeline stages (values that only the last stage computes, e.g. validation nats)."""
+        if self.pipeline is None:
+            return tensor
+        import torch.distributed as dist
+
+        dist.all_reduce(tensor, group=self.pipeline.group)
+        return tensor
+
+    def gather_full(self, model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Parameter-shaped tensors (weights, gradients) by name as one process holds the whole model: expert,
+        tensor and pipeline shards gathered. Collective over the world; tests compare layouts with it."""
+        if self.model_parallel is None:
+            return self.gather_experts(model, tensors)
+        return self.model_parallel.gather_full(model, tensors, self.gather_experts)
 
     def gather_experts(self, model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """``tensors`` keyed by parameter name (weights, gradients), with every expert's slice gathered from the EP
@@ -231,13 +285,19 @@ def check_layout(cfg: ParallelConfig, world: int, num_experts: int, n_layers: in
         if dims.ep > 1:
             raise LayoutError(f"fssdp.policy={fssdp.policy} places the experts itself over the data-parallel ranks; "
                               f"leave parallel.ep=1 (got {dims.ep})")
-        if num_experts % dims.dp:
+        if num_experts % (dims.dp * dims.tp):
             raise LayoutError(f"fssdp.policy={fssdp.policy}: moe.num_experts={num_experts} must be divisible by the "
-                              f"{dims.dp} data-parallel ranks that own them")
-    for name in ("tp", "pp", "etp"):
-        if getattr(dims, name) > 1:
-            raise LayoutError(f"parallel.{name}={getattr(dims, name)}: tensor and pipeline parallelism are not "
-                              f"available yet; use parallel.dp and parallel.ep")
+                              f"{dims.dp * dims.tp} ranks of a pipeline stage (dp x tp) that own them")
+        if dims.etp > 1:
+            raise LayoutError(f"fssdp.policy={fssdp.policy} materializes whole experts; it cannot be combined with "
+                              f"expert tensor parallelism (parallel.etp={dims.etp}): set parallel.etp=1")
+    stages = dims.pp * cfg.pp_virtual
+    if cfg.pp_virtual > 1 and dims.pp == 1:
+        raise LayoutError(f"parallel.pp_virtual={cfg.pp_virtual} interleaves stages over pipeline ranks: it needs "
+                          f"parallel.pp > 1")
+    if n_layers < stages:
+        raise LayoutError(f"parallel.pp={dims.pp} x parallel.pp_virtual={cfg.pp_virtual} = {stages} stages need "
+                          f"model.n_layers >= {stages}, got {n_layers}")
     return dims
 
 

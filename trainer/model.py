@@ -35,16 +35,17 @@ class Attention(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.n_heads = cfg.n_heads
+        self.n_heads = cfg.n_heads  # heads computed here (tensor parallelism keeps n_heads / tp of them)
+        self.head_dim = cfg.dim // cfg.n_heads
         self.qkv = nn.Linear(cfg.dim, 3 * cfg.dim, bias=False)
         self.proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
 
     def forward(self, x_BSD: torch.Tensor, cos_SF: torch.Tensor, sin_SF: torch.Tensor) -> torch.Tensor:
-        B, S, D = x_BSD.shape
-        q, k, v = self.qkv(x_BSD).view(B, S, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)
+        B, S, _ = x_BSD.shape
+        q, k, v = self.qkv(x_BSD).view(B, S, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k = apply_rope(q, cos_SF[:S], sin_SF[:S]), apply_rope(k, cos_SF[:S], sin_SF[:S])
         out_BHSDh = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.proj(out_BHSDh.transpose(1, 2).reshape(B, S, D))
+        return self.proj(out_BHSDh.transpose(1, 2).reshape(B, S, -1))
 
 
 class Block(nn.Module):
@@ -71,7 +72,8 @@ def is_moe_block(index: int, moe: MoEConfig) -> bool:
 
 class Transformer(nn.Module):
     """tokens_BS -> logits_BSV. ``blocks`` is a ModuleDict keyed by the global block index so that a
-    pipeline stage can keep a slice of it with unchanged parameter names."""
+    pipeline stage can keep a slice of it with unchanged parameter names; a stage that does not hold the
+    embedding or the head has them set to None and maps activations x_BSD to x_BSD instead."""
 
     def __init__(self, cfg: ModelConfig, moe: MoEConfig, vocab_size: int):
         super().__init__()
@@ -103,10 +105,10 @@ class Transformer(nn.Module):
             nn.init.normal_(block.attn.proj.weight, std=std / math.sqrt(2 * self.cfg.n_layers))
 
     def forward(self, tokens_BS: torch.Tensor) -> torch.Tensor:
-        x_BSD = self.tok_emb(tokens_BS)
+        x_BSD = self.tok_emb(tokens_BS) if self.tok_emb is not None else tokens_BS
         for block in self.blocks.values():
             x_BSD = block(x_BSD, self.rope_cos, self.rope_sin)
-        return self.lm_head(self.norm(x_BSD))
+        return self.lm_head(self.norm(x_BSD)) if self.lm_head is not None else x_BSD
 
     def moe_layers(self) -> dict[int, MoE]:
         """The MoE layers by block index; their ``stats`` hold the last forward's losses and loads."""

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -75,7 +74,7 @@ class Trainer:
         self.model = build_model(cfg.model, cfg.moe, self.vocab_size, cfg.train.seed)
         if cfg.train.init_from:
             import_weights(Path(cfg.train.init_from), self.model, self.checkpoint_identity())
-        parallel.apply(self.model)
+        parallel.apply(self.model, micro_batches=cfg.train.grad_accum)
         self.nonfinite = NonFiniteTracer(self.model)
         self.checkpointer = ckpt.Checkpointer(self.run_dir / "checkpoints", cfg.checkpoint.keep, parallel,
                                               async_save=cfg.checkpoint.async_save)
@@ -152,21 +151,24 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.nonfinite.reset()
         out = StepLosses()
-        for micro in range(micro_batches):
-            inputs_BS, targets_BS = self.loader.batch(step, micro)
-            with self.autocast:
-                logits_BSV = self.model(inputs_BS)
-            lm_loss = F.cross_entropy(logits_BSV.float().flatten(0, 1), targets_BS.flatten())
-            aux_loss, z_loss = self._router_losses(out)
-            loss = lm_loss + cfg.moe.aux_loss_coef * aux_loss + cfg.moe.z_loss_coef * z_loss
-            if not torch.isfinite(loss) and cfg.train.nonfinite == "stop":
-                raise TrainingError(self._nonfinite_message(
-                    f"loss ({loss.item()}) at step {step + 1}, micro-batch {micro}", self.nonfinite.first))
-            (loss / micro_batches).backward()
-            out.loss += loss.item() / micro_batches
-            out.lm_loss += lm_loss.item() / micro_batches
-            out.aux_loss += aux_loss.detach().item() / micro_batches
-            out.z_loss += z_loss.detach().item() / micro_batches
+        if self.parallel.pipeline is not None:
+            self._pipeline_micro_batches(step, out)
+        else:
+            for micro in range(micro_batches):
+                inputs_BS, targets_BS = self.loader.batch(step, micro)
+                with self.autocast:
+                    logits_BSV = self.model(inputs_BS)
+                lm_loss = self.parallel.cross_entropy(logits_BSV, targets_BS)
+                aux_loss, z_loss = self._router_losses(out)
+                loss = lm_loss + cfg.moe.aux_loss_coef * aux_loss + cfg.moe.z_loss_coef * z_loss
+                if not torch.isfinite(loss) and cfg.train.nonfinite == "stop":
+                    raise TrainingError(self._nonfinite_message(
+                        f"loss ({loss.item()}) at step {step + 1}, micro-batch {micro}", self.nonfinite.where()))
+                (loss / micro_batches).backward()
+                out.loss += loss.item() / micro_batches
+                out.lm_loss += lm_loss.item() / micro_batches
+                out.aux_loss += aux_loss.detach().item() / micro_batches
+                out.z_loss += z_loss.detach().item() / micro_batches
         self.parallel.average_gradients()
         max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
         grad_norm = self.parallel.clip_grad_norm(self.model, max_norm)
@@ -201,6 +203,19 @@ class Trainer:
         out.grad_norm, out.lr, out.skipped = math.nan, self.optimizer.param_groups[0]["lr"], where
         return out
 
+    def _pipeline_micro_batches(self, step: int, out: StepLosses) -> None:
+        """pp > 1: the step's micro-batches go through the pipeline schedule together (forwards and backwards
+        interleaved); losses, loads and dropped pairs come back summed over the stages."""
+        batches = [self.loader.batch(step, micro) for micro in range(self.cfg.train.grad_accum)]
+        with self.autocast:
+            losses = self.parallel.pipeline.step(torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches]))
+        moe = self.cfg.moe
+        out.lm_loss, out.aux_loss, out.z_loss = losses.lm_loss, losses.aux_loss, losses.z_loss
+        out.loss = losses.lm_loss + moe.aux_loss_coef * losses.aux_loss + moe.z_loss_coef * losses.z_loss
+        out.counts, out.dropped = losses.counts, losses.dropped
+        if not math.isfinite(out.loss) and self.cfg.train.nonfinite == "stop":
+            raise TrainingError(self._nonfinite_message(f"loss ({out.loss}) at step {step + 1}", self.nonfinite.first))
+
     def _router_losses(self, out: StepLosses) -> tuple[torch.Tensor, torch.Tensor]:
         """Sum the MoE layers' (unscaled) aux and z losses of the last forward; accumulate their loads."""
         aux = z = torch.zeros(())
@@ -218,11 +233,13 @@ class Trainer:
         totals = torch.zeros(3, dtype=torch.float64)  # nats, tokens, bytes
         for inputs_BS, targets_BS in self.val_loader:
             with self.autocast:
-                logits_BSV = self.model(inputs_BS)
-            totals[0] += F.cross_entropy(logits_BSV.float().flatten(0, 1), targets_BS.flatten(), reduction="sum")
+                logits_BSV = self.parallel.forward(self.model, inputs_BS)
+            if logits_BSV is None:  # a pipeline stage without the head
+                continue
+            totals[0] += self.parallel.cross_entropy(logits_BSV, targets_BS, reduction="sum")
             totals[1] += targets_BS.numel()
             totals[2] += self.token_bytes_V[targets_BS].sum()
-        nats, tokens, bytes_ = self.parallel.data_sum(totals).tolist()
+        nats, tokens, bytes_ = self.parallel.data_sum(self.parallel.pipeline_sum(totals)).tolist()
         return {"val_loss": nats / tokens, "val_bpb": nats / (math.log(2) * bytes_)}
 
     def describe(self) -> str:

@@ -1,0 +1,212 @@
+"""Tensor, expert-tensor and pipeline parallelism of one run, folded over the ranks that data and expert
+parallelism already use (DESIGN.md section 3): the groups they need, what they change in a built model, and the
+gradient bookkeeping that follows. :class:`~hecate.parallel.parallelize.Parallel` holds one and asks it at the
+points where a layout with tp, pp or etp > 1 differs from DP x EP.
+
+Folding, per pipeline stage: attention, dense FFNs, embedding and head are split over ``tp`` (replicated over
+``dp``); the MoE layers see the dp x tp ranks of the stage as one token-parallel group (each rank holds its own
+rows: sequence parallelism) that is regrouped as edp x ep x etp for the experts. So the MoE layer's router sums
+are reduced over the whole stage, and FSSDP runs over the stage's ranks too.
+
+Gradients, after the last backward of a step (each divided by dp, the ranks that split the global batch):
+- tp-split weights: all-reduced over dp (every tp rank already holds the exact gradient of its shard);
+- replicated weights (norms, routers, shared experts): each tp rank saw only its rows, so all-reduced over the
+  stage (dp x tp);
+- experts: over edp (none under FSSDP: owners hold the sum);
+- the tied embedding, held by the first and the last stage: summed over those two after the above.
+The global norm counts every weight once: each rank's squared norms divided by the number of ranks holding the
+same values, summed over the world.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from hecate.collectives import CommStats, TorchTransport, Transport
+from hecate.collectives.errors import LayoutError
+from hecate.parallel.data_parallel import GradientAverager, router_sums_reduce
+from hecate.parallel.moe import MoE
+from hecate.parallel.moe.expert_tensor_parallel import HIDDEN_DIM, ExpertTensorParallel
+from hecate.parallel.moe.losses import Reduce, RouterSums
+from hecate.parallel.pipeline import Pipeline, block_costs, keep_stages, stage_blocks
+from hecate.parallel.tensor_parallel import (check_tensor_parallel, parallelize_attention, parallelize_embeddings,
+                                             parallelize_ffn, scale_grad, unsplit, vocab_parallel_cross_entropy)
+from hecate.parallel.topology import Meshes, ParallelDims
+
+
+def _subgroup(rank_lists: list[list[int]], stats: CommStats) -> TorchTransport:
+    """This rank's group among ``rank_lists`` (every rank creates all of them, in the same order)."""
+    mine, _ = dist.new_subgroups_by_enumeration(rank_lists)
+    return TorchTransport(mine, stats)
+
+
+@dataclasses.dataclass
+class ModelParallel:
+    dims: ParallelDims
+    virtual: int  # pipeline stages per pipeline rank
+    stats: CommStats
+    tp: Transport | None = None
+    etp: Transport | None = None
+    stage: Transport | None = None  # the dp x tp ranks of this pipeline stage, in token order
+    pp_group: dist.ProcessGroup | None = None
+    world: Transport | None = None
+    tied: Transport | None = None  # first and last stage's holders of the tied embedding
+    pipeline: Pipeline | None = None
+    tp_split: dict[str, str] = dataclasses.field(default_factory=dict)  # parameter name -> how (unsplit)
+    vocab_start: int = 0
+    stage_split: list[list[int]] = dataclasses.field(default_factory=list)  # blocks of each pipeline stage
+    moe_blocks: list[int] = dataclasses.field(default_factory=list)
+    num_experts: int = 0
+
+    @classmethod
+    def build(cls, dims: ParallelDims, meshes: Meshes, virtual: int, dp: Transport,
+              stats: CommStats) -> ModelParallel:
+        """The groups (collective: every rank calls this in the same order)."""
+        out = cls(dims, virtual, stats, world=TorchTransport(None, stats), stage=dp)
+        if dims.tp > 1:
+            out.tp = TorchTransport.from_mesh(meshes.dense, "tp", stats)
+            out.stage = _subgroup([list(range(p * dims.world // dims.pp, (p + 1) * dims.world // dims.pp))
+                                   for p in range(dims.pp)], stats)
+        if dims.etp > 1:
+            out.etp = TorchTransport.from_mesh(meshes.moe, "etp", stats)
+        if dims.pp > 1:
+            out.pp_group = meshes.dense.get_group("pp")
+        return out
+
+    # ---- what changes in the model (before EP and FSSDP see it) --------------------------------
+
+    def split_model(self, model: nn.Module) -> None:
+        """Keep this rank's pipeline stages, then split attention, dense FFNs and embeddings over tp."""
+        dims = self.dims
+        moe = model.moe_layers()
+        self.moe_blocks = sorted(moe)  # of the whole model: every stage reports every layer's load
+        self.num_experts = next(iter(moe.values())).cfg.num_experts if moe else 0
+        if dims.pp > 1:
+            self.stage_split = stage_blocks(block_costs(model), dims.pp * self.virtual,
+                                            head_cost=float(model.lm_head.weight.numel()))
+            mine = [s for s in range(len(self.stage_split)) if s % dims.pp == self.pp_rank]
+            keep_stages(model, [b for s in mine for b in self.stage_split[s]], first=0 in mine,
+                        last=len(self.stage_split) - 1 in mine)
+            if model.cfg.tie_embeddings:
+                grid = dims.dense_grid()
+                self.tied = _subgroup([[int(grid[0, d, t]), int(grid[-1, d, t])] for d in range(dims.dp)
+                                       for t in range(dims.tp)], self.stats)
+        if dims.tp > 1:
+            check_tensor_parallel(dims.tp, model.vocab_size, model.cfg.dense_ffn_dim)
+            split = parallelize_embeddings(model, self.tp)
+            for block in model.blocks.values():
+                split |= parallelize_attention(block.attn, self.tp)
+                if not isinstance(block.ffn, MoE):
+                    split |= parallelize_ffn(block.ffn, self.tp)
+            names = {id(p): n for n, p in model.named_parameters()}
+            self.tp_split = {names[id(p)]: how for p, how in split.items() if id(p) in names}
+            self.vocab_start = self.tp.rank * (model.vocab_size // dims.tp)
+
+    @property
+    def pp_rank(self) -> int:
+        return dist.get_rank(self.pp_group) if self.pp_group is not None else 0
+
+    def router_reduce(self) -> Reduce:
+        """Router sums over the stage's dp x tp ranks. Every tp rank's loss holds the same router losses, while
+        the all-reduce's backward sums over all of them: the gradient is scaled by 1 / tp so that it counts once
+        per data-parallel rank, as under plain DP."""
+        base, scale = router_sums_reduce(self.stage), 1.0 / self.dims.tp
+        if self.dims.tp == 1:
+            return base
+
+        def reduce(sums: RouterSums) -> RouterSums:
+            return base(dataclasses.replace(sums, prob_sum_E=scale_grad(sums.prob_sum_E, scale),
+                                            lse_sq_sum=scale_grad(sums.lse_sq_sum, scale)))
+
+        return reduce
+
+    def split_experts(self, layer: MoE) -> None:
+        """Expert tensor parallelism: the local experts' F split over etp (after EP kept the local experts)."""
+        if self.etp is not None:
+            if layer.cfg.ffn_dim % self.dims.etp:
+                raise LayoutError(f"parallel.etp={self.dims.etp} must divide moe.ffn_dim={layer.cfg.ffn_dim}")
+            layer.experts = ExpertTensorParallel(layer.experts, self.etp)
+
+    def build_pipeline(self, model: nn.Module, micro_batches: int,
+                       loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
+        if self.dims.pp > 1:
+            self.pipeline = Pipeline(model, self.stage_split, self.pp_group, micro_batches, loss_fn,
+                                     self.moe_blocks, self.num_experts)
+
+    # ---- gradients -----------------------------------------------------------------------------
+
+    def averager(self, model: nn.Module, experts: list[nn.Parameter], dp: Transport,
+                 expert_dp: Transport | None) -> Callable[[], None]:
+        """What averages the gradients after the last backward of a step (see the module docstring)."""
+        names = dict(model.named_parameters())
+        expert_ids = {id(p) for p in experts}
+        split = [names[n] for n in self.tp_split]
+        replicated = [p for n, p in names.items() if id(p) not in expert_ids and n not in self.tp_split]
+        by_groups = [GradientAverager(split, experts, dp, expert_dp, self.dims.dp),
+                     GradientAverager(replicated, [], self.stage, None, self.dims.dp)]
+        tied = None
+        if self.tied is not None:
+            tied = model.tok_emb.weight if model.tok_emb is not None else model.lm_head.weight
+
+        def average() -> None:
+            for averager in by_groups:
+                averager()
+            if tied is not None:  # both stages then step identically
+                self.tied.all_reduce(tied.grad, name="grad.tied_embedding").wait()
+
+        return average
+
+    def grad_norm(self, model: nn.Module, experts: list[nn.Parameter], expert_copies: int) -> torch.Tensor:
+        """L2 norm (fp64) of the whole model's gradient, every weight counted once."""
+        dims = self.dims
+        expert_ids = {id(p) for p in experts}
+        split = set(self.tp_split)
+        squared = torch.zeros((), dtype=torch.float64)
+        for name, p in model.named_parameters():
+            if p.grad is None or self._is_tied_copy(model, name):
+                continue
+            copies = expert_copies if id(p) in expert_ids else dims.dp if name in split else dims.dp * dims.tp
+            squared += p.grad.detach().double().square().sum() / copies
+        return self.world.all_reduce(squared, name="grad.norm").wait().sqrt()
+
+    def _is_tied_copy(self, model: nn.Module, name: str) -> bool:
+        """The last stage's copy of the tied embedding (the first stage's counts)."""
+        return self.tied is not None and name == "lm_head.weight" and model.tok_emb is None
+
+    # ---- loss and whole-model views ------------------------------------------------------------
+
+    def cross_entropy(self, logits_NV: torch.Tensor, targets_N: torch.Tensor, reduction: str) -> torch.Tensor:
+        return vocab_parallel_cross_entropy(logits_NV, targets_N, self.tp, self.vocab_start, reduction)
+
+    def gather_full(self, model: nn.Module, tensors: dict[str, torch.Tensor],
+                    gather_experts: Callable[[nn.Module, dict], dict]) -> dict[str, torch.Tensor]:
+        """Parameter-shaped tensors by name as one process holds them: etp shards, then ep (``gather_experts``),
+        then tp shards joined, then every pipeline stage's names merged. Collective over the world."""
+        full = {name: t.detach().clone() for name, t in tensors.items()}
+        if self.etp is not None:
+            for name in full:
+                weight = name.rpartition(".")[2]
+                if ".experts." in name and weight in HIDDEN_DIM:
+                    shards = self._all_gather(full[name], self.etp)
+                    full[name] = torch.cat(shards.unbind(0), dim=HIDDEN_DIM[weight])
+        full = gather_experts(model, full)
+        for name, how in self.tp_split.items():
+            if name in full:
+                full[name] = unsplit(self._all_gather(full[name], self.tp), how)
+        if self.pp_group is not None:
+            stages: list[dict] = [None] * self.dims.pp
+            dist.all_gather_object(stages, full, group=self.pp_group)
+            full = {name: t for stage in stages for name, t in stage.items()}
+        if model.cfg.tie_embeddings:
+            full.pop("lm_head.weight", None)
+        return full
+
+    @staticmethod
+    def _all_gather(local: torch.Tensor, transport: Transport) -> torch.Tensor:
+        """[ranks, *local.shape]: every rank's ``local``."""
+        out = local.new_empty((transport.world_size * local.shape[0], *local.shape[1:]))
+        return transport.all_gather(out, local.contiguous(), name="gather_full").wait().view(-1, *local.shape)

@@ -1,0 +1,229 @@
+"""Tensor parallelism (Megatron-LM style) with sequence parallelism in the norm regions, a vocabulary-parallel
+embedding and a vocabulary-parallel cross-entropy, applied to a built model from outside.
+
+Layout over the ``tp`` ranks of a data-parallel rank (which all load the same micro-batch rows):
+- residual stream, norms, router and MoE layer ("sequence-parallel region"): each rank holds 1/tp of the
+  micro-batch's rows, ``x_bSD`` with b = B / tp, contiguous in token order (rank t holds rows [t b, (t+1) b)).
+  The split is over rows, not positions, so that the MoE layer's tokens on the ranks of a stage are in the
+  single-process token order: capacity dropping and the router-sum reduce then see exactly the reference.
+- attention: the input is all-gathered (backward: reduce-scatter), q/k/v are column-parallel by heads (each rank
+  computes H / tp whole heads), the output projection is row-parallel and its partial sums are reduce-scattered
+  back to the row shards (backward: all-gather). The dense FFN of non-MoE blocks is split the same way over its
+  hidden size.
+- embedding: each rank holds V / tp rows of the table and looks up the tokens in its range; the partial sums are
+  reduce-scattered into the row shards. The LM head is column-parallel over the vocabulary (tied to the same
+  shard when the embeddings are tied); the logits stay split, ``logits_BSv``, and the cross-entropy is computed
+  from three small all-reduces (max, sum of exp, target logit) without ever gathering them (Megatron's
+  vocab-parallel cross-entropy).
+
+Why our own and not ``torch.distributed.tensor.parallel`` (``parallelize_module``, ``loss_parallel``): those
+wrap parameters as DTensors. The rest of the trainer works on plain local tensors - flat-bucket gradient
+all-reduces, the fp64 global gradient norm, the expert parallel token exchange, the FSSDP engine's chunks and
+the checkpoint conversion - and a DTensor gradient cannot enter those without a conversion at every step. The
+fused ``qkv`` projection also needs a head-aware row split ([3, H, Dh] -> H / tp heads of each of q, k, v),
+which ColwiseParallel's even ``Shard(0)`` does not give; and ``loss_parallel`` needs DTensor logits. The math
+here is the same as those APIs' (and Megatron's): a handful of autograd-aware collectives below, each with the
+conjugate collective in backward.
+
+Shapes: B micro-batch rows on this data-parallel rank, b = B / tp rows held in the sequence-parallel region,
+S sequence, D model dim, H heads, Dh head dim, F FFN hidden dim, V vocabulary, v = V / tp.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hecate.collectives import Transport
+from hecate.collectives.errors import LayoutError
+
+
+# ---- autograd-aware collectives over the tp group ---------------------------------------------------
+
+
+class _GatherRows(torch.autograd.Function):
+    """x_bSD -> x_BSD (all-gather along dim 0); backward: the gradient's row shards summed over ranks."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, tp: Transport) -> torch.Tensor:
+        ctx.tp = tp
+        return _all_gather_rows(x, tp, "tp.gather")
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return _reduce_scatter_rows(grad, ctx.tp, "tp.gather.backward"), None
+
+
+class _ReduceScatterRows(torch.autograd.Function):
+    """Partial sums x_BSD -> this rank's rows of their sum, x_bSD; backward: all-gather."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, tp: Transport) -> torch.Tensor:
+        ctx.tp = tp
+        return _reduce_scatter_rows(x, tp, "tp.reduce_scatter")
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return _all_gather_rows(grad, ctx.tp, "tp.reduce_scatter.backward"), None
+
+
+class _SumReplicated(torch.autograd.Function):
+    """Sum over ranks of partial values that every rank then uses identically (the output is replicated, so each
+    rank's backward already carries the whole gradient: identity)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, tp: Transport, name: str) -> torch.Tensor:
+        return tp.all_reduce(x.detach().clone().contiguous(), name=name).wait()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, None, None
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; backward multiplies the gradient by ``scale``."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad * ctx.scale, None
+
+
+def _all_gather_rows(x: torch.Tensor, tp: Transport, name: str) -> torch.Tensor:
+    out = x.new_empty((x.shape[0] * tp.world_size, *x.shape[1:]))
+    return tp.all_gather(out, x.contiguous(), name=name).wait()
+
+
+def _reduce_scatter_rows(x: torch.Tensor, tp: Transport, name: str) -> torch.Tensor:
+    out = x.new_empty((x.shape[0] // tp.world_size, *x.shape[1:]))
+    return tp.reduce_scatter(out, x.contiguous(), name=name).wait()
+
+
+def gather_rows(x: torch.Tensor, tp: Transport) -> torch.Tensor:
+    return _GatherRows.apply(x, tp)
+
+
+def reduce_scatter_rows(x: torch.Tensor, tp: Transport) -> torch.Tensor:
+    return _ReduceScatterRows.apply(x, tp)
+
+
+def scale_grad(x: torch.Tensor, scale: float) -> torch.Tensor:
+    return _ScaleGrad.apply(x, scale)
+
+
+# ---- the model's pieces ---------------------------------------------------------------------------
+
+
+class VocabParallelEmbedding(nn.Embedding):
+    """tokens_BS -> x_bSD. Holds rows [start, start + v) of the table as ``weight`` (the parameter name stays
+    ``tok_emb.weight``; an Embedding, so that the optimizer puts it in the embedding's decay group)."""
+
+    def __init__(self, weight_vD: torch.Tensor, start: int, tp: Transport):
+        super().__init__(*weight_vD.shape, _weight=weight_vD)
+        self.start, self.tp = start, tp
+
+    def forward(self, tokens_BS: torch.Tensor) -> torch.Tensor:
+        local_BS = tokens_BS - self.start
+        mine_BS = (local_BS >= 0) & (local_BS < self.weight.shape[0])
+        x_BSD = F.embedding(local_BS.where(mine_BS, 0), self.weight) * mine_BS.unsqueeze(-1)
+        return reduce_scatter_rows(x_BSD, self.tp)
+
+
+def vocab_parallel_cross_entropy(logits_NV: torch.Tensor, targets_N: torch.Tensor, tp: Transport, start: int,
+                                 reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of logits split over the vocabulary (this rank holds columns [start, start + v)), equal on
+    every rank. fp32, as ``F.cross_entropy`` on the gathered logits would be."""
+    logits_NV = logits_NV.float()
+    with torch.no_grad():
+        max_N = logits_NV.max(dim=-1).values
+        tp.all_reduce(max_N, reduce="max", name="tp.loss_max").wait()
+    shifted_NV = logits_NV - max_N.unsqueeze(-1)
+    sum_exp_N = _SumReplicated.apply(shifted_NV.exp().sum(dim=-1), tp, "tp.loss_sum_exp")
+    local_N = targets_N - start
+    mine_N = (local_N >= 0) & (local_N < logits_NV.shape[-1])
+    target_N = shifted_NV.gather(-1, local_N.where(mine_N, 0).unsqueeze(-1)).squeeze(-1) * mine_N
+    target_N = _SumReplicated.apply(target_N, tp, "tp.loss_target")
+    loss_N = sum_exp_N.log() - target_N
+    return loss_N.sum() if reduction == "sum" else loss_N.mean()
+
+
+def _shard(weight: torch.Tensor, dim: int, rank: int, parts: int) -> nn.Parameter:
+    size = weight.shape[dim] // parts
+    return nn.Parameter(weight.detach().narrow(dim, rank * size, size).clone())
+
+
+def _gather_input(tp: Transport):
+    return lambda _module, args: (gather_rows(args[0], tp), *args[1:])
+
+
+def _reduce_scatter_output(tp: Transport):
+    return lambda _module, _args, out: reduce_scatter_rows(out, tp)
+
+
+# How a split parameter's tp shards are put back together (for tests and whole-model views): stacked [tp, ...]
+# shards concatenated along dim 0 or 1, or - the fused q/k/v projection - interleaved per q, k and v.
+ROWS, COLUMNS, QKV = "rows", "columns", "qkv"
+
+
+def unsplit(shards: torch.Tensor, how: str) -> torch.Tensor:
+    """The whole tensor from its tp shards stacked along a new dim 0."""
+    if how == QKV:
+        tp, rows, cols = shards.shape
+        return shards.view(tp, 3, rows // 3, cols).transpose(0, 1).reshape(tp * rows, cols)
+    return torch.cat(shards.unbind(0), dim=0 if how == ROWS else 1)
+
+
+def parallelize_attention(attn: nn.Module, tp: Transport) -> dict[nn.Parameter, str]:
+    """Keep H / tp heads of q, k and v (column-parallel) and the matching input columns of the output
+    projection (row-parallel). Returns the parameters that are now split over tp, and how."""
+    rank, parts = tp.rank, tp.world_size
+    qkv_3HDhD = attn.qkv.weight.detach().view(3, attn.n_heads, -1, attn.qkv.in_features)
+    attn.qkv.weight = nn.Parameter(_shard(qkv_3HDhD, 1, rank, parts).detach().flatten(0, 2))
+    attn.proj.weight = _shard(attn.proj.weight, 1, rank, parts)
+    attn.n_heads //= parts
+    attn.register_forward_pre_hook(_gather_input(tp))
+    attn.register_forward_hook(_reduce_scatter_output(tp))
+    return {attn.qkv.weight: QKV, attn.proj.weight: COLUMNS}
+
+
+def parallelize_ffn(ffn: nn.Module, tp: Transport) -> dict[nn.Parameter, str]:
+    """A dense FeedForward split over its hidden size: w1 (and w3) by columns, w2 by rows."""
+    rank, parts = tp.rank, tp.world_size
+    ffn.w1 = _shard(ffn.w1, 1, rank, parts)
+    ffn.w2 = _shard(ffn.w2, 0, rank, parts)
+    if ffn.w3 is not None:
+        ffn.w3 = _shard(ffn.w3, 1, rank, parts)
+    ffn.register_forward_pre_hook(_gather_input(tp))
+    ffn.register_forward_hook(_reduce_scatter_output(tp))
+    return {w: how for w, how in ((ffn.w1, COLUMNS), (ffn.w2, ROWS), (ffn.w3, COLUMNS)) if w is not None}
+
+
+def parallelize_embeddings(model: nn.Module, tp: Transport) -> dict[nn.Parameter, str]:
+    """Vocabulary-parallel ``tok_emb`` and ``lm_head`` (whichever of them this pipeline stage holds)."""
+    rank, parts = tp.rank, tp.world_size
+    tied = model.cfg.tie_embeddings
+    split = {}
+    if model.tok_emb is not None:
+        local = model.vocab_size // parts
+        model.tok_emb = VocabParallelEmbedding(_shard(model.tok_emb.weight, 0, rank, parts).data, rank * local, tp)
+        split[model.tok_emb.weight] = ROWS
+    if model.lm_head is not None:
+        if tied and model.tok_emb is not None:
+            model.lm_head.weight = model.tok_emb.weight
+        else:
+            model.lm_head.weight = _shard(model.lm_head.weight, 0, rank, parts)
+            split[model.lm_head.weight] = ROWS
+        model.lm_head.register_forward_pre_hook(_gather_input(tp))
+    return split
+
+
+def check_tensor_parallel(tp: int, vocab_size: int, dense_ffn_dim: int) -> None:
+    """What the model needs for an even split over tp; names the field."""
+    if vocab_size % tp:
+        raise LayoutError(f"parallel.tp={tp} must divide the vocabulary size {vocab_size}")
+    if dense_ffn_dim % tp:
+        raise LayoutError(f"parallel.tp={tp} must divide model.dense_ffn_dim={dense_ffn_dim}")
