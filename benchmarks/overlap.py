@@ -1,0 +1,160 @@
+"""How much of the MoE layer's communication hides behind its computation when dispatch/compute/combine are
+pipelined in chunks (``moe.overlap_chunks``)?
+
+One transformer block (attention + MoE, experts split over all ranks by expert parallelism), forward + backward,
+on 2 and 4 simulated ranks, with overlap off (1 chunk) and on (``--chunks``), measured alternately
+(off, on, off, on, ...) in one run. Per configuration:
+
+    t_off, t_on   median step time (slowest rank of each iteration)
+    t_comm        time blocked in the MoE exchanges with overlap off (they are synchronous then, so this is
+                  the communication time), median, slowest rank
+    t_compute     t_off - t_comm
+    hidden        (t_off - t_on) / min(t_comm, t_compute): the share of the hideable time that was hidden
+
+on raw loopback (gloo on this machine's cores) and behind the simulated network (``--sim-nodes``: every rank its
+own node), with the link's bandwidth set so that one step's transfers take about as long as its compute on
+loopback (``--link-ratio``). Prints a table; ``--json PATH`` writes one object per configuration.
+
+    .venv/bin/python benchmarks/overlap.py --json runs/overlap.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from hecate.collectives import TorchTransport, delta
+from hecate.collectives.simulated_network import SimulatedNetwork, SimulatedNetworkTransport
+from hecate.launch.simulate import run_workers
+from hecate.parallel.config import MoEConfig
+from hecate.parallel.moe.ep_dispatcher import ExpertParallelDispatcher
+from hecate.parallel.parallelize import keep_local_experts
+from hecate.trainer.config import ModelConfig
+from hecate.trainer.model import Block, rope_tables
+
+SHAPES = {  # name: (dim, heads, expert ffn_dim, experts, batch, seq)
+    "comm-heavy": (1024, 8, 128, 8, 4, 128),
+    "demo": (256, 4, 256, 8, 8, 128),
+    "compute-heavy": (256, 4, 2048, 8, 8, 128),
+}
+MOE_OPS = ("moe.dispatch", "moe.combine", "moe.dispatch.backward", "moe.combine.backward", "moe.counts")
+
+
+def build(shape: str, transport, chunks: int) -> tuple[Block, torch.Tensor, tuple]:
+    dim, heads, ffn, experts, batch, seq = SHAPES[shape]
+    cfg = ModelConfig(dim=dim, n_heads=heads, n_layers=1, seq_len=seq)
+    torch.manual_seed(0)
+    block = Block(cfg, MoEConfig(num_experts=experts, ffn_dim=ffn, top_k=2))
+    keep_local_experts(block.ffn, transport.rank, transport.world_size)
+    block.ffn.dispatcher = ExpertParallelDispatcher(experts, transport, overlap_chunks=chunks)
+    torch.manual_seed(1 + transport.rank)
+    x = torch.randn(batch, seq, dim)
+    return block, x, rope_tables(seq, dim // heads, cfg.rope_theta)
+
+
+def step(block: Block, x: torch.Tensor, rope: tuple) -> None:
+    block(x, *rope).square().mean().backward()
+
+
+def slowest(value: float) -> float:
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t, dist.ReduceOp.MAX)
+    return t.item()
+
+
+def measure(shape: str, transport, chunks: int, iters: int, warmup: int) -> dict:
+    """Alternate off / on; returns medians and the bytes one step moves per rank."""
+    blocks = {1: build(shape, transport, 1), chunks: build(shape, transport, chunks)}
+    times = {1: [], chunks: []}
+    comm, nbytes = [], 0
+    for i in range(warmup + iters):
+        for c in (1, chunks):
+            block, x, rope = blocks[c]
+            before = transport.stats.snapshot()
+            dist.barrier()
+            start = time.perf_counter()
+            step(block, x, rope)
+            elapsed = time.perf_counter() - start
+            after = transport.stats.snapshot()
+            moved_ops = delta(after, before)
+            waited = sum(moved_ops[n].wait_s for n in MOE_OPS if n in moved_ops)
+            moved = sum(moved_ops[n].bytes_sent for n in MOE_OPS if n in moved_ops)
+            elapsed, waited = slowest(elapsed), slowest(waited)
+            if i >= warmup:
+                times[c].append(elapsed)
+                if c == 1:
+                    comm.append(waited)
+                    nbytes = moved
+    return {"t_off": statistics.median(times[1]), "t_on": statistics.median(times[chunks]),
+            "t_comm": statistics.median(comm), "bytes": nbytes}
+
+
+def worker(shapes: list[str], chunks: int, iters: int, warmup: int, link_ratio: float, latency_us: float) -> list:
+    world, rank = dist.get_world_size(), dist.get_rank()
+    loopback = TorchTransport()
+    rows = []
+    for shape in shapes:
+        for network_name in ("loopback", "simulated"):
+            if network_name == "loopback":
+                transport, gbps = loopback, None
+            else:  # the link: one step's bytes take link_ratio x the loopback compute time
+                t_compute = max(loop["t_off"] - loop["t_comm"], 1e-6)
+                gbps = slowest(loop["bytes"]) * 8 / (link_ratio * t_compute) / 1e9
+                network = SimulatedNetwork(world, gbps, latency_us)
+                transport = SimulatedNetworkTransport(TorchTransport(), network, list(range(world)))
+            m = measure(shape, transport, chunks, iters, warmup)
+            if network_name == "loopback":
+                loop = m
+            t_compute = max(m["t_off"] - m["t_comm"], 0.0)
+            hideable = min(m["t_comm"], t_compute)
+            rows.append({"shape": shape, "ranks": world, "network": network_name, "chunks": chunks,
+                         "inter_node_gbps": gbps, "latency_us": latency_us if gbps else None,
+                         "t_off_ms": 1e3 * m["t_off"], "t_on_ms": 1e3 * m["t_on"], "t_comm_ms": 1e3 * m["t_comm"],
+                         "t_compute_ms": 1e3 * t_compute, "on_over_off": m["t_on"] / m["t_off"],
+                         "hidden": (m["t_off"] - m["t_on"]) / hideable if hideable > 0 else None,
+                         "bytes_per_step": m["bytes"]})
+    return rows if rank == 0 else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ranks", type=int, nargs="+", default=[2, 4])
+    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--chunks", type=int, default=4, help="overlap degree with overlap on (default 4)")
+    parser.add_argument("--iters", type=int, default=7)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--link-ratio", type=float, default=1.0,
+                        help="simulated link: transfer time of one step / its loopback compute time (default 1)")
+    parser.add_argument("--latency-us", type=float, default=20.0)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args(argv)
+    if args.device == "cuda":
+        print("overlap.py: --device cuda needs NCCL ranks on separate GPUs; this benchmark runs the CPU/gloo "
+              f"simulated cluster only (torch.cuda.is_available() = {torch.cuda.is_available()})", file=sys.stderr)
+        return 2
+    rows = []
+    for ranks in args.ranks:
+        rows += run_workers(worker, ranks, args.shapes, args.chunks, args.iters, args.warmup, args.link_ratio,
+                            args.latency_us, timeout_s=3600)[0]
+    print("| shape | ranks | network | Gbit/s | t_off ms | t_on ms | on/off | t_comm ms | t_compute ms | hidden |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        gbps = f"{r['inter_node_gbps']:.2f}" if r["inter_node_gbps"] else "-"
+        hidden = f"{100 * r['hidden']:.0f}%" if r["hidden"] is not None else "-"
+        print(f"| {r['shape']} | {r['ranks']} | {r['network']} | {gbps} | {r['t_off_ms']:.1f} | {r['t_on_ms']:.1f} | "
+              f"{r['on_over_off']:.3f} | {r['t_comm_ms']:.1f} | {r['t_compute_ms']:.1f} | {hidden} |")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
