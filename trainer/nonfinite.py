@@ -2,8 +2,9 @@
 
 Forward hooks note the first module, in execution order, whose output holds a NaN or an infinity (a module's hook
 runs after its children's, so the innermost one is named: ``blocks.1.attn.proj`` rather than ``blocks.1``).
-A gradient that goes non-finite while the forward stayed finite is named by its parameter, the first one in
-backward order. The check costs one ``isfinite().all()`` per module output and is skipped in evaluation.
+Gradient hooks note the first parameter, in backward order, whose gradient does (before gradient averaging and
+clipping, which would spread it to every parameter). Each check is one ``isfinite().all()`` per module output or
+gradient; evaluation is not checked.
 """
 from __future__ import annotations
 
@@ -14,22 +15,36 @@ from torch import nn
 
 
 class NonFiniteTracer:
-    """Forward hooks on every submodule of ``model``; :attr:`first` is the first one with a non-finite output since
-    :meth:`reset`."""
+    """Hooks on every submodule and parameter of ``model``; :meth:`where` names the first non-finite value seen
+    since :meth:`reset` (forward first, then backward)."""
 
     def __init__(self, model: nn.Module):
-        self.first: str | None = None
+        self.first_output: str | None = None
+        self.first_gradient: str | None = None
         for name, module in model.named_modules():
             if name:
-                module.register_forward_hook(self._hook(name))
+                module.register_forward_hook(self._output_hook(name))
+        for name, param in model.named_parameters():
+            param.register_hook(self._gradient_hook(name))
 
     def reset(self) -> None:
-        self.first = None
+        self.first_output = self.first_gradient = None
 
-    def _hook(self, name: str):
+    def where(self) -> str | None:
+        if self.first_output is not None:
+            return self.first_output
+        return f"the gradient of {self.first_gradient}" if self.first_gradient is not None else None
+
+    def _output_hook(self, name: str):
         def hook(module: nn.Module, _inputs: Any, output: Any) -> None:
-            if self.first is None and module.training and has_nonfinite(output):
-                self.first = name
+            if self.first_output is None and module.training and has_nonfinite(output):
+                self.first_output = name
+        return hook
+
+    def _gradient_hook(self, name: str):
+        def hook(grad: torch.Tensor) -> None:
+            if self.first_gradient is None and has_nonfinite(grad):
+                self.first_gradient = name
         return hook
 
 
@@ -39,11 +54,3 @@ def has_nonfinite(value: Any) -> bool:
     if isinstance(value, (tuple, list)):
         return any(has_nonfinite(v) for v in value)
     return False
-
-
-def first_nonfinite_gradient(model: nn.Module) -> str | None:
-    """The parameter whose gradient is non-finite, first in backward order (the last such one in forward order)."""
-    for name, param in reversed(list(model.named_parameters())):
-        if param.grad is not None and has_nonfinite(param.grad):
-            return name
-    return None

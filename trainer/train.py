@@ -29,7 +29,7 @@ from hecate.trainer.export import import_weights
 from hecate.trainer.faults import maybe_inject
 from hecate.trainer.metrics import MetricsWriter, truncate_metrics, write_plots
 from hecate.trainer.model import Transformer, build_model
-from hecate.trainer.nonfinite import NonFiniteTracer, first_nonfinite_gradient
+from hecate.trainer.nonfinite import NonFiniteTracer
 from hecate.trainer.optim import build_optimizer, lr_at, set_lr
 from hecate.trainer.profile import profiled_step
 from hecate.trainer.scaling.trace import TRACE_FILE, RoutingRecorder
@@ -173,7 +173,7 @@ class Trainer:
         max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
         grad_norm = self.parallel.clip_grad_norm(self.model, max_norm)
         if not torch.isfinite(grad_norm):
-            where = self.nonfinite.first or f"the gradient of {first_nonfinite_gradient(self.model)}"
+            where = self.nonfinite.where() or "the gradient norm"
             if cfg.train.nonfinite == "stop":
                 raise TrainingError(self._nonfinite_message(f"gradient norm at step {step + 1}", where))
             return self._skip_step(step, out, where)
@@ -214,7 +214,7 @@ class Trainer:
         out.loss = losses.lm_loss + moe.aux_loss_coef * losses.aux_loss + moe.z_loss_coef * losses.z_loss
         out.counts, out.dropped = losses.counts, losses.dropped
         if not math.isfinite(out.loss) and self.cfg.train.nonfinite == "stop":
-            raise TrainingError(self._nonfinite_message(f"loss ({out.loss}) at step {step + 1}", self.nonfinite.first))
+            raise TrainingError(self._nonfinite_message(f"loss ({out.loss}) at step {step + 1}", self.nonfinite.where()))
 
     def _router_losses(self, out: StepLosses) -> tuple[torch.Tensor, torch.Tensor]:
         """Sum the MoE layers' (unscaled) aux and z losses of the last forward; accumulate their loads."""
