@@ -2,7 +2,8 @@
 we measure here? (issue 11; the check is ``tests/test_scaling.py::test_simulator_predicts_measured_cpu_steps``)
 
 Measures, on 2 and 4 simulated ranks (worker processes with one thread each, as ``hecate train --simulate`` runs
-them), all ranks at once:
+them), all ranks at once, the figures probed after every measured round of steps so that they see the same
+background load as the steps (this machine is shared; figures measured apart from the steps disagree with them):
 - compute: fp32 matmul throughput per rank, on the expert matmul's shape (rows x D @ D x F);
 - link: gloo ``all_to_all_single`` time for a small and a large uniform split; latency = the small one's time,
   bandwidth = the extra bytes a rank sends over the extra time;
@@ -30,7 +31,7 @@ import skew  # noqa: E402  (the MoE block, its forced router and its per-policy 
 
 POLICIES = ("ep", "fssdp")
 EXPONENTS = (0.0, 1.2)
-SMALL_BYTES, LARGE_BYTES = 4 << 10, 1 << 20  # per peer
+SMALL_BYTES, LARGE_BYTES = 64 << 10, 4 << 20  # per peer
 
 
 def matmul_flops_per_s(config: skew.Config, world: int, repeats: int = 20) -> float:
@@ -44,7 +45,7 @@ def matmul_flops_per_s(config: skew.Config, world: int, repeats: int = 20) -> fl
     return 2 * rows * config.dim * config.ffn_dim / statistics.median(times)
 
 
-def all_to_all_seconds(per_peer_bytes: int, repeats: int = 20) -> float:
+def all_to_all_seconds(per_peer_bytes: int, repeats: int = 30) -> float:
     import torch.distributed as dist
 
     world = dist.get_world_size()
@@ -70,25 +71,31 @@ def step_times(config: skew.Config, s: float) -> dict:
     router.register_forward_hook(lambda _m, _a, routing: counts.append(
         torch.bincount(routing.experts_TK.flatten(), minlength=config.experts).tolist()))
     times = {policy: [] for policy in POLICIES}
+    probes = {"flops_per_s": [], "small_s": [], "large_s": []}
     for step in range(config.warmup + config.iters):
         for policy, run in runs.items():
             seconds = run.step()
             if step >= config.warmup:
                 times[policy].append(seconds)
-    return {"s": s, "times_s": times, "counts_SE": counts}
+        if step >= config.warmup:  # the machine's figures, under the same background load as the steps
+            probes["flops_per_s"].append(matmul_flops_per_s(config, run.transport.world_size, repeats=3))
+            probes["small_s"].append(all_to_all_seconds(SMALL_BYTES, repeats=3))
+            probes["large_s"].append(all_to_all_seconds(LARGE_BYTES, repeats=3))
+    return {"s": s, "times_s": times, "counts_SE": counts, "probes": probes}
 
 
 def worker(config: skew.Config) -> dict:
     import torch.distributed as dist
 
     world = dist.get_world_size()
-    dist.barrier()
-    flops = torch.tensor([matmul_flops_per_s(config, world)], dtype=torch.float64)
+    cases = [step_times(config, s) for s in EXPONENTS]
+    probes = {name: [v for case in cases for v in case["probes"][name]] for name in cases[0]["probes"]}
+    flops = torch.tensor([statistics.median(probes["flops_per_s"])], dtype=torch.float64)
     dist.all_reduce(flops, op=dist.ReduceOp.MIN)
-    small, large = all_to_all_seconds(SMALL_BYTES), all_to_all_seconds(LARGE_BYTES)
+    small, large = statistics.median(probes["small_s"]), statistics.median(probes["large_s"])
     extra_bytes = (world - 1) * (LARGE_BYTES - SMALL_BYTES)
     return {"flops_per_s": flops.item(), "latency_s": small, "bytes_per_s": extra_bytes / max(large - small, 1e-9),
-            "cases": [step_times(config, s) for s in EXPONENTS]}
+            "cases": cases}
 
 
 def measure(config: skew.Config, world: int) -> dict:
