@@ -32,7 +32,7 @@ from hecate.parallel.data_parallel import GradientAverager, router_sums_reduce
 from hecate.parallel.moe import MoE
 from hecate.parallel.moe.expert_tensor_parallel import HIDDEN_DIM, ExpertTensorParallel
 from hecate.parallel.moe.losses import Reduce, RouterSums
-from hecate.parallel.pipeline import Pipeline, block_costs, keep_stages, stage_blocks
+from hecate.parallel.pipeline import MicroBatch, Pipeline, block_costs, keep_stages, stage_blocks
 from hecate.parallel.tensor_parallel import (check_tensor_parallel, parallelize_attention, parallelize_embeddings,
                                              parallelize_ffn, scale_grad, unsplit, vocab_parallel_cross_entropy)
 from hecate.parallel.topology import Meshes, ParallelDims
@@ -131,10 +131,12 @@ class ModelParallel:
                 raise LayoutError(f"parallel.etp={self.dims.etp} must divide moe.ffn_dim={layer.cfg.ffn_dim}")
             layer.experts = ExpertTensorParallel(layer.experts, self.etp)
 
-    def build_pipeline(self, model: nn.Module, micro_batches: int,
+    def build_pipeline(self, model: nn.Module, micro: MicroBatch | None,
                        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
         if self.dims.pp > 1:
-            self.pipeline = Pipeline(model, self.stage_split, self.pp_group, micro_batches, loss_fn,
+            if micro is None:
+                raise ValueError("pipeline parallelism needs the step's micro-batch shape (Parallel.apply(micro=))")
+            self.pipeline = Pipeline(model, self.stage_split, self.pp_group, micro, self.dims.tp, loss_fn,
                                      self.moe_blocks, self.num_experts)
 
     # ---- gradients -----------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from hecate.parallel.fssdp.engine import FssdpEngine
 from hecate.parallel.moe import MoE
 from hecate.parallel.moe.ep_dispatcher import ExpertParallelDispatcher
 from hecate.parallel.model_parallel import ModelParallel
+from hecate.parallel.pipeline import MicroBatch
 from hecate.parallel.topology import Meshes, ParallelDims, build_meshes
 
 EXPERT_WEIGHTS = ("w1", "w2", "w3")
@@ -91,11 +92,11 @@ class Parallel:
 
     # ---- what changes in the model --------------------------------------------------------------
 
-    def apply(self, model: nn.Module, micro_batches: int = 1) -> None:
+    def apply(self, model: nn.Module, micro: MicroBatch | None = None) -> None:
         """Expert-parallel dispatch with local experts only, and router statistics over the micro-batch's ranks.
         Call on a model that holds every expert (built from the run's seed), before the optimizer is built.
         Under tp, pp or etp the model is first cut to this rank's pipeline stages and split over tp, and its
-        ``micro_batches`` per step go through a pipeline schedule (:mod:`hecate.parallel.model_parallel`)."""
+        ``micro`` batches per step go through a pipeline schedule (:mod:`hecate.parallel.model_parallel`)."""
         mp = self.model_parallel
         if mp is not None:
             mp.split_model(model)
@@ -117,7 +118,7 @@ class Parallel:
             self._averager = (GradientAverager(dense, experts, self.dp, expert_dp, self.dims.dp) if mp is None
                               else mp.averager(model, experts, self.dp, expert_dp))
         if mp is not None:
-            mp.build_pipeline(model, micro_batches, self.cross_entropy)
+            mp.build_pipeline(model, micro, self.cross_entropy)
 
     @property
     def pipeline(self):

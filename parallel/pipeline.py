@@ -122,6 +122,18 @@ class _RouterLossGrad(torch.autograd.Function):
 
 
 @dataclass
+class MicroBatch:
+    """What one step feeds the pipeline. Stages are given their input and output shapes from it, so that torch
+    does not infer them by running a stage's forward on uninitialised inputs (which would also run the MoE
+    layers' collectives and record router losses of garbage)."""
+
+    count: int  # micro-batches per step
+    rows: int  # B, on this data-parallel rank
+    seq_len: int
+    logits_dtype: torch.dtype = torch.float32  # bf16 under autocast
+
+
+@dataclass
 class PipelineLosses:
     """One step's values, summed over stages: the same on every rank of a pipeline."""
 
@@ -135,21 +147,29 @@ class PipelineLosses:
 class Pipeline:
     """This rank's stages of the model and the schedule that runs them (built by :meth:`Parallel.apply`)."""
 
-    def __init__(self, model: nn.Module, split: list[list[int]], group: dist.ProcessGroup, micro_batches: int,
-                 loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], moe_blocks: list[int], num_experts: int):
+    def __init__(self, model: nn.Module, split: list[list[int]], group: dist.ProcessGroup, micro: MicroBatch,
+                 tp: int, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], moe_blocks: list[int],
+                 num_experts: int):
         self.group = group
         self.pp, self.pp_rank = dist.get_world_size(group), dist.get_rank(group)
-        self.split, self.moe_blocks, self.micro_batches = split, moe_blocks, micro_batches
+        self.split, self.moe_blocks, self.micro_batches = split, moe_blocks, micro.count
         self.num_experts = num_experts
         self.num_stages = len(split)
         self.mine = [s for s in range(self.num_stages) if s % self.pp == self.pp_rank]
         self.chunks = {s: stage_view(model, split[s], s == 0, s == self.num_stages - 1) for s in self.mine}
-        stages = [PipelineStage(self.chunks[s], s, self.num_stages, torch.device("cpu"), group=group)
+        activations = torch.empty(micro.rows // tp, micro.seq_len, model.cfg.dim, device="meta", requires_grad=True)
+        tokens = torch.empty(micro.rows, micro.seq_len, dtype=torch.long, device="meta")
+        vocab = model.vocab_size // tp
+        logits = torch.empty(micro.rows, micro.seq_len, vocab, dtype=micro.logits_dtype, device="meta",
+                             requires_grad=True)
+        stages = [PipelineStage(self.chunks[s], s, self.num_stages, torch.device("cpu"), group=group,
+                                input_args=tokens if s == 0 else activations,
+                                output_args=logits if s == self.num_stages - 1 else activations)
                   for s in self.mine]
         if len(stages) == 1:
-            self.schedule = Schedule1F1B(stages[0], micro_batches, loss_fn=loss_fn)
+            self.schedule = Schedule1F1B(stages[0], micro.count, loss_fn=loss_fn)
         else:
-            self.schedule = ScheduleInterleaved1F1B(stages, micro_batches, loss_fn=loss_fn)
+            self.schedule = ScheduleInterleaved1F1B(stages, micro.count, loss_fn=loss_fn)
         self.is_last = self.num_stages - 1 in self.mine
         self.moe_layers = {i: layer for i, layer in model.moe_layers().items()}
         self._record: dict[str, torch.Tensor] = {}
@@ -196,3 +216,10 @@ class Pipeline:
             if s < self.num_stages - 1:
                 dist.send(x.contiguous(), group=self.group, group_dst=(s + 1) % self.pp)
         return x if self.is_last else None
+
+
+def bubble_fraction(pp: int, virtual: int, micro_batches: int) -> float:
+    """The schedule's idle share of a step in theory (equal stage times, no communication): 1F1B idles
+    (pp - 1) stage-slots per rank out of m + pp - 1; interleaving v stages per rank shrinks the slots to 1 / v."""
+    idle = (pp - 1) / virtual
+    return idle / (micro_batches + idle)

@@ -22,6 +22,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from hecate.collectives.errors import HecateError, TrainingError
 from hecate.parallel.parallelize import Parallel
+from hecate.parallel.pipeline import MicroBatch
 from hecate.trainer import checkpoint as ckpt
 from hecate.trainer.config import RunConfig
 from hecate.trainer.data import TrainLoader, ValLoader, load_manifest, token_bytes
@@ -74,7 +75,9 @@ class Trainer:
         self.model = build_model(cfg.model, cfg.moe, self.vocab_size, cfg.train.seed)
         if cfg.train.init_from:
             import_weights(Path(cfg.train.init_from), self.model, self.checkpoint_identity())
-        parallel.apply(self.model, micro_batches=cfg.train.grad_accum)
+        rows = cfg.train.global_batch // cfg.train.grad_accum // parallel.dp_size
+        parallel.apply(self.model, MicroBatch(cfg.train.grad_accum, rows, cfg.model.seq_len,
+                                              torch.bfloat16 if cfg.train.dtype == "bf16" else torch.float32))
         self.nonfinite = NonFiniteTracer(self.model)
         self.checkpointer = ckpt.Checkpointer(self.run_dir / "checkpoints", cfg.checkpoint.keep, parallel,
                                               async_save=cfg.checkpoint.async_save)
