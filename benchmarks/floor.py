@@ -7,9 +7,10 @@ x w1 and h w2, backward two GEMMs per forward GEMM (input gradient, weight gradi
 router's x gate (three T x D x E GEMMs). Elementwise work (GELU, permutes, the weighted combine) is left out on
 purpose: it is overhead the floor does not forgive. The throughput is measured on exactly the layer's six GEMM
 shapes at balanced rows (under expert parallelism an expert's owner computes P T K / E rows), fp32, one thread,
-outputs written into reused buffers (``torch.mm(out=)``), the median of repeated rounds: what one core's BLAS
-reaches on this work. Rank 0 measures it while the other ranks wait (the machine's other users are not
-stopped, so on a shared machine it is what one core reaches under that load).
+outputs written into reused buffers (``torch.mm(out=)``), the median of repeated rounds timed in the process's
+CPU time (``time.process_time``): what one core's BLAS reaches on this work while it runs it, which other work
+on a shared machine does not dilute (on an idle machine CPU time and wall time agree). Rank 0 measures it while
+the other ranks wait.
 With P ranks of one thread on C cores the ranks share min(P, C) cores, so
 
     compute floor (s) = P x FLOPs per rank / (min(P, C) x single-thread FLOP/s).
@@ -79,11 +80,11 @@ def matmul_flops_per_s(shape: LayerShape, rows: int, rounds: int = 15, warmup: i
     flops = 6 * 2 * rows * shape.dim * shape.ffn_dim
     times = []
     for i in range(warmup + rounds):
-        start = time.perf_counter()
+        start = time.process_time()
         for a, b, out in gemms:
             torch.mm(a, b, out=out)
         if i >= warmup:
-            times.append(time.perf_counter() - start)
+            times.append(time.process_time() - start)
     return flops / statistics.median(times)
 
 

@@ -24,7 +24,10 @@ pair counts must agree exactly); DeepSpeed with capacity reports the pairs it dr
 All systems run in the same worker processes, taking turns step by step (the starting system rotates each
 round), warm-up rounds discarded, so the machine's background load falls on all alike. A step's time is the
 slowest rank's forward + backward; a system's figure is the median over measured rounds (min and max beside
-it), and its ratio to DeepSpeed dropless is the median of the per-round ratios. The floors come from
+it), and its ratio to DeepSpeed dropless is the median of the per-round ratios. Beside the wall time, each step's
+CPU time summed over ranks (``time.process_time``) is kept: on a machine shared with other work it says how much
+work a system did, which the machine's load does not inflate the way it inflates wall time; its multiple of the
+floor is CPU seconds x single-thread FLOP/s / (P x FLOPs per rank). The floors come from
 ``benchmarks/floor.py``'s measurements, taken in the same workers before the steps. Peak memory is the largest,
 over ranks, of live tensor bytes at the peak of one extra step (``MemTracker``: parameters, gradients,
 activations, temporaries; not the allocator's own overhead). One more step of rank 0 runs under
@@ -102,17 +105,19 @@ class System:
     def after_step(self) -> None:
         """Between steps, untimed (e.g. the FSSDP engine plans the next step)."""
 
-    def step(self, x_TD: torch.Tensor) -> float:
+    def step(self, x_TD: torch.Tensor) -> tuple[float, float]:
+        """(the slowest rank's wall seconds, the CPU seconds of all ranks together) of forward + backward."""
         dist.barrier()
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         self.forward(x_TD).square().mean().backward()
-        seconds = time.perf_counter() - start
+        seconds, cpu = time.perf_counter() - start, time.process_time() - cpu_start
         self.module.zero_grad(set_to_none=True)
         x_TD.grad = None
         self.after_step()
-        slowest = torch.tensor([seconds], dtype=torch.float64)
+        slowest, cpu_total = torch.tensor([seconds], dtype=torch.float64), torch.tensor([cpu], dtype=torch.float64)
         dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
-        return slowest.item()
+        dist.all_reduce(cpu_total)
+        return slowest.item(), cpu_total.item()
 
     def expert_grads(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The gradients of every expert's w1 [E, D, F] and w2 [E, F, D], gathered from their ranks."""
@@ -304,6 +309,12 @@ def peak_memory(system: System, x_TD: torch.Tensor) -> int:
     return tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"]
 
 
+def _all_ranks(value: int) -> list[int]:
+    values = [torch.zeros(1, dtype=torch.long) for _ in range(dist.get_world_size())]
+    dist.all_gather(values, torch.tensor([value]))
+    return [int(v) for v in values]
+
+
 def worker(config: Config) -> dict:
     """This rank's measurements: floors, agreement, step times by system and round, peak memory, profiles."""
     if any(name.startswith("deepspeed") for name in config.systems):
@@ -322,20 +333,23 @@ def worker(config: Config) -> dict:
         for system in systems:
             system.step(x_TD)
     times: dict[str, list[float]] = {s.name: [] for s in systems}
+    cpu_times: dict[str, list[float]] = {s.name: [] for s in systems}
     for i in range(config.iters):
         start = i % len(systems)
         for system in systems[start:] + systems[:start]:
-            times[system.name].append(system.step(x_TD))
+            wall, cpu = system.step(x_TD)
+            times[system.name].append(wall)
+            cpu_times[system.name].append(cpu)
     peaks = {s.name: peak_memory(s, x_TD) for s in systems}
     peak_ranks = {}
     for name, peak in peaks.items():
         value = torch.tensor([peak], dtype=torch.float64)
         dist.all_reduce(value, op=dist.ReduceOp.MAX)
         peak_ranks[name] = int(value.item())
-    extra = {s.name: {"rows_per_rank": s.layer.last_rows, "replicas": s.engine.last_replicas}
+    extra = {s.name: {"rows_by_rank": _all_ranks(s.layer.last_rows), "replicas": s.engine.last_replicas}
              for s in systems if isinstance(s, HecateFSSDP)}
     profiles = {s.name: profile_step(s, x_TD) for s in systems}
-    return {"floor": measured_floor, "agreement": agreements, "times": times, "peak": peak_ranks,
+    return {"floor": measured_floor, "agreement": agreements, "times": times, "cpu_times": cpu_times, "peak": peak_ranks,
             "profiles": profiles, "extra": extra}
 
 
@@ -364,6 +378,12 @@ def rows_for(config: Config, world: int, result: dict) -> list[dict]:
             ratio = paired_ratio(times, result["times"][BASELINE])
             row.update({f"ratio_to_{BASELINE}": round(ratio[0], 3),
                         f"ratio_to_{BASELINE}_min_max": [round(ratio[1], 3), round(ratio[2], 3)]})
+        cpu = result["cpu_times"][name]
+        row.update({"cpu_ms_all_ranks": round(1e3 * statistics.median(cpu), 1),
+                    "cpu_x_floor_flops": round(statistics.median(cpu) * measured["single_thread_flops"]
+                                               / (world * config.shape.flops()), 3)})
+        if BASELINE in result["cpu_times"]:
+            row[f"cpu_ratio_to_{BASELINE}"] = round(paired_ratio(cpu, result["cpu_times"][BASELINE])[0], 3)
         row.update({"x_compute_floor": round(median / floors["compute_floor_s"], 3),
                     "x_compute_and_comm_floor": round(median / floors["floor_s"], 3),
                     "compute_floor_ms": round(1e3 * floors["compute_floor_s"], 1),
@@ -388,7 +408,7 @@ def run(config: Config, world: int) -> list[dict]:
 
 def print_table(rows: list[dict]) -> None:
     print(f"{'ranks':>5}  {'system':<20}{'step ms':>8}{'min':>8}{'max':>8}{'x DS dropless':>14}{'(min, max)':>16}"
-          f"{'x compute floor':>16}{'x floor':>8}{'peak MiB':>9}  agreement")
+          f"{'x compute floor':>16}{'x floor':>8}{'CPU ms':>8}{'CPU x DS':>9}{'CPU x floor':>12}{'peak MiB':>9}  agreement")
     for r in rows:
         ratio = r.get(f"ratio_to_{BASELINE}", float("nan"))
         lo, hi = r.get(f"ratio_to_{BASELINE}_min_max", (float("nan"), float("nan")))
@@ -400,7 +420,9 @@ def print_table(rows: list[dict]) -> None:
                     + f"{max(v for k, v in agree.items() if k != 'routing_identical'):.1e}") if agree else "-"
         print(f"{r['world_size']:>5}  {r['system']:<20}{r['step_ms']:>8.1f}{r['step_ms_min']:>8.1f}"
               f"{r['step_ms_max']:>8.1f}{ratio:>14.3f}{f'({lo:.3f}, {hi:.3f})':>16}{r['x_compute_floor']:>16.3f}"
-              f"{r['x_compute_and_comm_floor']:>8.3f}{r['peak_mib']:>9.1f}  {text}")
+              f"{r['x_compute_and_comm_floor']:>8.3f}{r['cpu_ms_all_ranks']:>8.0f}"
+              f"{r.get(f'cpu_ratio_to_{BASELINE}', float('nan')):>9.3f}{r['cpu_x_floor_flops']:>12.3f}"
+              f"{r['peak_mib']:>9.1f}  {text}")
 
 
 def goals(rows: list[dict]) -> list[str]:
