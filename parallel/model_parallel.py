@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -34,7 +35,8 @@ from hecate.parallel.moe.expert_tensor_parallel import HIDDEN_DIM, ExpertTensorP
 from hecate.parallel.moe.losses import Reduce, RouterSums
 from hecate.parallel.pipeline import MicroBatch, Pipeline, block_costs, keep_stages, stage_blocks
 from hecate.parallel.tensor_parallel import (check_tensor_parallel, parallelize_attention, parallelize_embeddings,
-                                             parallelize_ffn, scale_grad, unsplit, vocab_parallel_cross_entropy)
+                                             parallelize_ffn, scale_grad, split_for, unsplit,
+                                             vocab_parallel_cross_entropy)
 from hecate.parallel.topology import Meshes, ParallelDims
 
 
@@ -184,21 +186,85 @@ class ModelParallel:
     def cross_entropy(self, logits_NV: torch.Tensor, targets_N: torch.Tensor, reduction: str) -> torch.Tensor:
         return vocab_parallel_cross_entropy(logits_NV, targets_N, self.tp, self.vocab_start, reduction)
 
-    def gather_full(self, model: nn.Module, tensors: dict[str, torch.Tensor],
-                    gather_experts: Callable[[nn.Module, dict], dict]) -> dict[str, torch.Tensor]:
-        """Parameter-shaped tensors by name as one process holds them: etp shards, then ep (``gather_experts``),
-        then tp shards joined, then every pipeline stage's names merged. Collective over the world."""
+    def gather_shards(self, model: nn.Module, tensors: dict[str, torch.Tensor],
+                      gather_experts: Callable[[nn.Module, dict], dict]) -> dict[str, torch.Tensor]:
+        """This stage's parameter-shaped tensors by name, whole: etp shards, then ep (``gather_experts``), then tp
+        shards joined. Collective over the stage."""
         full = {name: t.detach().clone() for name, t in tensors.items()}
         if self.etp is not None:
             for name in full:
-                weight = name.rpartition(".")[2]
-                if ".experts." in name and weight in HIDDEN_DIM:
+                if _expert_weight(name):
                     shards = self._all_gather(full[name], self.etp)
-                    full[name] = torch.cat(shards.unbind(0), dim=HIDDEN_DIM[weight])
+                    full[name] = torch.cat(shards.unbind(0), dim=HIDDEN_DIM[_expert_weight(name)])
         full = gather_experts(model, full)
         for name, how in self.tp_split.items():
             if name in full:
                 full[name] = unsplit(self._all_gather(full[name], self.tp), how)
+        return full
+
+    def local(self, name: str, full: torch.Tensor, local_experts: Callable[[str, torch.Tensor], torch.Tensor]
+              ) -> torch.Tensor:
+        """Undo :meth:`gather_shards` for one tensor: this rank's shard (``local_experts`` picks its experts)."""
+        if name in self.tp_split:
+            full = split_for(full, self.tp_split[name], self.tp.rank, self.dims.tp)
+        if _expert_weight(name):
+            full = local_experts(name, full)
+            if self.etp is not None:
+                full = full.chunk(self.dims.etp, dim=HIDDEN_DIM[_expert_weight(name)])[self.etp.rank]
+        return full.clone()
+
+    def to_checkpoint(self, model: nn.Module, state: dict[str, Any],
+                      gather_experts: Callable[[nn.Module, dict], dict]) -> dict[str, Any]:
+        """A ``get_state_dict`` pair with every split tensor (weights and AdamW moments) whole, so that it is saved
+        once and loads into any layout; under pp each stage saves its own names. Collective over the stage."""
+        names = [n for n in state["model"] if n in self.tp_split or _expert_weight(n)]
+        model_sd = {**state["model"], **self.gather_shards(model, {n: state["model"][n] for n in names},
+                                                             gather_experts)}
+        optim_state = {name: dict(values) for name, values in state["optim"]["state"].items()}
+        for key in ("exp_avg", "exp_avg_sq"):
+            moments = {n: optim_state[n][key] for n in names if key in optim_state.get(n, {})}
+            for name, whole in self.gather_shards(model, moments, gather_experts).items():
+                optim_state[name][key] = whole
+        groups = [dict(group) for group in state["optim"]["param_groups"]]
+        if self.pp_group is not None:
+            self._rename_tied_copy(model, optim_state, groups, "lm_head.weight", "tok_emb.weight")
+            stages: list[list[list[str]]] = [None] * self.dims.pp
+            dist.all_gather_object(stages, [group["params"] for group in groups], group=self.pp_group)
+            for i, group in enumerate(groups):  # every stage saves the same (whole-model) groups
+                group["params"] = list(dict.fromkeys(fqn for stage in stages for fqn in stage[i]))
+        return {"model": model_sd, "optim": {**state["optim"], "state": optim_state, "param_groups": groups}}
+
+    def _rename_tied_copy(self, model: nn.Module, optim_state: dict, groups: list[dict], old: str, new: str) -> None:
+        """The last stage's copy of the tied embedding is saved under the embedding's name (the first stage saves
+        the same values): one process holds one optimizer state for the tied pair."""
+        if not self._is_tied_copy(model, "lm_head.weight"):
+            return
+        if old in optim_state:
+            optim_state[new] = optim_state.pop(old)
+        for group in groups:
+            group["params"] = [new if fqn == old else fqn for fqn in group["params"]]
+
+    def from_checkpoint(self, model: nn.Module, state: dict[str, Any],
+                        local_experts: Callable[[str, torch.Tensor], torch.Tensor]) -> dict[str, Any]:
+        """Undo :meth:`to_checkpoint` on loaded tensors."""
+        model_sd = {n: self.local(n, t, local_experts) if n in self.tp_split or _expert_weight(n) else t
+                    for n, t in state["model"].items()}
+        optim_state = {name: {k: self.local(name, v, local_experts) if v.dim() > 0 and (
+            name in self.tp_split or _expert_weight(name)) else v for k, v in values.items()}
+            for name, values in state["optim"]["state"].items()}
+        groups = [dict(group) for group in state["optim"]["param_groups"]]
+        if self.pp_group is not None:
+            mine = {"tok_emb.weight" if self._is_tied_copy(model, n) else n for n, _ in model.named_parameters()}
+            for group in groups:
+                group["params"] = [fqn for fqn in group["params"] if fqn in mine]
+            self._rename_tied_copy(model, optim_state, groups, "tok_emb.weight", "lm_head.weight")
+        return {"model": model_sd, "optim": {**state["optim"], "state": optim_state, "param_groups": groups}}
+
+    def gather_full(self, model: nn.Module, tensors: dict[str, torch.Tensor],
+                    gather_experts: Callable[[nn.Module, dict], dict]) -> dict[str, torch.Tensor]:
+        """Parameter-shaped tensors by name as one process holds the whole model: :meth:`gather_shards`, then
+        every pipeline stage's names merged. Collective over the world."""
+        full = self.gather_shards(model, tensors, gather_experts)
         if self.pp_group is not None:
             stages: list[dict] = [None] * self.dims.pp
             dist.all_gather_object(stages, full, group=self.pp_group)
@@ -212,3 +278,9 @@ class ModelParallel:
         """[ranks, *local.shape]: every rank's ``local``."""
         out = local.new_empty((transport.world_size * local.shape[0], *local.shape[1:]))
         return transport.all_gather(out, local.contiguous(), name="gather_full").wait().view(-1, *local.shape)
+
+
+def _expert_weight(name: str) -> str | None:
+    """``w1`` / ``w2`` / ``w3`` when ``name`` is an expert weight (e.g. ``blocks.1.ffn.experts.w1``), else None."""
+    prefix, _, weight = name.rpartition(".")
+    return weight if prefix.endswith(".experts") and weight in HIDDEN_DIM else None

@@ -218,6 +218,8 @@ class Parallel:
         and AdamW moments) becomes a DTensor sharded over ep, replicated over edp; under FSSDP, whose owners
         need not be contiguous, the full tensor in expert order. Copies the per-parameter dicts: the optimizer's
         ``state_dict`` shares them with the live optimizer."""
+        if self.model_parallel is not None:
+            return self.model_parallel.to_checkpoint(model, state, self.gather_experts)
         if self.engine is None and self.dims.ep == 1:
             return state
         if self.engine is not None:
@@ -231,6 +233,8 @@ class Parallel:
 
     def from_checkpoint(self, model: nn.Module, state: dict[str, Any]) -> dict[str, Any]:
         """Undo :meth:`to_checkpoint` on loaded tensors: this rank's rows of every expert tensor."""
+        if self.model_parallel is not None:
+            return self.model_parallel.from_checkpoint(model, state, self._local_experts)
         if self.engine is None and self.dims.ep == 1:
             return state
         if self.engine is not None:
@@ -238,6 +242,12 @@ class Parallel:
         else:
             convert = lambda name, t: t.to_local()  # noqa: E731
         return _map_expert_state(model, state, convert)
+
+    def _local_experts(self, name: str, full_E: torch.Tensor) -> torch.Tensor:
+        """This rank's experts of a whole [E, ...] expert tensor."""
+        if self.engine is not None:
+            return self.engine.layer_of(name).local(full_E)
+        return full_E.chunk(self.dims.ep)[self.ep.rank] if self.dims.ep > 1 else full_E
 
     def state_dict(self) -> dict[str, Any]:
         """Small, JSON-able state beyond the tensors that a resumed run needs (FSSDP owners and load windows, and

@@ -177,6 +177,14 @@ def unsplit(shards: torch.Tensor, how: str) -> torch.Tensor:
     return torch.cat(shards.unbind(0), dim=0 if how == ROWS else 1)
 
 
+def split_for(whole: torch.Tensor, how: str, rank: int, parts: int) -> torch.Tensor:
+    """The inverse of :func:`unsplit`: ``rank``'s shard of the whole tensor."""
+    if how == QKV:
+        rows, cols = whole.shape
+        return whole.view(3, parts, rows // (3 * parts), cols)[:, rank].reshape(-1, cols)
+    return whole.chunk(parts, dim=0 if how == ROWS else 1)[rank]
+
+
 def parallelize_attention(attn: nn.Module, tp: Transport) -> dict[nn.Parameter, str]:
     """Keep H / tp heads of q, k and v (column-parallel) and the matching input columns of the output
     projection (row-parallel). Returns the parameters that are now split over tp, and how."""

@@ -81,3 +81,40 @@ def test_layout_matches_single_process(name, results, reference):
 def test_skewed_fssdp_materializes_replicas(results):
     """Without replicas the FSSDP case would test plain expert parallelism only."""
     assert sum(results["pp2-fssdp2-skewed"]["replicas"]) > 0
+
+
+CHECKPOINT_LAYOUTS = {"pp2-tp2-ep2": ["parallel.pp=2", "parallel.tp=2", "parallel.ep=2"],
+                      "etp2-ep2": ["parallel.ep=2", "parallel.etp=2"]}
+
+
+def train_and_save(cfg_dicts: list[dict]) -> list[dict] | None:
+    """Two steps, a checkpoint; rank 0 returns the whole model's weights and AdamW moments as gathered."""
+    results = []
+    for cfg_dict in cfg_dicts:
+        cfg = config_from_dict(cfg_dict)
+        parallel = Parallel.from_world(cfg.parallel, cfg.moe.num_experts, cfg.model.n_layers, cfg.model.n_heads)
+        trainer = Trainer(cfg, parallel=parallel)
+        for step in range(cfg.train.steps):
+            trainer.train_step(step)
+        trainer.step = cfg.train.steps
+        trainer.save()
+        named = dict(trainer.model.named_parameters())
+        moments = {n: trainer.optimizer.state[p]["exp_avg"] for n, p in named.items()}
+        results.append({"params": parallel.gather_full(trainer.model, named),
+                        "exp_avg": parallel.gather_full(trainer.model, moments)})
+    return results if parallel.rank == 0 else None
+
+
+def test_checkpoint_of_split_layouts_loads_into_one_process(small_data, tmp_path):
+    """Tensor-, pipeline- and expert-tensor-split weights and moments are saved whole and resume on one process."""
+    cfgs = [small_config(small_data, tmp_path / name, overrides, 2).to_dict()
+            for name, overrides in CHECKPOINT_LAYOUTS.items()]
+    saved = run_workers(train_and_save, WORLD, cfgs, timeout_s=300)[0]
+    for name, got in zip(CHECKPOINT_LAYOUTS, saved):
+        trainer = Trainer(small_config(small_data, tmp_path / name, [], 2), resume=True)
+        assert trainer.step == 2
+        named = dict(trainer.model.named_parameters())
+        assert named.keys() == got["params"].keys()
+        for n, p in named.items():
+            assert torch.equal(p.detach(), got["params"][n]), f"{name}: weight {n}"
+            assert torch.equal(trainer.optimizer.state[p]["exp_avg"], got["exp_avg"][n]), f"{name}: moment {n}"
