@@ -3,7 +3,11 @@ fraction of this machine's matmul peak (MFU) is that?
 
 Each run is the real thing: ``hecate train examples/tiny.yaml --simulate N`` (N worker processes, gloo, each
 with ``cores // N`` threads, at least one), with experts split over all ranks (``parallel.ep=N``; the dense layers
-data-parallel over the same ranks), a short run (``--steps``), evaluation and checkpoint only at the end. The
+data-parallel over the same ranks), a short run (``--steps``), evaluation and checkpoint only at the end. One rank
+is a plain ``hecate train`` with ``OMP_NUM_THREADS=1``: one thread per rank everywhere, so the three sizes compare
+like for like (and because a two-thread process is ruinous on a shared machine: while other work keeps the cores
+busy, its two OpenMP threads rarely run at once and every parallel region waits - measured here, 40-77 s per
+step instead of about 1 s). The
 figures come from the run's ``metrics.jsonl``: every step's ``step_time_s`` (data, forward, backward, gradient
 averaging, clipping, optimizer) with the first ``--skip`` steps dropped as warm-up; tokens/s is the step's tokens
 (global batch x sequence) over its time. World sizes take turns (1, 2, 4, 1, 2, 4, ... for ``--repeats``) so
@@ -19,8 +23,9 @@ that the machine's background load falls on all alike; the figures are over all 
 
 Norms, activations, softmax and the optimizer are not counted (the usual convention, as in PaLM's MFU).
 **Peak** = the measured single-thread matmul throughput of the precision used (a 1024^3 ``torch.mm``, fp32 or
-bf16, one thread, median of rounds; measured before every run, the median taken) x the cores the run can use
-(min(cores, ranks x threads per rank) - 2 here for every N, since 4 ranks of one thread share 2 cores).
+bf16, one thread, median of rounds timed in CPU time as in ``floor.py``; measured before every run, the median
+taken) x the cores the run can use
+(min(cores, ranks x threads per rank): 1, 2 and 2 here, since 4 ranks of one thread share 2 cores).
 MFU = FLOPs per token x tokens/s / peak.
 
     python benchmarks/end_to_end.py --json runs/end_to_end.json
@@ -44,7 +49,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def matmul_peak_flops(dtype: torch.dtype, n: int = 1024, rounds: int = 10, warmup: int = 2) -> float:
-    """Single-thread FLOP/s of an n x n x n ``torch.mm`` into a reused output (median of rounds)."""
+    """Single-thread FLOP/s of an n x n x n ``torch.mm`` into a reused output (median of rounds, CPU time)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -53,10 +58,10 @@ def matmul_peak_flops(dtype: torch.dtype, n: int = 1024, rounds: int = 10, warmu
         out = torch.empty(n, n, dtype=dtype)
         times = []
         for i in range(warmup + rounds):
-            start = time.perf_counter()
+            start = time.process_time()
             torch.mm(a, b, out=out)
             if i >= warmup:
-                times.append(time.perf_counter() - start)
+                times.append(time.process_time() - start)
         return 2 * n**3 / statistics.median(times)
     finally:
         torch.set_num_threads(threads)
@@ -80,17 +85,26 @@ def flops_per_token(cfg) -> float:
     return 3 * forward
 
 
+def threads_per_rank(world: int, cores: int) -> int:
+    """What ``hecate train --simulate N`` gives each rank; the single process runs with one thread."""
+    return max(1, cores // world) if world > 1 else 1
+
+
 def run_once(config: Path, world: int, steps: int, dtype: str, run_dir: Path) -> list[dict]:
     """One short training run; returns its per-step metrics lines."""
     hecate = Path(sys.executable).parent / "hecate"
     overrides = [f"train.steps={steps}", f"train.run_dir={run_dir}", f"train.dtype={dtype}", "train.eval_every=0",
                  "train.eval_batches=1", "checkpoint.every=0", "logging.progress=false"]
+    command = [str(hecate), "train", str(config), "--fresh"]
+    env = dict(os.environ)
     if world > 1:
         overrides.append(f"parallel.ep={world}")
-    command = [str(hecate), "train", str(config), "--simulate", str(world), "--fresh"]
+        command += ["--simulate", str(world)]
+    else:
+        env["OMP_NUM_THREADS"] = "1"
     for override in overrides:
         command += ["-o", override]
-    subprocess.run(command, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(command, cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL)
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return [line for line in lines if "step_time_s" in line]
 
@@ -126,7 +140,7 @@ def main() -> None:
     flops = flops_per_token(cfg)  # after the runs: the first one prepares the data (vocabulary) when missing
     rows = []
     for world in args.world_sizes:
-        threads = world * max(1, cores // world)
+        threads = world * threads_per_rank(world, cores)
         peak = min(cores, threads) * single_thread
         tokens_per_s = [tokens_per_step / t for t in steps[world]]
         median = statistics.median(tokens_per_s)
