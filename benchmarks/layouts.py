@@ -8,12 +8,12 @@ same 16 sequences x 128 tokens per step as 4 micro-batches of 4 sequences. Figur
 measured rounds (after warm-up rounds), tokens/s = tokens per step / median step time, each step started after a
 barrier and timed on rank 0 (every step ends in collectives that all ranks join).
 
-Bubble, measured without instrumenting the schedule: the step time T(m) with m micro-batches and T(2m) with 2m
-(same micro-batch size) give the time per extra micro-batch t = (T(2m) - T(m)) / m; what is left, T(m) - m t, is
-the pipeline's fill and drain (plus fixed per-step costs: gradient averaging, optimizer); bubble = that / T(m).
-Theory for pp ranks, v stages per rank: ((pp - 1) / v) / (m + (pp - 1) / v). Caveat: 4 processes share 2 cores, so
-a rank idling in the bubble lends its core to the others; the measured bubble is not the one a real pipeline with
-one device per stage would show.
+Bubble: on every rank, the share of the schedule's ``step`` (all forwards and backwards of the step's m
+micro-batches) that is not spent inside its stages' forward or backward of a micro-batch - waiting for activations
+or gradients from the neighbour stage (fill and drain, plus the transfers); the mean over ranks. Theory for pp ranks,
+v stages per rank and equal stage times: ((pp - 1) / v) / (m + (pp - 1) / v). Caveat: 4 processes share 2 cores, so
+a rank idling in the bubble lends its core to the others (and the stages are not equally fast: the last one holds
+the head); the measured bubble is not the one a real pipeline with one device per stage would show.
 
     python benchmarks/layouts.py --json runs/layouts.json
 """
@@ -30,7 +30,6 @@ ROOT = Path(__file__).resolve().parent.parent
 WORLD = 4
 COMMON = ["train.global_batch=16", "train.grad_accum=4", "train.eval_every=0", "checkpoint.every=0",
           "logging.progress=false", "logging.tensorboard=false", "logging.plots=false", "train.dtype=fp32"]
-DOUBLE = ["train.global_batch=32", "train.grad_accum=8"]  # 2m micro-batches of the same size
 LAYOUTS = {  # name: overrides
     "dp4-ep4": ["parallel.ep=4"],
     "dp2-ep2": ["parallel.ep=2"],
@@ -41,10 +40,30 @@ LAYOUTS = {  # name: overrides
     "pp2-tp2": ["parallel.pp=2", "parallel.tp=2"],
     "pp2-interleaved": ["parallel.pp=2", "parallel.pp_virtual=2", "parallel.ep=2"],
     "pp2-fssdp2": ["parallel.pp=2", "fssdp.policy=fssdp"],
-    "pp2-ep2 (2m)": ["parallel.pp=2", "parallel.ep=2", *DOUBLE],
-    "pp2-interleaved (2m)": ["parallel.pp=2", "parallel.pp_virtual=2", "parallel.ep=2", *DOUBLE],
 }
-BUBBLES = {"pp2-ep2": (2, 1), "pp2-interleaved": (2, 2)}  # name: (pp, stages per rank)
+
+
+class BusyClock:
+    """Time spent inside a pipeline's stage forwards and backwards, and inside its schedule's steps."""
+
+    def __init__(self, pipeline):
+        self.busy = self.total = 0.0
+        for stage in pipeline.stages:
+            for method in ("forward_one_chunk", "backward_one_chunk", "backward_weight_one_chunk"):
+                setattr(stage, method, self._timed(getattr(stage, method), "busy"))
+        # the last stage's loss (head logits -> cross-entropy) is work too; the schedule computes it outside its stage
+        pipeline.schedule._maybe_compute_loss = self._timed(pipeline.schedule._maybe_compute_loss, "busy")
+        pipeline.schedule.step = self._timed(pipeline.schedule.step, "total")
+
+    def _timed(self, fn, counter: str):
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                setattr(self, counter, getattr(self, counter) + time.perf_counter() - start)
+
+        return timed
 
 
 def worker(cfg_dicts: dict[str, dict], warmup: int, rounds: int) -> dict[str, list[float]] | None:
@@ -60,15 +79,22 @@ def worker(cfg_dicts: dict[str, dict], warmup: int, rounds: int) -> dict[str, li
         parallel = Parallel.from_world(cfg.parallel, cfg.moe.num_experts, cfg.model.n_layers, cfg.model.n_heads,
                                        cfg.fssdp)
         trainers[name] = Trainer(cfg, parallel=parallel)
+    clocks = {name: BusyClock(t.parallel.pipeline) for name, t in trainers.items() if t.parallel.pipeline}
     times: dict[str, list[float]] = {name: [] for name in trainers}
     for step in range(warmup + rounds):
         for name, trainer in trainers.items():
             dist.barrier()
+            if step == warmup and name in clocks:
+                clocks[name].busy = clocks[name].total = 0.0
             start = time.perf_counter()
             trainer.train_step(step)
             if step >= warmup:
                 times[name].append(time.perf_counter() - start)
-    return times if dist.get_rank() == 0 else None
+    idle = {name: 1 - clock.busy / clock.total for name, clock in clocks.items()}
+    every_rank: list[dict] = [None] * dist.get_world_size()
+    dist.all_gather_object(every_rank, idle)
+    bubbles = {name: statistics.mean(rank[name] for rank in every_rank) for name in clocks}
+    return {"times": times, "bubbles": bubbles} if dist.get_rank() == 0 else None
 
 
 def main() -> None:
@@ -86,20 +112,20 @@ def main() -> None:
     cfgs = {name: load_config(ROOT / "examples/tiny.yaml", [
         f"data.dir={ROOT / 'data/stdlib'}", f"train.run_dir={runs / name.replace(' ', '')}", *COMMON, *overrides,
     ]).to_dict() for name, overrides in LAYOUTS.items()}
-    times = run_workers(worker, WORLD, cfgs, args.warmup, args.rounds, timeout_s=1800)[0]
+    measured = run_workers(worker, WORLD, cfgs, args.warmup, args.rounds, timeout_s=1800)[0]
+    times = measured["times"]
     rows = []
     for name, cfg in cfgs.items():
         median = statistics.median(times[name])
         tokens = cfg["train"]["global_batch"] * cfg["model"]["seq_len"]
         rows.append({"layout": name, "step_s_median": median, "tokens_per_s": tokens / median,
                      "step_s": times[name]})
-    by_name = {r["layout"]: r for r in rows}
-    for name, (pp, virtual) in BUBBLES.items():
-        m = cfgs[name]["train"]["grad_accum"]
-        once, twice = by_name[name]["step_s_median"], by_name[f"{name} (2m)"]["step_s_median"]
-        per_micro = (twice - once) / m
-        by_name[name]["bubble_measured"] = (once - m * per_micro) / once
-        by_name[name]["bubble_theory"] = bubble_fraction(pp, virtual, m)
+    for row in rows:
+        if row["layout"] in measured["bubbles"]:
+            parallel = cfgs[row["layout"]]["parallel"]
+            row["bubble_measured"] = measured["bubbles"][row["layout"]]
+            row["bubble_theory"] = bubble_fraction(parallel["pp"], parallel["pp_virtual"],
+                                                   cfgs[row["layout"]]["train"]["grad_accum"])
     print(f"{'layout':<22} {'step s (median)':>16} {'tokens/s':>10} {'bubble':>8} {'theory':>8}")
     for r in rows:
         bubble = f"{r['bubble_measured']:.1%}" if "bubble_measured" in r else ""

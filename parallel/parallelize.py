@@ -25,7 +25,7 @@ from hecate.parallel.fssdp.engine import FssdpEngine
 from hecate.parallel.moe import MoE
 from hecate.parallel.moe.ep_dispatcher import ExpertParallelDispatcher
 from hecate.parallel.model_parallel import ModelParallel
-from hecate.parallel.pipeline import MicroBatch
+from hecate.parallel.pipeline import MicroBatch, Pipeline
 from hecate.parallel.topology import Meshes, ParallelDims, build_meshes
 
 EXPERT_WEIGHTS = ("w1", "w2", "w3")
@@ -121,7 +121,7 @@ class Parallel:
             mp.build_pipeline(model, micro, self.cross_entropy)
 
     @property
-    def pipeline(self):
+    def pipeline(self) -> Pipeline | None:
         """The pipeline schedule of this rank's stages (pp > 1), else None."""
         return self.model_parallel.pipeline if self.model_parallel is not None else None
 

@@ -166,6 +166,7 @@ class Pipeline:
                                 input_args=tokens if s == 0 else activations,
                                 output_args=logits if s == self.num_stages - 1 else activations)
                   for s in self.mine]
+        self.stages = stages
         if len(stages) == 1:
             self.schedule = Schedule1F1B(stages[0], micro.count, loss_fn=loss_fn)
         else:
