@@ -67,22 +67,28 @@ def matmul_peak_flops(dtype: torch.dtype, n: int = 1024, rounds: int = 10, warmu
         torch.set_num_threads(threads)
 
 
-def flops_per_token(cfg) -> float:
-    """Training FLOPs per token of the run config's model (see the module docstring)."""
+def forward_flops_per_token(model, moe, vocab: int) -> dict[str, float]:
+    """Forward FLOPs per token of a model config, by kind: ``matmul`` (weights) and ``attention`` (scores and
+    weighted values); see the module docstring. Training is 3 x their sum."""
     from hecate.trainer.model import is_moe_block
 
-    model, moe = cfg.model, cfg.moe
     d, s = model.dim, model.seq_len
-    vocab = json.loads((ROOT / cfg.data.dir / "manifest.json").read_text())["vocab_size"]
-    forward = 2 * d * vocab
+    matmul, attention = 2 * d * vocab, 0
     for index in range(model.n_layers):
-        forward += 2 * 4 * d * d + 2 * 2 * d * s // 2
+        matmul += 2 * 4 * d * d
+        attention += 2 * 2 * d * s // 2
         if is_moe_block(index, moe):
             expert = 2 * 2 * d * moe.ffn_dim * (1.5 if moe.activation == "swiglu" else 1)
-            forward += 2 * d * moe.num_experts + moe.top_k * expert
+            matmul += 2 * d * moe.num_experts + moe.top_k * expert
         else:
-            forward += 2 * 2 * d * model.dense_ffn_dim
-    return 3 * forward
+            matmul += 2 * 2 * d * model.dense_ffn_dim
+    return {"matmul": matmul, "attention": attention}
+
+
+def flops_per_token(cfg) -> float:
+    """Training FLOPs per token of a run config (the vocabulary comes from its prepared data)."""
+    vocab = json.loads((ROOT / cfg.data.dir / "manifest.json").read_text())["vocab_size"]
+    return 3 * sum(forward_flops_per_token(cfg.model, cfg.moe, vocab).values())
 
 
 def threads_per_rank(world: int, cores: int) -> int:
