@@ -35,6 +35,7 @@ from hecate.trainer.train import Trainer
 from parity import RTOL
 from test_simulate_cli import EXAMPLE, SMALL, hecate, losses, train_args
 
+BASE = ["train.grad_accum=2"]  # two micro-batches: pipeline parallelism needs at least pp of them
 FSSDP2 = ["fssdp.policy=fssdp", "fssdp.reshard_every=2"]  # owners move after steps 2 and 4: heterogeneous owners
 EVERY_2 = ["checkpoint.every=2", "checkpoint.keep=3"]
 KILL_TO_EXIT_S = 30  # the issue's bound: a killed worker ends the job this soon, naming its rank
@@ -42,7 +43,7 @@ JOB_DEADLINE_S = 300
 
 
 def config(data: Path, run: Path, *overrides: str):
-    return load_config(EXAMPLE, [f"data.dir={data}", f"train.run_dir={run}", *SMALL, *overrides])
+    return load_config(EXAMPLE, [f"data.dir={data}", f"train.run_dir={run}", *SMALL, *BASE, *overrides])
 
 
 def step_losses(run: Path) -> dict[int, float]:
@@ -67,7 +68,7 @@ def reference(small_data, tmp_path_factory) -> Path:
 def fssdp_straight(small_data, tmp_path_factory) -> Path:
     """FSSDP on 2 simulated ranks, uninterrupted, saving in the background (checkpoint.async_save)."""
     run = tmp_path_factory.mktemp("fssdp") / "run"
-    done = hecate(*train_args(small_data, run, *FSSDP2, *EVERY_2, "train.steps=6", "checkpoint.async_save=true"),
+    done = hecate(*train_args(small_data, run, *BASE, *FSSDP2, *EVERY_2, "train.steps=6", "checkpoint.async_save=true"),
                   "--simulate", "2", timeout=JOB_DEADLINE_S)
     assert done.returncode == 0, done.stderr
     return run
@@ -92,15 +93,18 @@ def copy_checkpoint(source: Path, step: int, run: Path) -> None:
 def test_checkpoints_reshard_across_layouts_and_continue_the_reference(small_data, tmp_path, reference,
                                                                        fssdp_straight):
     ref = step_losses(reference)
-    chain, from_fssdp = tmp_path / "chain", tmp_path / "from_fssdp"
+    chain, from_fssdp, pp_ep = (tmp_path / name for name in ("chain", "from_fssdp", "pp_ep"))
     copy_checkpoint(reference, 2, chain)  # saved by one process
     copy_checkpoint(fssdp_straight, 2, from_fssdp)  # saved by FSSDP on 2 ranks, owners moved after step 2
     hops = [(config(small_data, chain, "parallel.ep=4", "train.steps=4", *EVERY_2).to_dict(), True),  # 1 -> EP4
             (config(small_data, chain, "parallel.ep=2", "train.steps=6", *EVERY_2).to_dict(), True),  # EP4 -> EP2
-            (config(small_data, from_fssdp, "parallel.ep=4", "train.steps=4", *EVERY_2).to_dict(), True)]  # FSSDP2
+            (config(small_data, from_fssdp, "parallel.ep=4", "train.steps=4", *EVERY_2).to_dict(), True),  # FSSDP2
+            (config(small_data, pp_ep, "parallel.pp=2", "parallel.ep=2", "train.steps=2", *EVERY_2).to_dict(), False),
+            (config(small_data, pp_ep, "parallel.ep=4", "train.steps=4", *EVERY_2).to_dict(), True)]  # PP2xEP2 -> EP4
     run_workers(train_hops, 4, hops, timeout_s=JOB_DEADLINE_S)
     assert_continues(chain, ref, range(3, 7))
     assert_continues(from_fssdp, ref, range(3, 5))
+    assert_continues(pp_ep, ref, range(1, 5))
 
     back = Trainer(config(small_data, from_fssdp, "train.steps=6", *EVERY_2), resume=True)  # EP4 -> one process
     assert back.step == 4
@@ -123,7 +127,7 @@ def test_checkpoints_reshard_across_layouts_and_continue_the_reference(small_dat
 def test_kill_during_save_keeps_previous_checkpoint_and_resume_matches_uninterrupted(small_data, tmp_path,
                                                                                      fssdp_straight):
     run = tmp_path / "run"
-    args = train_args(small_data, run, *FSSDP2, *EVERY_2, "train.steps=6")
+    args = train_args(small_data, run, *BASE, *FSSDP2, *EVERY_2, "train.steps=6")
     failed = hecate(*args, "--simulate", "2", env={FAULT_ENV: "kill@1:save4"}, timeout=JOB_DEADLINE_S)
     ended = time.time()
     assert failed.returncode == 2
@@ -144,7 +148,7 @@ def test_torchrun_max_restarts_resumes_from_last_checkpoint(small_data, tmp_path
     run = tmp_path / "run"
     done = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node", "2", "--max-restarts", "1",
                            "-m", "hecate.launch.worker",
-                           *train_args(small_data, run, *FSSDP2, *EVERY_2, "train.steps=6")[1:]],
+                           *train_args(small_data, run, *BASE, *FSSDP2, *EVERY_2, "train.steps=6")[1:]],
                           capture_output=True, text=True, timeout=JOB_DEADLINE_S,
                           env={**os.environ, FAULT_ENV: "kill@1:3"})  # dies mid-step 3 in the first attempt only
     assert done.returncode == 0, done.stdout + done.stderr
