@@ -48,6 +48,8 @@ def _subgroup(rank_lists: list[list[int]], stats: CommStats) -> TorchTransport:
 
 @dataclasses.dataclass
 class ModelParallel:
+    """This rank's tensor / expert-tensor / pipeline groups and what they split; None groups are degree 1."""
+
     dims: ParallelDims
     virtual: int  # pipeline stages per pipeline rank
     stats: CommStats
