@@ -11,6 +11,7 @@ The MPI and cupy transports import their libraries only when constructed.
 from hecate.collectives.accounting import CommStats, OpStats, delta
 from hecate.collectives.autograd import all_reduce_autograd, all_to_all_autograd
 from hecate.collectives.cupy_transport import CupyNcclTransport
+from hecate.collectives.factory import TRANSPORT_KINDS, transport_from_mesh
 from hecate.collectives.handle import Handle
 from hecate.collectives.mpi_transport import MpiTransport
 from hecate.collectives.placement import MaterializedPlacement, OwnerPlacement
@@ -22,5 +23,6 @@ from hecate.collectives.transport import PeerOp, Transport
 __all__ = [
     "ChunkSpec", "CommStats", "CupyNcclTransport", "ExchangePlan", "Handle", "MaterializedPlacement",
     "MpiTransport", "OpStats", "OwnerPlacement", "PeerOp", "SparseAllGather", "SparseReduceScatter",
-    "TorchTransport", "Transport", "all_reduce_autograd", "all_to_all_autograd", "delta", "gather_plan", "reduce_scatter_plan",
+    "TRANSPORT_KINDS", "TorchTransport", "Transport", "all_reduce_autograd", "all_to_all_autograd", "delta",
+    "gather_plan", "reduce_scatter_plan", "transport_from_mesh",
 ]

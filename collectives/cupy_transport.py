@@ -13,6 +13,7 @@ from functools import partial
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh
 
 from hecate.collectives import traffic
 from hecate.collectives.accounting import CommStats
@@ -74,6 +75,16 @@ class CupyNcclTransport:
             torch.bfloat16: getattr(nccl, "NCCL_BFLOAT16", NCCL_BFLOAT16),
         }
         self._reduce_ops = {"sum": nccl.NCCL_SUM, "max": nccl.NCCL_MAX, "min": nccl.NCCL_MIN}
+
+    @classmethod
+    def from_mesh(cls, mesh: DeviceMesh, dim: int | str = 0, stats: CommStats | None = None) -> CupyNcclTransport:
+        """A NCCL communicator over the same ranks as one dimension of ``mesh``; its unique id travels through the
+        job's torch.distributed store under a key of its own (one per group)."""
+        load_cupy_nccl()  # the clear error without a GPU comes before touching the store
+        ranks = dist.get_process_group_ranks(mesh.get_group(dim))
+        store = dist.distributed_c10d._get_default_store()
+        return cls(store, ranks.index(dist.get_rank()), len(ranks), stats=stats,
+                   key=f"{UNIQUE_ID_KEY}/{dim}/{min(ranks)}")
 
     def _issue(self, name: str, tensors: Sequence[torch.Tensor], enqueue, result=None) -> Handle:
         """Run ``enqueue(stream_ptr)`` on the side stream after the caller's pending work on ``tensors``."""

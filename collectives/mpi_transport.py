@@ -13,6 +13,8 @@ from functools import partial
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh
 
 from hecate.collectives import traffic
 from hecate.collectives.accounting import CommStats
@@ -98,6 +100,23 @@ class MpiTransport:
         self.stats = stats if stats is not None else CommStats()
         self.cuda_aware = is_cuda_aware(self.MPI) if cuda_aware is None else cuda_aware
         self._reduce_ops = {"sum": self.MPI.SUM, "max": self.MPI.MAX, "min": self.MPI.MIN}
+
+    @classmethod
+    def from_mesh(cls, mesh: DeviceMesh, dim: int | str = 0, stats: CommStats | None = None) -> MpiTransport:
+        """An MPI communicator over the same ranks as one dimension of ``mesh``. Every rank of the job must call
+        this in the same order (``MPI_Comm_split`` is collective over COMM_WORLD), and MPI's ranks must be
+        torch.distributed's, which holds when ``mpirun`` started the workers."""
+        MPI = load_mpi()
+        world = MPI.COMM_WORLD
+        if (world.Get_rank(), world.Get_size()) != (dist.get_rank(), dist.get_world_size()):
+            raise TransportUnavailable(
+                f"collectives.transport=mpi needs workers started by mpirun (hecate train --launcher mpi, or "
+                f"mpirun -np N python -m hecate.launch.worker): MPI sees rank {world.Get_rank()} of "
+                f"{world.Get_size()}, torch.distributed rank {dist.get_rank()} of {dist.get_world_size()}"
+            )
+        ranks = dist.get_process_group_ranks(mesh.get_group(dim))
+        comm = world.Split(color=min(ranks), key=ranks.index(dist.get_rank()))
+        return cls(comm, stats)
 
     def _handle(self, name: str, requests: list, buffers: _Buffers, result=None) -> Handle:
         def finish():

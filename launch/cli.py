@@ -243,6 +243,7 @@ def _train_simulated(cfg, world: int, resume: bool, fresh: bool, network=None) -
         raise HecateError(f"--simulate {world}: this machine has {cores} cores; simulate between 1 and "
                           f"{MAX_SIMULATED_PER_CORE * cores} ranks")
     layout_of(cfg, world)
+    _check_transport(cfg, "simulate")
     _ensure_data(cfg.data)
     prepare_run_dir(Path(cfg.train.run_dir), resume, fresh)
     group = start_workers(run_from_environment, world, (cfg.to_dict(), resume),
@@ -261,6 +262,7 @@ def _train_launched(args: argparse.Namespace, cfg) -> dict:
     if args.launcher == "ray" and not args.address:
         raise HecateError("--launcher ray needs --address, the Ray dashboard's address (e.g. http://HEAD:8265)")
     layout_of(cfg, args.workers)
+    _check_transport(cfg, args.launcher)
     _ensure_data(cfg.data)
     run_dir = Path(cfg.train.run_dir)
     prepare_run_dir(run_dir, args.resume, args.fresh)
@@ -275,6 +277,18 @@ def _train_launched(args: argparse.Namespace, cfg) -> dict:
         submit(args.address, args.workers, worker_args, gpus_per_worker=args.gpus_per_worker,
                cpus_per_worker=args.cpus_per_worker, placement=args.placement, max_restarts=args.max_restarts)
     return json.loads((run_dir / "summary.json").read_text())
+
+
+def _check_transport(cfg, launcher: str) -> None:
+    """Refuse, before any worker starts, a ``collectives.transport`` that the chosen launcher cannot provide."""
+    from hecate.collectives.cupy_transport import load_cupy_nccl
+    from hecate.collectives.errors import ConfigError
+
+    if cfg.collectives.transport == "mpi" and launcher != "mpi":
+        raise ConfigError("collectives.transport", f"mpi needs workers started by mpirun, not by {launcher}: use "
+                                                   f"--launcher mpi, or collectives.transport=torch")
+    if cfg.collectives.transport == "cupy" and launcher == "simulate":
+        load_cupy_nccl()  # simulated ranks run here: without a GPU, say so now
 
 
 def _worker_args(config: str, overrides: list[str], resume: bool) -> list[str]:

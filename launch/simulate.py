@@ -36,6 +36,7 @@ MASTER_ADDR = "127.0.0.1"
 PR_SET_PDEATHSIG = 1  # prctl option from <linux/prctl.h>
 STOP_GRACE_S = 10.0  # SIGTERM first; whoever is still alive after this is SIGKILLed
 STACK_DUMP_WAIT_S = 1.0  # time given to hung workers to write their Python stacks before they are stopped
+ROOT_CAUSE_WAIT_S = 2.0  # after a rank raises, how long to look for a peer whose death caused it
 
 SIM_NETWORK_ENV = "HECATE_SIM_NETWORK"  # "nodes,gbps,latency_us" for the workers of a simulated network
 
@@ -146,12 +147,23 @@ class WorkerGroup:
                     continue
                 status, value = self._receive(rank)
                 if status == "error":
-                    raise self._failure(rank, f"raised:\n{value}")
+                    raise self._root_cause(pending - {rank}) or self._failure(rank, f"raised:\n{value}")
                 if status == "died":
                     raise self._failure(rank, _exit_reason(self.processes[rank]))
                 results[rank] = value
                 pending.discard(rank)
         return [results[r] for r in range(self.world_size)]
+
+    def _root_cause(self, others: set[int]) -> WorkerFailure | None:
+        """A rank that raised may only have lost a peer: when another rank dies within a moment, that death is
+        the cause worth reporting (its peers' collectives fail first because they notice it first)."""
+        deadline = time.monotonic() + ROOT_CAUSE_WAIT_S
+        while time.monotonic() < deadline:
+            for rank in sorted(others):
+                if not self.processes[rank].is_alive() and not self.conns[rank].poll():
+                    return self._failure(rank, _exit_reason(self.processes[rank]))
+            time.sleep(0.05)
+        return None
 
     def _receive(self, rank: int) -> tuple[str, Any]:
         """The worker's report, or ``("died", None)`` when its pipe closed or its process ended without one."""

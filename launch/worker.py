@@ -37,7 +37,8 @@ def train_worker(cfg_dict: dict[str, Any], resume: bool, env: WorkerEnv | None =
     setup_logging(None, rank=rank, level=cfg.logging.level)
     layout_of(cfg, dist.get_world_size())
     parallel = Parallel.from_world(cfg.parallel, cfg.moe.num_experts, cfg.model.n_layers, cfg.model.n_heads,
-                                   cfg.fssdp, network=network_from_environment(),
+                                   cfg.fssdp, transport=cfg.collectives.transport,
+                                   network=network_from_environment(),
                                    timeline=Timeline(rank) if cfg.logging.profile_step else None)
     trainer = Trainer(cfg, resume=resume, parallel=parallel)
     setup_logging(trainer.run_dir, rank=rank, level=cfg.logging.level)
@@ -45,6 +46,7 @@ def train_worker(cfg_dict: dict[str, Any], resume: bool, env: WorkerEnv | None =
              trainer.describe())
     if env is not None:
         log.info("started by %s", env.describe())
+    log.info("MoE collectives over %s", type(parallel.ep).__name__)
     try:
         return trainer.run()
     except RuntimeError as err:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from hecate.collectives.errors import ConfigError
+from hecate.collectives.factory import TRANSPORT_KINDS
 
 ACTIVATIONS = ("gelu", "swiglu")
 SCORES = ("softmax", "sigmoid")
@@ -68,6 +69,7 @@ class ParallelConfig:
 
 
 POLICIES = ("off", "ep", "fsdp", "shadow", "fssdp")
+TRANSPORTS = tuple(TRANSPORT_KINDS)
 
 
 @dataclass
@@ -98,3 +100,17 @@ class FssdpConfig:
     @property
     def enabled(self) -> bool:
         return self.policy != "off"
+
+
+@dataclass
+class CollectivesConfig:
+    """Which transport carries the MoE collectives (token all-to-all, SparseAllGather / SparseReduceScatter,
+    router statistics): ``torch`` (torch.distributed: gloo on CPU, NCCL on GPU), ``mpi`` (mpi4py; workers
+    started by ``mpirun``) or ``cupy`` (NCCL through cupy; GPU only). Dense gradients always use
+    torch.distributed."""
+
+    transport: str = "torch"
+
+    def validate(self, prefix: str = "collectives") -> None:
+        if self.transport not in TRANSPORTS:
+            raise ConfigError(f"{prefix}.transport", f"must be one of {TRANSPORTS}, got {self.transport!r}")

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from hecate.collectives import CommStats, OpStats, TorchTransport, Transport, delta
+from hecate.collectives import CommStats, OpStats, TorchTransport, Transport, delta, transport_from_mesh
 from hecate.collectives.errors import LayoutError
 from hecate.collectives.simulated_network import SimulatedNetwork, SimulatedNetworkTransport
 from hecate.collectives.timeline import Timeline
@@ -55,11 +55,12 @@ class Parallel:
 
     @classmethod
     def from_world(cls, cfg: ParallelConfig, num_experts: int, n_layers: int, n_heads: int,
-                   fssdp: FssdpConfig | None = None, network: SimulatedNetwork | None = None,
-                   timeline: Timeline | None = None) -> Parallel:
+                   fssdp: FssdpConfig | None = None, transport: str = "torch",
+                   network: SimulatedNetwork | None = None, timeline: Timeline | None = None) -> Parallel:
         """Inside a worker whose default process group is initialised: validate, build meshes and transports.
-        With ``network`` the transports delay inter-node transfers (simulated cluster); with ``timeline`` they
-        record when each collective was in flight (``--profile-step``)."""
+        ``transport`` (``collectives.transport``) carries the MoE collectives; dense gradients stay on
+        torch.distributed. With ``network`` the transports delay inter-node transfers (simulated cluster); with
+        ``timeline`` they record when each collective was in flight (``--profile-step``)."""
         import torch.distributed as dist
 
         fssdp = fssdp if fssdp is not None else FssdpConfig()
@@ -69,8 +70,8 @@ class Parallel:
         observe = lambda t, mesh, dim: observed(t, mesh, dim, dims.world, network, timeline)  # noqa: E731
         parallel = cls(dims, rank=dist.get_rank(), meshes=meshes, stats=stats, fssdp=fssdp, timeline=timeline,
                    dp=observe(TorchTransport.from_mesh(meshes.dense, "dp", stats), meshes.dense, "dp"),
-                   ep=observe(TorchTransport.from_mesh(meshes.moe, "ep", stats), meshes.moe, "ep"),
-                   edp=observe(TorchTransport.from_mesh(meshes.moe, "edp", stats), meshes.moe, "edp"))
+                   ep=observe(transport_from_mesh(transport, meshes.moe, "ep", stats), meshes.moe, "ep"),
+                   edp=observe(transport_from_mesh(transport, meshes.moe, "edp", stats), meshes.moe, "edp"))
         if max(dims.tp, dims.pp, dims.etp) > 1:
             parallel.model_parallel = ModelParallel.build(dims, meshes, cfg.pp_virtual, parallel.dp, stats)
         return parallel

@@ -67,6 +67,17 @@ def test_torchrun_two_nodes_on_loopback_match_simulated(small_data, tmp_path, re
     assert losses(run) == reference
 
 
+def test_mpi_transport_carries_moe_collectives(small_data, tmp_path, reference):
+    """``collectives.transport=mpi``: token all-to-alls and router sums go through mpi4py, same losses."""
+    require("mpirun")
+    run = tmp_path / "run"
+    done = hecate(*train_args(small_data, run, *LAYOUT, "collectives.transport=mpi"), "--launcher", "mpi",
+                  "--workers", str(WORLD), timeout=JOB_DEADLINE_S)
+    assert done.returncode == 0, done.stderr
+    assert "MoE collectives over MpiTransport" in (run / "logs" / "rank2.log").read_text()
+    assert losses(run) == pytest.approx(reference, rel=1e-6)
+
+
 def test_mpirun_matches_simulated(small_data, tmp_path, reference):
     require("mpirun")
     run = tmp_path / "run"

@@ -87,6 +87,8 @@ def test_simulated_run_resumes_identically(small_data, tmp_path, world, layout):
     (["parallel.dp=3"], 4, "parallel.dp=3"),
     (["train.global_batch=6"], 4, "train.global_batch=6"),
     ([], 1000, "--simulate 1000"),
+    (["collectives.transport=mpi"], 2, "'collectives.transport': mpi needs workers started by mpirun"),
+    (["collectives.transport=cupy"], 2, "the cupy NCCL transport needs"),  # no cupy / no GPU here
 ])
 def test_bad_layout_is_refused_before_any_worker_starts(small_data, tmp_path, overrides, world, message):
     run = tmp_path / "run"

@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from hecate.collectives.errors import ConfigError
-from hecate.parallel.config import FssdpConfig, MoEConfig, ParallelConfig
+from hecate.parallel.config import CollectivesConfig, FssdpConfig, MoEConfig, ParallelConfig
 
 DTYPES = ("fp32", "bf16")
 NO_DECAY_GROUPS = ("norm", "bias", "embedding")
@@ -171,6 +171,7 @@ class RunConfig:
     moe: MoEConfig = field(default_factory=MoEConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     fssdp: FssdpConfig = field(default_factory=FssdpConfig)
+    collectives: CollectivesConfig = field(default_factory=CollectivesConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
