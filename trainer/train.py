@@ -217,7 +217,8 @@ class Trainer:
         out.loss = losses.lm_loss + moe.aux_loss_coef * losses.aux_loss + moe.z_loss_coef * losses.z_loss
         out.counts, out.dropped = losses.counts, losses.dropped
         if not math.isfinite(out.loss) and self.cfg.train.nonfinite == "stop":
-            raise TrainingError(self._nonfinite_message(f"loss ({out.loss}) at step {step + 1}", self.nonfinite.where()))
+            raise TrainingError(self._nonfinite_message(f"loss ({out.loss}) at step {step + 1}",
+                                                        self.nonfinite.where()))
 
     def _router_losses(self, out: StepLosses) -> tuple[torch.Tensor, torch.Tensor]:
         """Sum the MoE layers' (unscaled) aux and z losses of the last forward; accumulate their loads."""
