@@ -33,6 +33,7 @@ from hecate.trainer.faults import ENV as FAULT_ENV
 from hecate.trainer.metrics import read_metrics
 from hecate.trainer.train import Trainer
 from parity import RTOL
+from test_launch_cluster import ray_head  # noqa: F401  (a Ray head on loopback, stopped by process id)
 from test_simulate_cli import EXAMPLE, SMALL, hecate, losses, train_args
 
 BASE = ["train.grad_accum=2"]  # two micro-batches: pipeline parallelism needs at least pp of them
@@ -153,6 +154,17 @@ def test_torchrun_max_restarts_resumes_from_last_checkpoint(small_data, tmp_path
                           env={**os.environ, FAULT_ENV: "kill@1:3"})  # dies mid-step 3 in the first attempt only
     assert done.returncode == 0, done.stdout + done.stderr
     assert "step_00000002 (step 2)" in done.stdout + done.stderr  # the restarted rank 0: "resumed from ..."
+    assert losses(run) == losses(fssdp_straight)
+
+
+def test_ray_max_restarts_resumes_from_last_checkpoint(small_data, tmp_path, fssdp_straight, ray_head):  # noqa: F811
+    run = tmp_path / "run"
+    done = hecate(*train_args(small_data, run, *BASE, *FSSDP2, *EVERY_2, "train.steps=6"), "--launcher", "ray",
+                  "--address", ray_head, "--workers", "2", "--max-restarts", "1", env={FAULT_ENV: "kill@1:3"},
+                  timeout=JOB_DEADLINE_S)
+    assert done.returncode == 0, done.stderr + done.stdout
+    assert "rank 1 of 2 failed" in done.stdout + done.stderr
+    assert "restarting the workers (1 of 1)" in done.stdout + done.stderr
     assert losses(run) == losses(fssdp_straight)
 
 
