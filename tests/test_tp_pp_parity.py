@@ -29,10 +29,15 @@ LAYOUTS = {  # name: (overrides, reference, skewed routing)
 REFERENCES = {"base": [], "deep": DEEP}
 
 
-def train(cfg_dicts: list[dict], skews: list[bool], distributed: bool) -> list[dict] | None:
-    """Train each config; rank 0 returns losses, dropped pairs, whole-model gradients per step, final weights."""
+SAVED = ("pp2-tp2", "etp2-ep2")  # these also write a checkpoint, which one process then resumes
+
+
+def train(cfg_dicts: list[dict], skews: list[bool], distributed: bool, saves: list[bool] | None = None
+          ) -> list[dict] | None:
+    """Train each config; rank 0 returns losses, dropped pairs, whole-model gradients per step, final weights
+    (and, where saved, AdamW's first moments)."""
     results = []
-    for cfg_dict, skew in zip(cfg_dicts, skews):
+    for cfg_dict, skew, save in zip(cfg_dicts, skews, saves or [False] * len(cfg_dicts)):
         cfg = config_from_dict(cfg_dict)
         parallel = (Parallel.from_world(cfg.parallel, cfg.moe.num_experts, cfg.model.n_layers, cfg.model.n_heads,
                                         cfg.fssdp) if distributed else Parallel.single())
@@ -49,7 +54,13 @@ def train(cfg_dicts: list[dict], skews: list[bool], distributed: bool) -> list[d
             out["dropped"].append(losses.dropped)
             out["grads"].append(parallel.gather_full(
                 trainer.model, {n: p.grad for n, p in trainer.model.named_parameters()}))
-        out["params"] = parallel.gather_full(trainer.model, dict(trainer.model.named_parameters()))
+        named = dict(trainer.model.named_parameters())
+        out["params"] = parallel.gather_full(trainer.model, named)
+        if save:
+            trainer.step = cfg.train.steps
+            trainer.save()
+            out["exp_avg"] = parallel.gather_full(
+                trainer.model, {n: trainer.optimizer.state[p]["exp_avg"] for n, p in named.items()})
         results.append(out)
     return results if parallel.rank == 0 else None
 
@@ -69,7 +80,11 @@ def results(small_data, tmp_path_factory):
     cfgs = [small_config(small_data, tmp_path_factory.mktemp(name), overrides, STEPS).to_dict()
             for name, (overrides, _, _) in LAYOUTS.items()]
     skews = [skew for _, _, skew in LAYOUTS.values()]
-    return dict(zip(LAYOUTS, run_workers(train, WORLD, cfgs, skews, True, timeout_s=600)[0]))
+    saves = [name in SAVED for name in LAYOUTS]
+    results = run_workers(train, WORLD, cfgs, skews, True, saves, timeout_s=600)[0]
+    for cfg, got in zip(cfgs, results):
+        got["run_dir"] = cfg["train"]["run_dir"]
+    return dict(zip(LAYOUTS, results))
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
@@ -83,38 +98,16 @@ def test_skewed_fssdp_materializes_replicas(results):
     assert sum(results["pp2-fssdp2-skewed"]["replicas"]) > 0
 
 
-CHECKPOINT_LAYOUTS = {"pp2-tp2-ep2": ["parallel.pp=2", "parallel.tp=2", "parallel.ep=2"],
-                      "etp2-ep2": ["parallel.ep=2", "parallel.etp=2"]}
 
-
-def train_and_save(cfg_dicts: list[dict]) -> list[dict] | None:
-    """Two steps, a checkpoint; rank 0 returns the whole model's weights and AdamW moments as gathered."""
-    results = []
-    for cfg_dict in cfg_dicts:
-        cfg = config_from_dict(cfg_dict)
-        parallel = Parallel.from_world(cfg.parallel, cfg.moe.num_experts, cfg.model.n_layers, cfg.model.n_heads)
-        trainer = Trainer(cfg, parallel=parallel)
-        for step in range(cfg.train.steps):
-            trainer.train_step(step)
-        trainer.step = cfg.train.steps
-        trainer.save()
-        named = dict(trainer.model.named_parameters())
-        moments = {n: trainer.optimizer.state[p]["exp_avg"] for n, p in named.items()}
-        results.append({"params": parallel.gather_full(trainer.model, named),
-                        "exp_avg": parallel.gather_full(trainer.model, moments)})
-    return results if parallel.rank == 0 else None
-
-
-def test_checkpoint_of_split_layouts_loads_into_one_process(small_data, tmp_path):
-    """Tensor-, pipeline- and expert-tensor-split weights and moments are saved whole and resume on one process."""
-    cfgs = [small_config(small_data, tmp_path / name, overrides, 2).to_dict()
-            for name, overrides in CHECKPOINT_LAYOUTS.items()]
-    saved = run_workers(train_and_save, WORLD, cfgs, timeout_s=300)[0]
-    for name, got in zip(CHECKPOINT_LAYOUTS, saved):
-        trainer = Trainer(small_config(small_data, tmp_path / name, [], 2), resume=True)
-        assert trainer.step == 2
-        named = dict(trainer.model.named_parameters())
-        assert named.keys() == got["params"].keys()
-        for n, p in named.items():
-            assert torch.equal(p.detach(), got["params"][n]), f"{name}: weight {n}"
-            assert torch.equal(trainer.optimizer.state[p]["exp_avg"], got["exp_avg"][n]), f"{name}: moment {n}"
+@pytest.mark.parametrize("name", SAVED)
+def test_checkpoint_resumes_on_one_process(name, results, small_data):
+    """Tensor-, pipeline- and expert-tensor-split weights and moments are saved whole and load into one process."""
+    got = results[name]
+    cfg = small_config(small_data, got["run_dir"], [], STEPS)
+    trainer = Trainer(cfg, resume=True)
+    assert trainer.step == STEPS
+    named = dict(trainer.model.named_parameters())
+    assert named.keys() == got["params"].keys()
+    for n, p in named.items():
+        assert torch.equal(p.detach(), got["params"][n]), f"{name}: weight {n}"
+        assert torch.equal(trainer.optimizer.state[p]["exp_avg"], got["exp_avg"][n]), f"{name}: moment {n}"
