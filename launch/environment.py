@@ -5,6 +5,7 @@ Every launcher sets its own variables; :func:`detect` reads them in this order a
 ==============  ===========================================================  =============================
 launcher        rank / world / local rank / local world                      set by
 ==============  ===========================================================  =============================
+``deepspeed``   ``RANK WORLD_SIZE LOCAL_RANK LOCAL_SIZE`` (+ ``CROSS_RANK``)  DeepSpeed's ``deepspeed``
 ``torchrun``    ``RANK WORLD_SIZE LOCAL_RANK LOCAL_WORLD_SIZE``               torchrun, TorchElastic, the
                                                                              simulated cluster, Ray actors
 ``mpi``         ``OMPI_COMM_WORLD_{RANK,SIZE,LOCAL_RANK,LOCAL_SIZE}``        Open MPI's ``mpirun``
@@ -62,19 +63,22 @@ class WorkerEnv:
 
 # (launcher, rank, world, local rank, local world) variable names, in the order they are tried
 LAUNCHERS = (
+    ("deepspeed", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE"),  # torchrun's names, but LOCAL_SIZE
     ("torchrun", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"),
     ("mpi", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE"),
     ("pmi", "PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS"),
     ("slurm", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", None),  # local world from SLURM_TASKS_PER_NODE
 )
 JOB_ID_VARIABLES = ("SLURM_JOB_ID", "OMPI_MCA_ess_base_jobid")
+# launchers that share another's rank variable are told apart by one variable only they set
+MARKERS = {"deepspeed": "CROSS_RANK"}
 
 
 def detect(environ: Mapping[str, str] | None = None) -> WorkerEnv:
     """The first launcher (in :data:`LAUNCHERS` order) whose rank variable is set decides; raises
     :class:`LaunchError` when none is set or its variables are incomplete or inconsistent."""
     environ = os.environ if environ is None else environ
-    found = [spec for spec in LAUNCHERS if spec[1] in environ]
+    found = [spec for spec in LAUNCHERS if spec[1] in environ and MARKERS.get(spec[0], spec[1]) in environ]
     if not found:
         names = ", ".join(spec[1] for spec in LAUNCHERS)
         raise LaunchError(f"no launcher environment found (none of {names} is set): start workers with torchrun, "

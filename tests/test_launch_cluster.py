@@ -67,6 +67,18 @@ def test_torchrun_two_nodes_on_loopback_match_simulated(small_data, tmp_path, re
     assert losses(run) == reference
 
 
+def test_deepspeed_launcher_matches_simulated(small_data, tmp_path, reference):
+    """DeepSpeed's launcher sets torchrun's names but LOCAL_SIZE, and appends ``--local_rank``."""
+    deepspeed = require("deepspeed")
+    run = tmp_path / "run"
+    done = subprocess.run([deepspeed, "--num_gpus", str(WORLD), "--master_port", str(free_port()), "--module",
+                           "hecate.launch.worker", *worker_command(small_data, run)],
+                          capture_output=True, text=True, timeout=JOB_DEADLINE_S)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "started by deepspeed: rank 3 of 4" in (run / "logs" / "rank3.log").read_text()
+    assert losses(run) == reference
+
+
 def test_mpi_transport_carries_moe_collectives(small_data, tmp_path, reference):
     """``collectives.transport=mpi``: token all-to-alls and router sums go through mpi4py, same losses."""
     require("mpirun")

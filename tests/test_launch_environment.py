@@ -19,6 +19,8 @@ OMPI = {"OMPI_COMM_WORLD_RANK": "2", "OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WOR
         "OMPI_COMM_WORLD_LOCAL_SIZE": "4", "OMPI_MCA_ess_base_jobid": "123"}
 SLURM = {"SLURM_PROCID": "5", "SLURM_NTASKS": "6", "SLURM_LOCALID": "1", "SLURM_NODEID": "2",
          "SLURM_STEP_TASKS_PER_NODE": "2(x3)", "SLURM_JOB_ID": "4242", "MASTER_ADDR": "node1"}
+DEEPSPEED = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "LOCAL_SIZE": "2", "CROSS_RANK": "0",
+             "CROSS_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
 PMI = {"PMI_RANK": "1", "PMI_SIZE": "2", "MPI_LOCALRANKID": "1", "MPI_LOCALNRANKS": "2", "MASTER_PORT": "1234"}
 
 
@@ -27,9 +29,10 @@ PMI = {"PMI_RANK": "1", "PMI_SIZE": "2", "MPI_LOCALRANKID": "1", "MPI_LOCALNRANK
     (OMPI, WorkerEnv("mpi", 2, 4, 2, 4, "127.0.0.1", 20000 + 123)),  # one node: loopback; port from the job id
     (SLURM, WorkerEnv("slurm", 5, 6, 1, 2, "node1", 20000 + 4242)),
     (PMI, WorkerEnv("pmi", 1, 2, 1, 2, "127.0.0.1", 1234)),
+    (DEEPSPEED, WorkerEnv("deepspeed", 1, 2, 1, 2, "127.0.0.1", 29500)),
     (SLURM | OMPI | {"MASTER_PORT": "7"}, WorkerEnv("mpi", 2, 4, 2, 4, "node1", 7)),  # mpirun in an sbatch script
     (SLURM | TORCHRUN, WorkerEnv("torchrun", 3, 4, 1, 2, "head", 29500, agent_store=True)),  # srun torchrun
-], ids=["torchrun", "openmpi", "slurm", "pmi", "mpirun-under-slurm", "torchrun-under-srun"])
+], ids=["torchrun", "openmpi", "slurm", "pmi", "deepspeed", "mpirun-under-slurm", "torchrun-under-srun"])
 def test_each_launcher_gives_rank_world_and_master(environ, expected):
     assert detect(environ) == expected
 
