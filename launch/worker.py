@@ -65,8 +65,11 @@ def init_distributed(env: WorkerEnv, timeout_s: float) -> None:
     at MASTER_ADDR:MASTER_PORT. Every collective then fails after ``timeout_s`` instead of hanging."""
     timeout = timedelta(seconds=timeout_s)
     try:
-        if env.agent_store:
-            dist.init_process_group("gloo", init_method="env://", timeout=timeout)
+        if env.agent_store:  # a client of the launcher's store; torchrun keeps that store across restarts, so
+            # each attempt writes under its own prefix, never reading an earlier attempt's addresses (pytorch#135712)
+            agent = dist.TCPStore(env.master_addr, env.master_port, env.world_size, False, timeout=timeout)
+            store = dist.PrefixStore(f"hecate/attempt_{restart_count()}", agent)
+            dist.init_process_group("gloo", store=store, rank=env.rank, world_size=env.world_size, timeout=timeout)
             return
         store = dist.TCPStore(env.master_addr, env.master_port, env.world_size, env.rank == 0, timeout=timeout)
         dist.init_process_group("gloo", store=store, rank=env.rank, world_size=env.world_size, timeout=timeout)

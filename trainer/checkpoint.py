@@ -156,12 +156,6 @@ class Checkpointer:
         self.parallel.barrier()
 
 
-def save_checkpoint(root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    trainer_state: dict[str, Any], keep: int, parallel: Parallel | None = None) -> Path:
-    """One synchronous save (see :class:`Checkpointer`)."""
-    return Checkpointer(root, keep, parallel).save(step, model, optimizer, trainer_state)
-
-
 def _tensors(model: nn.Module, optimizer: torch.optim.Optimizer | None, parallel: Parallel) -> dict[str, Any]:
     """What DCP saves and loads: model, optimizer state (expert tensors in their global shape) and the RNG."""
     if optimizer is None:
