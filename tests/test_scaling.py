@@ -1,27 +1,23 @@
-"""The scale simulator (trainer/scaling/): the cost model's pieces against hand-computed values, the dispatch
-rule against the dispatcher itself, routing traces recorded by a real 2-rank run and replayed, the CLI end to
-end, and the calibration: with this machine's measured figures it predicts our measured CPU step times."""
+"""The scale simulator (trainer/scaling/): the cost model's pieces against hand-computed values (its dispatch rule
+is the dispatcher's own, hecate.parallel.moe.assignment), routing traces recorded by a real 2-rank run and
+replayed, the CLI end to end, and the calibration: with this machine's measured figures it predicts our measured CPU step times."""
 from __future__ import annotations
 
 import json
 import os
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from hecate.collectives import MaterializedPlacement
 from hecate.collectives.errors import ConfigError, DataError
 from hecate.parallel.fssdp import FssdpPolicy, initial_owners
-from hecate.parallel.moe.ep_dispatcher import ExpertParallelDispatcher
 from hecate.trainer.scaling.cluster import cluster_from_dict, load_cluster
 from hecate.trainer.scaling.comm import all_reduce_time, exchange_time
 from hecate.trainer.scaling.cost import Overlap, layer_step, sparse_bytes
-from hecate.trainer.scaling.dispatch import dispatch_rows
 from hecate.trainer.scaling.loads import TraceRouting, ZipfRouting, rescale_rows
 from hecate.trainer.scaling.simulate import Settings, chunk_spec, simulate_policy
 from hecate.trainer.scaling.trace import RoutingTrace, read_trace, write_trace
@@ -68,27 +64,6 @@ def test_all_reduce_is_a_ring_over_the_slower_link():
     assert all_reduce_time(1e9, 4, cluster, spans_nodes=True) == pytest.approx(2 * 3 / 4)
     assert all_reduce_time(1e9, 4, cluster, spans_nodes=True, rings_per_node=2) == pytest.approx(3.0)
     assert all_reduce_time(1e9, 1, cluster, spans_nodes=True) == 0.0
-
-
-def test_dispatch_counts_equal_the_dispatchers_own_choice():
-    """Random placements from the real planner and random counts, with and without nodes: the counted rule is
-    the pair-by-pair rule of ExpertParallelDispatcher._choose_ranks."""
-    rng = np.random.default_rng(0)
-    for devices, experts, per_node in ((4, 8, None), (8, 8, 2), (8, 16, 4), (4, 4, None)):
-        for trial in range(5):
-            load_E = rng.zipf(1.5, experts).astype(float)
-            owner = initial_owners(experts, devices)
-            materialized = FssdpPolicy(4, 2, per_node).materialize(owner, load_E.tolist())
-            if trial == 4:  # replicas on every device for some experts, as shadow makes them
-                materialized = MaterializedPlacement.from_owner(owner, [(0, d) for d in range(devices)])
-            counts_RE = rng.integers(0, 50, (devices, experts))
-            rows_RD = dispatch_rows(counts_RE, materialized.devices_C, per_node)
-            for rank in range(devices):
-                transport = types.SimpleNamespace(rank=rank, world_size=devices)
-                dispatcher = ExpertParallelDispatcher(experts, transport, lambda m=materialized: m.devices_C, per_node)
-                rank_N = dispatcher._choose_ranks(counts_RE[rank].tolist(), materialized.devices_C,
-                                                  torch.device("cpu"))
-                assert rows_RD[rank].tolist() == torch.bincount(rank_N, minlength=devices).tolist()
 
 
 def test_sparse_bytes_come_from_the_collectives_plan():

@@ -3,15 +3,15 @@ computed on one rank that holds its expert.
 
 Who holds what is a *placement*: ``holders()[e]`` lists the ranks holding expert e. Under expert parallelism
 it is fixed - rank p holds experts [p * L, (p + 1) * L), L = E / ranks. Under FSSDP an engine materializes
-extra copies every step and passes its current placement. A pair goes to this rank when it holds the expert
-(local copy first); otherwise to the holders on this rank's node when there are any (``ranks_per_node``), else
-to all holders; the rank's pairs of that expert are split evenly over those, starting at a holder that depends
-on the rank, so that different ranks' tokens spread over every copy.
+extra copies every step and passes its current placement. Which copy computes each pair is decided from the
+whole group's counts (:mod:`hecate.parallel.moe.assignment`): device totals levelled first, then local copy,
+same node (``ranks_per_node``), remote.
 
 One dispatch, in order:
-1. sort the local pairs by global expert (the same permutation as on one device) and choose each one's rank;
-   stable-sort by rank, so the rows for rank p are one contiguous slice, ordered by expert;
-2. exchange the row counts per (rank, expert) - small, and needed to size the token exchange;
+1. sort the local pairs by global expert (the same permutation as on one device);
+2. all-gather the pair counts per (rank, expert) - small; every rank derives the same assignment from them,
+   so the rows it sends and receives need no second exchange; stable-sort the pairs by destination rank, so
+   the rows for rank p are one contiguous slice, ordered by expert;
 3. exchange the rows with a variable all-to-all (autograd-aware: backward is the reverse exchange);
 4. reorder the received rows from (source rank, expert) to (expert, source rank), so that each held expert's
    rows are one slice and expert compute is one batched matmul chain per expert.
@@ -32,17 +32,18 @@ Shapes: T tokens, D model dim, E experts, K experts per token, N kept local pair
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from hecate.collectives import Transport, all_to_all_autograd
 from hecate.collectives.inflight import all_to_all_start
+from hecate.parallel.moe.assignment import Holders, assign_pairs
 from hecate.parallel.moe.dispatcher import dispatch_compute_combine
 from hecate.parallel.moe.permute import Permutation, permute, sort_by_expert, unpermute
 
-Holders = Sequence[Sequence[int]]  # holders[e]: the ranks holding expert e, ascending
 ExpertsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_MD sorted by held expert, counts_H) -> y_MD
 
 
@@ -85,9 +86,9 @@ class ExpertParallelDispatcher:
     def dispatch(self, x_TD: torch.Tensor, experts_TK: torch.Tensor,
                  keep_TK: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, ExpertParallelHandle]:
         holders = self.holders()
-        perm, rank_N, send_counts_PE = self._route(experts_TK, keep_TK, holders)
-        recv_counts_PE = self._exchange_counts(send_counts_PE.unsqueeze(1)).squeeze(1)
-        handle, counts_H = self._handle(perm, rank_N, send_counts_PE, recv_counts_PE, holders)
+        perm = sort_by_expert(experts_TK, keep_TK, self.num_experts)
+        counts_PE = self._gather_counts(perm.counts_E.unsqueeze(0)).squeeze(1)
+        handle, counts_H = self._handle(perm, counts_PE, holders)
         x_ND = permute(x_TD, perm)[handle.by_rank_N]
         x_MD = all_to_all_autograd(x_ND, handle.send_splits, handle.recv_splits, self.transport, name="moe.dispatch")
         return x_MD[handle.order_M], counts_H, handle
@@ -105,11 +106,11 @@ class ExpertParallelDispatcher:
         holders = self.holders()
         bounds = _chunk_bounds(x_TD.shape[0], self.overlap_chunks)
         keeps = [None if keep_TK is None else keep_TK[a:b] for a, b in bounds]
-        routes = [self._route(experts_TK[a:b], keep, holders) for (a, b), keep in zip(bounds, keeps)]
-        recv_counts_PCE = self._exchange_counts(torch.stack([send for _, _, send in routes], dim=1))
+        perms = [sort_by_expert(experts_TK[a:b], keep, self.num_experts) for (a, b), keep in zip(bounds, keeps)]
+        counts_PCE = self._gather_counts(torch.stack([perm.counts_E for perm in perms]))
         handles, sends = [], []
-        for c, ((a, b), (perm, rank_N, send_counts_PE)) in enumerate(zip(bounds, routes)):
-            handle, counts_H = self._handle(perm, rank_N, send_counts_PE, recv_counts_PCE[:, c], holders)
+        for c, ((a, b), perm) in enumerate(zip(bounds, perms)):
+            handle, counts_H = self._handle(perm, counts_PCE[:, c], holders)
             handles.append((handle, counts_H))
             sends.append(permute(x_TD[a:b], perm)[handle.by_rank_N])
         dispatched = [self._start(sends[0], handles[0][0], "moe.dispatch")]
@@ -126,56 +127,40 @@ class ExpertParallelDispatcher:
     def _start(self, x_ND: torch.Tensor, handle: ExpertParallelHandle, name: str):
         return all_to_all_start(x_ND, handle.send_splits, handle.recv_splits, self.transport, name=name)
 
-    def _route(self, experts_TK: torch.Tensor, keep_TK: torch.Tensor | None,
-               holders: Holders) -> tuple[Permutation, torch.Tensor, torch.Tensor]:
-        """(expert-sorted pairs, the rank of each, rows per (rank, expert) to send)."""
-        ranks, experts = self.transport.world_size, self.num_experts
-        perm = sort_by_expert(experts_TK, keep_TK, experts)
-        rank_N = self._choose_ranks(perm.counts_E.tolist(), holders, experts_TK.device)
-        expert_N = torch.repeat_interleave(torch.arange(experts, device=experts_TK.device), perm.counts_E)
-        send_counts_PE = torch.bincount(rank_N * experts + expert_N, minlength=ranks * experts).view(ranks, experts)
-        return perm, rank_N, send_counts_PE
-
-    def _exchange_counts(self, send_counts_PCE: torch.Tensor) -> torch.Tensor:
-        """Rows per (source rank, chunk, expert) this rank will receive: one small exchange for all chunks."""
+    def _gather_counts(self, counts_CE: torch.Tensor) -> torch.Tensor:
+        """Pair counts per (rank, chunk, expert) of the whole group: one small all-gather for all chunks."""
         ranks = self.transport.world_size
-        recv_counts_PCE = torch.empty_like(send_counts_PCE)
-        self.transport.all_to_all(recv_counts_PCE, send_counts_PCE.contiguous(), [1] * ranks, [1] * ranks,
-                                  name="moe.counts").wait()
-        return recv_counts_PCE
+        counts_PCE = counts_CE.new_empty((ranks, *counts_CE.shape))
+        self.transport.all_gather(counts_PCE, counts_CE.unsqueeze(0).contiguous(), name="moe.counts").wait()
+        return counts_PCE
 
-    def _handle(self, perm: Permutation, rank_N: torch.Tensor, send_counts_PE: torch.Tensor,
-                recv_counts_PE: torch.Tensor, holders: Holders) -> tuple[ExpertParallelHandle, torch.Tensor]:
-        ranks, experts = self.transport.world_size, self.num_experts
+    def _handle(self, perm: Permutation, counts_PE: torch.Tensor,
+                holders: Holders) -> tuple[ExpertParallelHandle, torch.Tensor]:
+        ranks, experts, me = self.transport.world_size, self.num_experts, self.transport.rank
+        rows_PEQ = _rows_by_source_expert_destination(counts_PE, holders, self.ranks_per_node)
+        send_counts_PE, recv_counts_PE = rows_PEQ[me].T, rows_PEQ[:, :, me]
+        device = perm.counts_E.device
+        rank_N = torch.repeat_interleave(torch.arange(ranks, device=device).repeat(experts),
+                                         rows_PEQ[me].flatten().to(device))  # expert-sorted pairs' destinations
         by_rank_N = torch.argsort(rank_N, stable=True)  # stable: expert order within each destination
-        expert_of_M = torch.arange(experts, device=rank_N.device).repeat(ranks).repeat_interleave(
-            recv_counts_PE.flatten())
+        expert_of_M = torch.arange(experts, device=device).repeat(ranks).repeat_interleave(
+            recv_counts_PE.flatten().to(device))
         order_M = torch.argsort(expert_of_M, stable=True)  # stable: source-rank order within each expert
-        held = [e for e in range(experts) if self.transport.rank in holders[e]]
-        counts_H = recv_counts_PE.sum(0)[held]
+        held = [e for e in range(experts) if me in holders[e]]
+        counts_H = recv_counts_PE.sum(0)[held].to(device)
         handle = ExpertParallelHandle(perm, by_rank_N, order_M, send_counts_PE.sum(1).tolist(),
                                       recv_counts_PE.sum(1).tolist())
         return handle, counts_H
 
-    def _choose_ranks(self, counts_E: list[int], holders: Holders, device: torch.device) -> torch.Tensor:
-        """rank_N for the expert-sorted pairs: this rank when it holds the expert, else an even split of the
-        expert's pairs over its holders (those on this node if any), rotated by this rank's index."""
-        me, per_node = self.transport.rank, self.ranks_per_node
-        parts = []
-        for expert, count in enumerate(counts_E):
-            ranks = holders[expert]
-            if per_node and me not in ranks:
-                near = [r for r in ranks if r // per_node == me // per_node]
-                ranks = near or ranks
-            if me in ranks or len(ranks) == 1:
-                target = me if me in ranks else ranks[0]
-                parts.append(torch.full((count,), target, dtype=torch.long, device=device))
-                continue
-            shares = [count // len(ranks) + (i < count % len(ranks)) for i in range(len(ranks))]
-            rotated = [ranks[(i + me) % len(ranks)] for i in range(len(ranks))]
-            parts.append(torch.repeat_interleave(torch.tensor(rotated, device=device),
-                                                 torch.tensor(shares, device=device)))
-        return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long, device=device)
+
+def _rows_by_source_expert_destination(counts_PE: torch.Tensor, holders: Holders,
+                                       ranks_per_node: int | None) -> torch.Tensor:
+    """rows_PEQ[p, e, q]: pairs of expert e that source p sends to rank q (the group-wide assignment)."""
+    ranks, experts = counts_PE.shape
+    rows_PEQ = np.zeros((ranks, experts, ranks), dtype=np.int64)
+    for e, rows_PH in enumerate(assign_pairs(counts_PE.cpu().numpy(), holders, ranks_per_node)):
+        rows_PEQ[:, e, list(holders[e])] = rows_PH
+    return torch.from_numpy(rows_PEQ)
 
 
 def _source_major(y_MD: torch.Tensor, handle: ExpertParallelHandle) -> torch.Tensor:

@@ -27,9 +27,9 @@ import numpy as np
 
 from hecate.collectives.placement import MaterializedPlacement, OwnerPlacement
 from hecate.collectives.plan import ChunkSpec, gather_plan
+from hecate.parallel.moe.assignment import rows_by_destination
 from hecate.trainer.scaling.cluster import Cluster
 from hecate.trainer.scaling.comm import exchange_time
-from hecate.trainer.scaling.dispatch import dispatch_rows
 from hecate.trainer.scaling.workload import BACKWARD_OVER_FORWARD, Workload
 
 STATE_BYTES_PER_PARAM = 16
@@ -92,7 +92,7 @@ def layer_step(workload: Workload, cluster: Cluster, owner: OwnerPlacement, mate
     gather_DD = sparse_bytes(owner, materialized, chunk)
     gather = exchange_time(gather_DD, cluster, first_device) if gather_DD.any() else 0.0
     reduce_scatter = exchange_time(gather_DD.T, cluster, first_device) if gather_DD.any() else 0.0
-    rows_RD = dispatch_rows(counts_RE, materialized.devices_C, ranks_per_node)
+    rows_RD = rows_by_destination(counts_RE, materialized.devices_C, ranks_per_node)
     row_bytes = workload.dim * cluster.dtype_bytes
     dispatch = exchange_time(rows_RD * row_bytes, cluster, first_device)
     combine = exchange_time(rows_RD.T * row_bytes, cluster, first_device)

@@ -46,13 +46,13 @@ def run_simulation(cluster_path: str, model_path: str, policies: list[str], gpus
 
 def table(results: list[PolicyResult]) -> str:
     ratio = speedups(results)
-    head = (f"{'gpus':>5} {'policy':<7} {'step ms':>9} {'x ep':>6} " + " ".join(f"{p[:9]:>9}" for p in PHASES)
+    head = (f"{'gpus':>5} {'policy':<7} {'step ms':>9} {'x ep':>6} " + " ".join(f"{p:>{_width(p)}}" for p in PHASES)
             + f" {'mem GiB':>8} {'replicas':>8} {'rows max/mean':>13} {'t':>3}")
     lines = [head]
     for r in results:
         phases = r.phases.as_dict()
         lines.append(f"{r.gpus:>5} {r.policy:<7} {1e3 * r.step_s:>9.1f} {ratio.get((r.gpus, r.policy), float('nan')):>6.2f} "
-                     + " ".join(f"{1e3 * phases[p]:>9.1f}" for p in PHASES)
+                     + " ".join(f"{1e3 * phases[p]:>{_width(p)}.1f}" for p in PHASES)
                      + f" {sum(r.memory.values()) / 2**30:>8.2f} {r.replicas_per_device:>8.2f}"
                      f" {r.rows_max_over_mean:>13.2f} {r.overlap_budget:>3}")
     return "\n".join(lines)
@@ -91,3 +91,8 @@ def plot(results: list[PolicyResult], path: Path, title: str) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _width(phase: str) -> int:
+    """A phase column is as wide as its name (at least 9), so that headers are never cut."""
+    return max(9, len(phase))
