@@ -3,8 +3,8 @@
 Forward hooks note the first module, in execution order, whose output holds a NaN or an infinity (a module's hook
 runs after its children's, so the innermost one is named: ``blocks.1.attn.proj`` rather than ``blocks.1``).
 Gradient hooks note the first parameter, in backward order, whose gradient does (before gradient averaging and
-clipping, which would spread it to every parameter). Each check is one ``isfinite().all()`` per module output or
-gradient; evaluation is not checked.
+clipping, which would spread it to every parameter). Each check is one sum per module output or gradient;
+evaluation is not checked.
 """
 from __future__ import annotations
 
@@ -49,8 +49,10 @@ class NonFiniteTracer:
 
 
 def has_nonfinite(value: Any) -> bool:
+    """One sum per tensor (no mask is allocated): NaN and inf propagate into it. A sum can also overflow with every
+    entry finite; that could only name a module too early, and is read only in a step that already failed."""
     if isinstance(value, torch.Tensor):
-        return value.is_floating_point() and not bool(torch.isfinite(value).all())
+        return value.is_floating_point() and not bool(torch.isfinite(value.detach().sum()))
     if isinstance(value, (tuple, list)):
         return any(has_nonfinite(v) for v in value)
     return False
