@@ -4,7 +4,11 @@ we measure here? (issue 11; the check is ``tests/test_scaling.py::test_simulator
 Measures, on 2 and 4 simulated ranks (worker processes with one thread each, as ``hecate train --simulate`` runs
 them), all ranks at once, the figures probed after every measured round of steps so that they see the same
 background load as the steps (this machine is shared; figures measured apart from the steps disagree with them):
-- compute: fp32 matmul throughput per rank, on the expert matmul's shape (rows x D @ D x F);
+- compute: the device's effective throughput, from a compute-only probe: the same block (same weights, router
+  and routing) with all experts on the rank and no communication, forward + backward on the rank's own tokens
+  (the balanced share of expert rows), all ranks at once; effective FLOP/s = the block's FLOPs as the simulator
+  counts them (``Workload``) over the slowest rank's time. Also fp32 matmul throughput on the expert matmul's
+  shape (rows x D @ D x F), the peak the effective figure is a fraction of;
 - link: gloo ``all_to_all_single`` time for a small and a large uniform split; latency = the small one's time,
   bandwidth = the extra bytes a rank sends over the extra time;
 - step times: the MoE block of ``benchmarks/skew.py`` (attention + MoE, forward + backward, slowest rank) under
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -28,6 +33,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import skew  # noqa: E402  (the MoE block, its forced router and its per-policy runs)
+
+from hecate.trainer.scaling.workload import BACKWARD_OVER_FORWARD, Workload  # noqa: E402
 
 POLICIES = ("ep", "fssdp")
 EXPONENTS = (0.0, 1.2)
@@ -43,6 +50,48 @@ def matmul_flops_per_s(config: skew.Config, world: int, repeats: int = 20) -> fl
         torch.mm(a, b)
         times.append(time.perf_counter() - start)
     return 2 * rows * config.dim * config.ffn_dim / statistics.median(times)
+
+
+def block_workload(config: skew.Config, world: int) -> Workload:
+    """The benchmark's block as the simulator sees it: one MoE block, no embeddings, head or optimizer."""
+    return Workload(dim=config.dim, seq_len=config.seq, n_layers=1, moe_layers=(0,), num_experts=config.experts,
+                    top_k=config.top_k, ffn_dim=config.ffn_dim, expert_matrices=2, dense_ffn_dim=0,
+                    shared_expert=False, vocab_size=0, tokens_per_gpu=config.tokens // world, block_only=True)
+
+
+def block_flops(config: skew.Config, world: int) -> float:
+    """Forward + backward FLOPs of one rank's block at the balanced share of expert rows."""
+    workload = block_workload(config, world)
+    forward = workload.attention_flops(workload.tokens_per_gpu) + workload.expert_flops(workload.pairs_per_gpu)
+    return (1 + BACKWARD_OVER_FORWARD) * forward
+
+
+class LocalBlock:
+    """The measured block without communication: same weights, router and routing draws, every expert on this
+    rank (``LocalDispatcher``, local router sums), this rank's own tokens."""
+
+    def __init__(self, config: skew.Config, scenario: skew.Scenario):
+        import torch.distributed as dist
+
+        rank, world = dist.get_rank(), dist.get_world_size()
+        torch.manual_seed(0)
+        self.block = skew.Block(config)
+        moe = self.block.moe
+        moe.router = skew.ForcedRouter(moe.router.gate, scenario.weights_E, config.top_k, scenario.seed, rank)
+        self.x_BSD = torch.randn(config.tokens // (config.seq * world), config.seq, config.dim,
+                                 generator=torch.Generator().manual_seed(1000 + rank))
+
+    def seconds(self) -> float:
+        """The slowest rank's forward + backward, all ranks starting together."""
+        import torch.distributed as dist
+
+        dist.barrier()
+        start = time.perf_counter()
+        self.block(self.x_BSD).square().mean().backward()
+        elapsed = torch.tensor([time.perf_counter() - start], dtype=torch.float64)
+        self.block.zero_grad(set_to_none=True)
+        dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+        return elapsed.item()
 
 
 def all_to_all_seconds(per_peer_bytes: int, repeats: int = 30) -> float:
@@ -70,14 +119,17 @@ def step_times(config: skew.Config, s: float) -> dict:
     router = runs["ep"].block.moe.router  # the same draws under every policy (seeded by step and rank)
     router.register_forward_hook(lambda _m, _a, routing: counts.append(
         torch.bincount(routing.experts_TK.flatten(), minlength=config.experts).tolist()))
+    local = LocalBlock(config, scenario)
     times = {policy: [] for policy in POLICIES}
-    probes = {"flops_per_s": [], "small_s": [], "large_s": []}
+    probes = {"local_block_s": [], "flops_per_s": [], "small_s": [], "large_s": []}
     for step in range(config.warmup + config.iters):
         for policy, run in runs.items():
             seconds = run.step()
             if step >= config.warmup:
                 times[policy].append(seconds)
+        local_s = local.seconds()
         if step >= config.warmup:  # the machine's figures, under the same background load as the steps
+            probes["local_block_s"].append(local_s)
             probes["flops_per_s"].append(matmul_flops_per_s(config, run.transport.world_size, repeats=3))
             probes["small_s"].append(all_to_all_seconds(SMALL_BYTES, repeats=3))
             probes["large_s"].append(all_to_all_seconds(LARGE_BYTES, repeats=3))
@@ -94,8 +146,12 @@ def worker(config: skew.Config) -> dict:
     dist.all_reduce(flops, op=dist.ReduceOp.MIN)
     small, large = statistics.median(probes["small_s"]), statistics.median(probes["large_s"])
     extra_bytes = (world - 1) * (LARGE_BYTES - SMALL_BYTES)
-    return {"flops_per_s": flops.item(), "latency_s": small, "bytes_per_s": extra_bytes / max(large - small, 1e-9),
-            "cases": cases}
+    for case in cases:  # each case's own figure too: its rounds' background load
+        case["effective_flops_per_s"] = block_flops(config, world) / statistics.median(case["probes"]["local_block_s"])
+    local_s = statistics.median(probes["local_block_s"])  # already the slowest rank's, the same on every rank
+    return {"flops_per_s": flops.item(), "local_block_s": local_s,
+            "effective_flops_per_s": block_flops(config, world) / local_s,
+            "latency_s": small, "bytes_per_s": extra_bytes / max(large - small, 1e-9), "cases": cases}
 
 
 def measure(config: skew.Config, world: int) -> dict:
@@ -108,10 +164,13 @@ def measure(config: skew.Config, world: int) -> dict:
         counts_SRE = [[rank["cases"][i]["counts_SE"][step] for rank in per_rank]
                       for step in range(len(case["counts_SE"]))]
         for policy in POLICIES:
-            cases.append({"policy": policy, "s": case["s"], "step_ms_median": 1e3 * statistics.median(
+            cases.append({"policy": policy, "s": case["s"], "effective_flops_per_s": case["effective_flops_per_s"],
+                          "local_block_ms": [round(1e3 * t, 2) for t in case["probes"]["local_block_s"]],
+                          "step_ms_median": 1e3 * statistics.median(
                 case["times_s"][policy]), "step_ms": [round(1e3 * t, 2) for t in case["times_s"][policy]],
                 "counts_SRE": counts_SRE})
-    return {"world_size": world, "flops_per_s": first["flops_per_s"], "latency_s": first["latency_s"],
+    return {"world_size": world, "flops_per_s": first["flops_per_s"], "local_block_s": first["local_block_s"],
+            "effective_flops_per_s": first["effective_flops_per_s"], "latency_s": first["latency_s"],
             "bytes_per_s": first["bytes_per_s"], "cases": cases}
 
 
@@ -124,12 +183,15 @@ def main() -> None:
     started = time.perf_counter()
     results = [measure(config, world) for world in args.world_sizes]
     for r in results:
-        print(f"{r['world_size']} ranks: {r['flops_per_s'] / 1e9:.1f} GFLOP/s per rank, all-to-all latency "
+        print(f"{r['world_size']} ranks: {r['flops_per_s'] / 1e9:.1f} GFLOP/s matmul per rank, block without "
+              f"communication {1e3 * r['local_block_s']:.1f} ms = {r['effective_flops_per_s'] / 1e9:.1f} GFLOP/s "
+              f"effective, all-to-all latency "
               f"{1e3 * r['latency_s']:.2f} ms, {r['bytes_per_s'] / 2**30:.2f} GiB/s per rank")
         for case in r["cases"]:
             print(f"  zipf {case['s']}: {case['policy']:<6} {case['step_ms_median']:.1f} ms")
     record = {"command": "python benchmarks/calibrate_scaling.py", "measured": time.strftime("%Y-%m-%d"),
-              "seconds": round(time.perf_counter() - started), "block": asdict(config), "world_sizes": results}
+              "seconds": round(time.perf_counter() - started), "cores": len(os.sched_getaffinity(0)),
+              "block": asdict(config), "world_sizes": results}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record) + "\n")
     print(f"wrote {args.out}")

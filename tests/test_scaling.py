@@ -17,7 +17,7 @@ from hecate.collectives.errors import ConfigError, DataError
 from hecate.parallel.fssdp import FssdpPolicy, initial_owners
 from hecate.trainer.scaling.cluster import cluster_from_dict, load_cluster
 from hecate.trainer.scaling.comm import all_reduce_time, exchange_time
-from hecate.trainer.scaling.cost import Overlap, layer_step, sparse_bytes
+from hecate.trainer.scaling.cost import Overlap, expert_phase_rows, layer_step, sparse_bytes
 from hecate.trainer.scaling.loads import TraceRouting, ZipfRouting, rescale_rows
 from hecate.trainer.scaling.simulate import Settings, chunk_spec, simulate_policy
 from hecate.trainer.scaling.trace import RoutingTrace, read_trace, write_trace
@@ -88,6 +88,21 @@ def test_layer_step_phases_by_hand():
     assert step.phases.gather == step.phases.reduce_scatter == 0.0
     attention_f = 100 * (8 * 8 ** 2 + 2 * 16 * 8 + 2 * 8 * 4) / flops
     assert step.phases.attention == pytest.approx(3 * attention_f)
+
+
+def test_ranks_sharing_cores_lend_them_while_waiting():
+    """4 CPU ranks on 2 cores: the busiest rank's 150 rows run on a whole core once the others wait, so the phase
+    lasts max(150 x 2 / 4, mean 100) rows at the all-busy rate; with a core each, the busiest rank's 150."""
+    rows_D = np.array([150, 100, 100, 50])
+    assert expert_phase_rows(rows_D, toy_cluster(gpus_per_node=4), 0) == 150
+    shared = cluster_from_dict({"gpus_per_node": 4, "cores_per_node": 2, "device": {"tflops": 1, "memory_gib": 1},
+                                "intra_node": {"gbytes_per_s": 1}, "inter_node": {"gbits_per_s": 1}})
+    assert expert_phase_rows(rows_D, shared, 0) == 100
+    assert expert_phase_rows(np.array([300, 60, 20, 20]), shared, 0) == 150
+    with pytest.raises(ConfigError) as err:
+        cluster_from_dict({"gpus_per_node": 4, "cores_per_node": 0, "device": {"tflops": 1, "memory_gib": 1},
+                           "intra_node": {"gbytes_per_s": 1}, "inter_node": {"gbits_per_s": 1}})
+    assert err.value.field == "cores_per_node"
 
 
 def test_gather_hides_under_attention_only_up_to_its_length():
@@ -232,10 +247,14 @@ def test_record_routing_round_trip_on_two_ranks(small_data, tmp_path):
 # ---- calibration: measured CPU step times -------------------------------------------------------------------
 
 
-def calibrated_prediction(world: dict, block: dict, case: dict) -> float:
-    """The simulator's step time (ms) for one measured case, from the figures measured with it."""
-    cluster = cluster_from_dict({"name": "this machine", "gpus_per_node": world["world_size"], "dtype": "fp32",
-                                 "device": {"tflops": world["flops_per_s"] / 1e12, "memory_gib": 24},
+def calibrated_prediction(world: dict, block: dict, case: dict, cores: int) -> float:
+    """The simulator's step time (ms) for one measured case, from the figures measured with it: the device is
+    the measured matmul peak times the efficiency the compute-only block probe reached (no step time used)."""
+    efficiency = case["effective_flops_per_s"] / world["flops_per_s"]
+    cluster = cluster_from_dict({"name": "this machine", "gpus_per_node": world["world_size"],
+                                 "cores_per_node": cores, "dtype": "fp32",
+                                 "device": {"tflops": world["flops_per_s"] / 1e12, "efficiency": efficiency,
+                                            "memory_gib": 24},
                                  "intra_node": {"gbytes_per_s": world["bytes_per_s"] / 1e9,
                                                 "latency_us": 1e6 * world["latency_s"]},
                                  "inter_node": {"gbits_per_s": 8 * world["bytes_per_s"] / 1e9}})
@@ -262,7 +281,7 @@ def test_simulator_predicts_measured_cpu_steps():
     checked = []
     for world in record["world_sizes"]:
         for case in world["cases"]:
-            predicted = calibrated_prediction(world, record["block"], case)
+            predicted = calibrated_prediction(world, record["block"], case, record["cores"])
             checked.append((world["world_size"], case["policy"], case["s"], predicted, case["step_ms_median"]))
     assert {(w, p) for w, p, *_ in checked} == {(2, "ep"), (2, "fssdp"), (4, "ep"), (4, "fssdp")}
     off = [c for c in checked if abs(c[3] / c[4] - 1) > CALIBRATION_TOLERANCE]

@@ -12,6 +12,10 @@ Presets live in ``examples/clusters/*.yaml``. Figures are the vendors' nominal o
     inter_node: {gbits_per_s: 400, per: node, efficiency: 0.8, latency_us: 20}
 
 ``inter_node.per`` says whether the NIC bandwidth is per node (shared by its GPUs) or per GPU.
+
+``cores_per_node`` (optional; only for simulated CPU ranks, e.g. the calibration on this machine) says that a
+node's devices share fewer compute units than there are devices: ``device`` then describes one rank while all
+ranks compute, and a rank that waits in a collective lends its core to the busy ones (see ``cost.py``).
 """
 from __future__ import annotations
 
@@ -52,6 +56,7 @@ class Cluster:
     device: Device
     intra: Link
     inter: Link  # per node: all GPUs of a node share it
+    cores_per_node: int | None = None  # compute units a node's devices share; None: each device its own
 
     @property
     def dtype_bytes(self) -> int:
@@ -88,11 +93,13 @@ def cluster_from_dict(values: dict[str, Any], source: str = "cluster") -> Cluste
     """Build and check a cluster; errors name the field (e.g. ``inter_node.gbits_per_s``)."""
     if not isinstance(values, dict):
         raise ConfigError(source, "must be a YAML mapping (see examples/clusters/*.yaml)")
-    known = {"name", "gpus_per_node", "dtype", "device", "intra_node", "inter_node"}
+    known = {"name", "gpus_per_node", "cores_per_node", "dtype", "device", "intra_node", "inter_node"}
     unknown = sorted(set(values) - known)
     if unknown:
         raise ConfigError(unknown[0], f"unknown key in {source}; allowed: {', '.join(sorted(known))}")
     gpus_per_node = int(_number(values, "gpus_per_node", "", integer=True))
+    cores_per_node = (int(_number(values, "cores_per_node", "", integer=True)) if "cores_per_node" in values
+                      else None)
     dtype = values.get("dtype", "bf16")
     if dtype not in DTYPE_BYTES:
         raise ConfigError("dtype", f"must be one of {tuple(DTYPE_BYTES)}, got {dtype!r}")
@@ -111,7 +118,8 @@ def cluster_from_dict(values: dict[str, Any], source: str = "cluster") -> Cluste
     for where, link in (("intra_node.latency_us", intra_link), ("inter_node.latency_us", inter_link)):
         if link.latency_s < 0:
             raise ConfigError(where, f"must be >= 0, got {link.latency_s * 1e6}")
-    return Cluster(str(values.get("name", source)), gpus_per_node, dtype, device, intra_link, inter_link)
+    return Cluster(str(values.get("name", source)), gpus_per_node, dtype, device, intra_link, inter_link,
+                   cores_per_node)
 
 
 def load_cluster(path: str | Path) -> Cluster:

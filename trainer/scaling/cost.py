@@ -10,7 +10,9 @@
                                                 waits for it, see docs/SCALING.md)
 
 Every all-to-all waits for its slowest participant, so each phase costs its maximum over devices; attention is
-the same everywhere (every device has the same tokens).
+the same everywhere (every device has the same tokens). When a node's devices share fewer cores than there are
+devices (simulated CPU ranks, ``Cluster.cores_per_node``), a rank that waits in the all-to-all lends its core to
+the busy ones, so the expert phase ends after the work-conserving share (``expert_phase_rows``).
 
 Memory per device (an estimate, bytes): 16 per dense and owned expert parameter (weights, gradients, AdamW
 moments and, in half precision, fp32 master weights); 2 copies (weights, gradients) of every replica a device
@@ -84,6 +86,20 @@ def sparse_bytes(owner: OwnerPlacement, materialized: MaterializedPlacement, chu
     return np.array([[len(dst) for dst in row] for row in plan.routes], dtype=np.float64) * chunk.nbytes
 
 
+def expert_phase_rows(rows_D: np.ndarray, cluster: Cluster, first_device: int) -> float:
+    """Rows whose compute, at a device's throughput while all of its node's devices compute, lasts as long as the
+    expert phase. Devices with their own compute units: the busiest device's rows. N devices sharing C < N cores
+    (at most one core each, idle ones lending theirs): the node finishes after max(busiest x C / N, mean) rows."""
+    rows_D = np.asarray(rows_D, dtype=np.float64)
+    node_D = (first_device + np.arange(len(rows_D))) // cluster.gpus_per_node
+    longest = 0.0
+    for node in np.unique(node_D):
+        rows = rows_D[node_D == node]
+        cores = min(cluster.cores_per_node or len(rows), len(rows))
+        longest = max(longest, rows.max() * cores / len(rows), rows.mean())
+    return longest
+
+
 def layer_step(workload: Workload, cluster: Cluster, owner: OwnerPlacement, materialized: MaterializedPlacement,
                counts_RE: np.ndarray, first_device: int, ranks_per_node: int | None, overlap: Overlap,
                rematerialize: bool, chunk: ChunkSpec) -> LayerStep:
@@ -97,7 +113,7 @@ def layer_step(workload: Workload, cluster: Cluster, owner: OwnerPlacement, mate
     dispatch = exchange_time(rows_RD * row_bytes, cluster, first_device)
     combine = exchange_time(rows_RD.T * row_bytes, cluster, first_device)
     rows_D = rows_RD.sum(0)
-    experts_f = workload.expert_flops(rows_D.max()) / flops
+    experts_f = workload.expert_flops(expert_phase_rows(rows_D, cluster, first_device)) / flops
     attention_b = BACKWARD_OVER_FORWARD * attention_f
     exposed_gather = max(gather - attention_f, 0.0) if overlap.gather else gather
     exposed_rs = max(reduce_scatter - attention_b, 0.0) if overlap.reduce_scatter else reduce_scatter
