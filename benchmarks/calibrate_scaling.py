@@ -7,8 +7,8 @@ background load as the steps (this machine is shared; figures measured apart fro
 - compute: the device's effective throughput, from a compute-only probe: the same block (same weights, router
   and routing) with all experts on the rank and no communication, forward + backward on the rank's own tokens
   (the balanced share of expert rows), all ranks at once; effective FLOP/s = the block's FLOPs as the simulator
-  counts them (``Workload``) over the slowest rank's time. Also fp32 matmul throughput on the expert matmul's
-  shape (rows x D @ D x F), the peak the effective figure is a fraction of;
+  counts them (``Workload``) over the slowest rank's time, per case. Also fp32 matmul throughput on the expert
+  matmul's shape (rows x D @ D x F), for reference (the check does not use it);
 - link: gloo ``all_to_all_single`` time for a small and a large uniform split; latency = the small one's time,
   bandwidth = the extra bytes a rank sends over the extra time;
 - step times: the MoE block of ``benchmarks/skew.py`` (attention + MoE, forward + backward, slowest rank) under
