@@ -61,6 +61,7 @@ class ModelParallel:
     tied: Transport | None = None  # first and last stage's holders of the tied embedding
     pipeline: Pipeline | None = None
     tp_split: dict[str, str] = dataclasses.field(default_factory=dict)  # parameter name -> how (unsplit)
+    tp_alias: dict[str, str] = dataclasses.field(default_factory=dict)  # tied name (lm_head.weight) -> its split name
     vocab_start: int = 0
     stage_split: list[list[int]] = dataclasses.field(default_factory=list)  # blocks of each pipeline stage
     moe_blocks: list[int] = dataclasses.field(default_factory=list)
@@ -108,6 +109,8 @@ class ModelParallel:
                     split |= parallelize_ffn(block.ffn, self.tp)
             names = {id(p): n for n, p in model.named_parameters()}
             self.tp_split = {names[id(p)]: how for p, how in split.items() if id(p) in names}
+            self.tp_alias = {n: names[id(p)] for n, p in model.named_parameters(remove_duplicate=False)
+                             if names.get(id(p), n) != n and names[id(p)] in self.tp_split}
             self.vocab_start = self.tp.rank * (model.vocab_size // dims.tp)
 
     @property
@@ -199,16 +202,20 @@ class ModelParallel:
                     shards = self._all_gather(full[name], self.etp)
                     full[name] = torch.cat(shards.unbind(0), dim=HIDDEN_DIM[_expert_weight(name)])
         full = gather_experts(model, full)
-        for name, how in self.tp_split.items():
-            if name in full:
-                full[name] = unsplit(self._all_gather(full[name], self.tp), how)
+        for name in full:
+            if self._tp_how(name):
+                full[name] = unsplit(self._all_gather(full[name], self.tp), self._tp_how(name))
         return full
+
+    def _tp_how(self, name: str) -> str | None:
+        """How ``name`` is split over tp (its tied alias's split for ``lm_head.weight``), or None."""
+        return self.tp_split.get(self.tp_alias.get(name, name))
 
     def local(self, name: str, full: torch.Tensor, local_experts: Callable[[str, torch.Tensor], torch.Tensor]
               ) -> torch.Tensor:
         """Undo :meth:`gather_shards` for one tensor: this rank's shard (``local_experts`` picks its experts)."""
-        if name in self.tp_split:
-            full = split_for(full, self.tp_split[name], self.tp.rank, self.dims.tp)
+        if self._tp_how(name):
+            full = split_for(full, self._tp_how(name), self.tp.rank, self.dims.tp)
         if _expert_weight(name):
             full = local_experts(name, full)
             if self.etp is not None:
@@ -219,7 +226,7 @@ class ModelParallel:
                       gather_experts: Callable[[nn.Module, dict], dict]) -> dict[str, Any]:
         """A ``get_state_dict`` pair with every split tensor (weights and AdamW moments) whole, so that it is saved
         once and loads into any layout; under pp each stage saves its own names. Collective over the stage."""
-        names = [n for n in state["model"] if n in self.tp_split or _expert_weight(n)]
+        names = [n for n in state["model"] if self._tp_how(n) or _expert_weight(n)]
         model_sd = {**state["model"], **self.gather_shards(model, {n: state["model"][n] for n in names},
                                                              gather_experts)}
         optim_state = {name: dict(values) for name, values in state["optim"]["state"].items()}
@@ -249,10 +256,10 @@ class ModelParallel:
     def from_checkpoint(self, model: nn.Module, state: dict[str, Any],
                         local_experts: Callable[[str, torch.Tensor], torch.Tensor]) -> dict[str, Any]:
         """Undo :meth:`to_checkpoint` on loaded tensors."""
-        model_sd = {n: self.local(n, t, local_experts) if n in self.tp_split or _expert_weight(n) else t
+        model_sd = {n: self.local(n, t, local_experts) if self._tp_how(n) or _expert_weight(n) else t
                     for n, t in state["model"].items()}
         optim_state = {name: {k: self.local(name, v, local_experts) if v.dim() > 0 and (
-            name in self.tp_split or _expert_weight(name)) else v for k, v in values.items()}
+            self._tp_how(name) or _expert_weight(name)) else v for k, v in values.items()}
             for name, values in state["optim"]["state"].items()}
         groups = [dict(group) for group in state["optim"]["param_groups"]]
         if self.pp_group is not None:

@@ -94,18 +94,21 @@ def copy_checkpoint(source: Path, step: int, run: Path) -> None:
 def test_checkpoints_reshard_across_layouts_and_continue_the_reference(small_data, tmp_path, reference,
                                                                        fssdp_straight):
     ref = step_losses(reference)
-    chain, from_fssdp, pp_ep = (tmp_path / name for name in ("chain", "from_fssdp", "pp_ep"))
+    chain, from_fssdp, pp_ep, tp_ep = (tmp_path / name for name in ("chain", "from_fssdp", "pp_ep", "tp_ep"))
     copy_checkpoint(reference, 2, chain)  # saved by one process
     copy_checkpoint(fssdp_straight, 2, from_fssdp)  # saved by FSSDP on 2 ranks, owners moved after step 2
     hops = [(config(small_data, chain, "parallel.ep=4", "train.steps=4", *EVERY_2).to_dict(), True),  # 1 -> EP4
             (config(small_data, chain, "parallel.ep=2", "train.steps=6", *EVERY_2).to_dict(), True),  # EP4 -> EP2
             (config(small_data, from_fssdp, "parallel.ep=4", "train.steps=4", *EVERY_2).to_dict(), True),  # FSSDP2
             (config(small_data, pp_ep, "parallel.pp=2", "parallel.ep=2", "train.steps=2", *EVERY_2).to_dict(), False),
-            (config(small_data, pp_ep, "parallel.ep=4", "train.steps=4", *EVERY_2).to_dict(), True)]  # PP2xEP2 -> EP4
+            (config(small_data, pp_ep, "parallel.ep=4", "train.steps=4", *EVERY_2).to_dict(), True),  # PP2xEP2 -> EP4
+            (config(small_data, tp_ep, "parallel.tp=2", "parallel.ep=2", "train.steps=2", *EVERY_2).to_dict(), False),
+            (config(small_data, tp_ep, "train.steps=4", *EVERY_2).to_dict(), True)]  # TP2xEP2 -> DP4
     run_workers(train_hops, 4, hops, timeout_s=JOB_DEADLINE_S)
     assert_continues(chain, ref, range(3, 7))
     assert_continues(from_fssdp, ref, range(3, 5))
     assert_continues(pp_ep, ref, range(1, 5))
+    assert_continues(tp_ep, ref, range(1, 5))
 
     back = Trainer(config(small_data, from_fssdp, "train.steps=6", *EVERY_2), resume=True)  # EP4 -> one process
     assert back.step == 4
