@@ -274,7 +274,7 @@ def _train_launched(args: argparse.Namespace, cfg) -> dict:
     else:
         from hecate.launch.ray_job import submit
 
-        submit(args.address, args.workers, worker_args, gpus_per_worker=args.gpus_per_worker,
+        submit(args.address, args.workers, worker_args, run_dir, gpus_per_worker=args.gpus_per_worker,
                cpus_per_worker=args.cpus_per_worker, placement=args.placement, max_restarts=args.max_restarts)
     return json.loads((run_dir / "summary.json").read_text())
 

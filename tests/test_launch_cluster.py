@@ -260,12 +260,24 @@ def ray_head():
 
 
 def test_ray_job_matches_simulated(small_data, tmp_path, reference, ray_head):
+    from hecate.launch.ray_job import fetch_run_folder, packed_name
+    from ray.job_submission import JobSubmissionClient
+
     run = tmp_path / "run"
     done = hecate(*train_args(small_data, run, *LAYOUT), "--launcher", "ray", "--address", ray_head,
                   "--workers", str(WORLD), timeout=JOB_DEADLINE_S)
     assert done.returncode == 0, done.stderr + done.stdout
     assert "done: 3 steps" in done.stdout
     assert losses(run) == reference
+    assert "files of the run folder came back from the cluster" in done.stderr
+    # The run folder also comes back where no filesystem is shared: fetch the job's copy into an empty folder.
+    job = done.stderr.split("submitted Ray job ")[1].split()[0]
+    fetched = tmp_path / "fetched"
+    driver_node = JobSubmissionClient(ray_head).get_job_info(job).driver_node_id
+    assert fetch_run_folder(ray_head, driver_node, packed_name(job), fetched) >= WORLD + 2
+    assert (fetched / "metrics.jsonl").read_bytes() == (run / "metrics.jsonl").read_bytes()
+    assert all((fetched / "logs" / f"rank{rank}.log").is_file() for rank in range(WORLD))
+    assert (run / "checkpoints").is_dir() and not (fetched / "checkpoints").exists()
 
 
 def test_failing_ray_actor_fails_the_job_with_its_traceback(small_data, tmp_path, ray_head):
