@@ -3,7 +3,7 @@ in DeepSpeed-MoE, and how far is each from this machine's floor?
 
 The layer: hidden 256, expert hidden 1024, 8 experts, top-2 softmax routing renormalized over the two chosen,
 GELU (exact erf) two-matrix experts without biases, fp32, 4096 tokens per rank, one thread per rank, on 2 and 4
-simulated ranks (gloo). The step: forward, loss = mean of the output's squares, backward to the input, the gate
+simulated ranks (gloo), under near-uniform and skewed routing (below). The step: forward, loss = mean of the output's squares, backward to the input, the gate
 and the experts. Systems:
 
 - ``hecate-ep``: expert parallelism as ``parallel.ep=P`` trains it (``ExpertParallelDispatcher``, local experts,
@@ -13,6 +13,17 @@ and the experts. Systems:
   (rank, expert) slot to the largest count in the group;
 - ``deepspeed-cf1``: the same with ``drop_tokens=True, capacity_factor=1.0`` (each expert keeps
   2 x T / E pairs per rank, first choices first).
+
+**Skewed routing** (``--skew``, Zipf exponents s, default 0 and 1.2): the inputs are shifted so that the gate's
+logits gain a fixed bias b_E, the same for every token and rank: every token gets v_D = the least-norm solution of
+gate v = b (8 equations, 256 unknowns), so both systems, whose gates are the same matrix, see the same shifted
+logits and route identically without any change to either. b is calibrated once (on 16,384 seeded tokens through
+the seed-0 gate) so that the expected share of pairs per expert equals that of k distinct draws from Zipf(s)
+popularity over a seeded permutation of the experts (``benchmarks/skew.py``'s definition). s = 0 adds no shift: the
+freshly initialised router's own, near-uniform routing. For each system the JSON records the expert GEMM rows it
+computes per rank (``rows_by_rank``) and their total over the real pairs (``rows_x_real``): DeepSpeed computes
+E x C rows a rank, every (rank, expert) slot padded to the capacity C (dropless: the largest count in the group),
+Hecate exactly the routed pairs.
 
 DeepSpeed's second-expert sampling (Gumbel noise on the second choice) is turned off so that both systems route
 every token identically (top-2 of the same logits). Every system starts from the same weights: Hecate's MoE is
@@ -34,6 +45,7 @@ activations, temporaries; not the allocator's own overhead). One more step of ra
 ``torch.profiler``; the JSON keeps its top operators by self time (where the time goes).
 
     python benchmarks/peers.py --json runs/peers.json
+    python benchmarks/peers.py --world-sizes 2 --skew 1.2 --warmup 1 --iters 2   # a quick check
 
 Shapes: T tokens per rank, D model dim, F expert hidden dim, E experts, P ranks, L = E / P local experts.
 """
@@ -55,6 +67,7 @@ from torch.distributed._tools.mem_tracker import MemTracker
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import floor  # noqa: E402  (benchmarks/ is not a package)
+import skew  # noqa: E402
 
 SYSTEMS = ("hecate-ep", "hecate-fssdp", "deepspeed-dropless", "deepspeed-cf1")
 BASELINE = "deepspeed-dropless"
@@ -65,6 +78,7 @@ EXTENSIONS_DIR = Path(__file__).resolve().parent.parent / "build" / "torch_exten
 @dataclass(frozen=True)
 class Config:
     world_sizes: tuple[int, ...] = (2, 4)
+    skews: tuple[float, ...] = (0.0, 1.2)  # Zipf exponents of the routing (0: the router's own, near-uniform)
     systems: tuple[str, ...] = SYSTEMS
     dim: int = 256
     ffn_dim: int = 1024
@@ -130,6 +144,10 @@ class System:
         """Pairs routed to each expert in the last forward, summed over ranks (before any dropping)."""
         raise NotImplementedError
 
+    def rows_computed(self) -> int:
+        """Rows this rank's experts computed in the last step (padding included)."""
+        raise NotImplementedError
+
 
 def _gather_experts(local_LXY: torch.Tensor) -> torch.Tensor:
     """[L, ...] on every rank (rank p holding experts [p L, (p + 1) L)) -> [E, ...]."""
@@ -166,6 +184,9 @@ class HecateEP(System):
     def counts(self):
         return self.module.stats.counts_E
 
+    def rows_computed(self):
+        return int(self.counts().view(dist.get_world_size(), -1)[dist.get_rank()].sum())
+
 
 class HecateFSSDP(HecateEP):
     name = "hecate-fssdp"
@@ -194,6 +215,9 @@ class HecateFSSDP(HecateEP):
         experts = self.module.experts
         return self.layer.full(experts.w1.grad), self.layer.full(experts.w2.grad)
 
+    def rows_computed(self):
+        return self.layer.last_rows
+
 
 class DeepSpeedMoE(System):
     def __init__(self, config: Config, drop_tokens: bool):
@@ -214,6 +238,7 @@ class DeepSpeedMoE(System):
                 ds_expert[0].weight.copy_(reference.experts.w1[rank * local + i].t())
                 ds_expert[2].weight.copy_(reference.experts.w2[rank * local + i].t())
         self.capacity_factor = None if not drop_tokens else 1.0
+        self.capacity = -(-config.tokens * config.top_k // config.experts)  # pairs per (rank, expert) at factor 1.0
 
     @property
     def experts(self) -> list[nn.Sequential]:
@@ -236,10 +261,18 @@ class DeepSpeedMoE(System):
         dist.all_reduce(counts)
         return counts
 
+    def rows_computed(self):
+        """E x C: every (source rank, local expert) slot is padded to the capacity C."""
+        if self.capacity_factor is None:  # dropless: C is the largest (rank, expert) count in the group
+            capacity = self.last_counts.max().clone()
+            dist.all_reduce(capacity, op=dist.ReduceOp.MAX)
+        else:
+            capacity = self.capacity
+        return len(self.experts) * dist.get_world_size() * int(capacity)
+
     def dropped_pairs(self, config: Config) -> int:
         """Pairs beyond each expert's per-rank capacity in the last forward, summed over ranks."""
-        capacity = -(-config.tokens * config.top_k * self.capacity_factor // config.experts)
-        dropped = (self.last_counts - capacity).clamp_min(0).sum()
+        dropped = (self.last_counts - self.capacity).clamp_min(0).sum()
         dist.all_reduce(dropped)
         return int(dropped)
 
@@ -250,6 +283,33 @@ def build(name: str, config: Config) -> System:
     if name == "hecate-fssdp":
         return HecateFSSDP(config)
     return DeepSpeedMoE(config, drop_tokens=name == "deepspeed-cf1")
+
+
+# ---- skewed routing -------------------------------------------------------------------------------------------
+
+
+def routing_shift(config: Config, s: float, calibration_tokens: int = 16384, rounds: int = 200) -> torch.Tensor:
+    """v_D such that gate(x + v) = gate(x) + b_E, b_E chosen so that the expected pairs per expert follow the
+    top-k draws from Zipf(s) popularity (``skew.expected_share``). Zeros for s = 0."""
+    if s == 0:
+        return torch.zeros(config.dim)
+    gate_ED = hecate_moe(config).router.gate.weight.detach()
+    target_E = torch.tensor(skew.expected_share(skew.zipf_weights(config.experts, s, seed=0), config.top_k))
+    x_TD = torch.randn(calibration_tokens, config.dim, generator=torch.Generator().manual_seed(999))
+    logits_TE = x_TD @ gate_ED.t()
+    bias_E = torch.zeros(config.experts)
+    for _ in range(rounds):  # damped fixed point; top-k ignores a common offset, so keep the bias centred
+        chosen = (logits_TE + bias_E).topk(config.top_k, dim=-1).indices.flatten()
+        share_E = torch.bincount(chosen, minlength=config.experts).double() / chosen.numel()
+        bias_E += 0.1 * torch.log(target_E / share_E.clamp_min(1e-6)).float()
+        bias_E -= bias_E.mean()
+    return torch.linalg.lstsq(gate_ED, bias_E.unsqueeze(1)).solution.squeeze(1)
+
+
+def rank_input(config: Config, shift_D: torch.Tensor) -> torch.Tensor:
+    """This rank's own seeded tokens, shifted; a leaf that collects the input gradient."""
+    x_TD = torch.randn(config.tokens, config.dim, generator=torch.Generator().manual_seed(1000 + dist.get_rank()))
+    return (x_TD + shift_D).requires_grad_(True)
 
 
 # ---- one rank -----------------------------------------------------------------------------------------------
@@ -272,6 +332,7 @@ def reference_step(system: System, x_TD: torch.Tensor) -> dict[str, torch.Tensor
     system.module.zero_grad(set_to_none=True)
     x_TD.grad = None
     system.after_step()
+    results["rows_by_rank"] = _all_ranks(system.rows_computed())
     return results
 
 
@@ -316,19 +377,28 @@ def _all_ranks(value: int) -> list[int]:
 
 
 def worker(config: Config) -> dict:
-    """This rank's measurements: floors, agreement, step times by system and round, peak memory, profiles."""
+    """This rank's measurements: the floors, then for each skew those of :func:`measure`."""
     if any(name.startswith("deepspeed") for name in config.systems):
         import deepspeed
 
         deepspeed.init_distributed(dist_backend="gloo")  # adopts the simulated group
-    rank = dist.get_rank()
     measured_floor = floor.measure_in_workers(config.shape)
     systems = [build(name, config) for name in config.systems]
-    x_TD = torch.randn(config.tokens, config.dim, generator=torch.Generator().manual_seed(1000 + rank))
-    x_TD.requires_grad_(True)
+    by_skew = {}
+    for s in config.skews:
+        shift_D = routing_shift(config, s) if dist.get_rank() == 0 else torch.empty(config.dim)
+        dist.broadcast(shift_D, src=0)  # one calibration for all ranks
+        by_skew[s] = measure(config, systems, rank_input(config, shift_D))
+    return {"floor": measured_floor, "by_skew": by_skew}
+
+
+def measure(config: Config, systems: list[System], x_TD: torch.Tensor) -> dict:
+    """Agreement, rows computed, step times by system and round, peak memory and profiles on one input."""
     firsts = {s.name: reference_step(s, x_TD) for s in systems}
     agreements = {s.name: agreement(s, config, firsts[s.name], firsts[REFERENCE]) for s in systems
                   if REFERENCE in firsts}
+    rows = {s.name: firsts[s.name]["rows_by_rank"] for s in systems}
+    counts = [int(c) for c in firsts[systems[0].name]["counts"]]
     for _ in range(config.warmup - 1):
         for system in systems:
             system.step(x_TD)
@@ -346,11 +416,10 @@ def worker(config: Config) -> dict:
         value = torch.tensor([peak], dtype=torch.float64)
         dist.all_reduce(value, op=dist.ReduceOp.MAX)
         peak_ranks[name] = int(value.item())
-    extra = {s.name: {"rows_by_rank": _all_ranks(s.layer.last_rows), "replicas": s.engine.last_replicas}
-             for s in systems if isinstance(s, HecateFSSDP)}
+    extra = {s.name: {"replicas": s.engine.last_replicas} for s in systems if isinstance(s, HecateFSSDP)}
     profiles = {s.name: profile_step(s, x_TD) for s in systems}
-    return {"floor": measured_floor, "agreement": agreements, "times": times, "cpu_times": cpu_times, "peak": peak_ranks,
-            "profiles": profiles, "extra": extra}
+    return {"agreement": agreements, "rows": rows, "counts_E": counts, "times": times, "cpu_times": cpu_times,
+            "peak": peak_ranks, "profiles": profiles, "extra": extra}
 
 
 # ---- the parent: rows, tables -------------------------------------------------------------------------------
@@ -363,15 +432,20 @@ def paired_ratio(times: list[float], baseline: list[float]) -> tuple[float, floa
 
 
 def rows_for(config: Config, world: int, result: dict) -> list[dict]:
-    """One JSON object per system measured on ``world`` ranks."""
-    measured = result["floor"]
+    """One JSON object per (skew, system) measured on ``world`` ranks."""
+    return [row for s in config.skews for row in skew_rows(config, world, s, result["floor"], result["by_skew"][s])]
+
+
+def skew_rows(config: Config, world: int, s: float, measured: dict, result: dict) -> list[dict]:
+    """One JSON object per system measured on ``world`` ranks under Zipf(s) routing."""
     a2a = statistics.median(measured["all_to_all_s"])
     floors = floor.floors(config.shape, world, measured["single_thread_flops"], a2a)
+    real_rows = world * config.tokens * config.top_k
     rows = []
     for name in config.systems:
         times = result["times"][name]
         median = statistics.median(times)
-        row = {"world_size": world, "system": name, "step_ms": round(1e3 * median, 1),
+        row = {"world_size": world, "skew": s, "system": name, "step_ms": round(1e3 * median, 1),
                "step_ms_min": round(1e3 * min(times), 1), "step_ms_max": round(1e3 * max(times), 1),
                "times_ms": [round(1e3 * t, 1) for t in times]}
         if BASELINE in result["times"]:
@@ -392,6 +466,10 @@ def rows_for(config: Config, world: int, result: dict) -> list[dict]:
                     "all_to_all_ms": round(1e3 * a2a, 2),
                     "peak_mib": round(result["peak"][name] / 2**20, 1),
                     "agreement": result["agreement"].get(name),
+                    "counts_E": result["counts_E"],
+                    "rows_by_rank": result["rows"][name],
+                    "rows_x_real": round(sum(result["rows"][name]) / real_rows, 3),
+                    "rows_max_x_mean_real": round(max(result["rows"][name]) * world / real_rows, 3),
                     **result["extra"].get(name, {}),
                     "profile_rank0": result["profiles"][name]})
         rows.append(row)
@@ -407,8 +485,8 @@ def run(config: Config, world: int) -> list[dict]:
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"{'ranks':>5}  {'system':<20}{'step ms':>8}{'min':>8}{'max':>8}{'x DS dropless':>14}{'(min, max)':>16}"
-          f"{'x compute floor':>16}{'x floor':>8}{'CPU ms':>8}{'CPU x DS':>9}{'CPU x floor':>12}{'peak MiB':>9}  agreement")
+    print(f"{'ranks':>5}{'skew':>5}  {'system':<20}{'step ms':>8}{'min':>8}{'max':>8}{'x DS dropless':>14}{'(min, max)':>16}"
+          f"{'x compute floor':>16}{'x floor':>8}{'CPU ms':>8}{'CPU x DS':>9}{'CPU x floor':>12}{'peak MiB':>9}{'rows x real':>12}{'max/mean':>9}  agreement")
     for r in rows:
         ratio = r.get(f"ratio_to_{BASELINE}", float("nan"))
         lo, hi = r.get(f"ratio_to_{BASELINE}_min_max", (float("nan"), float("nan")))
@@ -418,11 +496,11 @@ def print_table(rows: list[dict]) -> None:
         else:
             text = ("routing " + ("identical" if agree.get("routing_identical") else "DIFFERS") + ", max rel diff "
                     + f"{max(v for k, v in agree.items() if k != 'routing_identical'):.1e}") if agree else "-"
-        print(f"{r['world_size']:>5}  {r['system']:<20}{r['step_ms']:>8.1f}{r['step_ms_min']:>8.1f}"
+        print(f"{r['world_size']:>5}{r['skew']:>5}  {r['system']:<20}{r['step_ms']:>8.1f}{r['step_ms_min']:>8.1f}"
               f"{r['step_ms_max']:>8.1f}{ratio:>14.3f}{f'({lo:.3f}, {hi:.3f})':>16}{r['x_compute_floor']:>16.3f}"
               f"{r['x_compute_and_comm_floor']:>8.3f}{r['cpu_ms_all_ranks']:>8.0f}"
               f"{r.get(f'cpu_ratio_to_{BASELINE}', float('nan')):>9.3f}{r['cpu_x_floor_flops']:>12.3f}"
-              f"{r['peak_mib']:>9.1f}  {text}")
+              f"{r['peak_mib']:>9.1f}{r['rows_x_real']:>12.3f}{r['rows_max_x_mean_real']:>9.3f}  {text}")
 
 
 def goals(rows: list[dict]) -> list[str]:
@@ -432,9 +510,9 @@ def goals(rows: list[dict]) -> list[str]:
             continue
         ratio = r.get(f"ratio_to_{BASELINE}")
         if ratio is not None:
-            lines.append(f"{r['world_size']} ranks: hecate-ep / deepspeed-dropless step time {ratio:.3f} "
+            lines.append(f"{r['world_size']} ranks, skew {r['skew']}: hecate-ep / deepspeed-dropless step time {ratio:.3f} "
                          f"(goal <= 0.8: {'met' if ratio <= 0.8 else 'NOT met'})")
-        lines.append(f"{r['world_size']} ranks: hecate-ep / compute floor {r['x_compute_floor']:.3f} "
+        lines.append(f"{r['world_size']} ranks, skew {r['skew']}: hecate-ep / compute floor {r['x_compute_floor']:.3f} "
                      f"(goal <= 1.25: {'met' if r['x_compute_floor'] <= 1.25 else 'NOT met'})")
     return lines
 
@@ -443,6 +521,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     defaults = Config()
     parser.add_argument("--world-sizes", type=int, nargs="+", default=list(defaults.world_sizes))
+    parser.add_argument("--skew", dest="skews", type=float, nargs="+", default=list(defaults.skews),
+                        help="Zipf exponents of the routing's expert popularity (0: the router's own routing)")
     parser.add_argument("--systems", nargs="+", default=list(defaults.systems), choices=list(SYSTEMS))
     for name in ("dim", "ffn_dim", "experts", "top_k", "tokens", "warmup", "iters"):
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name))
@@ -452,6 +532,8 @@ def main() -> None:
                        for name, value in vars(args).items() if name != "json"})
     if config.warmup < 1 or config.iters < 1:
         raise SystemExit("--warmup and --iters must be >= 1")
+    if any(s < 0 for s in config.skews):
+        raise SystemExit(f"--skew values must be >= 0, got {list(config.skews)}")
     if any(config.experts % world for world in config.world_sizes):
         raise SystemExit(f"--experts ({config.experts}) must be a multiple of every world size")
     start = time.perf_counter()
