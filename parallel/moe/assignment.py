@@ -79,12 +79,15 @@ def _water_fill(total: int, level_H: np.ndarray) -> np.ndarray:
 def _match(count_P: np.ndarray, holders_H: np.ndarray, quota_H: np.ndarray, node_P: np.ndarray) -> np.ndarray:
     """rows_PH meeting each holder's quota: own pairs, then same-node sources, then any (ascending ranks)."""
     rows_PH = np.zeros((len(count_P), len(holders_H)), dtype=np.int64)
+    if len(holders_H) == 1:  # one copy: every pair goes to it (most experts; keeps the scale simulator fast)
+        rows_PH[:, 0] = count_P
+        return rows_PH
     quota_H = quota_H.copy()
     own = np.minimum(count_P[holders_H], quota_H)
     rows_PH[holders_H, np.arange(len(holders_H))] = own
     count_P[holders_H] -= own
     quota_H -= own
-    for node in np.unique(node_P):
+    for node in np.unique(node_P[holders_H]):  # nodes without a holder have no quota to fill
         sources, near = node_P == node, node_P[holders_H] == node
         _fill(rows_PH, count_P, quota_H, sources, near)
     _fill(rows_PH, count_P, quota_H, np.ones(len(count_P), bool), np.ones(len(holders_H), bool))

@@ -139,19 +139,20 @@ def simulate_policy(workload: Workload, cluster: Cluster, routing: Routing, poli
     total_steps = settings.window + settings.steps
     for step in range(total_steps):
         counts_LRE = [routing.counts_RE(step, l, groups * group, workload.pairs_per_gpu) for l in range(len(layers))]
-        slowest = None
+        slowest, measured = None, step >= settings.window
         for g in range(groups):
             phases = Phases(attention=non_moe / cluster.device.flops_per_s, gradient_sync=sync)
             group_replicas, group_rows = [], []
             for l in range(len(layers)):
                 counts_RE = counts_LRE[l][g * group:(g + 1) * group]
-                owner = owners[g][l]
-                materialized = policy.materialize(owner, estimators[g][l].estimate())
-                cost = layer_step(workload, cluster, owner, materialized, counts_RE, g * group, per_node,
-                                  settings.overlap, settings.rematerialize, chunk)
-                phases.add(cost.phases)
-                group_replicas.append(cost.replicas_D)
-                group_rows.append(cost.rows_D)
+                if measured:  # window steps only fill the estimate (policies are stateless): no cost to compute
+                    owner = owners[g][l]
+                    materialized = policy.materialize(owner, estimators[g][l].estimate())
+                    cost = layer_step(workload, cluster, owner, materialized, counts_RE, g * group, per_node,
+                                      settings.overlap, settings.rematerialize, chunk)
+                    phases.add(cost.phases)
+                    group_replicas.append(cost.replicas_D)
+                    group_rows.append(cost.rows_D)
                 estimators[g][l].update(counts_RE.sum(0).tolist())
             if reshard_every and (step + 1) % reshard_every == 0:
                 moved_bytes = STATE_BYTES_PER_PARAM * workload.expert_params
@@ -159,7 +160,7 @@ def simulate_policy(workload: Workload, cluster: Cluster, routing: Routing, poli
                                                  moved_bytes)
             if slowest is None or phases.total > slowest[0].total:
                 slowest = (phases, group_replicas, group_rows)
-        if step >= settings.window:
+        if measured:
             phases, group_replicas, group_rows = slowest
             step_times.append(phases.total)
             mean_phases.add(phases)
