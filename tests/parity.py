@@ -2,12 +2,15 @@
 simulated workers, and the comparison against the single-process reference."""
 from __future__ import annotations
 
+import json
 import math
 
 import torch
+import torch.distributed as dist
 
 from hecate.parallel.parallelize import Parallel
 from hecate.trainer.config import RunConfig, config_from_dict, load_config
+from hecate.trainer.profile import profiled_step
 from hecate.trainer.train import Trainer
 
 # fp32 everywhere. What differs between layouts is only the order of floating-point sums (an all-reduce sums
@@ -36,30 +39,48 @@ def small_config(data_dir, run_dir, extra: list[str], steps: int) -> RunConfig:
         "logging.tensorboard=false", "logging.plots=false", "optim.warmup_steps=1", "optim.lr=0.003", *extra])
 
 
-def train(cfg_dicts: list[dict], distributed: bool, skew: bool = False) -> list[dict] | None:
-    """Train each config for its steps; rank 0 returns losses, dropped pairs, replicas per step, gathered
-    gradients of every step and the final weights."""
-    results = []
-    for cfg_dict in cfg_dicts:
-        cfg = config_from_dict(cfg_dict)
-        parallel = (Parallel.from_world(cfg.parallel, cfg.moe.num_experts, cfg.model.n_layers, cfg.model.n_heads,
-                                        cfg.fssdp) if distributed else Parallel.single())
-        trainer = Trainer(cfg, parallel=parallel)
-        if skew:
-            for layer in trainer.model.moe_layers().values():
-                layer.router.expert_bias.copy_(torch.tensor(SKEW[:cfg.moe.num_experts]))
-        out = {"losses": [], "dropped": [], "replicas": [], "grads": []}
-        for step in range(cfg.train.steps):
-            if parallel.engine is not None:
-                out["replicas"].append(sum(parallel.engine.replicas().values()))
+def train(cfg_dicts: list[dict], distributed: bool, skew: bool | list[bool] = False,
+          save: list[bool] | None = None) -> list[dict] | None:
+    """Train each config for its steps (:func:`train_one`), skewed and saved as told (one flag for all or one a
+    config); rank 0 returns the records."""
+    skews = skew if isinstance(skew, list) else [skew] * len(cfg_dicts)
+    saves = save or [False] * len(cfg_dicts)
+    results = [train_one(c, distributed, k, s) for c, k, s in zip(cfg_dicts, skews, saves, strict=True)]
+    return results if not distributed or dist.get_rank() == 0 else None
+
+
+def train_one(cfg_dict: dict, distributed: bool, skew: bool = False, save: bool = False, profile_step: int = 0,
+              **parallel_options) -> dict:
+    """Train one config: losses, dropped pairs, replicas per step, every step's gradients and the final weights,
+    whole-model (expert, tensor and pipeline shards gathered); with ``save``, a checkpoint and AdamW's first
+    moments; with ``profile_step``, that step's trace. ``parallel_options`` go to ``Parallel.from_world``."""
+    cfg = config_from_dict(cfg_dict)
+    parallel = (Parallel.from_world(cfg.parallel, cfg.moe.num_experts, cfg.model.n_layers, cfg.model.n_heads,
+                                    cfg.fssdp, **parallel_options) if distributed else Parallel.single())
+    trainer = Trainer(cfg, parallel=parallel)
+    if skew:
+        for layer in trainer.model.moe_layers().values():
+            layer.router.expert_bias.copy_(torch.tensor(SKEW[:cfg.moe.num_experts]))
+    out = {"losses": [], "dropped": [], "replicas": [], "grads": []}
+    for step in range(cfg.train.steps):
+        if parallel.engine is not None:
+            out["replicas"].append(sum(parallel.engine.replicas().values()))
+        with profiled_step(trainer.model, parallel, trainer.run_dir, step + 1, profile_step):
             losses = trainer.train_step(step)
-            out["losses"].append(losses.loss)
-            out["dropped"].append(losses.dropped)
-            out["grads"].append(parallel.gather_experts(
-                trainer.model, {n: p.grad for n, p in trainer.model.named_parameters()}))
-        out["params"] = parallel.gather_experts(trainer.model, dict(trainer.model.named_parameters()))
-        results.append(out)
-    return results if parallel.rank == 0 else None
+        out["losses"].append(losses.loss)
+        out["dropped"].append(losses.dropped)
+        out["grads"].append(parallel.gather_full(trainer.model,
+                                                 {n: p.grad for n, p in trainer.model.named_parameters()}))
+    named = dict(trainer.model.named_parameters())
+    out["params"] = parallel.gather_full(trainer.model, named)
+    if save:
+        trainer.step = cfg.train.steps
+        trainer.save()
+        out["exp_avg"] = parallel.gather_full(
+            trainer.model, {n: trainer.optimizer.state[p]["exp_avg"] for n, p in named.items()})
+    if profile_step:
+        out["trace"] = json.loads((trainer.run_dir / f"profile_step{profile_step}.json").read_text())
+    return out
 
 
 def assert_matches(got: dict, want: dict, what: str, grad_rtol: float = RTOL) -> None:

@@ -4,7 +4,6 @@ reproduce the single-process run (tests/parity.py's tolerances). The simulated n
 CPU, and a profiled step's trace has the compute track and a track per collective."""
 from __future__ import annotations
 
-import json
 import time
 
 import pytest
@@ -16,11 +15,7 @@ from hecate.collectives.simulated_network import SimulatedNetwork, SimulatedNetw
 from hecate.collectives.timeline import Timeline
 from hecate.launch.cli import main
 from hecate.launch.simulate import run_workers
-from hecate.parallel.parallelize import Parallel
-from hecate.trainer.config import config_from_dict
-from hecate.trainer.profile import profiled_step
-from hecate.trainer.train import Trainer
-from parity import GRAD_RTOL_LONG, SKEW, assert_matches, small_config, train
+from parity import GRAD_RTOL_LONG, assert_matches, small_config, train, train_one
 
 STEPS = 2
 EXPERTS = 8
@@ -39,28 +34,6 @@ COMMON = [f"moe.num_experts={EXPERTS}"]
 # 0.08 Gbit/s = 10 MB/s: the ~1 MB each rank sends to the other node takes ~100 ms on the simulated link
 SLOW = SimulatedNetwork(2, 0.08, 1000.0)
 SLOW_BYTES = 1_000_000  # sent by each rank, split evenly over its peers
-
-
-def _train_one(cfg_dict: dict, network: SimulatedNetwork | None, profile_step: int = 0) -> dict:
-    """parity.train's record for one config, on a Parallel behind ``network``; with the trace of ``profile_step``."""
-    cfg = config_from_dict(cfg_dict)
-    parallel = Parallel.from_world(cfg.parallel, cfg.moe.num_experts, cfg.model.n_layers, cfg.model.n_heads,
-                                   cfg.fssdp, network=network, timeline=Timeline(dist.get_rank()))
-    trainer = Trainer(cfg, parallel=parallel)
-    for layer in trainer.model.moe_layers().values():
-        layer.router.expert_bias.copy_(torch.tensor(SKEW[:cfg.moe.num_experts]))
-    out = {"losses": [], "dropped": [], "grads": []}
-    for step in range(cfg.train.steps):
-        with profiled_step(trainer.model, parallel, trainer.run_dir, step + 1, profile_step):
-            losses = trainer.train_step(step)
-        out["losses"].append(losses.loss)
-        out["dropped"].append(losses.dropped)
-        out["grads"].append(parallel.gather_experts(trainer.model,
-                                                    {n: p.grad for n, p in trainer.model.named_parameters()}))
-    out["params"] = parallel.gather_experts(trainer.model, dict(trainer.model.named_parameters()))
-    if profile_step:
-        out["trace"] = json.loads((trainer.run_dir / f"profile_step{profile_step}.json").read_text())
-    return out
 
 
 def _slow_exchange() -> dict:
@@ -82,7 +55,8 @@ def _slow_exchange() -> dict:
 
 def _worker(cases: dict, cfg_dicts: list[dict], profile_first: bool) -> dict | None:
     exchange = _slow_exchange()
-    results = {name: _train_one(cfg, cases[name][1], 2 if profile_first and i == 0 else 0)
+    results = {name: train_one(cfg, True, skew=True, profile_step=2 if profile_first and i == 0 else 0,
+                               network=cases[name][1], timeline=Timeline(dist.get_rank()))
                for i, (name, cfg) in enumerate(zip(cases, cfg_dicts))}
     return {"exchange": exchange, "results": results} if dist.get_rank() == 0 else None
 

@@ -9,10 +9,8 @@ import pytest
 import torch
 
 from hecate.launch.simulate import run_workers
-from hecate.parallel.parallelize import Parallel
-from hecate.trainer.config import config_from_dict
 from hecate.trainer.train import Trainer
-from parity import SKEW, assert_matches, small_config
+from parity import assert_matches, small_config, train
 
 STEPS = 5
 WORLD = 4
@@ -32,46 +30,13 @@ REFERENCES = {"base": [], "deep": DEEP}
 SAVED = ("pp2-tp2", "etp2-ep2")  # these also write a checkpoint, which one process then resumes
 
 
-def train(cfg_dicts: list[dict], skews: list[bool], distributed: bool, saves: list[bool] | None = None
-          ) -> list[dict] | None:
-    """Train each config; rank 0 returns losses, dropped pairs, whole-model gradients per step, final weights
-    (and, where saved, AdamW's first moments)."""
-    results = []
-    for cfg_dict, skew, save in zip(cfg_dicts, skews, saves or [False] * len(cfg_dicts)):
-        cfg = config_from_dict(cfg_dict)
-        parallel = (Parallel.from_world(cfg.parallel, cfg.moe.num_experts, cfg.model.n_layers, cfg.model.n_heads,
-                                        cfg.fssdp) if distributed else Parallel.single())
-        trainer = Trainer(cfg, parallel=parallel)
-        if skew:
-            for layer in trainer.model.moe_layers().values():
-                layer.router.expert_bias.copy_(torch.tensor(SKEW[:cfg.moe.num_experts]))
-        out = {"losses": [], "dropped": [], "grads": [], "replicas": []}
-        for step in range(cfg.train.steps):
-            if parallel.engine is not None:
-                out["replicas"].append(sum(parallel.engine.replicas().values()))
-            losses = trainer.train_step(step)
-            out["losses"].append(losses.loss)
-            out["dropped"].append(losses.dropped)
-            out["grads"].append(parallel.gather_full(
-                trainer.model, {n: p.grad for n, p in trainer.model.named_parameters()}))
-        named = dict(trainer.model.named_parameters())
-        out["params"] = parallel.gather_full(trainer.model, named)
-        if save:
-            trainer.step = cfg.train.steps
-            trainer.save()
-            out["exp_avg"] = parallel.gather_full(
-                trainer.model, {n: trainer.optimizer.state[p]["exp_avg"] for n, p in named.items()})
-        results.append(out)
-    return results if parallel.rank == 0 else None
-
-
 @pytest.fixture(scope="module")
 def reference(small_data, tmp_path_factory):
     """Single-process results: the 2-block model, the 4-block model, and the 2-block one with skewed routing."""
     names = [("base", False), ("deep", False), ("base", True)]
     cfgs = [small_config(small_data, tmp_path_factory.mktemp(f"ref-{n}-{s}"), REFERENCES[n], STEPS).to_dict()
             for n, s in names]
-    return dict(zip(names, train(cfgs, [s for _, s in names], distributed=False)))
+    return dict(zip(names, train(cfgs, False, [s for _, s in names])))
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +46,7 @@ def results(small_data, tmp_path_factory):
             for name, (overrides, _, _) in LAYOUTS.items()]
     skews = [skew for _, _, skew in LAYOUTS.values()]
     saves = [name in SAVED for name in LAYOUTS]
-    results = run_workers(train, WORLD, cfgs, skews, True, saves, timeout_s=600)[0]
+    results = run_workers(train, WORLD, cfgs, True, skews, saves, timeout_s=600)[0]
     for cfg, got in zip(cfgs, results):
         got["run_dir"] = cfg["train"]["run_dir"]
     return dict(zip(LAYOUTS, results))
