@@ -41,30 +41,19 @@ from hecate.collectives.errors import LayoutError
 # ---- autograd-aware collectives over the tp group ---------------------------------------------------
 
 
-class _GatherRows(torch.autograd.Function):
-    """x_bSD -> x_BSD (all-gather along dim 0); backward: the gradient's row shards summed over ranks."""
+class _RowExchange(torch.autograd.Function):
+    """One row exchange and its adjoint: all-gather rows (x_bSD -> x_BSD) is undone in backward by reduce-scattering
+    the gradient's rows, and reduce-scatter of partial sums (x_BSD -> x_bSD) by all-gathering them."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, tp: Transport) -> torch.Tensor:
-        ctx.tp = tp
-        return _all_gather_rows(x, tp, "tp.gather")
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return _reduce_scatter_rows(grad, ctx.tp, "tp.gather.backward"), None
-
-
-class _ReduceScatterRows(torch.autograd.Function):
-    """Partial sums x_BSD -> this rank's rows of their sum, x_bSD; backward: all-gather."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, tp: Transport) -> torch.Tensor:
-        ctx.tp = tp
-        return _reduce_scatter_rows(x, tp, "tp.reduce_scatter")
+    def forward(ctx, x: torch.Tensor, tp: Transport, gather: bool, name: str) -> torch.Tensor:
+        ctx.tp, ctx.gather, ctx.name = tp, gather, name
+        return (_all_gather_rows if gather else _reduce_scatter_rows)(x, tp, name)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return _all_gather_rows(grad, ctx.tp, "tp.reduce_scatter.backward"), None
+        adjoint = _reduce_scatter_rows if ctx.gather else _all_gather_rows
+        return adjoint(grad, ctx.tp, f"{ctx.name}.backward"), None, None, None
 
 
 class _SumReplicated(torch.autograd.Function):
@@ -104,11 +93,11 @@ def _reduce_scatter_rows(x: torch.Tensor, tp: Transport, name: str) -> torch.Ten
 
 
 def gather_rows(x: torch.Tensor, tp: Transport) -> torch.Tensor:
-    return _GatherRows.apply(x, tp)
+    return _RowExchange.apply(x, tp, True, "tp.gather")
 
 
 def reduce_scatter_rows(x: torch.Tensor, tp: Transport) -> torch.Tensor:
-    return _ReduceScatterRows.apply(x, tp)
+    return _RowExchange.apply(x, tp, False, "tp.reduce_scatter")
 
 
 def scale_grad(x: torch.Tensor, scale: float) -> torch.Tensor:
