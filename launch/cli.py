@@ -132,6 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     source = sim.add_mutually_exclusive_group(required=True)
     source.add_argument("--trace", help="routing trace recorded with hecate train --record-routing")
     source.add_argument("--zipf", type=float, help="synthetic routing: Zipf exponent of expert popularity")
+    sim.add_argument("--trace-skip", type=int, default=0, metavar="N",
+                     help="replay the trace from its (N+1)-th step (leave out the routing right after initialisation)")
     sim.add_argument("--policy", nargs="+", default=["ep", "fsdp", "shadow", "fssdp"], help="policies to compare")
     sim.add_argument("--gpus", type=int, nargs="+", default=None, help="cluster sizes (default 16 32 ... 1024)")
     sim.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE")
@@ -155,7 +157,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     results = run_simulation(args.cluster, args.model, args.policy, args.gpus or list(DEFAULT_GPUS), args.trace,
                              args.zipf, args.override, args.tokens_per_gpu, args.steps, args.overlap_budget,
                              args.memory_budget, args.rematerialize, args.reshard_every,
-                             not args.no_overlap_reduce_scatter, args.seed)
+                             not args.no_overlap_reduce_scatter, args.seed, args.trace_skip)
     print(table(results))
     source = f"trace {args.trace}" if args.trace else f"Zipf s={args.zipf}"
     title = f"{Path(args.model).stem} on {Path(args.cluster).stem}, {source}"

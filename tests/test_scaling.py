@@ -148,6 +148,11 @@ def test_trace_file_round_trip_and_damage(tmp_path):
     assert (back.counts_SLRE == counts).all() and back.layers == (0, 1) and back.steps_S.tolist() == [1, 2, 3]
     replay = TraceRouting(back, 4, 2)
     assert (replay.counts_RE(1, 1, 4, int(counts[1, 1, 0].sum()))[2] == counts[1, 1, 0]).all()  # rank 2 -> 0
+    skipped = TraceRouting(back, 4, 2, skip=2)  # --trace-skip 2: simulated step 0 is recorded step 2, then wraps
+    for step, recorded in ((0, 2), (1, 0)):
+        assert (skipped.counts_RE(step, 0, 1, int(counts[recorded, 0, 0].sum()))[0] == counts[recorded, 0, 0]).all()
+    with pytest.raises(ConfigError, match="--trace-skip"):
+        TraceRouting(back, 4, 2, skip=3)
     with pytest.raises(DataError, match="moe.num_experts=8"):
         TraceRouting(back, 8, 2)
     path.write_bytes(path.read_bytes()[:-3])

@@ -1,7 +1,8 @@
 """Where the simulated tokens go: per step and MoE layer, the pairs each source rank sends to each expert.
 
 Two sources, one interface (``counts_RE(step, layer, ranks, pairs_per_rank)``):
-- ``TraceRouting`` replays a recorded trace (:mod:`.trace`). A cluster larger than the recording reuses the
+- ``TraceRouting`` replays a recorded trace (:mod:`.trace`), from its ``skip``-th step on (``--trace-skip``:
+  leave out the steps right after initialisation). A cluster larger than the recording reuses the
   recorded ranks in turn (simulated rank r routes like recorded rank r mod R), and layer l like recorded layer
   l mod L; each row is rescaled to the simulated pairs per rank (largest remainder, so totals are exact). The
   expert count must match: a 64-expert model is simulated from a 64-expert trace, never from a resampled one.
@@ -46,17 +47,21 @@ def rescale_rows(counts_RE: np.ndarray, total: int) -> np.ndarray:
 class TraceRouting:
     """Replays a recorded trace on any number of ranks (see the module docstring)."""
 
-    def __init__(self, trace: RoutingTrace, num_experts: int, num_layers: int):
+    def __init__(self, trace: RoutingTrace, num_experts: int, num_layers: int, skip: int = 0):
         steps, layers, ranks, experts = trace.shape
         if experts != num_experts:
             raise DataError(f"the routing trace has {experts} experts per layer but the model config has "
                             f"moe.num_experts={num_experts}: record a trace of a {num_experts}-expert model")
+        if not 0 <= skip < steps:
+            raise ConfigError("--trace-skip", f"must be in [0, {steps}) for a trace of {steps} steps, got {skip}")
         self.trace, self.num_experts, self.steps = trace, num_experts, steps
-        self.num_layers = num_layers
+        self.num_layers, self.skip = num_layers, skip
 
     def counts_RE(self, step: int, layer: int, ranks: int, pairs_per_rank: int) -> np.ndarray:
+        """Simulated step 0 replays recorded step ``skip`` (routing right after initialisation is not the
+        routing of a trained model); the replay wraps around to the first recorded step."""
         counts_SLRE = self.trace.counts_SLRE
-        recorded_RE = counts_SLRE[step % self.steps, layer % counts_SLRE.shape[1]]
+        recorded_RE = counts_SLRE[(self.skip + step) % self.steps, layer % counts_SLRE.shape[1]]
         rows_RE = recorded_RE[np.arange(ranks) % recorded_RE.shape[0]]
         return rescale_rows(rows_RE, pairs_per_rank)
 

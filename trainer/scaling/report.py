@@ -20,7 +20,8 @@ PHASES = ("attention", "experts", "all_to_all", "gather", "reduce_scatter", "gra
 def run_simulation(cluster_path: str, model_path: str, policies: list[str], gpus: list[int], trace: str | None,
                    zipf: float | None, overrides: list[str], tokens_per_gpu: int, steps: int,
                    overlap_budget: int | None, memory_budget: int | None, rematerialize: bool,
-                   reshard_every: int | None, overlap_reduce_scatter: bool, seed: int = 0) -> list[PolicyResult]:
+                   reshard_every: int | None, overlap_reduce_scatter: bool, seed: int = 0,
+                   trace_skip: int = 0) -> list[PolicyResult]:
     """Validate every input (errors name the flag or field) before simulating anything."""
     if (trace is None) == (zipf is None):
         raise ConfigError("--trace/--zipf", "give exactly one routing source: a recorded trace or a Zipf exponent")
@@ -33,7 +34,7 @@ def run_simulation(cluster_path: str, model_path: str, policies: list[str], gpus
         raise ConfigError("moe.every", f"the model has no MoE layer (n_layers={cfg.model.n_layers})")
     fssdp = cfg.fssdp
     window = fssdp.window
-    routing = (TraceRouting(read_trace(trace), workload.num_experts, len(workload.moe_layers)) if trace
+    routing = (TraceRouting(read_trace(trace), workload.num_experts, len(workload.moe_layers), trace_skip) if trace
                else ZipfRouting(zipf, workload.num_experts, len(workload.moe_layers), window + steps, seed))
     settings = [Settings(gpus=n, overlap_budget=overlap_budget,
                          memory_budget=fssdp.memory_budget if memory_budget is None else memory_budget,
