@@ -3,7 +3,8 @@ policy on GPU clusters of 16 to 1024 devices, from recorded routing traces or Zi
 code's own planner (``hecate.parallel.fssdp``) and sparse-collective plans (``hecate.collectives.plan``).
 
 - ``trace``: the routing trace file and the recorder behind ``hecate train --record-routing``;
-- ``loads``: routing sources (trace replay, Zipf); ``dispatch``: the dispatcher's rule on counts;
+- ``loads``: routing sources (trace replay, Zipf); which copy computes each pair is the dispatcher's own
+  ``hecate.parallel.moe.assignment.rows_by_destination``;
 - ``cluster``, ``workload``: the machine and the model; ``comm``: collectives' time from their bytes;
 - ``cost``: one MoE layer's phases under the engine's overlap rules, memory per device;
 - ``simulate``: the step loop over policies and sizes; ``report``: the ``hecate simulate`` command's output.
