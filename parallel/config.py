@@ -2,7 +2,7 @@
 config (``hecate.trainer.config``) can nest them and validate them with the rest, before any worker starts."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from hecate.collectives.errors import ConfigError
 from hecate.collectives.factory import TRANSPORT_KINDS
@@ -59,6 +59,8 @@ class ParallelConfig:
     ep: int = 1
     etp: int = 1
     pp_virtual: int = 1  # pipeline stages per pipeline rank; > 1 runs interleaved 1F1B instead of 1F1B
+    # blocks of each pipeline stage in order, e.g. [3, 1]; empty = contiguous stages balanced by cost
+    pp_stage_blocks: list[int] = field(default_factory=list)
 
     def validate(self, prefix: str = "parallel") -> None:
         if self.dp == 0 or self.dp < -1:
@@ -66,6 +68,8 @@ class ParallelConfig:
         for name in ("tp", "pp", "ep", "etp", "pp_virtual"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{prefix}.{name}", f"must be >= 1, got {getattr(self, name)}")
+        if any(n < 1 for n in self.pp_stage_blocks):
+            raise ConfigError(f"{prefix}.pp_stage_blocks", f"every stage needs >= 1 block, got {self.pp_stage_blocks}")
 
 
 POLICIES = ("off", "ep", "fsdp", "shadow", "fssdp")

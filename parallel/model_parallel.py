@@ -32,8 +32,9 @@ from hecate.collectives.errors import LayoutError
 from hecate.parallel.data_parallel import GradientAverager, router_sums_reduce
 from hecate.parallel.moe import MoE
 from hecate.parallel.moe.expert_tensor_parallel import HIDDEN_DIM, ExpertTensorParallel
+from hecate.parallel.config import ParallelConfig
 from hecate.parallel.moe.losses import Reduce, RouterSums
-from hecate.parallel.pipeline import MicroBatch, Pipeline, block_costs, keep_stages, stage_blocks
+from hecate.parallel.pipeline import MicroBatch, Pipeline, keep_stages, split_stages
 from hecate.parallel.tensor_parallel import (check_tensor_parallel, parallelize_attention, parallelize_embeddings,
                                              parallelize_ffn, scale_grad, split_for, unsplit,
                                              vocab_parallel_cross_entropy)
@@ -52,6 +53,7 @@ class ModelParallel:
 
     dims: ParallelDims
     virtual: int  # pipeline stages per pipeline rank
+    stage_sizes: list[int]  # blocks per stage as configured (parallel.pp_stage_blocks); empty = balanced by cost
     stats: CommStats
     tp: Transport | None = None
     etp: Transport | None = None
@@ -68,10 +70,10 @@ class ModelParallel:
     num_experts: int = 0
 
     @classmethod
-    def build(cls, dims: ParallelDims, meshes: Meshes, virtual: int, dp: Transport,
+    def build(cls, dims: ParallelDims, meshes: Meshes, cfg: ParallelConfig, dp: Transport,
               stats: CommStats) -> ModelParallel:
         """The groups (collective: every rank calls this in the same order)."""
-        out = cls(dims, virtual, stats, world=TorchTransport(None, stats), stage=dp)
+        out = cls(dims, cfg.pp_virtual, list(cfg.pp_stage_blocks), stats, world=TorchTransport(None, stats), stage=dp)
         if dims.tp > 1:
             out.tp = TorchTransport.from_mesh(meshes.dense, "tp", stats)
             out.stage = _subgroup([list(range(p * dims.world // dims.pp, (p + 1) * dims.world // dims.pp))
@@ -91,8 +93,7 @@ class ModelParallel:
         self.moe_blocks = sorted(moe)  # of the whole model: every stage reports every layer's load
         self.num_experts = next(iter(moe.values())).cfg.num_experts if moe else 0
         if dims.pp > 1:
-            self.stage_split = stage_blocks(block_costs(model), dims.pp * self.virtual,
-                                            head_cost=float(model.lm_head.weight.numel()))
+            self.stage_split = split_stages(model, dims.pp * self.virtual, self.stage_sizes)
             mine = [s for s in range(len(self.stage_split)) if s % dims.pp == self.pp_rank]
             keep_stages(model, [b for s in mine for b in self.stage_split[s]], first=0 in mine,
                         last=len(self.stage_split) - 1 in mine)

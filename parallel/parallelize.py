@@ -73,7 +73,7 @@ class Parallel:
                    ep=observe(transport_from_mesh(transport, meshes.moe, "ep", stats), meshes.moe, "ep"),
                    edp=observe(transport_from_mesh(transport, meshes.moe, "edp", stats), meshes.moe, "edp"))
         if max(dims.tp, dims.pp, dims.etp) > 1:
-            parallel.model_parallel = ModelParallel.build(dims, meshes, cfg.pp_virtual, parallel.dp, stats)
+            parallel.model_parallel = ModelParallel.build(dims, meshes, cfg, parallel.dp, stats)
         return parallel
 
     # ---- where this rank sits -------------------------------------------------------------------
@@ -310,6 +310,9 @@ def check_layout(cfg: ParallelConfig, world: int, num_experts: int, n_layers: in
     if n_layers < stages:
         raise LayoutError(f"parallel.pp={dims.pp} x parallel.pp_virtual={cfg.pp_virtual} = {stages} stages need "
                           f"model.n_layers >= {stages}, got {n_layers}")
+    if cfg.pp_stage_blocks and (len(cfg.pp_stage_blocks) != stages or sum(cfg.pp_stage_blocks) != n_layers):
+        raise LayoutError(f"parallel.pp_stage_blocks={list(cfg.pp_stage_blocks)} must give the blocks of each of the "
+                          f"{stages} stages (parallel.pp x parallel.pp_virtual), summing to model.n_layers={n_layers}")
     return dims
 
 

@@ -22,6 +22,7 @@ S sequence, D model dim, E experts, L blocks.
 from __future__ import annotations
 
 import copy
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -72,6 +73,15 @@ def stage_blocks(costs: list[float], stages: int, head_cost: float = 0.0) -> lis
         bounds.append((cut[s][i], i))
         i = cut[s][i]
     return [list(range(a, b)) for a, b in reversed(bounds)]
+
+
+def split_stages(model: nn.Module, stages: int, sizes: list[int]) -> list[list[int]]:
+    """Blocks of each stage: ``sizes`` contiguous blocks per stage when given (``parallel.pp_stage_blocks``),
+    else balanced by cost (:func:`stage_blocks`)."""
+    if sizes:
+        starts = list(itertools.accumulate(sizes, initial=0))
+        return [list(range(start, start + n)) for start, n in zip(starts, sizes)]
+    return stage_blocks(block_costs(model), stages, head_cost=float(model.lm_head.weight.numel()))
 
 
 class TiedHead(nn.Embedding):

@@ -89,6 +89,8 @@ def test_simulated_run_resumes_identically(small_data, tmp_path, world, layout):
     ([], 1000, "--simulate 1000"),
     (["collectives.transport=mpi"], 2, "'collectives.transport': mpi needs workers started by mpirun"),
     (["collectives.transport=cupy"], 2, "the cupy NCCL transport needs"),  # no cupy / no GPU here
+    (["parallel.pp=2", "train.grad_accum=2", "parallel.pp_stage_blocks=[1,2]"], 2,
+     "parallel.pp_stage_blocks=[1, 2] must give the blocks of each of the 2 stages"),
 ])
 def test_bad_layout_is_refused_before_any_worker_starts(small_data, tmp_path, overrides, world, message):
     run = tmp_path / "run"

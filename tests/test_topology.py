@@ -56,3 +56,14 @@ def test_plan_checks_the_batch_split_and_shows_groups_and_memory(capsys):
     ep1 = memory_per_rank(cfg, layout_of(load_config("examples/tiny.yaml"), 4), 8192)
     ep2 = memory_per_rank(cfg, layout_of(cfg, 4), 8192)
     assert ep2["parameters"] < ep1["parameters"]  # the experts are split over two ranks
+
+
+def test_plan_shows_explicit_pipeline_stages(capsys):
+    """parallel.pp_stage_blocks replaces the cost-balanced split (tests/test_tp_pp_parity.py trains with it)."""
+    pipeline = ["-o", "parallel.pp=2", "-o", "train.grad_accum=2", "--vocab-size", "8192"]
+    assert main(["plan", "examples/tiny.yaml", "--world", "2", *pipeline]) == 0
+    assert "stage 1 on pp rank 1: blocks [3] + head" in capsys.readouterr().out  # balanced: the head weighs
+    assert main(["plan", "examples/tiny.yaml", "--world", "2", *pipeline, "-o", "parallel.pp_stage_blocks=[1,3]"]) == 0
+    explicit = capsys.readouterr().out
+    assert "stage 0 on pp rank 0: blocks [0] + embedding" in explicit
+    assert "stage 1 on pp rank 1: blocks [1, 2, 3] + head" in explicit

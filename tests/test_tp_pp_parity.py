@@ -20,6 +20,7 @@ LAYOUTS = {  # name: (overrides, reference, skewed routing)
     "pp2-ep2": (["parallel.pp=2", "parallel.ep=2"], "base", False),
     "pp2-tp2": (["parallel.pp=2", "parallel.tp=2"], "base", False),
     "pp2-interleaved": (["parallel.pp=2", "parallel.pp_virtual=2", *DEEP], "deep", False),
+    "pp2-stages-3-1": (["parallel.pp=2", "parallel.ep=2", "parallel.pp_stage_blocks=[3,1]", *DEEP], "deep", False),
     "tp2-folded-ep4": (["parallel.tp=2", "parallel.ep=4"], "base", False),
     "pp2-fssdp2-skewed": (["parallel.pp=2", "fssdp.policy=fssdp"], "base", True),
     "etp2-ep2": (["parallel.ep=2", "parallel.etp=2"], "base", False),

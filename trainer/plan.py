@@ -6,7 +6,7 @@ import torch
 
 from hecate.collectives.errors import LayoutError
 from hecate.parallel.parallelize import check_layout
-from hecate.parallel.pipeline import block_costs, bubble_fraction, stage_blocks
+from hecate.parallel.pipeline import bubble_fraction, split_stages
 from hecate.parallel.tensor_parallel import check_tensor_parallel
 from hecate.parallel.topology import DENSE_DIMS, MOE_DIMS, ParallelDims
 from hecate.trainer.config import RunConfig
@@ -80,7 +80,7 @@ def _model_parallel_lines(cfg: RunConfig, dims: ParallelDims, vocab_size: int) -
         with torch.device("meta"):
             model = Transformer(cfg.model, cfg.moe, vocab_size)
         virtual, micro = cfg.parallel.pp_virtual, cfg.train.grad_accum
-        split = stage_blocks(block_costs(model), dims.pp * virtual, head_cost=float(model.lm_head.weight.numel()))
+        split = split_stages(model, dims.pp * virtual, list(cfg.parallel.pp_stage_blocks))
         schedule = "1F1B" if virtual == 1 else f"interleaved 1F1B ({virtual} stages per rank)"
         lines.append(f"  pipeline: {schedule}, {micro} micro-batches per step, theoretical bubble "
                      f"{bubble_fraction(dims.pp, virtual, micro):.1%}")
