@@ -42,7 +42,8 @@ from hecate.collectives import Transport, all_to_all_autograd
 from hecate.collectives.inflight import all_to_all_start
 from hecate.parallel.moe.assignment import Holders, assign_pairs
 from hecate.parallel.moe.dispatcher import dispatch_compute_combine
-from hecate.parallel.moe.permute import Permutation, permute, sort_by_expert, unpermute
+from hecate.parallel.moe.permute import (Permutation, inverse_permutation, permute, reordered, sort_by_expert,
+                                         unpermute)
 
 ExpertsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_MD sorted by held expert, counts_H) -> y_MD
 
@@ -51,9 +52,9 @@ ExpertsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_MD sorted
 class ExpertParallelHandle:
     """What combine needs to send the expert outputs back and unpermute them."""
 
-    perm: Permutation  # local pairs sorted by global expert
-    by_rank_N: torch.Tensor  # long; the expert-sorted rows in send order are x_ND[by_rank_N]
+    perm: Permutation  # local pairs in send order: by destination rank, by global expert within
     order_M: torch.Tensor  # long; the received (source-major) rows in expert-major order are x_MD[order_M]
+    source_order_M: torch.Tensor  # long; its inverse: the expert-major rows back in source-major order
     send_splits: list[int]  # rows sent to each rank
     recv_splits: list[int]  # rows received from each rank
 
@@ -89,14 +90,14 @@ class ExpertParallelDispatcher:
         perm = sort_by_expert(experts_TK, keep_TK, self.num_experts)
         counts_PE = self._gather_counts(perm.counts_E.unsqueeze(0)).squeeze(1)
         handle, counts_H = self._handle(perm, counts_PE, holders)
-        x_ND = permute(x_TD, perm)[handle.by_rank_N]
+        x_ND = permute(x_TD, handle.perm)
         x_MD = all_to_all_autograd(x_ND, handle.send_splits, handle.recv_splits, self.transport, name="moe.dispatch")
-        return x_MD[handle.order_M], counts_H, handle
+        return x_MD.index_select(0, handle.order_M), counts_H, handle
 
     def combine(self, y_MD: torch.Tensor, weights_TK: torch.Tensor, handle: ExpertParallelHandle) -> torch.Tensor:
         y_sent_ND = all_to_all_autograd(_source_major(y_MD, handle), handle.recv_splits, handle.send_splits,
                                         self.transport, name="moe.combine")
-        return _unsend(y_sent_ND, weights_TK, handle)
+        return unpermute(y_sent_ND, weights_TK, handle.perm)
 
     def run(self, x_TD: torch.Tensor, experts_TK: torch.Tensor, keep_TK: torch.Tensor | None,
             weights_TK: torch.Tensor, experts: ExpertsFn) -> torch.Tensor:
@@ -112,16 +113,16 @@ class ExpertParallelDispatcher:
         for c, ((a, b), perm) in enumerate(zip(bounds, perms)):
             handle, counts_H = self._handle(perm, counts_PCE[:, c], holders)
             handles.append((handle, counts_H))
-            sends.append(permute(x_TD[a:b], perm)[handle.by_rank_N])
+            sends.append(permute(x_TD[a:b], handle.perm))
         dispatched = [self._start(sends[0], handles[0][0], "moe.dispatch")]
         combined = []
         for c, (handle, counts_H) in enumerate(handles):
             if c + 1 < len(handles):
                 dispatched.append(self._start(sends[c + 1], handles[c + 1][0], "moe.dispatch"))
-            y_MD = experts(dispatched[c].wait()[handle.order_M], counts_H)
+            y_MD = experts(dispatched[c].wait().index_select(0, handle.order_M), counts_H)
             combined.append(all_to_all_start(_source_major(y_MD, handle), handle.recv_splits, handle.send_splits,
                                              self.transport, name="moe.combine"))
-        return torch.cat([_unsend(inflight.wait(), weights_TK[a:b], handle)
+        return torch.cat([unpermute(inflight.wait(), weights_TK[a:b], handle.perm)
                           for inflight, (a, b), (handle, _) in zip(combined, bounds, handles)])
 
     def _start(self, x_ND: torch.Tensor, handle: ExpertParallelHandle, name: str):
@@ -148,8 +149,8 @@ class ExpertParallelDispatcher:
         order_M = torch.argsort(expert_of_M, stable=True)  # stable: source-rank order within each expert
         held = [e for e in range(experts) if me in holders[e]]
         counts_H = recv_counts_PE.sum(0)[held].to(device)
-        handle = ExpertParallelHandle(perm, by_rank_N, order_M, send_counts_PE.sum(1).tolist(),
-                                      recv_counts_PE.sum(1).tolist())
+        handle = ExpertParallelHandle(reordered(perm, by_rank_N), order_M, inverse_permutation(order_M),
+                                      send_counts_PE.sum(1).tolist(), recv_counts_PE.sum(1).tolist())
         return handle, counts_H
 
 
@@ -165,13 +166,7 @@ def _rows_by_source_expert_destination(counts_PE: torch.Tensor, holders: Holders
 
 def _source_major(y_MD: torch.Tensor, handle: ExpertParallelHandle) -> torch.Tensor:
     """Undo step 4: expert-major rows back to (source rank, expert) order for the return exchange."""
-    return y_MD.new_empty(y_MD.shape).index_copy(0, handle.order_M, y_MD)
-
-
-def _unsend(y_sent_ND: torch.Tensor, weights_TK: torch.Tensor, handle: ExpertParallelHandle) -> torch.Tensor:
-    """Undo steps 1 (send order) and the expert sort, and mix the pairs with the router weights."""
-    y_ND = y_sent_ND.new_empty(y_sent_ND.shape).index_copy(0, handle.by_rank_N, y_sent_ND)
-    return unpermute(y_ND, weights_TK, handle.perm)
+    return y_MD.index_select(0, handle.source_order_M)
 
 
 def _chunk_bounds(tokens: int, chunks: int) -> list[tuple[int, int]]:

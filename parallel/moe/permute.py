@@ -3,8 +3,14 @@
 ``sort_by_expert`` orders the kept (token, k) pairs by expert (stable, so token-major within an expert);
 ``permute`` gathers the tokens into that order, and ``unpermute`` puts the expert outputs back in their
 (token, k) slots and sums them weighted by the router weights. Each expert's rows are then one contiguous slice,
-so expert compute is one matmul per expert, never a loop over tokens. The combine writes every pair into its own
-slot and sums over K in a fixed order: deterministic, with no atomics.
+so expert compute is one matmul per expert, never a loop over tokens. The combine gathers every pair into its
+own slot and sums over K in a fixed order: deterministic, with no atomics.
+
+Every row movement is a gather (``index_select``, forward; its backward is one ``index_add_``): on this CPU a
+gather of 8,192 x 256 fp32 rows took ~1.3 ms, where ``x[idx]`` took ~4.7 (its backward, an accumulating
+``index_put_``, ~4) and the scatter ``index_copy`` ~12. A scatter by a permutation is therefore done as a gather
+by its inverse (:func:`inverse_permutation`). The weighted sum over K is one batched matmul per token
+([1, K] x [K, D]), ~5x faster here than a broadcast multiply and a sum.
 
 Shapes: T tokens, D model dim, E experts, K experts per token, P = T * K pairs in token-major order,
 N kept pairs sorted by expert.
@@ -40,14 +46,32 @@ def sort_by_expert(experts_TK: torch.Tensor, keep_TK: torch.Tensor | None, num_e
     return Permutation(pair_N, pair_N // top_k, counts_E, tokens, top_k)
 
 
+def reordered(perm: Permutation, index_N: torch.Tensor) -> Permutation:
+    """The same pairs with row i taken from row ``index_N[i]`` (e.g. grouped by destination rank); ``counts_E``
+    still counts pairs per expert, though the rows are no longer expert-contiguous."""
+    return Permutation(perm.pair_N[index_N], perm.token_N[index_N], perm.counts_E, perm.tokens, perm.top_k)
+
+
+def inverse_permutation(order_N: torch.Tensor, size: int | None = None) -> torch.Tensor:
+    """inverse[order_N[i]] = i. With ``size`` > N (a partial permutation), positions no row lands on get N."""
+    rows = order_N.numel()
+    inverse = order_N.new_full((rows if size is None else size,), rows)
+    inverse[order_N] = torch.arange(rows, device=order_N.device)
+    return inverse
+
+
 def permute(x_TD: torch.Tensor, perm: Permutation) -> torch.Tensor:
-    """x_ND: the token of each kept pair, in expert order."""
-    return x_TD[perm.token_N]
+    """x_ND: the token of each kept pair, in the permutation's row order."""
+    return x_TD.index_select(0, perm.token_N)
 
 
 def unpermute(y_ND: torch.Tensor, weights_TK: torch.Tensor, perm: Permutation) -> torch.Tensor:
     """out_TD = sum over k of weights_TK * (expert output of pair (t, k), zero if it was dropped).
     Accumulates in the promoted dtype of (y, weights): fp32 under bf16 autocast, since the weights are fp32."""
-    y_PD = y_ND.new_zeros(perm.tokens * perm.top_k, y_ND.shape[-1]).index_copy(0, perm.pair_N, y_ND)
-    y_TKD = y_PD.view(perm.tokens, perm.top_k, -1)
-    return (y_TKD * weights_TK.unsqueeze(-1)).sum(dim=1)
+    dtype = torch.promote_types(y_ND.dtype, weights_TK.dtype)
+    pairs = perm.tokens * perm.top_k
+    if perm.pair_N.numel() < pairs:  # dropped pairs read a zero row appended at N
+        y_ND = torch.cat([y_ND, y_ND.new_zeros(1, y_ND.shape[-1])])
+    y_TKD = y_ND.index_select(0, inverse_permutation(perm.pair_N, pairs)).view(perm.tokens, perm.top_k, -1)
+    with torch.autocast(y_ND.device.type, enabled=False):  # bmm would otherwise run in the autocast dtype
+        return torch.bmm(weights_TK.to(dtype).unsqueeze(1), y_TKD.to(dtype)).squeeze(1)
