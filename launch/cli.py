@@ -171,11 +171,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from hecate.trainer.plan import describe_plan
 
     cfg = load_config(args.config, args.override)
-    vocab = args.vocab_size
-    if vocab is None:
-        manifest = Path(cfg.data.dir) / "manifest.json"
-        vocab = json.loads(manifest.read_text())["vocab_size"] if manifest.is_file() else cfg.data.vocab_size
-    print(describe_plan(cfg, args.world, vocab))
+    print(describe_plan(cfg, args.world, args.vocab_size or _vocab_size(cfg.data)))
     return 0
 
 
@@ -187,12 +183,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     profile = [f"logging.profile_step={args.profile_step}"] if args.profile_step is not None else []
     if args.record_routing:  # an override, so that launched workers record too
         args.override = [*args.override, "logging.record_routing=true"]
-    if args.init_from is not None:  # checked here, before any worker starts; workers get it as an override
-        from hecate.trainer.export import read_export_config
-
-        read_export_config(Path(args.init_from))
+    if args.init_from is not None:  # workers get it as an override
         args.override = [*args.override, f"train.init_from={Path(args.init_from).resolve()}"]
     cfg = load_config(args.config, args.override + profile)
+    if cfg.train.init_from:
+        _check_init_from(cfg)
     setup_logging(None, rank=0, level=cfg.logging.level)
     if args.simulate is not None and args.launcher is not None:
         raise HecateError("--simulate and --launcher exclude each other: pick one way to start the workers")
@@ -212,6 +207,20 @@ def cmd_train(args: argparse.Namespace) -> int:
           f"{summary['val_loss']:.3f} nats/token, {summary['val_bpb']:.3f} bits/byte"
           + (f" (gzip -9 on the same files: {gzip:.3f} bits/byte)" if gzip else ""))
     return 0
+
+
+def _vocab_size(data) -> int:
+    """The vocabulary of ``data.dir`` once prepared, else the one asked for (``data.vocab_size``)."""
+    manifest = Path(data.dir) / "manifest.json"
+    return json.loads(manifest.read_text())["vocab_size"] if manifest.is_file() else data.vocab_size
+
+
+def _check_init_from(cfg) -> None:
+    """Refuse, before any worker starts, an exported model that is not this config's model (naming what differs)."""
+    from hecate.trainer.checkpoint import model_identity
+    from hecate.trainer.export import check_export_fits
+
+    check_export_fits(Path(cfg.train.init_from), model_identity(cfg.model, cfg.moe, _vocab_size(cfg.data)))
 
 
 def _simulated_network(args: argparse.Namespace):

@@ -10,6 +10,7 @@ the single-process reference run.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pickle
 import shutil
@@ -37,8 +38,9 @@ from test_launch_cluster import ray_head  # noqa: F401  (a Ray head on loopback,
 from test_simulate_cli import EXAMPLE, SMALL, hecate, losses, train_args
 
 BASE = ["train.grad_accum=2"]  # two micro-batches: pipeline parallelism needs at least pp of them
-FSSDP2 = ["fssdp.policy=fssdp", "fssdp.reshard_every=2"]  # owners move after steps 2 and 4: heterogeneous owners
+FSSDP2 = ["fssdp.policy=fssdp", "fssdp.reshard_every=2"]  # owners move after step 2: heterogeneous owners
 EVERY_2 = ["checkpoint.every=2", "checkpoint.keep=3"]
+EVERY_1 = ["checkpoint.every=1", "checkpoint.keep=3"]
 KILL_TO_EXIT_S = 30  # the issue's bound: a killed worker ends the job this soon, naming its rank
 JOB_DEADLINE_S = 300
 
@@ -59,9 +61,9 @@ def assert_continues(run: Path, reference: dict[int, float], steps: range) -> No
 
 @pytest.fixture(scope="module")
 def reference(small_data, tmp_path_factory) -> Path:
-    """The single-process run: 8 steps, checkpoints after every second step (kept)."""
+    """The single-process run: 6 steps, checkpoints after every second step (kept)."""
     run = tmp_path_factory.mktemp("reference") / "run"
-    Trainer(config(small_data, run, "train.steps=8", "checkpoint.every=2", "checkpoint.keep=10")).run()
+    Trainer(config(small_data, run, "train.steps=6", "checkpoint.every=2", "checkpoint.keep=10")).run()
     return run
 
 
@@ -69,7 +71,7 @@ def reference(small_data, tmp_path_factory) -> Path:
 def fssdp_straight(small_data, tmp_path_factory) -> Path:
     """FSSDP on 2 simulated ranks, uninterrupted, saving in the background (checkpoint.async_save)."""
     run = tmp_path_factory.mktemp("fssdp") / "run"
-    done = hecate(*train_args(small_data, run, *BASE, *FSSDP2, *EVERY_2, "train.steps=6", "checkpoint.async_save=true"),
+    done = hecate(*train_args(small_data, run, *BASE, *FSSDP2, *EVERY_2, "train.steps=4", "checkpoint.async_save=true"),
                   "--simulate", "2", timeout=JOB_DEADLINE_S)
     assert done.returncode == 0, done.stderr
     return run
@@ -93,58 +95,71 @@ def copy_checkpoint(source: Path, step: int, run: Path) -> None:
 
 def test_checkpoints_reshard_across_layouts_and_continue_the_reference(small_data, tmp_path, reference,
                                                                        fssdp_straight):
+    """One 4-rank job trains every hop; a hop that only passes its state on runs one step (the next hop's losses
+    check it: the loss after a step shows the update made with the loaded optimizer moments), a last hop two."""
     ref = step_losses(reference)
     chain, from_fssdp, pp_ep, tp_ep = (tmp_path / name for name in ("chain", "from_fssdp", "pp_ep", "tp_ep"))
     copy_checkpoint(reference, 2, chain)  # saved by one process
     copy_checkpoint(fssdp_straight, 2, from_fssdp)  # saved by FSSDP on 2 ranks, owners moved after step 2
-    hops = [(config(small_data, chain, "parallel.ep=4", "train.steps=4", *EVERY_2).to_dict(), True),  # 1 -> EP4
-            (config(small_data, chain, "parallel.ep=2", "train.steps=6", *EVERY_2).to_dict(), True),  # EP4 -> EP2
-            (config(small_data, from_fssdp, "parallel.ep=4", "train.steps=4", *EVERY_2).to_dict(), True),  # FSSDP2
-            (config(small_data, pp_ep, "parallel.pp=2", "parallel.ep=2", "train.steps=2", *EVERY_2).to_dict(), False),
-            (config(small_data, pp_ep, "parallel.ep=4", "train.steps=4", *EVERY_2).to_dict(), True),  # PP2xEP2 -> EP4
-            (config(small_data, tp_ep, "parallel.tp=2", "parallel.ep=2", "train.steps=2", *EVERY_2).to_dict(), False),
-            (config(small_data, tp_ep, "train.steps=4", *EVERY_2).to_dict(), True)]  # TP2xEP2 -> DP4
-    run_workers(train_hops, 4, hops, timeout_s=JOB_DEADLINE_S)
-    assert_continues(chain, ref, range(3, 7))
-    assert_continues(from_fssdp, ref, range(3, 5))
-    assert_continues(pp_ep, ref, range(1, 5))
-    assert_continues(tp_ep, ref, range(1, 5))
 
-    back = Trainer(config(small_data, from_fssdp, "train.steps=6", *EVERY_2), resume=True)  # EP4 -> one process
-    assert back.step == 4
+    def hop(run: Path, steps: int, *layout: str, resume: bool = True) -> tuple[dict, bool]:
+        return config(small_data, run, *layout, f"train.steps={steps}", *EVERY_1).to_dict(), resume
+
+    run_workers(train_hops, 4, [hop(chain, 3, "parallel.ep=4"),  # one process -> EP4
+                                hop(chain, 4, "parallel.ep=2"),  # EP4 -> EP2
+                                hop(from_fssdp, 3, "parallel.ep=4"),  # FSSDP2 (moved owners) -> EP4
+                                hop(pp_ep, 1, "parallel.pp=2", "parallel.ep=2", resume=False),
+                                hop(pp_ep, 3, "parallel.ep=4"),  # PP2xEP2 -> EP4
+                                hop(tp_ep, 1, "parallel.tp=2", "parallel.ep=2", resume=False),
+                                hop(tp_ep, 3)],  # TP2xEP2 -> DP4
+                timeout_s=JOB_DEADLINE_S)
+    assert_continues(chain, ref, range(3, 5))
+    assert_continues(from_fssdp, ref, range(3, 4))
+    assert_continues(pp_ep, ref, range(1, 4))
+    assert_continues(tp_ep, ref, range(1, 4))
+
+    back = Trainer(config(small_data, from_fssdp, "train.steps=5", *EVERY_1), resume=True)  # EP4 -> one process
+    assert back.step == 3
     back.run()
-    assert_continues(from_fssdp, ref, range(5, 7))
+    assert_continues(from_fssdp, ref, range(4, 6))
 
     exported = tmp_path / "export"  # the EP2 checkpoint (4 ranks) as one file with every expert
     assert main(["export", str(chain), "--out", str(exported)]) == 0
-    single = Trainer(config(small_data, chain, "train.steps=8", *EVERY_2), resume=True)  # EP2 -> one process
+    single = Trainer(config(small_data, chain, "train.steps=6", *EVERY_1), resume=True)  # EP2 -> one process
     weights = load_file(exported / WEIGHTS_FILE)
     for name, tensor in single.model.state_dict().items():
         if name in weights:
             assert torch.equal(weights[name], tensor), name
     single.run()
-    assert_continues(chain, ref, range(7, 9))
+    assert_continues(chain, ref, range(5, 7))
 
 
 # ---- faults ----------------------------------------------------------------------------------------------------
 
-def test_kill_during_save_keeps_previous_checkpoint_and_resume_matches_uninterrupted(small_data, tmp_path,
-                                                                                     fssdp_straight):
+def test_kill_mid_step_then_during_save_keeps_previous_checkpoint_and_resume_matches_uninterrupted(
+        small_data, tmp_path, fssdp_straight, caplog):
+    """Rank 1 is SIGKILLed mid-step 3; the resumed job redoes steps 3 and 4 and rank 1 is SIGKILLed again while
+    saving step 4. Each time the job ends soon, naming the rank; the resumed losses are bit-identical to the run
+    that was never interrupted, and the half-written save is skipped in favour of step 2's checkpoint."""
     run = tmp_path / "run"
-    args = train_args(small_data, run, *BASE, *FSSDP2, *EVERY_2, "train.steps=6")
-    failed = hecate(*args, "--simulate", "2", env={FAULT_ENV: "kill@1:save4"}, timeout=JOB_DEADLINE_S)
-    ended = time.time()
-    assert failed.returncode == 2
-    assert "rank 1 of 2" in failed.stderr and "SIGKILL" in failed.stderr, failed.stderr
-    # the step-4 record is written just before the save in which rank 1 dies: an upper bound on the time since
-    assert ended - (run / "metrics.jsonl").stat().st_mtime < KILL_TO_EXIT_S
-    assert [p.name for p in ckpt.checkpoint_dirs(run / "checkpoints")] == ["step_00000002"]
+    args = train_args(small_data, run, *BASE, *FSSDP2, *EVERY_2, "train.steps=4")
+    for fault, resume, last_step in (("kill@1:3", [], 2), ("kill@1:save4", ["--resume"], 4)):
+        failed = hecate(*args, "--simulate", "2", *resume, env={FAULT_ENV: fault}, timeout=JOB_DEADLINE_S)
+        ended = time.time()
+        assert failed.returncode == 2, failed.stderr
+        assert "rank 1 of 2" in failed.stderr and "SIGKILL" in failed.stderr, failed.stderr
+        # the last step's record is written before rank 1 dies: an upper bound on the time since the kill
+        assert ended - (run / "metrics.jsonl").stat().st_mtime < KILL_TO_EXIT_S, fault
+        assert max(step_losses(run)) == last_step, fault
+        assert [p.name for p in ckpt.checkpoint_dirs(run / "checkpoints")] == ["step_00000002"]
+    assert "step_00000002 (step 2)" in failed.stdout + failed.stderr  # rank 0's console: "resumed from ..."
+    assert losses(run) == losses(fssdp_straight)  # bit-identical to the run that was never interrupted
     assert (run / "checkpoints" / ".tmp-step_00000004").is_dir()  # the interrupted save, never completed
 
-    resumed = hecate(*args, "--simulate", "2", "--resume", timeout=JOB_DEADLINE_S)
-    assert resumed.returncode == 0, resumed.stderr
-    assert "step_00000002 (step 2)" in resumed.stdout + resumed.stderr  # rank 0's console: "resumed from ..."
-    assert losses(run) == losses(fssdp_straight)  # bit-identical to the run that was never interrupted
+    with caplog.at_level(logging.WARNING, logger="hecate.trainer.checkpoint"):
+        resumed = Trainer(config(small_data, run, "train.steps=4"), resume=True)
+    assert resumed.step == 2
+    assert "ignoring incomplete checkpoint" in caplog.text and ".tmp-step_00000004" in caplog.text
 
 
 def test_torchrun_max_restarts_resumes_from_last_checkpoint(small_data, tmp_path, fssdp_straight):
@@ -152,7 +167,7 @@ def test_torchrun_max_restarts_resumes_from_last_checkpoint(small_data, tmp_path
     run = tmp_path / "run"
     done = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node", "2", "--max-restarts", "1",
                            "-m", "hecate.launch.worker",
-                           *train_args(small_data, run, *BASE, *FSSDP2, *EVERY_2, "train.steps=6")[1:]],
+                           *train_args(small_data, run, *BASE, *FSSDP2, *EVERY_2, "train.steps=4")[1:]],
                           capture_output=True, text=True, timeout=JOB_DEADLINE_S,
                           env={**os.environ, FAULT_ENV: "kill@1:3"})  # dies mid-step 3 in the first attempt only
     assert done.returncode == 0, done.stdout + done.stderr
@@ -162,7 +177,7 @@ def test_torchrun_max_restarts_resumes_from_last_checkpoint(small_data, tmp_path
 
 def test_ray_max_restarts_resumes_from_last_checkpoint(small_data, tmp_path, fssdp_straight, ray_head):  # noqa: F811
     run = tmp_path / "run"
-    done = hecate(*train_args(small_data, run, *BASE, *FSSDP2, *EVERY_2, "train.steps=6"), "--launcher", "ray",
+    done = hecate(*train_args(small_data, run, *BASE, *FSSDP2, *EVERY_2, "train.steps=4"), "--launcher", "ray",
                   "--address", ray_head, "--workers", "2", "--max-restarts", "1", env={FAULT_ENV: "kill@1:3"},
                   timeout=JOB_DEADLINE_S)
     assert done.returncode == 0, done.stderr + done.stdout
@@ -240,12 +255,18 @@ def test_checkpoint_index_is_not_unpickled_beyond_plain_data(reference, fresh, t
 
 # ---- export / import -------------------------------------------------------------------------------------------
 
-def test_export_then_init_from_starts_with_the_exported_weights(small_data, tmp_path, reference, capsys):
-    out = tmp_path / "export"
+@pytest.fixture(scope="module")
+def exported(reference, tmp_path_factory) -> Path:
+    """The reference run's last checkpoint, exported by ``hecate export``."""
+    out = tmp_path_factory.mktemp("export") / "out"
     assert main(["export", str(reference), "--out", str(out)]) == 0
-    assert "model.safetensors" in capsys.readouterr().out
+    return out
+
+
+def test_export_then_init_from_starts_with_the_exported_weights(small_data, tmp_path, exported):
+    out = exported
     config_json = json.loads((out / "config.json").read_text())
-    assert config_json["step"] == 8 and config_json["moe"]["num_experts"] == 4
+    assert config_json["step"] == 6 and config_json["moe"]["num_experts"] == 4
     weights = load_file(out / WEIGHTS_FILE)
     assert list(weights["blocks.0.ffn.experts.w1"].shape) == config_json["parameters"]["blocks.0.ffn.experts.w1"]
     assert (out / "tokenizer.json").is_file()
@@ -259,9 +280,20 @@ def test_export_then_init_from_starts_with_the_exported_weights(small_data, tmp_
 
     with pytest.raises(CheckpointError, match="model.dim: saved 64, now 32"):
         Trainer(config(small_data, tmp_path / "other", f"train.init_from={out}", "model.dim=32"))
-    assert main(["train", EXAMPLE, "--init-from", str(tmp_path / "nothing"), "-o", f"data.dir={small_data}",
-                 "-o", f"train.run_dir={tmp_path / 'x'}"]) == 2
-    assert "not an exported model (no config.json or model.safetensors" in capsys.readouterr().err
+
+
+def test_init_from_another_model_is_refused_before_any_worker_starts(small_data, tmp_path, exported, capsys):
+    run = tmp_path / "run"
+    init_from = ["--init-from", str(exported)]
+    for source, overrides, message in [
+            (init_from, ["model.dim=32", "moe.num_experts=8"],
+             "written for another model: model.dim: saved 64, now 32; moe.num_experts: saved 4, now 8"),
+            (init_from, ["moe.num_experts=8"], "written for another model: moe.num_experts: saved 4, now 8"),
+            ([], [f"train.init_from={tmp_path / 'nothing'}"],
+             "not an exported model (no config.json or model.safetensors")]:
+        assert main([*train_args(small_data, run, *overrides), *source, "--simulate", "2"]) == 2
+        assert message in capsys.readouterr().err
+        assert not run.exists()  # refused before the run folder (and any worker) was made
 
 
 # ---- non-finite values -----------------------------------------------------------------------------------------
@@ -321,6 +353,6 @@ def test_nonfinite_skip_drops_the_update_and_goes_on(small_data, tmp_path, refer
 
 def test_same_seed_same_layout_gives_identical_losses_and_keeps_last_k(small_data, tmp_path, reference):
     run = tmp_path / "run"
-    Trainer(config(small_data, run, "train.steps=8", "checkpoint.every=2", "checkpoint.keep=2")).run()
+    Trainer(config(small_data, run, "train.steps=6", "checkpoint.every=2", "checkpoint.keep=2")).run()
     assert [r.get("loss") for r in read_metrics(run)] == [r.get("loss") for r in read_metrics(reference)]
-    assert [p.name for p in ckpt.checkpoint_dirs(run / "checkpoints")] == ["step_00000006", "step_00000008"]
+    assert [p.name for p in ckpt.checkpoint_dirs(run / "checkpoints")] == ["step_00000004", "step_00000006"]

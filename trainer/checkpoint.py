@@ -62,10 +62,10 @@ def model_identity(model_cfg: Any, moe_cfg: Any, vocab_size: int) -> dict[str, A
 
 def check_identity(saved: dict[str, Any], expect: dict[str, Any], what: str) -> None:
     """Raise naming every differing field when ``saved`` was written for another model than ``expect``."""
-    for key, wanted in expect.items():
-        if saved.get(key) != wanted:
-            raise CheckpointError(f"{what} was written for another {key}: "
-                                  f"{_differences(saved.get(key), wanted, key)}")
+    differences = [_differences(saved.get(key), wanted, key) for key, wanted in expect.items()
+                   if saved.get(key) != wanted]
+    if differences:
+        raise CheckpointError(f"{what} was written for another model: {'; '.join(differences)}")
 
 
 # ---- finding checkpoints ------------------------------------------------------------------------------------
@@ -80,6 +80,8 @@ def checkpoint_dirs(root: Path) -> list[Path]:
             found.append(path)
         else:
             log.warning("ignoring incomplete checkpoint %s (no %s marker)", path, COMPLETE)
+    for path in sorted(root.glob(f".tmp-{PREFIX}*")):
+        log.warning("ignoring incomplete checkpoint %s (a save that was interrupted or is still running)", path)
     return found
 
 
@@ -267,9 +269,9 @@ def _first_cause(err: BaseException) -> str:
 def _differences(saved: Any, wanted: Any, prefix: str) -> str:
     if isinstance(saved, dict) and isinstance(wanted, dict):
         keys = sorted(set(saved) | set(wanted))
-        return ", ".join(f"{prefix}.{k}: saved {saved.get(k)!r}, now {wanted.get(k)!r}"
+        return "; ".join(f"{prefix}.{k}: saved {saved.get(k)!r}, now {wanted.get(k)!r}"
                          for k in keys if saved.get(k) != wanted.get(k))
-    return f"saved {saved!r}, now {wanted!r}"
+    return f"{prefix}: saved {saved!r}, now {wanted!r}"
 
 
 # ---- reading without unpickling arbitrary objects -----------------------------------------------------------

@@ -52,9 +52,15 @@ def read_export_config(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"--init-from {path}: unreadable {CONFIG_FILE}: {err}") from None
 
 
+def check_export_fits(path: Path, expect: dict[str, Any]) -> None:
+    """Refuse an export written for another model than ``expect`` (:func:`checkpoint.model_identity`), naming
+    every field that differs; the CLI calls it before any worker starts, the trainer again before loading."""
+    ckpt.check_identity(read_export_config(path), expect, f"exported model {path}")
+
+
 def import_weights(path: Path, model: nn.Module, expect: dict[str, Any]) -> None:
     """Load an export into a freshly built model that holds every expert (before the layout splits it)."""
-    ckpt.check_identity(read_export_config(path), expect, f"exported model {path}")
+    check_export_fits(path, expect)
     try:
         load_model(model, str(path / WEIGHTS_FILE), strict=True)
     except (SafetensorError, RuntimeError, OSError) as err:
