@@ -23,6 +23,7 @@ LAYOUTS = {  # name: (overrides, reference, skewed routing)
     "pp2-stages-3-1": (["parallel.pp=2", "parallel.ep=2", "parallel.pp_stage_blocks=[3,1]", *DEEP], "deep", False),
     "tp2-folded-ep4": (["parallel.tp=2", "parallel.ep=4"], "base", False),
     "pp2-fssdp2-skewed": (["parallel.pp=2", "fssdp.policy=fssdp"], "base", True),
+    "tp2-fssdp4-skewed": (["parallel.tp=2", "fssdp.policy=fssdp"], "base", True),
     "etp2-ep2": (["parallel.ep=2", "parallel.etp=2"], "base", False),
 }
 REFERENCES = {"base": [], "deep": DEEP}
@@ -59,9 +60,10 @@ def test_layout_matches_single_process(name, results, reference):
     assert_matches(results[name], reference[(ref, skew)], name)
 
 
-def test_skewed_fssdp_materializes_replicas(results):
-    """Without replicas the FSSDP case would test plain expert parallelism only."""
-    assert sum(results["pp2-fssdp2-skewed"]["replicas"]) > 0
+@pytest.mark.parametrize("name", ["pp2-fssdp2-skewed", "tp2-fssdp4-skewed"])
+def test_skewed_fssdp_materializes_replicas(name, results):
+    """Without replicas the FSSDP cases would test plain expert parallelism only."""
+    assert sum(results[name]["replicas"]) > 0
 
 
 
