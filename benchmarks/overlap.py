@@ -9,11 +9,14 @@ on 2 and 4 simulated ranks, with overlap off (1 chunk) and on (``--chunks``), me
     t_comm        time blocked in the MoE exchanges with overlap off (they are synchronous then, so this is
                   the communication time), median, slowest rank
     t_compute     t_off - t_comm
+    t_experts     the experts' own forward + backward on the rows a rank receives in a step (timed alone): the
+                  only compute that chunking can run while the exchanges travel - attention, router and
+                  permutations happen before the first dispatch or after the last combine
     hidden        (t_off - t_on) / min(t_comm, t_compute): the share of the hideable time that was hidden
 
 on raw loopback (gloo on this machine's cores) and behind the simulated network (``--sim-nodes``: every rank its
-own node), with the link's bandwidth set so that one step's transfers take about as long as its compute on
-loopback (``--link-ratio``). Prints a table; ``--json PATH`` writes one object per configuration.
+own node), with the link's bandwidth set so that one step's transfers take about as long as the experts' compute
+(``--link-ratio`` x t_experts). Prints a table; ``--json PATH`` writes one object per configuration.
 
     .venv/bin/python benchmarks/overlap.py --json runs/overlap.json
 """
@@ -62,6 +65,22 @@ def step(block: Block, x: torch.Tensor, rope: tuple) -> None:
     block(x, *rope).square().mean().backward()
 
 
+def time_experts(block: Block, x: torch.Tensor, iters: int) -> float:
+    """Median forward + backward of this rank's experts alone on the rows it receives in a step under even
+    routing (its T tokens x K, split evenly over its experts), slowest rank."""
+    experts = block.ffn.experts
+    local = experts.w1.shape[0]
+    rows_per_expert = x.shape[0] * x.shape[1] * block.ffn.cfg.top_k // local
+    rows_MD = torch.randn(rows_per_expert * local, x.shape[-1], requires_grad=True)
+    counts_H = torch.full((local,), rows_per_expert)
+    times = []
+    for _ in range(iters + 1):
+        start = time.perf_counter()
+        experts(rows_MD, counts_H).square().mean().backward()
+        times.append(time.perf_counter() - start)
+    return slowest(statistics.median(times[1:]))
+
+
 def slowest(value: float) -> float:
     t = torch.tensor([value], dtype=torch.float64)
     dist.all_reduce(t, dist.ReduceOp.MAX)
@@ -100,12 +119,13 @@ def worker(shapes: list[str], chunks: int, iters: int, warmup: int, link_ratio: 
     loopback = TorchTransport()
     rows = []
     for shape in shapes:
+        block, x, _ = build(shape, loopback, 1)
+        t_experts = time_experts(block, x, iters)
         for network_name in ("loopback", "simulated"):
             if network_name == "loopback":
                 transport, gbps = loopback, None
-            else:  # the link: one step's bytes take link_ratio x the loopback compute time
-                t_compute = max(loop["t_off"] - loop["t_comm"], 1e-6)
-                gbps = slowest(loop["bytes"]) * 8 / (link_ratio * t_compute) / 1e9
+            else:  # the link: one step's bytes take link_ratio x the experts' compute
+                gbps = slowest(loop["bytes"]) * 8 / (link_ratio * t_experts) / 1e9
                 network = SimulatedNetwork(world, gbps, latency_us)
                 transport = SimulatedNetworkTransport(TorchTransport(), network, list(range(world)))
             m = measure(shape, transport, chunks, iters, warmup)
@@ -116,7 +136,8 @@ def worker(shapes: list[str], chunks: int, iters: int, warmup: int, link_ratio: 
             rows.append({"shape": shape, "ranks": world, "network": network_name, "chunks": chunks,
                          "inter_node_gbps": gbps, "latency_us": latency_us if gbps else None,
                          "t_off_ms": 1e3 * m["t_off"], "t_on_ms": 1e3 * m["t_on"], "t_comm_ms": 1e3 * m["t_comm"],
-                         "t_compute_ms": 1e3 * t_compute, "on_over_off": m["t_on"] / m["t_off"],
+                         "t_compute_ms": 1e3 * t_compute, "t_experts_ms": 1e3 * t_experts,
+                         "on_over_off": m["t_on"] / m["t_off"],
                          "hidden": (m["t_off"] - m["t_on"]) / hideable if hideable > 0 else None,
                          "bytes_per_step": m["bytes"]})
     return rows if rank == 0 else None
@@ -130,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iters", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--link-ratio", type=float, default=1.0,
-                        help="simulated link: transfer time of one step / its loopback compute time (default 1)")
+                        help="simulated link: transfer time of one step / the experts' compute time (default 1)")
     parser.add_argument("--latency-us", type=float, default=20.0)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--json", type=Path, default=None)
@@ -143,13 +164,15 @@ def main(argv: list[str] | None = None) -> int:
     for ranks in args.ranks:
         rows += run_workers(worker, ranks, args.shapes, args.chunks, args.iters, args.warmup, args.link_ratio,
                             args.latency_us, timeout_s=3600)[0]
-    print("| shape | ranks | network | Gbit/s | t_off ms | t_on ms | on/off | t_comm ms | t_compute ms | hidden |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| shape | ranks | network | Gbit/s | t_off ms | t_on ms | on/off | t_comm ms | t_compute ms | t_experts ms "
+          "| hidden |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         gbps = f"{r['inter_node_gbps']:.2f}" if r["inter_node_gbps"] else "-"
         hidden = f"{100 * r['hidden']:.0f}%" if r["hidden"] is not None else "-"
         print(f"| {r['shape']} | {r['ranks']} | {r['network']} | {gbps} | {r['t_off_ms']:.1f} | {r['t_on_ms']:.1f} | "
-              f"{r['on_over_off']:.3f} | {r['t_comm_ms']:.1f} | {r['t_compute_ms']:.1f} | {hidden} |")
+              f"{r['on_over_off']:.3f} | {r['t_comm_ms']:.1f} | {r['t_compute_ms']:.1f} | {r['t_experts_ms']:.1f} | "
+              f"{hidden} |")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(rows, indent=1))
