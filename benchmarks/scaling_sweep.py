@@ -101,9 +101,9 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
                + [Line2D([], [], color="black", linestyle=style, label=label) for label, style in
                   (("fssdp, best t", "-"), ("fssdp, derived t", "--"), ("shadow", ":"))]
                + [Patch(color="grey", alpha=0.25, label="published 1.26-1.78x")])
-    axes[0][-1].legend(handles=handles, fontsize=7, loc="upper left")
+    fig.legend(handles=handles, fontsize=8, loc="lower center", ncol=len(handles))
     fig.suptitle(title)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -126,7 +126,12 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None, help="write every row here")
     parser.add_argument("--markdown", type=Path, default=None, help="write the table here too")
     parser.add_argument("--plot", type=Path, default=None, help="PNG of the speedups")
+    parser.add_argument("--replot", type=Path, default=None, help="draw --plot from this --json file, simulate nothing")
     args = parser.parse_args()
+    if args.replot:
+        saved = json.loads(args.replot.read_text())
+        plot(saved["rows"], args.plot, saved["title"])
+        return
     if args.trace is None and args.zipf is None:
         args.zipf = 1.0
     rows, started = [], time.perf_counter()
@@ -138,14 +143,16 @@ def main() -> None:
     table = markdown(rows)
     print(table)
     source = f"trace {args.trace} from step {args.trace_skip + 1}" if args.trace else f"Zipf s={args.zipf}"
+    title = f"Predicted speedup over ep, {source}, {args.tokens_per_gpu} tokens per GPU"
     if args.markdown:
         args.markdown.write_text(table + "\n")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"inputs": {k: str(v) if isinstance(v, Path) else v
-                                                    for k, v in vars(args).items()}, "rows": rows}, indent=1) + "\n")
+                                                    for k, v in vars(args).items()}, "title": title, "rows": rows},
+                                        indent=1) + "\n")
     if args.plot:
-        plot(rows, args.plot, f"Predicted speedup over ep, {source}, {args.tokens_per_gpu} tokens per GPU")
+        plot(rows, args.plot, title)
     print(f"{len(rows)} rows in {time.perf_counter() - started:.0f} s")
 
 
