@@ -2,7 +2,8 @@
 
     python benchmarks/plot.py runs/bench --out docs/img
 
-- ``peers.png`` (from ``peers.json``): each system's median step time on 2 and 4 ranks, min-max whiskers, with
+- ``peers.png`` (from ``peers.json``): each system's median step time, one column per (ranks, routing skew), min-max
+  whiskers, with
   the compute floor and the compute + communication floor as lines; below, the CPU time of all ranks per step
   beside the GEMM work (the layer's FLOPs at the single-thread rate);
 - ``end_to_end.png`` (from ``end_to_end.json``): the demo model's tokens/s and MFU on 1, 2 and 4 ranks.
@@ -23,35 +24,36 @@ COLORS = {"hecate-ep": "tab:blue", "hecate-fssdp": "tab:cyan", "deepspeed-drople
 
 
 def plot_peers(rows: list[dict], out: Path) -> None:
-    worlds = sorted({r["world_size"] for r in rows})
+    cases = sorted({(r["world_size"], r.get("skew", 0.0)) for r in rows})
     systems = list(dict.fromkeys(r["system"] for r in rows))
-    by = {(r["world_size"], r["system"]): r for r in rows}
-    fig, axes = plt.subplots(2, len(worlds), figsize=(5 * len(worlds), 7.5), squeeze=False)
-    for ax, cpu_ax, world in zip(axes[0], axes[1], worlds):
-        present = [s for s in systems if (world, s) in by]
-        medians = [by[world, s]["step_ms"] for s in present]
-        lower = [m - by[world, s]["step_ms_min"] for m, s in zip(medians, present)]
-        upper = [by[world, s]["step_ms_max"] - m for m, s in zip(medians, present)]
+    by = {(r["world_size"], r.get("skew", 0.0), r["system"]): r for r in rows}
+    fig, axes = plt.subplots(2, len(cases), figsize=(5 * len(cases), 7.5), squeeze=False)
+    for ax, cpu_ax, (world, skew) in zip(axes[0], axes[1], cases):
+        by_system = {s: by[world, skew, s] for s in systems if (world, skew, s) in by}
+        present = list(by_system)
+        medians = [by_system[s]["step_ms"] for s in present]
+        lower = [m - by_system[s]["step_ms_min"] for m, s in zip(medians, present)]
+        upper = [by_system[s]["step_ms_max"] - m for m, s in zip(medians, present)]
         ax.bar(range(len(present)), medians, yerr=[lower, upper], capsize=4,
                color=[COLORS.get(s, "tab:gray") for s in present])
-        first = by[world, present[0]]
+        first = by_system[present[0]]
         compute, comm = first["compute_floor_ms"], first["comm_floor_ms"]
         ax.axhline(compute, color="black", linestyle="--", linewidth=1, label=f"compute floor {compute:.0f} ms")
         ax.axhline(compute + comm, color="gray", linestyle=":", linewidth=1,
                    label=f"+ all-to-all floor {compute + comm:.0f} ms")
         for i, s in enumerate(present):
-            ax.annotate(f"{by[world, s]['x_compute_floor']:.2f}x", (i, medians[i]), ha="center", va="bottom",
+            ax.annotate(f"{by_system[s]['x_compute_floor']:.2f}x", (i, medians[i]), ha="center", va="bottom",
                         fontsize=8, xytext=(0, 3), textcoords="offset points")
         ax.set_xticks(range(len(present)), [s.replace("-", "\n", 1) for s in present], fontsize=8)
-        ax.set_title(f"{world} ranks, one thread each")
+        ax.set_title(f"{world} ranks, one thread each, routing Zipf s = {skew:g}", fontsize=10)
         ax.set_ylabel("step time, ms (median, min-max)")
         ax.legend(fontsize=8, loc="lower right")
-        cpu = [by[world, s]["cpu_ms_all_ranks"] for s in present]
+        cpu = [by_system[s]["cpu_ms_all_ranks"] for s in present]
         cpu_ax.bar(range(len(present)), cpu, color=[COLORS.get(s, "tab:gray") for s in present])
-        floor_cpu = cpu[0] / by[world, present[0]]["cpu_x_floor_flops"]
+        floor_cpu = cpu[0] / by_system[present[0]]["cpu_x_floor_flops"]
         cpu_ax.axhline(floor_cpu, color="black", linestyle="--", linewidth=1, label=f"GEMM work {floor_cpu:.0f} ms")
         for i, s in enumerate(present):
-            cpu_ax.annotate(f"{by[world, s]['cpu_x_floor_flops']:.2f}x", (i, cpu[i]), ha="center", va="bottom",
+            cpu_ax.annotate(f"{by_system[s]['cpu_x_floor_flops']:.2f}x", (i, cpu[i]), ha="center", va="bottom",
                             fontsize=8, xytext=(0, 3), textcoords="offset points")
         cpu_ax.set_xticks(range(len(present)), [s.replace("-", "\n", 1) for s in present], fontsize=8)
         cpu_ax.set_ylabel("CPU time, all ranks, ms (median)")
