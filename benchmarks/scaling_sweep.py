@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from pathlib import Path
 
@@ -80,7 +81,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     """One panel per model: speedup over ep against GPUs, a colour per cluster; solid fssdp with the best budget,
     dashed fssdp with the derived budget, dotted shadow."""
     models = list(dict.fromkeys(r["model"] for r in rows))
-    fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4.2), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(1, len(models), figsize=(max(5.5 * len(models), 9), 4.2), squeeze=False, sharey=True)
     for axis, model in zip(axes[0], models):
         for cluster in dict.fromkeys(r["cluster"] for r in rows):
             mine = [r for r in rows if r["model"] == model and r["cluster"] == cluster]
@@ -101,9 +102,10 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
                + [Line2D([], [], color="black", linestyle=style, label=label) for label, style in
                   (("fssdp, best t", "-"), ("fssdp, derived t", "--"), ("shadow", ":"))]
                + [Patch(color="grey", alpha=0.25, label="published 1.26-1.78x")])
-    fig.legend(handles=handles, fontsize=8, loc="lower center", ncol=len(handles))
-    fig.suptitle(title)
-    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    columns = min(len(handles), 4 * len(models))
+    fig.legend(handles=handles, fontsize=8, loc="lower center", ncol=columns)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, 0.07 * math.ceil(len(handles) / columns), 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
