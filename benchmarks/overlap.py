@@ -16,7 +16,17 @@ on 2 and 4 simulated ranks, with overlap off (1 chunk) and on (``--chunks``), me
 
 on raw loopback (gloo on this machine's cores) and behind the simulated network (``--sim-nodes``: every rank its
 own node), with the link's bandwidth set so that one step's transfers take about as long as the experts' compute
-(``--link-ratio`` x t_experts). Prints a table; ``--json PATH`` writes one object per configuration.
+(``--link-ratio`` x t_experts).
+
+FSSDP prefetch (``--fssdp``): the same block under the FSSDP engine with the ``fsdp`` policy (every expert
+gathered every step, the most there is to hide) behind a link on which the SparseAllGather takes ``--link-ratio``
+x the attention's forward. The gather is issued before the attention and waited before the experts; the
+SparseReduceScatter is issued when backward leaves the experts and waited at the end of backward. The same steps
+run on loopback and behind the link, alternating; under ``fsdp`` every expert is local, so the tokens stay home
+and only the gather and the reduce-scatter cross the link: exposed = step time behind the link - on loopback,
+transfer = both collectives' modeled time (bytes / link), hidden = 1 - exposed / transfer.
+
+Prints tables; ``--json PATH`` writes one object per configuration.
 
     .venv/bin/python benchmarks/overlap.py --json runs/overlap.json
 """
@@ -35,7 +45,8 @@ import torch.distributed as dist
 from hecate.collectives import TorchTransport, delta
 from hecate.collectives.simulated_network import SimulatedNetwork, SimulatedNetworkTransport
 from hecate.launch.simulate import run_workers
-from hecate.parallel.config import MoEConfig
+from hecate.parallel.config import FssdpConfig, MoEConfig
+from hecate.parallel.fssdp.engine import FssdpEngine
 from hecate.parallel.moe.ep_dispatcher import ExpertParallelDispatcher
 from hecate.parallel.parallelize import keep_local_experts
 from hecate.trainer.config import ModelConfig
@@ -50,13 +61,20 @@ MOE_OPS = ("moe.dispatch", "moe.combine", "moe.dispatch.backward", "moe.combine.
 
 
 def build(shape: str, transport, chunks: int) -> tuple[Block, torch.Tensor, tuple]:
+    """The block with this rank's experts and a chunked expert-parallel dispatcher, its input and RoPE tables."""
+    block, x, rope = build_whole(shape, transport.rank)
+    keep_local_experts(block.ffn, transport.rank, transport.world_size)
+    block.ffn.dispatcher = ExpertParallelDispatcher(block.ffn.cfg.num_experts, transport, overlap_chunks=chunks)
+    return block, x, rope
+
+
+def build_whole(shape: str, rank: int) -> tuple[Block, torch.Tensor, tuple]:
+    """The block with all its experts (seed 0), this rank's input and the RoPE tables."""
     dim, heads, ffn, experts, batch, seq = SHAPES[shape]
     cfg = ModelConfig(dim=dim, n_heads=heads, n_layers=1, seq_len=seq)
     torch.manual_seed(0)
     block = Block(cfg, MoEConfig(num_experts=experts, ffn_dim=ffn, top_k=2))
-    keep_local_experts(block.ffn, transport.rank, transport.world_size)
-    block.ffn.dispatcher = ExpertParallelDispatcher(experts, transport, overlap_chunks=chunks)
-    torch.manual_seed(1 + transport.rank)
+    torch.manual_seed(1 + rank)
     x = torch.randn(batch, seq, dim)
     return block, x, rope_tables(seq, dim // heads, cfg.rope_theta)
 
@@ -79,6 +97,54 @@ def time_experts(block: Block, x: torch.Tensor, iters: int) -> float:
         experts(rows_MD, counts_H).square().mean().backward()
         times.append(time.perf_counter() - start)
     return slowest(statistics.median(times[1:]))
+
+
+def time_attention(block: Block, x: torch.Tensor, rope: tuple, iters: int) -> float:
+    """Median forward of the block's attention (with its norm), slowest rank: what the prefetched gather can hide
+    under."""
+    times = []
+    with torch.no_grad():
+        for _ in range(iters + 1):
+            start = time.perf_counter()
+            block.attn(block.attn_norm(x), *rope)
+            times.append(time.perf_counter() - start)
+    return slowest(statistics.median(times[1:]))
+
+
+def measure_fssdp(shape: str, iters: int, warmup: int, link_ratio: float, latency_us: float) -> dict:
+    """FSSDP with the fsdp policy on loopback and behind a link on which the gather takes link_ratio x the
+    attention forward, alternating: the step time the link adds is the exposed part of the transfers."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    block, x, rope = build_whole(shape, rank)
+    t_attention = time_attention(block, x, rope, iters)
+    experts = block.ffn.experts
+    expert_bytes = sum(w.numel() for w in (experts.w1, experts.w2, experts.w3) if w is not None) * 4 // len(experts.w1)
+    gathered_bytes = (len(experts.w1) - len(experts.w1) // world) * expert_bytes  # every expert it does not own
+    network = SimulatedNetwork(world, gathered_bytes * 8 / (link_ratio * t_attention) / 1e9, latency_us)
+    setups = {"loopback": TorchTransport(),
+              "simulated": SimulatedNetworkTransport(TorchTransport(), network, list(range(world)))}
+    runs = {}
+    for name, transport in setups.items():
+        block, _, _ = build_whole(shape, rank)
+        runs[name] = (block, FssdpEngine(block, transport, FssdpConfig(policy="fsdp")))
+    times = {name: [] for name in runs}
+    for i in range(warmup + iters):
+        for name, (block, engine) in runs.items():
+            dist.barrier()
+            start = time.perf_counter()
+            step(block, x, rope)
+            elapsed = slowest(time.perf_counter() - start)
+            engine.end_step(None)
+            if i >= warmup:
+                times[name].append(elapsed)
+    # the gather and the reduce-scatter each move every non-owned expert once over the link
+    transfer_s = 2 * (network.transfer_s(gathered_bytes) + latency_us * 1e-6)
+    t_loop, t_sim = statistics.median(times["loopback"]), statistics.median(times["simulated"])
+    return {"shape": shape, "ranks": world, "network": "simulated", "policy": "fsdp",
+            "inter_node_gbps": network.inter_node_gbps, "latency_us": latency_us,
+            "t_attention_fwd_ms": 1e3 * t_attention, "t_loopback_ms": 1e3 * t_loop, "t_simulated_ms": 1e3 * t_sim,
+            "transfer_ms": 1e3 * transfer_s, "exposed_ms": 1e3 * (t_sim - t_loop),
+            "hidden": 1 - (t_sim - t_loop) / transfer_s}
 
 
 def slowest(value: float) -> float:
@@ -112,6 +178,11 @@ def measure(shape: str, transport, chunks: int, iters: int, warmup: int) -> dict
                     nbytes = moved
     return {"t_off": statistics.median(times[1]), "t_on": statistics.median(times[chunks]),
             "t_comm": statistics.median(comm), "bytes": nbytes}
+
+
+def fssdp_worker(shapes: list[str], iters: int, warmup: int, link_ratio: float, latency_us: float) -> list | None:
+    rows = [measure_fssdp(shape, iters, warmup, link_ratio, latency_us) for shape in shapes]
+    return rows if dist.get_rank() == 0 else None
 
 
 def worker(shapes: list[str], chunks: int, iters: int, warmup: int, link_ratio: float, latency_us: float) -> list:
@@ -153,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--link-ratio", type=float, default=1.0,
                         help="simulated link: transfer time of one step / the experts' compute time (default 1)")
     parser.add_argument("--latency-us", type=float, default=20.0)
+    parser.add_argument("--fssdp", action="store_true", help="also measure the FSSDP gather / reduce-scatter hiding")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -160,10 +232,13 @@ def main(argv: list[str] | None = None) -> int:
         print("overlap.py: --device cuda needs NCCL ranks on separate GPUs; this benchmark runs the CPU/gloo "
               f"simulated cluster only (torch.cuda.is_available() = {torch.cuda.is_available()})", file=sys.stderr)
         return 2
-    rows = []
+    rows, prefetch = [], []
     for ranks in args.ranks:
         rows += run_workers(worker, ranks, args.shapes, args.chunks, args.iters, args.warmup, args.link_ratio,
                             args.latency_us, timeout_s=3600)[0]
+        if args.fssdp:
+            prefetch += run_workers(fssdp_worker, ranks, args.shapes, args.iters, args.warmup, args.link_ratio,
+                                    args.latency_us, timeout_s=3600)[0]
     print("| shape | ranks | network | Gbit/s | t_off ms | t_on ms | on/off | t_comm ms | t_compute ms | t_experts ms "
           "| hidden |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
@@ -173,9 +248,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {r['shape']} | {r['ranks']} | {r['network']} | {gbps} | {r['t_off_ms']:.1f} | {r['t_on_ms']:.1f} | "
               f"{r['on_over_off']:.3f} | {r['t_comm_ms']:.1f} | {r['t_compute_ms']:.1f} | {r['t_experts_ms']:.1f} | "
               f"{hidden} |")
+    if prefetch:
+        print("\n| shape | ranks | Gbit/s | attention fwd ms | step ms loopback | step ms simulated | transfer ms "
+              "| exposed ms | hidden |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        for r in prefetch:
+            print(f"| {r['shape']} | {r['ranks']} | {r['inter_node_gbps']:.2f} | {r['t_attention_fwd_ms']:.1f} | "
+                  f"{r['t_loopback_ms']:.1f} | {r['t_simulated_ms']:.1f} | {r['transfer_ms']:.1f} | "
+                  f"{r['exposed_ms']:.1f} | {100 * r['hidden']:.0f}% |")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(rows, indent=1))
+        args.json.write_text(json.dumps(rows + prefetch, indent=1))
     return 0
 
 
