@@ -74,4 +74,7 @@ def unpermute(y_ND: torch.Tensor, weights_TK: torch.Tensor, perm: Permutation) -
         y_ND = torch.cat([y_ND, y_ND.new_zeros(1, y_ND.shape[-1])])
     y_TKD = y_ND.index_select(0, inverse_permutation(perm.pair_N, pairs)).view(perm.tokens, perm.top_k, -1)
     with torch.autocast(y_ND.device.type, enabled=False):  # bmm would otherwise run in the autocast dtype
-        return torch.bmm(weights_TK.to(dtype).unsqueeze(1), y_TKD.to(dtype)).squeeze(1)
+        out_T1D = torch.bmm(weights_TK.to(dtype).unsqueeze(1), y_TKD.to(dtype))
+    if out_T1D.requires_grad:  # a broadcast gradient (loss = out.sum()) would make CPU bmm loop over tokens
+        out_T1D.register_hook(torch.Tensor.contiguous)
+    return out_T1D.squeeze(1)
