@@ -29,6 +29,7 @@ CALIBRATION = Path(__file__).parent / "data" / "scaling_calibration.json"
 CALIBRATION_TOLERANCE = 0.25
 A100 = "examples/clusters/a100-400gbps.yaml"
 GPT_S = "examples/models/gpt-moe-s.yaml"
+H100 = "examples/clusters/h100-400gbps-per-gpu.yaml"
 
 
 def toy_cluster(gpus_per_node: int = 2, intra_gbytes: float = 1.0, inter_gbits: float = 8.0) -> object:
@@ -180,7 +181,7 @@ def test_cluster_errors_name_the_field(tmp_path):
 
 
 def test_fssdp_balances_a_skewed_load_that_ep_cannot():
-    cluster = load_cluster("examples/clusters/h100-400gbps-per-gpu.yaml")
+    cluster = load_cluster(H100)
     workload = toy_workload(experts=16, tokens=4096)
     workload = Workload(**{**workload.__dict__, "dim": 1024, "ffn_dim": 2048, "seq_len": 1024})
     routing = ZipfRouting(1.2, 16, 1, 8)
@@ -220,6 +221,22 @@ def test_simulate_cli_prints_breakdown_and_writes_results_and_plot(tmp_path):
     assert (tmp_path / "step_time.png").stat().st_size > 10_000
     bad = hecate("simulate", "--cluster", A100, "--model", GPT_S, "--zipf", "1.0", "--gpus", "24")
     assert bad.returncode == 2 and "--gpus" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_sweep_script_picks_the_fastest_budget_and_writes_table_json_and_plot(tmp_path):
+    """benchmarks/scaling_sweep.py, which writes docs/SCALING.md's table: best t is the fastest fssdp tried."""
+    out = subprocess.run([sys.executable, "benchmarks/scaling_sweep.py", "--clusters", H100, "--models", GPT_S,
+                          "--gpus", "16", "--budgets", "8", "--json", str(tmp_path / "s.json"), "--plot",
+                          str(tmp_path / "s.png")], capture_output=True, text=True, timeout=300,
+                         cwd=Path(__file__).parents[1])
+    assert out.returncode == 0, out.stderr
+    (row,) = json.loads((tmp_path / "s.json").read_text())["rows"]
+    by_t = row["fssdp_ms_by_t"]
+    assert set(by_t) == {str(row["derived_t"]), "8"} and by_t[str(row["best_t"])] == min(by_t.values())
+    assert row["step_ms"]["fssdp_best"] == min(by_t.values())
+    assert row["speedup_over_ep"]["fssdp_best"] == pytest.approx(row["step_ms"]["ep"] / min(by_t.values()))
+    assert f"**{row['speedup_over_ep']['fssdp_best']:.2f}**" in out.stdout
+    assert (tmp_path / "s.png").stat().st_size > 10_000
 
 
 def test_record_routing_round_trip_on_two_ranks(small_data, tmp_path):
