@@ -23,9 +23,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from hecate.collectives.errors import CheckpointError, TrainingError
+from hecate.collectives.errors import CheckpointError, TrainingError, WorkerFailure
 from hecate.launch.cli import main
-from hecate.launch.simulate import run_workers
+from hecate.launch.simulate import run_workers, start_workers
+from hecate.launch.worker import run_from_environment
 from hecate.parallel.parallelize import Parallel
 from hecate.trainer import checkpoint as ckpt
 from hecate.trainer.config import config_from_dict, load_config
@@ -59,6 +60,13 @@ def assert_continues(run: Path, reference: dict[int, float], steps: range) -> No
         assert got[step] == pytest.approx(reference[step], rel=RTOL), (run, step, got[step], reference[step])
 
 
+def simulate_2(cfg, resume: bool = False, fault: str | None = None) -> None:
+    """What ``hecate train --simulate 2`` runs, started from this process: the same two workers, without the cost
+    of a CLI process (tests/test_simulate_cli.py tests the CLI itself)."""
+    start_workers(run_from_environment, 2, (cfg.to_dict(), resume), backend=None,
+                  env={FAULT_ENV: fault} if fault else None).join(JOB_DEADLINE_S)
+
+
 @pytest.fixture(scope="module")
 def reference(small_data, tmp_path_factory) -> Path:
     """The single-process run: 6 steps, checkpoints after every second step (kept)."""
@@ -71,9 +79,7 @@ def reference(small_data, tmp_path_factory) -> Path:
 def fssdp_straight(small_data, tmp_path_factory) -> Path:
     """FSSDP on 2 simulated ranks, uninterrupted, saving in the background (checkpoint.async_save)."""
     run = tmp_path_factory.mktemp("fssdp") / "run"
-    done = hecate(*train_args(small_data, run, *BASE, *FSSDP2, *EVERY_2, "train.steps=4", "checkpoint.async_save=true"),
-                  "--simulate", "2", timeout=JOB_DEADLINE_S)
-    assert done.returncode == 0, done.stderr
+    simulate_2(config(small_data, run, *FSSDP2, *EVERY_2, "train.steps=4", "checkpoint.async_save=true"))
     return run
 
 
@@ -136,30 +142,25 @@ def test_checkpoints_reshard_across_layouts_and_continue_the_reference(small_dat
 
 # ---- faults ----------------------------------------------------------------------------------------------------
 
-def test_kill_mid_step_then_during_save_keeps_previous_checkpoint_and_resume_matches_uninterrupted(
-        small_data, tmp_path, fssdp_straight, caplog):
-    """Rank 1 is SIGKILLed mid-step 3; the resumed job redoes steps 3 and 4 and rank 1 is SIGKILLed again while
-    saving step 4. Each time the job ends soon, naming the rank; the resumed losses are bit-identical to the run
-    that was never interrupted, and the half-written save is skipped in favour of step 2's checkpoint."""
+def test_kill_during_save_keeps_previous_checkpoint_and_resume_matches_uninterrupted(small_data, tmp_path,
+                                                                                     fssdp_straight, caplog, capfd):
     run = tmp_path / "run"
-    args = train_args(small_data, run, *BASE, *FSSDP2, *EVERY_2, "train.steps=4")
-    for fault, resume, last_step in (("kill@1:3", [], 2), ("kill@1:save4", ["--resume"], 4)):
-        failed = hecate(*args, "--simulate", "2", *resume, env={FAULT_ENV: fault}, timeout=JOB_DEADLINE_S)
-        ended = time.time()
-        assert failed.returncode == 2, failed.stderr
-        assert "rank 1 of 2" in failed.stderr and "SIGKILL" in failed.stderr, failed.stderr
-        # the last step's record is written before rank 1 dies: an upper bound on the time since the kill
-        assert ended - (run / "metrics.jsonl").stat().st_mtime < KILL_TO_EXIT_S, fault
-        assert max(step_losses(run)) == last_step, fault
-        assert [p.name for p in ckpt.checkpoint_dirs(run / "checkpoints")] == ["step_00000002"]
-    assert "step_00000002 (step 2)" in failed.stdout + failed.stderr  # rank 0's console: "resumed from ..."
-    assert losses(run) == losses(fssdp_straight)  # bit-identical to the run that was never interrupted
+    cfg = config(small_data, run, *FSSDP2, *EVERY_2, "train.steps=4")
+    with pytest.raises(WorkerFailure, match="rank 1 of 2 was killed by signal SIGKILL"):
+        simulate_2(cfg, fault="kill@1:save4")
+    ended = time.time()
+    # the step-4 record is written just before the save in which rank 1 dies: an upper bound on the time since
+    assert ended - (run / "metrics.jsonl").stat().st_mtime < KILL_TO_EXIT_S
+    assert [p.name for p in ckpt.checkpoint_dirs(run / "checkpoints")] == ["step_00000002"]
     assert (run / "checkpoints" / ".tmp-step_00000004").is_dir()  # the interrupted save, never completed
-
     with caplog.at_level(logging.WARNING, logger="hecate.trainer.checkpoint"):
-        resumed = Trainer(config(small_data, run, "train.steps=4"), resume=True)
-    assert resumed.step == 2
+        assert Trainer(config(small_data, run, "train.steps=4"), resume=True).step == 2
     assert "ignoring incomplete checkpoint" in caplog.text and ".tmp-step_00000004" in caplog.text
+
+    capfd.readouterr()
+    simulate_2(cfg, resume=True)
+    assert "step_00000002 (step 2)" in capfd.readouterr().err  # rank 0's console: "resumed from ..."
+    assert losses(run) == losses(fssdp_straight)  # bit-identical to the run that was never interrupted
 
 
 def test_torchrun_max_restarts_resumes_from_last_checkpoint(small_data, tmp_path, fssdp_straight):
