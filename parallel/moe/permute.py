@@ -9,8 +9,9 @@ own slot and sums over K in a fixed order: deterministic, with no atomics.
 Every row movement is a gather (``index_select``, forward; its backward is one ``index_add_``): on this CPU a
 gather of 8,192 x 256 fp32 rows took ~1.3 ms, where ``x[idx]`` took ~4.7 (its backward, an accumulating
 ``index_put_``, ~4) and the scatter ``index_copy`` ~12. A scatter by a permutation is therefore done as a gather
-by its inverse (:func:`inverse_permutation`). The weighted sum over K is one batched matmul per token
-([1, K] x [K, D]), ~5x faster here than a broadcast multiply and a sum.
+by its inverse (:func:`inverse_permutation`). The weighted sum over K stays a broadcast multiply and a sum: a
+``bmm`` ([1, K] x [K, D] per token) was ~40% faster, but CPU ``bmm``'s backward loops over tokens when the
+gradient is broadcast (loss = out.sum()), and FLOP counters would count it as a matrix product.
 
 Shapes: T tokens, D model dim, E experts, K experts per token, P = T * K pairs in token-major order,
 N kept pairs sorted by expert.
@@ -68,13 +69,8 @@ def permute(x_TD: torch.Tensor, perm: Permutation) -> torch.Tensor:
 def unpermute(y_ND: torch.Tensor, weights_TK: torch.Tensor, perm: Permutation) -> torch.Tensor:
     """out_TD = sum over k of weights_TK * (expert output of pair (t, k), zero if it was dropped).
     Accumulates in the promoted dtype of (y, weights): fp32 under bf16 autocast, since the weights are fp32."""
-    dtype = torch.promote_types(y_ND.dtype, weights_TK.dtype)
     pairs = perm.tokens * perm.top_k
     if perm.pair_N.numel() < pairs:  # dropped pairs read a zero row appended at N
         y_ND = torch.cat([y_ND, y_ND.new_zeros(1, y_ND.shape[-1])])
     y_TKD = y_ND.index_select(0, inverse_permutation(perm.pair_N, pairs)).view(perm.tokens, perm.top_k, -1)
-    with torch.autocast(y_ND.device.type, enabled=False):  # bmm would otherwise run in the autocast dtype
-        out_T1D = torch.bmm(weights_TK.to(dtype).unsqueeze(1), y_TKD.to(dtype))
-    if out_T1D.requires_grad:  # a broadcast gradient (loss = out.sum()) would make CPU bmm loop over tokens
-        out_T1D.register_hook(torch.Tensor.contiguous)
-    return out_T1D.squeeze(1)
+    return (y_TKD * weights_TK.unsqueeze(-1)).sum(dim=1)
