@@ -27,8 +27,10 @@ ranks on this node than in the world) raise :class:`LaunchError` naming the vari
 """
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -157,3 +159,14 @@ def _slurm_tasks_on_this_node(environ: Mapping[str, str]) -> int:
     if not 0 <= node < len(counts):
         raise LaunchError(f"SLURM_NODEID={node} but {name}={environ[name]!r} lists {len(counts)} node(s)")
     return counts[node]
+
+
+def store_listener(address: str, port: int) -> tuple[int, dict[str, int]]:
+    """(port, ``TCPStore`` keyword arguments) for the store's host: a store for a loopback address listens on
+    loopback only, on ``port`` or (0) one the OS picks - the store alone binds every interface; for any other
+    address, the store's own listener, as a multi-node job needs."""
+    if not ipaddress.ip_address(socket.gethostbyname(address)).is_loopback:
+        return port, {}
+    listener = socket.create_server((address, port), backlog=1024)
+    bound = listener.getsockname()[1]
+    return bound, {"master_listen_fd": listener.detach()}  # the store owns the descriptor from here

@@ -29,6 +29,7 @@ import torch.distributed as dist
 
 from hecate.collectives.errors import HecateError, WorkerFailure
 from hecate.collectives.simulated_network import SimulatedNetwork
+from hecate.launch.environment import store_listener
 
 T = TypeVar("T")
 
@@ -240,7 +241,8 @@ def start_workers(
         raise HecateError(
             f"workers need a picklable function defined at module level and picklable arguments: {e}"
         ) from e
-    store = dist.TCPStore(MASTER_ADDR, 0, None, True, timedelta(seconds=60), wait_for_workers=False)
+    port, listener = store_listener(MASTER_ADDR, 0)
+    store = dist.TCPStore(MASTER_ADDR, port, None, True, timedelta(seconds=60), wait_for_workers=False, **listener)
     stack_dir = tempfile.mkdtemp(prefix="hecate-workers-")
     context = mp.get_context("spawn")
     group = WorkerGroup([], [], store, stack_dir)

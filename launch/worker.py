@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from hecate.collectives.errors import HecateError
 from hecate.collectives.timeline import Timeline
-from hecate.launch.environment import LaunchError, WorkerEnv, detect
+from hecate.launch.environment import LaunchError, WorkerEnv, detect, store_listener
 from hecate.launch.hangs import CollectiveTimeout, waiting_in
 from hecate.launch.simulate import network_from_environment
 from hecate.parallel.parallelize import Parallel
@@ -71,7 +71,9 @@ def init_distributed(env: WorkerEnv, timeout_s: float) -> None:
             store = dist.PrefixStore(f"hecate/attempt_{restart_count()}", agent)
             dist.init_process_group("gloo", store=store, rank=env.rank, world_size=env.world_size, timeout=timeout)
             return
-        store = dist.TCPStore(env.master_addr, env.master_port, env.world_size, env.rank == 0, timeout=timeout)
+        listener = store_listener(env.master_addr, env.master_port)[1] if env.rank == 0 else {}
+        store = dist.TCPStore(env.master_addr, env.master_port, env.world_size, env.rank == 0, timeout=timeout,
+                              **listener)
         dist.init_process_group("gloo", store=store, rank=env.rank, world_size=env.world_size, timeout=timeout)
     except (RuntimeError, TimeoutError) as err:  # DistStoreError / DistNetworkError are RuntimeErrors
         raise LaunchError(f"rank {env.rank} of {env.world_size} ({env.launcher}) could not join the job at "

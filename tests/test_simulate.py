@@ -80,6 +80,23 @@ def test_results_come_back_ordered_by_rank_with_torchrun_environment():
         assert result["total"] == 6.0
 
 
+def _listening_on_master_port() -> list[str]:
+    """Local addresses (hex, as /proc/net/tcp* shows them) listening on MASTER_PORT."""
+    port = f"{int(os.environ['MASTER_PORT']):04X}"
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            if state == "0A" and local.endswith(f":{port}"):
+                found.append(local.split(":")[0])
+    return found
+
+
+def test_the_job_store_listens_on_loopback_only():
+    """The services the tests start stay on loopback: the parent's TCPStore binds 127.0.0.1, not every interface."""
+    assert start_workers(_listening_on_master_port, 1, backend=None).join(timeout_s=60) == [["0100007F"]]
+
+
 def test_workers_can_form_their_own_group_from_the_environment():
     assert start_workers(_init_from_environment, 2, backend=None).join(timeout_s=120) == [2.0, 2.0]
 
