@@ -6,15 +6,13 @@ behind computation and nothing resembles a cluster's inter-node link. :class:`Si
 real transport: each operation still moves its bytes (numerics are unchanged), and its handle's ``wait()`` then
 sleeps until the modeled completion time. Sleeping threads leave the cores to the computation, as a NIC would.
 
-The model, per rank (a full-duplex NIC whose bandwidth the transfers in flight share equally, as the packets of
-concurrent streams do: a small message issued during a large transfer is not queued behind all of it):
+The model, per rank and transport (a full-duplex NIC; operations on it serialized in issue order, as one NCCL
+communicator or gloo process group runs its operations in order - a small message issued after a large one on the
+same group waits for it; transports of different groups do not contend, which is optimistic):
 
     inter-node bytes  b = max(bytes sent to, bytes received from ranks on other nodes)  (per operation)
-    progress          while n transfers are in flight, each advances at bandwidth / n
-    done              = when its b bytes have gone through + latency   (latency only when the group spans nodes)
-
-An operation's completion is computed when it is waited, from the transfers in flight then (one issued later by
-another thread of the rank does not slow it down).
+    start             = max(issue time, when this rank's NIC finished its previous transfer)
+    done              = start + b / bandwidth + latency        (latency only when the group spans nodes)
 
 Bytes per peer are exact for all-to-all and point-to-point; for all-reduce / all-gather / reduce-scatter /
 broadcast the logical payload (``traffic.py``) is split evenly over the peers. Intra-node transfers run at the
@@ -24,7 +22,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -62,56 +60,6 @@ class SimulatedNetwork:
         return nbytes * 8 / (self.inter_node_gbps * 1e9)
 
 
-class SharedLink:
-    """A rank's NIC: the transfers in flight share ``bytes_per_s`` equally (processor sharing)."""
-
-    def __init__(self, bytes_per_s: float):
-        self.bytes_per_s = bytes_per_s
-        self._left: dict[int, float] = {}  # transfer in flight -> bytes still to go
-        self._finished: dict[int, float] = {}  # transfer -> when it finished
-        self._clock = 0.0  # the link has been run up to here
-        self._count = 0
-        self._lock = threading.Lock()
-
-    def start(self, now_s: float, nbytes: int) -> int:
-        with self._lock:
-            self._run_until(now_s)
-            transfer, self._count = self._count, self._count + 1
-            self._left[transfer] = float(nbytes)
-            return transfer
-
-    def done_at(self, transfer: int) -> float:
-        """When ``transfer`` finishes, given the transfers in flight now (projected, not committed: a transfer
-        issued later still shares the link from its issue time)."""
-        with self._lock:
-            self._run_until(time.monotonic())
-            if transfer in self._finished:
-                return self._finished.pop(transfer)
-            left, clock = dict(self._left), self._clock
-            while True:
-                clock, left, finished = _share(left, clock, float("inf"), self.bytes_per_s)
-                if transfer in finished:
-                    return clock
-
-    def _run_until(self, end_s: float) -> None:
-        """Advance the link to ``end_s``, recording when transfers finish."""
-        while self._left and self._clock < end_s:
-            self._clock, self._left, finished = _share(self._left, self._clock, end_s, self.bytes_per_s)
-            self._finished.update(dict.fromkeys(finished, self._clock))
-        self._clock = max(self._clock, end_s)
-
-
-def _share(left: dict[int, float], clock: float, end_s: float,
-           bytes_per_s: float) -> tuple[float, dict[int, float], list[int]]:
-    """One step of processor sharing: run until the smallest transfer finishes or ``end_s``; returns the new clock,
-    the bytes still to go, and the transfers that finished."""
-    share = bytes_per_s / len(left)
-    step = min(min(left.values()) / share, end_s - clock)
-    left = {t: b - step * share for t, b in left.items()}
-    finished = [t for t, b in left.items() if b <= 1e-6]
-    return clock + step, {t: b for t, b in left.items() if b > 1e-6}, finished
-
-
 class SimulatedNetworkTransport:
     """``inner`` with inter-node transfers delayed per :class:`SimulatedNetwork` (``network=None``: no delay) and
     every operation's flight recorded on ``timeline`` when given. ``nodes[r]`` is the emulated node of the
@@ -124,33 +72,30 @@ class SimulatedNetworkTransport:
         self.inner, self.network, self.timeline = inner, network, timeline
         self.rank, self.world_size, self.stats = inner.rank, inner.world_size, inner.stats
         self.remote = [nodes[p] != nodes[inner.rank] for p in range(inner.world_size)]
-        self._nic = SharedLink(network.inter_node_gbps * 1e9 / 8 if network else 0.0)
+        self._nic_free_s = 0.0
+        self._lock = threading.Lock()
 
     # ---- the model -------------------------------------------------------------------------------
 
-    def _transfer(self, issued_s: float, sent_by_peer: Sequence[int],
-                  received_by_peer: Sequence[int]) -> Callable[[], float]:
-        """Put the operation's inter-node bytes on the NIC; returns its completion time, asked at wait."""
+    def _done_at(self, issued_s: float, sent_by_peer: Sequence[int], received_by_peer: Sequence[int]) -> float:
         if self.network is None or not any(self.remote):
-            return lambda: issued_s
-        latency_s = self.network.latency_us * 1e-6
+            return issued_s
         out = sum(b for b, far in zip(sent_by_peer, self.remote) if far)
         into = sum(b for b, far in zip(received_by_peer, self.remote) if far)
-        if max(out, into) == 0:
-            return lambda: issued_s + latency_s
-        transfer = self._nic.start(issued_s, max(out, into))
-        return lambda: self._nic.done_at(transfer) + latency_s
+        with self._lock:
+            start = max(issued_s, self._nic_free_s)
+            self._nic_free_s = start + self.network.transfer_s(max(out, into))
+            return self._nic_free_s + self.network.latency_us * 1e-6
 
     def _even(self, nbytes: int) -> list[int]:
         """A collective's payload split evenly over the other ranks."""
         peers = self.world_size - 1
         return [0 if p == self.rank or not peers else nbytes // peers for p in range(self.world_size)]
 
-    def _delayed(self, name: str, inner: Handle, issued_s: float, issued_ns: int,
-                 done_at: Callable[[], float]) -> Handle:
+    def _delayed(self, name: str, inner: Handle, issued_s: float, issued_ns: int, done_s: float) -> Handle:
         """Block until the real operation is done and the modeled time has passed; the sleep counts as wait."""
         def block() -> None:
-            remaining = done_at() - time.monotonic()
+            remaining = done_s - time.monotonic()
             if remaining > 0:
                 time.sleep(remaining)
 
@@ -170,7 +115,7 @@ class SimulatedNetworkTransport:
         handle = self.inner.all_to_all(output, input, output_splits, input_splits, name=name)
         sent = [s * traffic.row_bytes(input) for s in input_splits]
         received = [s * traffic.row_bytes(output) for s in output_splits]
-        return self._delayed(name, handle, issued_s, issued_ns, self._transfer(issued_s, sent, received))
+        return self._delayed(name, handle, issued_s, issued_ns, self._done_at(issued_s, sent, received))
 
     def all_gather(self, output: torch.Tensor, input: torch.Tensor, *,
                    name: str = "all_gather") -> Handle[torch.Tensor]:
@@ -197,7 +142,7 @@ class SimulatedNetworkTransport:
         sent, received = [0] * self.world_size, [0] * self.world_size
         for op in ops:
             (sent if op.kind == "send" else received)[op.peer] += op.tensor.nbytes
-        return self._delayed(name, handle, issued_s, issued_ns, self._transfer(issued_s, sent, received))
+        return self._delayed(name, handle, issued_s, issued_ns, self._done_at(issued_s, sent, received))
 
     def barrier(self, *, name: str = "barrier") -> Handle[None]:
         return self._collective(name, (0, 0), lambda: self.inner.barrier(name=name))
@@ -207,4 +152,4 @@ class SimulatedNetworkTransport:
         handle = issue()
         sent, received = sent_received
         return self._delayed(name, handle, issued_s, issued_ns,
-                             self._transfer(issued_s, self._even(sent), self._even(received)))
+                             self._done_at(issued_s, self._even(sent), self._even(received)))
