@@ -111,7 +111,10 @@ class Parallel:
             if self.dims.dp * self.dims.tp > 1:
                 layer.reduce = mp.router_reduce() if mp is not None else router_sums_reduce(self.dp)
         if self.fssdp.enabled and self.dims.world > 1:
-            self.engine = FssdpEngine(model, mp.stage if mp is not None else self.dp, self.fssdp)
+            # tokens travel on the edp group: with ep = etp = 1 (required) the stage's ranks in the same order,
+            # another group, so the gathers in flight on the stage's group do not hold the all-to-alls up
+            self.engine = FssdpEngine(model, mp.stage if mp is not None else self.dp, self.fssdp,
+                                      token_transport=self.edp)
         if self.dims.world > 1:
             dense, experts = split_parameters(model)
             # under FSSDP every expert has one owner, which already holds the sum over all ranks' tokens

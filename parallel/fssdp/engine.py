@@ -89,7 +89,8 @@ class _Materialize(torch.autograd.Function):
 class FssdpLayer:
     """One MoE layer under FSSDP: its owners, current materialized placement, load estimate and collectives."""
 
-    def __init__(self, layer: MoE, transport: Transport, policy: Policy, cfg: FssdpConfig):
+    def __init__(self, layer: MoE, transport: Transport, policy: Policy, cfg: FssdpConfig,
+                 token_transport: Transport | None = None):
         experts, ranks = layer.cfg.num_experts, transport.world_size
         self.layer, self.transport, self.policy, self.cfg = layer, transport, policy, cfg
         self.owner = initial_owners(experts, ranks)
@@ -103,7 +104,8 @@ class FssdpLayer:
         self.sizes = [math.prod(shape) for shape in self.shapes]
         self.spec = ChunkSpec.flat(sum(self.sizes), full.w1.dtype)
         layer.experts = ShardedExperts(full, self.owner.chunks_on(transport.rank), self)
-        layer.dispatcher = ExpertParallelDispatcher(experts, transport, holders=lambda: self.materialized.devices_C,
+        layer.dispatcher = ExpertParallelDispatcher(experts, token_transport or transport,
+                                                    holders=lambda: self.materialized.devices_C,
                                                     ranks_per_node=cfg.devices_per_node or None,
                                                     overlap_chunks=layer.cfg.overlap_chunks)
         self.pending: Handle | None = None
@@ -252,7 +254,11 @@ class FssdpLayer:
 class FssdpEngine:
     """All MoE layers of a model under one policy, over the data-parallel group of ``transport``."""
 
-    def __init__(self, model: nn.Module, transport: Transport, cfg: FssdpConfig):
+    def __init__(self, model: nn.Module, transport: Transport, cfg: FssdpConfig,
+                 token_transport: Transport | None = None):
+        """``transport`` carries the sparse collectives and ownership moves; ``token_transport`` (the same ranks in
+        the same order, another group) the token all-to-alls, so that a gather in flight does not hold up the
+        exchanges behind it - a group runs its operations in order (one NCCL communicator, one gloo group)."""
         self.cfg = cfg
         self.transport = transport
         self.policy = build_policy(cfg.policy, cfg.overlap_budget, cfg.memory_budget,
@@ -263,7 +269,7 @@ class FssdpEngine:
         for name, module in list(model.named_modules()):
             for child_name, child in module.named_children():
                 if isinstance(child, MoE):
-                    fl = FssdpLayer(child, transport, self.policy, cfg)
+                    fl = FssdpLayer(child, transport, self.policy, cfg, token_transport)
                     self.layers[f"{name}.{child_name}" if name else child_name] = fl
                     module.register_forward_pre_hook(lambda _m, _args, fl=fl: fl.start_gather())
                     child.register_forward_hook(lambda _m, _args, out, fl=fl: self._after_forward(fl, out))
