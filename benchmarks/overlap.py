@@ -52,10 +52,12 @@ from hecate.parallel.parallelize import keep_local_experts
 from hecate.trainer.config import ModelConfig
 from hecate.trainer.model import Block, rope_tables
 
+# 4,096 tokens a rank (2,048 for the wide comm-heavy block): a chunk's expert GEMMs keep enough rows to run at the
+# full-size GEMMs' rate on a CPU core, and the per-chunk fixed costs stay small next to them
 SHAPES = {  # name: (dim, heads, expert ffn_dim, experts, batch, seq)
-    "comm-heavy": (1024, 8, 128, 8, 4, 128),
-    "demo": (256, 4, 256, 8, 8, 128),
-    "compute-heavy": (256, 4, 2048, 8, 8, 128),
+    "comm-heavy": (1024, 8, 128, 8, 16, 128),
+    "demo": (256, 4, 256, 8, 32, 128),
+    "compute-heavy": (256, 4, 2048, 8, 32, 128),
 }
 MOE_OPS = ("moe.dispatch", "moe.combine", "moe.dispatch.backward", "moe.combine.backward", "moe.counts")
 
@@ -121,12 +123,14 @@ def measure_fssdp(shape: str, iters: int, warmup: int, link_ratio: float, latenc
     expert_bytes = sum(w.numel() for w in (experts.w1, experts.w2, experts.w3) if w is not None) * 4 // len(experts.w1)
     gathered_bytes = (len(experts.w1) - len(experts.w1) // world) * expert_bytes  # every expert it does not own
     network = SimulatedNetwork(world, gathered_bytes * 8 / (link_ratio * t_attention) / 1e9, latency_us)
-    setups = {"loopback": TorchTransport(),
-              "simulated": SimulatedNetworkTransport(TorchTransport(), network, list(range(world)))}
+    tokens_group = dist.new_group(list(range(world)))  # as training does: tokens on a group of their own
+    setups = {"loopback": (TorchTransport(), TorchTransport(tokens_group)),
+              "simulated": tuple(SimulatedNetworkTransport(t, network, list(range(world)))
+                                 for t in (TorchTransport(), TorchTransport(tokens_group)))}
     runs = {}
-    for name, transport in setups.items():
+    for name, (sparse, tokens) in setups.items():
         block, _, _ = build_whole(shape, rank)
-        runs[name] = (block, FssdpEngine(block, transport, FssdpConfig(policy="fsdp")))
+        runs[name] = (block, FssdpEngine(block, sparse, FssdpConfig(policy="fsdp"), token_transport=tokens))
     times = {name: [] for name in runs}
     for i in range(warmup + iters):
         for name, (block, engine) in runs.items():
