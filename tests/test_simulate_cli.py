@@ -108,6 +108,8 @@ def test_failing_worker_stops_the_job_with_its_rank(small_data, tmp_path, kind, 
     result = hecate(*train_args(small_data, run, "parallel.ep=2", "train.steps=50"), "--simulate", "4",
                     env={FAULT_ENV: f"{kind}@2:2"}, timeout=120)
     assert time.monotonic() - started < FAILURE_DEADLINE_S
+    # the fault strikes as step 2 begins, right after step 1's record: the job is gone within 30 s of it
+    assert time.time() - (run / "metrics.jsonl").stat().st_mtime < 30
     assert result.returncode == 2
     assert "rank 2 of 4" in result.stderr and cause in result.stderr
     assert_all_gone(worker_pids(run))
