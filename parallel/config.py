@@ -90,6 +90,7 @@ class FssdpConfig:
     rematerialize: bool = False  # free replicas after forward, gather them again in backward
     reshard_every: int = 0  # heterogeneous re-sharding of ownership every K steps; 0 = off
     devices_per_node: int = 0  # ranks per node, for placement preferences; 0 = all ranks on one node
+    min_imbalance: float = 1.05  # fssdp plans no replicas while the owners' max / mean expert load is at most this
 
     def validate(self, prefix: str = "fssdp") -> None:
         if self.policy not in POLICIES:
@@ -100,6 +101,9 @@ class FssdpConfig:
         for name in ("overlap_budget", "memory_budget", "reshard_every", "devices_per_node"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{prefix}.{name}", f"must be >= 0, got {getattr(self, name)}")
+        if self.min_imbalance < 1:
+            raise ConfigError(f"{prefix}.min_imbalance", f"must be >= 1 (a max / mean load ratio), got "
+                                                         f"{self.min_imbalance}")
 
     @property
     def enabled(self) -> bool:

@@ -262,3 +262,13 @@ def test_resharding_keeps_e_over_d_experts_per_device_in_every_layer(world, per_
 def test_resharding_rejects_experts_that_do_not_divide_over_devices():
     with pytest.raises(LayoutError, match="moe.num_experts=6"):
         reshard_owners([[1] * 6], 4)
+
+
+def test_no_replicas_while_the_owners_are_balanced_enough():
+    """fssdp.min_imbalance: a 4% imbalance is left alone under 1.05 and planned for under 1.0 (always plan)."""
+    owner = initial_owners(4, 2)
+    near_even = [26.0, 26.0, 24.0, 24.0]  # devices 52 and 48: max / mean 1.04
+    assert plan_replicas(owner, near_even, 2, 2, min_imbalance=1.05) == MaterializedPlacement.from_owner(owner)
+    assert plan_replicas(owner, near_even, 2, 2, min_imbalance=1.0) != MaterializedPlacement.from_owner(owner)
+    skewed = [60.0, 20.0, 10.0, 10.0]  # max / mean 1.6: planned either way
+    assert plan_replicas(owner, skewed, 2, 2, min_imbalance=1.05) != MaterializedPlacement.from_owner(owner)

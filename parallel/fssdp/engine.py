@@ -262,7 +262,7 @@ class FssdpEngine:
         self.cfg = cfg
         self.transport = transport
         self.policy = build_policy(cfg.policy, cfg.overlap_budget, cfg.memory_budget,
-                                   cfg.devices_per_node or None)
+                                   cfg.devices_per_node or None, cfg.min_imbalance)
         self.layers: dict[str, FssdpLayer] = {}
         self.steps = 0
         self.last_replicas: dict[str, int] = {}  # replicas per layer in the step that ended last

@@ -7,6 +7,10 @@ floats are combined in the same order everywhere.
 The rule, with t = overlap budget (copies that can arrive on a device while attention runs) and m = memory
 budget (extra expert slots per device); t is clipped to E:
 
+- balanced enough: when the owners alone already give a predicted device load max / mean <= ``min_imbalance``
+  (``fssdp.min_imbalance``; 1 = always plan), no replicas - a copy would cost a gather and a reduce-scatter for
+  a gain smaller than that margin.
+
 - t <= m: the t hottest experts (load > 0) are replicated to every device. Each device receives at most t.
 - t > m: replicas follow load, in two greedy phases that share one copy step. The copy step puts one more
   copy of expert e on the device with the least predicted load among those with a free slot (fewer than m
@@ -160,12 +164,16 @@ def _load_following_replicas(owner: OwnerPlacement, load_E: list[float], memory_
 
 
 def plan_replicas(owner: OwnerPlacement, load_E: Sequence[float], overlap_budget: int, memory_budget: int,
-                  devices_per_node: int | None = None) -> MaterializedPlacement:
+                  devices_per_node: int | None = None, min_imbalance: float = 1.0) -> MaterializedPlacement:
     """The owner placement plus this step's replicas, by the rule in the module docstring."""
     check_budget("fssdp.overlap_budget", overlap_budget)
     check_budget("fssdp.memory_budget", memory_budget)
     check_devices_per_node(devices_per_node)
     load_E = as_loads(load_E, owner.num_chunks, "plan_replicas load_E")
+    owners_only = MaterializedPlacement.from_owner(owner)
+    load_D = predicted_device_load(owners_only, load_E)
+    if min_imbalance > 1 and sum(load_D) > 0 and max(load_D) * len(load_D) <= min_imbalance * sum(load_D):
+        return owners_only
     overlap_budget, memory_budget = min(int(overlap_budget), owner.num_chunks), int(memory_budget)
     if overlap_budget <= memory_budget:
         hot = [e for e in hottest_experts(load_E, overlap_budget) if load_E[e] > 0]

@@ -71,6 +71,7 @@ class FssdpPolicy:
     overlap_budget: int
     memory_budget: int
     devices_per_node: int | None = None
+    min_imbalance: float = 1.0  # no replicas while the owners' predicted max / mean load is at most this
     name: ClassVar[str] = "fssdp"
 
     def __post_init__(self) -> None:  # fail at build time, not at the first step
@@ -79,24 +80,27 @@ class FssdpPolicy:
         check_devices_per_node(self.devices_per_node)
 
     def materialize(self, owner: OwnerPlacement, load_E: Sequence[float]) -> MaterializedPlacement:
-        return plan_replicas(owner, load_E, self.overlap_budget, self.memory_budget, self.devices_per_node)
+        return plan_replicas(owner, load_E, self.overlap_budget, self.memory_budget, self.devices_per_node,
+                             self.min_imbalance)
 
 
-_BUILDERS: dict[str, Callable[[int, int, int | None], Policy]] = {
-    "ep": lambda overlap, memory, per_node: EpPolicy(),
-    "fsdp": lambda overlap, memory, per_node: FsdpPolicy(),
-    "shadow": lambda overlap, memory, per_node: ShadowPolicy(memory),
-    "fssdp": lambda overlap, memory, per_node: FssdpPolicy(overlap, memory, per_node),
+_BUILDERS: dict[str, Callable[[int, int, int | None, float], Policy]] = {
+    "ep": lambda overlap, memory, per_node, balanced: EpPolicy(),
+    "fsdp": lambda overlap, memory, per_node, balanced: FsdpPolicy(),
+    "shadow": lambda overlap, memory, per_node, balanced: ShadowPolicy(memory),
+    "fssdp": lambda overlap, memory, per_node, balanced: FssdpPolicy(overlap, memory, per_node, balanced),
 }
 POLICIES = tuple(_BUILDERS)
 
 
 def build_policy(name: str, overlap_budget: int, memory_budget: int,
-                 devices_per_node: int | None = None) -> Policy:
+                 devices_per_node: int | None = None, min_imbalance: float = 1.0) -> Policy:
     """The policy called ``name`` (``fssdp.policy``). Budgets are checked for every policy, used where they apply."""
     check_budget("fssdp.overlap_budget", overlap_budget)
     check_budget("fssdp.memory_budget", memory_budget)
     check_devices_per_node(devices_per_node)
     if name not in _BUILDERS:
         raise ConfigError("fssdp.policy", f"must be one of {POLICIES}, got {name!r}")
-    return _BUILDERS[name](overlap_budget, memory_budget, devices_per_node)
+    if min_imbalance < 1:
+        raise ConfigError("fssdp.min_imbalance", f"must be >= 1 (a max / mean load ratio), got {min_imbalance}")
+    return _BUILDERS[name](overlap_budget, memory_budget, devices_per_node, min_imbalance)

@@ -38,6 +38,7 @@ def run_simulation(cluster_path: str, model_path: str, policies: list[str], gpus
                else ZipfRouting(zipf, workload.num_experts, len(workload.moe_layers), window + steps, seed))
     settings = [Settings(gpus=n, overlap_budget=overlap_budget,
                          memory_budget=fssdp.memory_budget if memory_budget is None else memory_budget,
+                         min_imbalance=fssdp.min_imbalance,
                          window=window, reshard_every=fssdp.reshard_every if reshard_every is None else reshard_every,
                          rematerialize=rematerialize, steps=steps,
                          overlap=Overlap(gather=True, reduce_scatter=overlap_reduce_scatter))

@@ -42,6 +42,7 @@ class Settings:
     gpus: int
     overlap_budget: int | None = None  # None: derived from the cluster (see derived_overlap_budget)
     memory_budget: int = 2
+    min_imbalance: float = 1.0  # fssdp.min_imbalance
     window: int = 5
     reshard_every: int = 0
     rematerialize: bool = False
@@ -125,7 +126,7 @@ def simulate_policy(workload: Workload, cluster: Cluster, routing: Routing, poli
     per_node = cluster.gpus_per_node if group > cluster.gpus_per_node else None
     budget = (settings.overlap_budget if settings.overlap_budget is not None
               else derived_overlap_budget(workload, cluster, group))
-    policy = build_policy(policy_name, budget, settings.memory_budget, per_node)
+    policy = build_policy(policy_name, budget, settings.memory_budget, per_node, settings.min_imbalance)
     reshard_every = settings.reshard_every if policy_name == "fssdp" else 0
     chunk = chunk_spec(workload, cluster)
     layers, groups = workload.moe_layers, min(gpus // group, settings.max_groups)
