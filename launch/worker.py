@@ -75,7 +75,7 @@ def init_distributed(env: WorkerEnv, timeout_s: float) -> None:
         store = dist.TCPStore(env.master_addr, env.master_port, env.world_size, env.rank == 0, timeout=timeout,
                               **listener)
         dist.init_process_group("gloo", store=store, rank=env.rank, world_size=env.world_size, timeout=timeout)
-    except (RuntimeError, TimeoutError) as err:  # DistStoreError / DistNetworkError are RuntimeErrors
+    except (RuntimeError, OSError) as err:  # DistStoreError, DistNetworkError; TimeoutError, a busy port
         raise LaunchError(f"rank {env.rank} of {env.world_size} ({env.launcher}) could not join the job at "
                           f"{env.master_addr}:{env.master_port} within train.collective_timeout_s={timeout_s:g} s "
                           f"(a node that never joined, or a wrong MASTER_ADDR/MASTER_PORT): "
