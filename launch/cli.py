@@ -211,7 +211,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _vocab_size(data) -> int:
     """The vocabulary of ``data.dir`` once prepared, else the one asked for (``data.vocab_size``)."""
-    manifest = Path(data.dir) / "manifest.json"
+    from hecate.trainer.data.manifest import MANIFEST_FILE
+
+    manifest = Path(data.dir) / MANIFEST_FILE
     return json.loads(manifest.read_text())["vocab_size"] if manifest.is_file() else data.vocab_size
 
 

@@ -29,10 +29,10 @@ from torch import nn
 
 from hecate.collectives import CommStats, TorchTransport, Transport
 from hecate.collectives.errors import LayoutError
+from hecate.parallel.config import ParallelConfig
 from hecate.parallel.data_parallel import GradientAverager, router_sums_reduce
 from hecate.parallel.moe import MoE
 from hecate.parallel.moe.expert_tensor_parallel import HIDDEN_DIM, ExpertTensorParallel
-from hecate.parallel.config import ParallelConfig
 from hecate.parallel.moe.losses import Reduce, RouterSums
 from hecate.parallel.pipeline import MicroBatch, Pipeline, keep_stages, split_stages
 from hecate.parallel.tensor_parallel import (check_tensor_parallel, parallelize_attention, parallelize_embeddings,
@@ -204,8 +204,8 @@ class ModelParallel:
                     full[name] = torch.cat(shards.unbind(0), dim=HIDDEN_DIM[_expert_weight(name)])
         full = gather_experts(model, full)
         for name in full:
-            if self._tp_how(name):
-                full[name] = unsplit(self._all_gather(full[name], self.tp), self._tp_how(name))
+            if how := self._tp_how(name):
+                full[name] = unsplit(self._all_gather(full[name], self.tp), how)
         return full
 
     def _tp_how(self, name: str) -> str | None:
@@ -215,8 +215,8 @@ class ModelParallel:
     def local(self, name: str, full: torch.Tensor, local_experts: Callable[[str, torch.Tensor], torch.Tensor]
               ) -> torch.Tensor:
         """Undo :meth:`gather_shards` for one tensor: this rank's shard (``local_experts`` picks its experts)."""
-        if self._tp_how(name):
-            full = split_for(full, self._tp_how(name), self.tp.rank, self.dims.tp)
+        if how := self._tp_how(name):
+            full = split_for(full, how, self.tp.rank, self.dims.tp)
         if _expert_weight(name):
             full = local_experts(name, full)
             if self.etp is not None:
