@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from hecate.parallel.config import MoEConfig
-from hecate.parallel.moe import MoE, RouterSums, experts_forward
+from hecate.parallel.moe import ExpertWeights, MoE, RouterSums
 
 DIM, HIDDEN, E, K = 16, 24, 4, 2
 B, S = 2, 8  # T = 16 tokens, 32 pairs, 8 per expert on average
@@ -99,16 +99,24 @@ def test_layer_matches_naive_reference(activation, score, shared_expert, capacit
         torch.testing.assert_close(got[name], g, **FP32_TOL, msg=lambda m: f"{name}: {m}")
 
 
-def test_experts_forward_is_pure_and_handles_idle_experts():
-    """FSSDP's seam: weights come in as arguments; an expert with no rows runs an empty slice."""
+def test_expert_weights_are_arguments_and_compute_runs_of_experts():
+    """FSSDP's seam: weights come in as arguments; an expert with no rows runs an empty slice; a forward may
+    compute its experts in several calls (overlap chunks), one expert split over two, and backward sums them."""
     torch.manual_seed(1)
     w1, w2 = torch.randn(3, DIM, HIDDEN, requires_grad=True), torch.randn(3, HIDDEN, DIM)
     x_ND = torch.randn(5, DIM)
-    y_ND = experts_forward(x_ND, torch.tensor([2, 0, 3]), w1, w2, None, "gelu")
+    y_ND = ExpertWeights(w1, w2, None, "gelu")(x_ND, [2, 0, 3])
     torch.testing.assert_close(y_ND[:2], F.gelu(x_ND[:2] @ w1[0]) @ w2[0])
     torch.testing.assert_close(y_ND[2:], F.gelu(x_ND[2:] @ w1[2]) @ w2[2])
     y_ND.sum().backward()
     assert w1.grad[1].abs().sum() == 0 and w1.grad[0].abs().sum() > 0
+    whole = w1.grad.clone()
+    w1.grad = None
+    weights = ExpertWeights(w1, w2, None, "gelu")
+    y_split = torch.cat([weights(x_ND[:1], [1]), weights(x_ND[1:3], [1, 0, 1]), weights(x_ND[3:], [2], first=2)])
+    torch.testing.assert_close(y_split, y_ND)
+    y_split.sum().backward()
+    torch.testing.assert_close(w1.grad, whole)
 
 
 def record(store: list):

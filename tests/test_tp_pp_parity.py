@@ -25,6 +25,8 @@ LAYOUTS = {  # name: (overrides, reference, skewed routing)
     "pp2-fssdp2-skewed": (["parallel.pp=2", "fssdp.policy=fssdp"], "base", True),
     "tp2-fssdp4-skewed": (["parallel.tp=2", "fssdp.policy=fssdp"], "base", True),
     "etp2-ep2": (["parallel.ep=2", "parallel.etp=2"], "base", False),
+    # overlap chunks are cut where each rank's rows fall, so the etp peers' cuts differ
+    "etp2-ep2-chunks3-skewed": (["parallel.ep=2", "parallel.etp=2", "moe.overlap_chunks=3"], "base", True),
 }
 REFERENCES = {"base": [], "deep": DEEP}
 

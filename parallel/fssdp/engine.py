@@ -34,7 +34,7 @@ from hecate.parallel.config import FssdpConfig
 from hecate.parallel.fssdp.load import LoadEstimator
 from hecate.parallel.fssdp.policies import Policy, build_policy
 from hecate.parallel.fssdp.resharding import initial_owners, reshard_owners
-from hecate.parallel.moe import MoE, experts_forward
+from hecate.parallel.moe import ExpertWeights, MoE
 from hecate.parallel.moe.ep_dispatcher import ExpertParallelDispatcher
 
 WEIGHTS = ("w1", "w2", "w3")
@@ -56,15 +56,20 @@ class ShardedExperts(nn.Module):
     def weights(self) -> list[torch.Tensor]:
         return [w for w in (self.w1, self.w2, self.w3) if w is not None]
 
-    def forward(self, x_ND: torch.Tensor, counts_H: torch.Tensor) -> torch.Tensor:
-        """Called once per chunk when the dispatcher pipelines chunks: the layer materializes once per forward."""
-        fl = self._engine_layer[0]
+    def forward(self, x_ND: torch.Tensor, counts_H: torch.Tensor, first: int = 0,
+                weights: ExpertWeights | None = None) -> torch.Tensor:
+        """Held experts first, first + 1, ... on ``counts_H`` rows each (the ``Experts`` contract)."""
         if self.training:
-            fl.rows_computed += x_ND.shape[0]
+            self._engine_layer[0].rows_computed += x_ND.shape[0]
+        return (weights or self.unbound())(x_ND, counts_H.tolist(), first)
+
+    def unbound(self) -> ExpertWeights:
+        """The held experts' weights, materialized once per forward however many chunks the dispatcher runs."""
+        fl = self._engine_layer[0]
         if fl.held is None:
             fl.held = _Materialize.apply(fl, *self.weights())
         w1, w2, *w3 = fl.held
-        return experts_forward(x_ND, counts_H, w1, w2, w3[0] if w3 else None, self.activation)
+        return ExpertWeights(w1, w2, w3[0] if w3 else None, self.activation)
 
 
 class _Materialize(torch.autograd.Function):

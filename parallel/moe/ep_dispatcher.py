@@ -17,16 +17,19 @@ One dispatch, in order:
    rows are one slice and expert compute is one batched matmul chain per expert.
 Combine undoes 4, 3 and 1 and mixes the expert outputs with the router weights.
 
-Overlap (``overlap_chunks`` C > 1, ``moe.overlap_chunks``): the tokens are cut into C contiguous chunks, each
-dispatched as above (one exchange of the counts of all chunks), and the chunks are pipelined:
+Overlap (``overlap_chunks`` C > 1, ``moe.overlap_chunks``): the rows each rank receives are cut into C chunks
+of near-equal size along its expert-major order (:mod:`hecate.parallel.moe.routes`), so a chunk is a run of
+whole experts, cut only at its ends. Each chunk is one exchange, and the chunks are pipelined:
 
     issue dispatch 0, 1 | wait 0, experts 0, issue combine 0, issue dispatch 2 | wait 1, experts 1, ...
 
 so the all-to-all of chunk i+1 travels while the experts compute chunk i, and the combine of chunk i travels
 while chunk i+1 computes. Backward mirrors it (``collectives/inflight.py``): the autograd engine computes chunk
-i's expert backward while chunk i+1's gradient rows travel back. Each row is computed by the same expert with the
-same weights as without chunks, so results agree to the float tolerance of matmuls over fewer rows (tested).
-Every rank issues and waits the exchanges in the same order, as the transports require. C = 1 is the plain path.
+i's expert backward while chunk i+1's gradient rows travel back. The experts' weights are unbound once for all
+chunks (``ExpertWeights``), so backward stacks their gradients once, as without chunks. Each row is computed by
+the same expert with the same weights as without chunks; only an expert cut between two chunks runs two smaller
+GEMMs, so results agree to the float tolerance of that (tested). Every rank issues and waits the exchanges in
+the same order, as the transports require. C = 1 is the plain path.
 
 Shapes: T tokens, D model dim, E experts, K experts per token, N kept local pairs, M rows received, P ranks.
 """
@@ -34,29 +37,46 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
 
 from hecate.collectives import Transport, all_to_all_autograd
-from hecate.collectives.inflight import all_to_all_start
-from hecate.parallel.moe.assignment import Holders, assign_pairs
+from hecate.collectives.inflight import InFlight, all_to_all_start
+from hecate.parallel.moe.assignment import Holders
 from hecate.parallel.moe.dispatcher import dispatch_compute_combine
+from hecate.parallel.moe.experts import ExpertWeights
 from hecate.parallel.moe.permute import (Permutation, inverse_permutation, permute, reordered, sort_by_expert,
                                          unpermute)
+from hecate.parallel.moe.routes import ChunkRoute, plan_routes
 
-ExpertsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_MD sorted by held expert, counts_H) -> y_MD
+
+class ExpertsModule(Protocol):
+    """The layer's experts (``Experts``, FSSDP's ``ShardedExperts``, ``ExpertTensorParallel``): held experts
+    first, first + 1, ... on ``counts_H`` rows each; several calls in one forward share one ``unbound()``."""
+
+    def __call__(self, x_MD: torch.Tensor, counts_H: torch.Tensor, first: int = 0,
+                 weights: ExpertWeights | None = None) -> torch.Tensor: ...
+
+    def unbound(self) -> ExpertWeights: ...
+
+
+@dataclass
+class ChunkHandle:
+    """One chunk's exchange, with the orders that take its received rows to expert-major and back."""
+
+    route: ChunkRoute
+    order_M: torch.Tensor  # long; the received (source-major) rows in expert-major order are x_MD[order_M]
+    source_order_M: torch.Tensor  # long; its inverse: the expert-major rows back in source-major order
 
 
 @dataclass
 class ExpertParallelHandle:
     """What combine needs to send the expert outputs back and unpermute them."""
 
-    perm: Permutation  # local pairs in send order: by destination rank, by global expert within
-    order_M: torch.Tensor  # long; the received (source-major) rows in expert-major order are x_MD[order_M]
-    source_order_M: torch.Tensor  # long; its inverse: the expert-major rows back in source-major order
-    send_splits: list[int]  # rows sent to each rank
-    recv_splits: list[int]  # rows received from each rank
+    perm: Permutation  # local pairs in send order: by chunk, by destination rank, by global expert
+    chunks: list[ChunkHandle]
 
 
 def block_holders(num_experts: int, ranks: int) -> Holders:
@@ -86,90 +106,61 @@ class ExpertParallelDispatcher:
 
     def dispatch(self, x_TD: torch.Tensor, experts_TK: torch.Tensor,
                  keep_TK: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, ExpertParallelHandle]:
-        holders = self.holders()
-        perm = sort_by_expert(experts_TK, keep_TK, self.num_experts)
-        counts_PE = self._gather_counts(perm.counts_E.unsqueeze(0)).squeeze(1)
-        handle, counts_H = self._handle(perm, counts_PE, holders)
-        x_ND = permute(x_TD, handle.perm)
-        x_MD = all_to_all_autograd(x_ND, handle.send_splits, handle.recv_splits, self.transport, name="moe.dispatch")
-        return x_MD.index_select(0, handle.order_M), counts_H, handle
+        handle = self._handle(x_TD, experts_TK, keep_TK, chunks=1)
+        (chunk,) = handle.chunks
+        x_MD = all_to_all_autograd(permute(x_TD, handle.perm), chunk.route.send_splits, chunk.route.recv_splits,
+                                   self.transport, name="moe.dispatch")
+        return x_MD.index_select(0, chunk.order_M), torch.tensor(chunk.route.counts, device=x_TD.device), handle
 
     def combine(self, y_MD: torch.Tensor, weights_TK: torch.Tensor, handle: ExpertParallelHandle) -> torch.Tensor:
-        y_sent_ND = all_to_all_autograd(_source_major(y_MD, handle), handle.recv_splits, handle.send_splits,
-                                        self.transport, name="moe.combine")
+        (chunk,) = handle.chunks
+        y_sent_ND = all_to_all_autograd(y_MD.index_select(0, chunk.source_order_M), chunk.route.recv_splits,
+                                        chunk.route.send_splits, self.transport, name="moe.combine")
         return unpermute(y_sent_ND, weights_TK, handle.perm)
 
     def run(self, x_TD: torch.Tensor, experts_TK: torch.Tensor, keep_TK: torch.Tensor | None,
-            weights_TK: torch.Tensor, experts: ExpertsFn) -> torch.Tensor:
-        """dispatch -> experts -> combine, pipelined over ``overlap_chunks`` token chunks (module docstring)."""
+            weights_TK: torch.Tensor, experts: ExpertsModule) -> torch.Tensor:
+        """dispatch -> experts -> combine, pipelined over ``overlap_chunks`` chunks (module docstring)."""
         if self.overlap_chunks == 1:
             return dispatch_compute_combine(self, x_TD, experts_TK, keep_TK, weights_TK, experts)
-        holders = self.holders()
-        bounds = _chunk_bounds(x_TD.shape[0], self.overlap_chunks)
-        keeps = [None if keep_TK is None else keep_TK[a:b] for a, b in bounds]
-        perms = [sort_by_expert(experts_TK[a:b], keep, self.num_experts) for (a, b), keep in zip(bounds, keeps)]
-        counts_PCE = self._gather_counts(torch.stack([perm.counts_E for perm in perms]))
-        handles, sends = [], []
-        for c, ((a, b), perm) in enumerate(zip(bounds, perms)):
-            handle, counts_H = self._handle(perm, counts_PCE[:, c], holders)
-            handles.append((handle, counts_H))
-            sends.append(permute(x_TD[a:b], handle.perm))
-        dispatched = [self._start(sends[0], handles[0][0], "moe.dispatch")]
+        handle = self._handle(x_TD, experts_TK, keep_TK, chunks=self.overlap_chunks)
+        sends = permute(x_TD, handle.perm).split([sum(c.route.send_splits) for c in handle.chunks])
+        weights = experts.unbound()
+        dispatched = [self._start_dispatch(sends[0], handle.chunks[0].route)]
         combined = []
-        for c, (handle, counts_H) in enumerate(handles):
-            if c + 1 < len(handles):
-                dispatched.append(self._start(sends[c + 1], handles[c + 1][0], "moe.dispatch"))
-            y_MD = experts(dispatched[c].wait().index_select(0, handle.order_M), counts_H)
-            combined.append(all_to_all_start(_source_major(y_MD, handle), handle.recv_splits, handle.send_splits,
-                                             self.transport, name="moe.combine"))
-        return torch.cat([unpermute(inflight.wait(), weights_TK[a:b], handle.perm)
-                          for inflight, (a, b), (handle, _) in zip(combined, bounds, handles)])
+        for c, chunk in enumerate(handle.chunks):
+            if c + 1 < len(handle.chunks):
+                dispatched.append(self._start_dispatch(sends[c + 1], handle.chunks[c + 1].route))
+            x_MD = dispatched[c].wait().index_select(0, chunk.order_M)
+            counts_H = torch.tensor(chunk.route.counts, device=x_TD.device)
+            y_MD = experts(x_MD, counts_H, chunk.route.first, weights)
+            combined.append(all_to_all_start(y_MD.index_select(0, chunk.source_order_M), chunk.route.recv_splits,
+                                             chunk.route.send_splits, self.transport, name="moe.combine"))
+        return unpermute(torch.cat([inflight.wait() for inflight in combined]), weights_TK, handle.perm)
 
-    def _start(self, x_ND: torch.Tensor, handle: ExpertParallelHandle, name: str):
-        return all_to_all_start(x_ND, handle.send_splits, handle.recv_splits, self.transport, name=name)
+    def _start_dispatch(self, x_ND: torch.Tensor, route: ChunkRoute) -> InFlight:
+        return all_to_all_start(x_ND, route.send_splits, route.recv_splits, self.transport, name="moe.dispatch")
 
-    def _gather_counts(self, counts_CE: torch.Tensor) -> torch.Tensor:
-        """Pair counts per (rank, chunk, expert) of the whole group: one small all-gather for all chunks."""
-        ranks = self.transport.world_size
-        counts_PCE = counts_CE.new_empty((ranks, *counts_CE.shape))
-        self.transport.all_gather(counts_PCE, counts_CE.unsqueeze(0).contiguous(), name="moe.counts").wait()
-        return counts_PCE
-
-    def _handle(self, perm: Permutation, counts_PE: torch.Tensor,
-                holders: Holders) -> tuple[ExpertParallelHandle, torch.Tensor]:
-        ranks, experts, me = self.transport.world_size, self.num_experts, self.transport.rank
-        rows_PEQ = _rows_by_source_expert_destination(counts_PE, holders, self.ranks_per_node)
-        send_counts_PE, recv_counts_PE = rows_PEQ[me].T, rows_PEQ[:, :, me]
-        device = perm.counts_E.device
-        rank_N = torch.repeat_interleave(torch.arange(ranks, device=device).repeat(experts),
-                                         rows_PEQ[me].flatten().to(device))  # expert-sorted pairs' destinations
-        by_rank_N = torch.argsort(rank_N, stable=True)  # stable: expert order within each destination
-        expert_of_M = torch.arange(experts, device=device).repeat(ranks).repeat_interleave(
-            recv_counts_PE.flatten().to(device))
-        order_M = torch.argsort(expert_of_M, stable=True)  # stable: source-rank order within each expert
-        held = [e for e in range(experts) if me in holders[e]]
-        counts_H = recv_counts_PE.sum(0)[held].to(device)
-        handle = ExpertParallelHandle(reordered(perm, by_rank_N), order_M, inverse_permutation(order_M),
-                                      send_counts_PE.sum(1).tolist(), recv_counts_PE.sum(1).tolist())
-        return handle, counts_H
+    def _handle(self, x_TD: torch.Tensor, experts_TK: torch.Tensor, keep_TK: torch.Tensor | None,
+                chunks: int) -> ExpertParallelHandle:
+        """Sort the local pairs by expert, all-gather the pair counts (small), derive every chunk's route from
+        them and order the pairs by (chunk, destination, expert), so each chunk's rows for a rank are one slice."""
+        ranks, device = self.transport.world_size, x_TD.device
+        perm = sort_by_expert(experts_TK, keep_TK, self.num_experts)
+        counts_PE = perm.counts_E.new_empty((ranks, self.num_experts))
+        self.transport.all_gather(counts_PE, perm.counts_E.unsqueeze(0).contiguous(), name="moe.counts").wait()
+        routes = plan_routes(counts_PE.cpu().numpy(), self.holders(), self.transport.rank, chunks,
+                             self.ranks_per_node)
+        key_EQC = np.broadcast_to(np.arange(chunks) * ranks + np.arange(ranks)[:, None], routes.send_EQC.shape)
+        key_N = torch.from_numpy(key_EQC.flatten()).repeat_interleave(torch.from_numpy(routes.send_EQC.flatten()))
+        by_chunk_N = torch.argsort(key_N.to(device), stable=True)  # stable: expert order within each slice
+        return ExpertParallelHandle(reordered(perm, by_chunk_N),
+                                    [_chunk_handle(route, self.num_experts, device) for route in routes.chunks])
 
 
-def _rows_by_source_expert_destination(counts_PE: torch.Tensor, holders: Holders,
-                                       ranks_per_node: int | None) -> torch.Tensor:
-    """rows_PEQ[p, e, q]: pairs of expert e that source p sends to rank q (the group-wide assignment)."""
-    ranks, experts = counts_PE.shape
-    rows_PEQ = np.zeros((ranks, experts, ranks), dtype=np.int64)
-    for e, rows_PH in enumerate(assign_pairs(counts_PE.cpu().numpy(), holders, ranks_per_node)):
-        rows_PEQ[:, e, list(holders[e])] = rows_PH
-    return torch.from_numpy(rows_PEQ)
-
-
-def _source_major(y_MD: torch.Tensor, handle: ExpertParallelHandle) -> torch.Tensor:
-    """Undo step 4: expert-major rows back to (source rank, expert) order for the return exchange."""
-    return y_MD.index_select(0, handle.source_order_M)
-
-
-def _chunk_bounds(tokens: int, chunks: int) -> list[tuple[int, int]]:
-    """``chunks`` contiguous token ranges of near-equal size (empty ones when there are fewer tokens)."""
-    edges = [tokens * c // chunks for c in range(chunks + 1)]
-    return list(zip(edges[:-1], edges[1:]))
+def _chunk_handle(route: ChunkRoute, experts: int, device: torch.device) -> ChunkHandle:
+    ranks = len(route.recv_splits)
+    expert_of_M = torch.arange(experts, device=device).repeat(ranks).repeat_interleave(
+        torch.from_numpy(route.recv_counts_PE.flatten()).to(device))
+    order_M = torch.argsort(expert_of_M, stable=True)  # stable: source-rank order within each expert
+    return ChunkHandle(route, order_M, inverse_permutation(order_M))

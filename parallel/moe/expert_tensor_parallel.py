@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from hecate.collectives import Transport, all_to_all_autograd
-from hecate.parallel.moe.experts import experts_forward
+from hecate.parallel.moe.experts import ExpertWeights
 
 WEIGHTS = ("w1", "w2", "w3")
 HIDDEN_DIM = {"w1": 2, "w2": 1, "w3": 2}  # where F sits in each [E, ...] expert weight
@@ -40,7 +40,19 @@ class ExpertTensorParallel(nn.Module):
             dim, size = HIDDEN_DIM[name], full.shape[HIDDEN_DIM[name]] // etp.world_size
             setattr(self, name, nn.Parameter(full.detach().narrow(dim, etp.rank * size, size).clone()))
 
-    def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor, first: int = 0,
+                weights: ExpertWeights | None = None) -> torch.Tensor:
+        """Local experts first, first + 1, ... on ``counts_E`` rows each (the ``Experts`` contract). The etp
+        peers' calls must agree on the experts, but each peer's overlap chunks are cut where its own rows fall:
+        so every call computes all local experts, those outside the run on zero rows."""
+        experts = self.w1.shape[0]
+        counts_E = torch.nn.functional.pad(counts_E, (first, experts - first - counts_E.numel()))
+        return self._compute(x_ND, counts_E, weights or self.unbound())
+
+    def unbound(self) -> ExpertWeights:
+        return ExpertWeights(self.w1, self.w2, self.w3, self.activation)
+
+    def _compute(self, x_ND: torch.Tensor, counts_E: torch.Tensor, weights: ExpertWeights) -> torch.Tensor:
         ranks, experts = self.etp.world_size, counts_E.numel()
         counts_RE = counts_E.new_empty(ranks * experts)
         self.etp.all_gather(counts_RE, counts_E.contiguous(), name="etp.counts").wait()
@@ -50,7 +62,7 @@ class ExpertTensorParallel(nn.Module):
                                    name="etp.gather")
         expert_of_M = torch.arange(experts, device=x_ND.device).repeat(ranks).repeat_interleave(counts_RE.flatten())
         order_M = torch.argsort(expert_of_M, stable=True)  # expert-major, source etp rank order within an expert
-        y_MD = experts_forward(x_MD[order_M], counts_RE.sum(0), self.w1, self.w2, self.w3, self.activation)
+        y_MD = weights(x_MD[order_M], counts_RE.sum(0).tolist())
         y_source_major_MD = y_MD.new_empty(y_MD.shape).index_copy(0, order_M, y_MD)
         partial_RND = all_to_all_autograd(y_source_major_MD, rows_R, [x_ND.shape[0]] * ranks, self.etp,
                                           name="etp.reduce")

@@ -1,0 +1,94 @@
+"""Who sends which rows to whom, in which overlap chunk: a pure function of the group's all-gathered counts.
+
+Every rank derives the same tables from the same counts, so the rows it sends and receives need no second
+exchange. Chunks are cut on the receiving side: chunk c holds the c-th of C near-equal ranges of the rows rank q
+receives, in q's expert-major order (expert, then source rank). A chunk is therefore a run of whole experts, cut
+inside an expert only at its two ends: each rank's expert GEMMs stay whole except where one of the C - 1 cuts
+falls. (Cutting the *tokens* into chunks instead splits every expert C ways: smaller GEMMs and a weight gradient
+per chunk - measured 27% more GEMM time with C = 4 on this CPU, docs/BENCHMARKS.md.) With C = 1 there is one
+chunk holding everything: the plain exchange.
+
+Shapes: P ranks (as sources p, as destinations q), E experts, C chunks, H experts held by this rank.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from hecate.parallel.moe.assignment import Holders, assign_pairs
+
+
+@dataclass
+class ChunkRoute:
+    """This rank's part of one chunk's exchange."""
+
+    send_splits: list[int]  # rows sent to each rank
+    recv_splits: list[int]  # rows received from each rank
+    recv_counts_PE: np.ndarray  # rows received per (source, expert), in arrival order: source-major
+    first: int  # position among the held experts of the chunk's first expert
+    counts: list[int]  # rows of held experts first, first + 1, ... (a run; zero-row experts included)
+
+
+@dataclass
+class Routes:
+    send_EQC: np.ndarray  # this rank's pairs of expert e sent to rank q in chunk c; within an expert the pairs
+    # (in token order) go to ranks in ascending order and, within a rank, to chunks in ascending order
+    chunks: list[ChunkRoute]
+
+
+def plan_routes(counts_PE: np.ndarray, holders: Holders, rank: int, chunks: int,
+                ranks_per_node: int | None = None) -> Routes:
+    """The routes of ``rank`` from the whole group's pair counts per (source rank, expert)."""
+    rows_PEQC = rows_by_chunk(rows_by_source_expert_destination(counts_PE, holders, ranks_per_node), chunks)
+    held = [e for e in range(len(holders)) if rank in holders[e]]
+    routes = []
+    for c, (first, last) in enumerate(held_runs(rows_PEQC[:, held, rank].sum((0, 2)), chunks)):
+        recv_PE = rows_PEQC[:, :, rank, c]
+        routes.append(ChunkRoute(send_splits=rows_PEQC[rank, :, :, c].sum(0).tolist(),
+                                 recv_splits=recv_PE.sum(1).tolist(), recv_counts_PE=recv_PE, first=first,
+                                 counts=recv_PE[:, held[first:last + 1]].sum(0).tolist()))
+    return Routes(rows_PEQC[rank], routes)
+
+
+def rows_by_source_expert_destination(counts_PE: np.ndarray, holders: Holders,
+                                      ranks_per_node: int | None = None) -> np.ndarray:
+    """rows_PEQ[p, e, q]: pairs of expert e that source p sends to rank q (the group-wide assignment)."""
+    ranks, experts = np.shape(counts_PE)
+    rows_PEQ = np.zeros((ranks, experts, ranks), dtype=np.int64)
+    for e, rows_PH in enumerate(assign_pairs(counts_PE, holders, ranks_per_node)):
+        rows_PEQ[:, e, list(holders[e])] = rows_PH
+    return rows_PEQ
+
+
+def rows_by_chunk(rows_PEQ: np.ndarray, chunks: int) -> np.ndarray:
+    """rows_PEQC[p, e, q, c]: the rows of rows_PEQ[p, e, q] that travel in chunk c. Rank q's received rows, laid
+    out expert-major (e, p), are cut at total_q * c // C; a (p, e) segment cut in two sends its first rows in the
+    earlier chunk."""
+    ranks, experts, _ = rows_PEQ.shape
+    length_QX = rows_PEQ.transpose(2, 1, 0).reshape(ranks, experts * ranks)  # X = (e, p), expert-major
+    end_QX = np.cumsum(length_QX, axis=1)
+    start_QX = end_QX - length_QX
+    bounds_QB = end_QX[:, -1:] * np.arange(chunks + 1) // chunks
+    rows_QXC = np.maximum(np.minimum(end_QX[..., None], bounds_QB[:, None, 1:])
+                          - np.maximum(start_QX[..., None], bounds_QB[:, None, :-1]), 0)
+    return rows_QXC.reshape(ranks, experts, ranks, chunks).transpose(2, 1, 0, 3)
+
+
+def held_runs(rows_H: np.ndarray, chunks: int) -> list[tuple[int, int]]:
+    """(first, last) held expert each chunk computes, given the rows of each held expert (``rows_by_chunk``'s
+    cuts). A chunk takes every expert its row range meets; an expert with no rows goes to the chunk its position
+    falls in (the last chunk at the very end), so every held expert is computed, its weights getting a gradient.
+    A chunk whose range is empty (fewer rows than chunks) computes the last held expert on zero rows: every
+    chunk's expert call stays an autograd function of its rows, so backward issues its exchanges on every rank."""
+    end_H = np.cumsum(rows_H)
+    start_H, total = end_H - rows_H, int(rows_H.sum())
+    bounds = total * np.arange(chunks + 1) // chunks
+    runs = []
+    for c, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
+        meets = (rows_H > 0) & (start_H < hi) & (end_H > lo)
+        placed = (rows_H == 0) & (((start_H >= lo) & (start_H < hi)) | ((c == chunks - 1) & (start_H == total)))
+        members = np.flatnonzero(meets | placed)
+        last = len(rows_H) - 1
+        runs.append((int(members[0]), int(members[-1])) if len(members) else (last, last))
+    return runs
