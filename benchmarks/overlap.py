@@ -6,25 +6,28 @@ on 2 and 4 simulated ranks, with overlap off (1 chunk) and on (``--chunks``), me
 (off, on, off, on, ...) in one run. Per configuration:
 
     t_off, t_on   median step time (slowest rank of each iteration)
+    on/off        median over iterations of t_on,i / t_off,i
     t_comm        time blocked in the MoE exchanges with overlap off (they are synchronous then, so this is
                   the communication time), median, slowest rank
     t_compute     t_off - t_comm
     t_experts     the experts' own forward + backward on the rows a rank receives in a step (timed alone): the
                   only compute that chunking can run while the exchanges travel - attention, router and
                   permutations happen before the first dispatch or after the last combine
-    hidden        (t_off - t_on) / min(t_comm, t_compute): the share of the hideable time that was hidden
+    saved         median over iterations of t_off,i - t_on,i (the two run back to back in each iteration, so the
+                  pairing cancels most of this machine's slow drifts; the step-to-step spread is tens of ms)
+    hidden        saved / min(t_comm, t_compute): the share of the hideable time that was hidden
 
 on raw loopback (gloo on this machine's cores) and behind the simulated network (``--sim-nodes``: every rank its
 own node), with the link's bandwidth set so that one step's transfers take about as long as the experts' compute
-(``--link-ratio`` x t_experts).
+(``--link-ratios``, default 1, x t_experts).
 
 FSSDP prefetch (``--fssdp``): the same block under the FSSDP engine with the ``fsdp`` policy (every expert
-gathered every step, the most there is to hide) behind a link on which the SparseAllGather takes ``--link-ratio``
-x the attention's forward. The gather is issued before the attention and waited before the experts; the
-SparseReduceScatter is issued when backward leaves the experts and waited at the end of backward. The same steps
-run on loopback and behind the link, alternating; under ``fsdp`` every expert is local, so the tokens stay home
-and only the gather and the reduce-scatter cross the link: exposed = step time behind the link - on loopback,
-transfer = both collectives' modeled time (bytes / link), hidden = 1 - exposed / transfer.
+gathered every step, the most there is to hide) behind a link on which the SparseAllGather takes
+``--prefetch-link-ratio`` x the attention's forward. The gather is issued before the attention and waited before
+the experts; the SparseReduceScatter is issued when backward leaves the experts and waited at the end of
+backward. The same steps run on loopback and behind the link, alternating; under ``fsdp`` every expert is local,
+so the tokens stay home and only the gather and the reduce-scatter cross the link: exposed = step time behind the
+link - on loopback, transfer = both collectives' modeled time (bytes / link), hidden = 1 - exposed / transfer.
 
 Prints tables; ``--json PATH`` writes one object per configuration.
 
@@ -181,6 +184,8 @@ def measure(shape: str, transport, chunks: int, iters: int, warmup: int) -> dict
                     comm.append(waited)
                     nbytes = moved
     return {"t_off": statistics.median(times[1]), "t_on": statistics.median(times[chunks]),
+            "saved": statistics.median(off - on for off, on in zip(times[1], times[chunks])),
+            "on_over_off": statistics.median(on / off for off, on in zip(times[1], times[chunks])),
             "t_comm": statistics.median(comm), "bytes": nbytes}
 
 
@@ -189,15 +194,17 @@ def fssdp_worker(shapes: list[str], iters: int, warmup: int, link_ratio: float, 
     return rows if dist.get_rank() == 0 else None
 
 
-def worker(shapes: list[str], chunks: int, iters: int, warmup: int, link_ratio: float, latency_us: float) -> list:
+def worker(shapes: list[str], chunks: int, iters: int, warmup: int, link_ratios: list[float],
+           latency_us: float) -> list:
     world, rank = dist.get_world_size(), dist.get_rank()
     loopback = TorchTransport()
     rows = []
     for shape in shapes:
         block, x, _ = build(shape, loopback, 1)
         t_experts = time_experts(block, x, iters)
-        for network_name in ("loopback", "simulated"):
-            if network_name == "loopback":
+        for link_ratio in [None, *link_ratios]:
+            network_name = "loopback" if link_ratio is None else "simulated"
+            if link_ratio is None:
                 transport, gbps = loopback, None
             else:  # the link: one step's bytes take link_ratio x the experts' compute
                 gbps = slowest(loop["bytes"]) * 8 / (link_ratio * t_experts) / 1e9
@@ -208,12 +215,13 @@ def worker(shapes: list[str], chunks: int, iters: int, warmup: int, link_ratio: 
                 loop = m
             t_compute = max(m["t_off"] - m["t_comm"], 0.0)
             hideable = min(m["t_comm"], t_compute)
-            rows.append({"shape": shape, "ranks": world, "network": network_name, "chunks": chunks,
+            rows.append({"shape": shape, "ranks": world, "network": network_name, "link_ratio": link_ratio,
+                         "chunks": chunks,
                          "inter_node_gbps": gbps, "latency_us": latency_us if gbps else None,
                          "t_off_ms": 1e3 * m["t_off"], "t_on_ms": 1e3 * m["t_on"], "t_comm_ms": 1e3 * m["t_comm"],
                          "t_compute_ms": 1e3 * t_compute, "t_experts_ms": 1e3 * t_experts,
-                         "on_over_off": m["t_on"] / m["t_off"],
-                         "hidden": (m["t_off"] - m["t_on"]) / hideable if hideable > 0 else None,
+                         "on_over_off": m["on_over_off"], "saved_ms": 1e3 * m["saved"],
+                         "hidden": m["saved"] / hideable if hideable > 0 else None,
                          "bytes_per_step": m["bytes"]})
     return rows if rank == 0 else None
 
@@ -225,8 +233,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chunks", type=int, default=4, help="overlap degree with overlap on (default 4)")
     parser.add_argument("--iters", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--link-ratio", type=float, default=1.0,
-                        help="simulated link: transfer time of one step / the experts' compute time (default 1)")
+    parser.add_argument("--link-ratios", type=float, nargs="+", default=[1.0],
+                        help="simulated links: transfer time of one step / the experts' compute time (default 1)")
+    parser.add_argument("--prefetch-link-ratio", type=float, default=1.0,
+                        help="--fssdp's link: the gather's transfer time / the attention forward (default 1)")
     parser.add_argument("--latency-us", type=float, default=20.0)
     parser.add_argument("--fssdp", action="store_true", help="also measure the FSSDP gather / reduce-scatter hiding")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
@@ -238,20 +248,21 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     rows, prefetch = [], []
     for ranks in args.ranks:
-        rows += run_workers(worker, ranks, args.shapes, args.chunks, args.iters, args.warmup, args.link_ratio,
+        rows += run_workers(worker, ranks, args.shapes, args.chunks, args.iters, args.warmup, args.link_ratios,
                             args.latency_us, timeout_s=3600)[0]
         if args.fssdp:
-            prefetch += run_workers(fssdp_worker, ranks, args.shapes, args.iters, args.warmup, args.link_ratio,
+            prefetch += run_workers(fssdp_worker, ranks, args.shapes, args.iters, args.warmup, args.prefetch_link_ratio,
                                     args.latency_us, timeout_s=3600)[0]
-    print("| shape | ranks | network | Gbit/s | t_off ms | t_on ms | on/off | t_comm ms | t_compute ms | t_experts ms "
-          "| hidden |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| shape | ranks | network | link ratio | Gbit/s | t_off ms | t_on ms | on/off | saved ms | t_comm ms "
+          "| t_compute ms | t_experts ms | hidden |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         gbps = f"{r['inter_node_gbps']:.2f}" if r["inter_node_gbps"] else "-"
         hidden = f"{100 * r['hidden']:.0f}%" if r["hidden"] is not None else "-"
-        print(f"| {r['shape']} | {r['ranks']} | {r['network']} | {gbps} | {r['t_off_ms']:.1f} | {r['t_on_ms']:.1f} | "
-              f"{r['on_over_off']:.3f} | {r['t_comm_ms']:.1f} | {r['t_compute_ms']:.1f} | {r['t_experts_ms']:.1f} | "
-              f"{hidden} |")
+        ratio = f"{r['link_ratio']:g}" if r["link_ratio"] else "-"
+        print(f"| {r['shape']} | {r['ranks']} | {r['network']} | {ratio} | {gbps} | {r['t_off_ms']:.1f} | "
+              f"{r['t_on_ms']:.1f} | {r['on_over_off']:.3f} | {r['saved_ms']:.1f} | {r['t_comm_ms']:.1f} | "
+              f"{r['t_compute_ms']:.1f} | {r['t_experts_ms']:.1f} | {hidden} |")
     if prefetch:
         print("\n| shape | ranks | Gbit/s | attention fwd ms | step ms loopback | step ms simulated | transfer ms "
               "| exposed ms | hidden |")

@@ -27,7 +27,7 @@ class MoEConfig:
     bias_update_rate: float = 0.0  # aux-loss-free balancing (expert bias on selection only); 0 = off
     capacity_factor: float = 0.0  # 0 = dropless; else each expert keeps ceil(cf * tokens * k / E) pairs
     shared_expert: bool = False  # one always-on expert of ffn_dim added to every token
-    overlap_chunks: int = 1  # token chunks pipelined through dispatch / experts / combine under EP; 1 = no overlap
+    overlap_chunks: int = 1  # chunks (runs of experts) pipelined through dispatch / experts / combine; 1 = off
 
     def validate(self, prefix: str = "moe") -> None:
         if self.num_experts < 1:

@@ -2,9 +2,9 @@
 
 Every rank derives the same tables from the same counts, so the rows it sends and receives need no second
 exchange. Chunks are cut on the receiving side: chunk c holds the c-th of C near-equal ranges of the rows rank q
-receives, in q's expert-major order (expert, then source rank). A chunk is therefore a run of whole experts, cut
-inside an expert only at its two ends: each rank's expert GEMMs stay whole except where one of the C - 1 cuts
-falls. (Cutting the *tokens* into chunks instead splits every expert C ways: smaller GEMMs and a weight gradient
+receives, expert by expert. A chunk is therefore a run of whole experts, cut inside an expert only at its two
+ends (and there across every source's rows alike): each rank's expert GEMMs stay whole except where one of the
+C - 1 cuts falls. (Cutting the *tokens* into chunks instead splits every expert C ways: smaller GEMMs and a weight gradient
 per chunk - measured 27% more GEMM time with C = 4 on this CPU, docs/BENCHMARKS.md.) With C = 1 there is one
 chunk holding everything: the plain exchange.
 
@@ -63,16 +63,18 @@ def rows_by_source_expert_destination(counts_PE: np.ndarray, holders: Holders,
 
 def rows_by_chunk(rows_PEQ: np.ndarray, chunks: int) -> np.ndarray:
     """rows_PEQC[p, e, q, c]: the rows of rows_PEQ[p, e, q] that travel in chunk c. Rank q's received rows, laid
-    out expert-major (e, p), are cut at total_q * c // C; a (p, e) segment cut in two sends its first rows in the
-    earlier chunk."""
+    out expert by expert, are cut at total_q * c // C. An expert that a cut falls in is cut at the same fraction of
+    every source's rows (rounded down), so each chunk's exchange draws on every source, as a token chunk would."""
     ranks, experts, _ = rows_PEQ.shape
-    length_QX = rows_PEQ.transpose(2, 1, 0).reshape(ranks, experts * ranks)  # X = (e, p), expert-major
-    end_QX = np.cumsum(length_QX, axis=1)
-    start_QX = end_QX - length_QX
-    bounds_QB = end_QX[:, -1:] * np.arange(chunks + 1) // chunks
-    rows_QXC = np.maximum(np.minimum(end_QX[..., None], bounds_QB[:, None, 1:])
-                          - np.maximum(start_QX[..., None], bounds_QB[:, None, :-1]), 0)
-    return rows_QXC.reshape(ranks, experts, ranks, chunks).transpose(2, 1, 0, 3)
+    rows_QEP = rows_PEQ.transpose(2, 1, 0)
+    length_QE = rows_QEP.sum(2)
+    end_QE = np.cumsum(length_QE, axis=1)
+    start_QE = end_QE - length_QE
+    bounds_QB = end_QE[:, -1:] * np.arange(chunks + 1) // chunks
+    # how far into each expert every cut falls, 0 .. its length; each source gets that fraction of its rows
+    into_QEB = np.clip(bounds_QB[:, None, :] - start_QE[..., None], 0, length_QE[..., None])
+    cut_QEPB = rows_QEP[..., None] * into_QEB[:, :, None, :] // np.maximum(length_QE, 1)[..., None, None]
+    return np.diff(cut_QEPB, axis=3).transpose(2, 1, 0, 3)
 
 
 def held_runs(rows_H: np.ndarray, chunks: int) -> list[tuple[int, int]]:
