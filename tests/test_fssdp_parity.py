@@ -14,6 +14,7 @@ EXPERTS = 8  # 4 per rank on 2 ranks, 2 per rank on 4
 CASES = {  # name: (fssdp overrides, skewed routing)
     "ep": (["fssdp.policy=ep"], False),
     "ep-reshard": (["fssdp.policy=ep", "fssdp.reshard_every=3"], True),
+    "ep-rm": (["fssdp.policy=ep", "fssdp.rematerialize=true"], False),  # no replicas: nothing to gather again
     "fsdp": (["fssdp.policy=fsdp"], True),
     "fsdp-rm": (["fssdp.policy=fsdp", "fssdp.rematerialize=true"], False),
     "shadow-rm": (["fssdp.policy=shadow", "fssdp.memory_budget=1", "fssdp.rematerialize=true"], True),

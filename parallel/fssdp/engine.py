@@ -12,6 +12,8 @@
               the next layer backward reaches is issued when this layer's is done, so it travels under this
               layer's backward and the attention backward in between
     reshard   every K steps, ownership moves (weights and AdamW moments) so that hot experts spread over ranks
+A step whose plan has no replicas skips gather, stacks and reduce: the owners compute with their own weights,
+exactly expert parallelism.
 
 Only owners hold an expert's master weights and optimizer state, so expert memory per rank equals expert
 parallelism's; the optimizer updates the owned rows. Everything here runs identically on every rank of the
@@ -64,8 +66,12 @@ class ShardedExperts(nn.Module):
         return (weights or self.unbound())(x_ND, counts_H.tolist(), first)
 
     def unbound(self) -> ExpertWeights:
-        """The held experts' weights, materialized once per forward however many chunks the dispatcher runs."""
+        """The held experts' weights, materialized once per forward however many chunks the dispatcher runs.
+        Without replicas (every rank holds just what it owns) they are the owned weights themselves: no stacks
+        to build, and backward's gradients land on the owners with no reduce-scatter - plain EP's cost."""
         fl = self._engine_layer[0]
+        if not fl.replicas:
+            return ExpertWeights(self.w1, self.w2, self.w3, self.activation)
         if fl.held is None:
             fl.held = _Materialize.apply(fl, *self.weights())
         w1, w2, *w3 = fl.held
@@ -124,9 +130,14 @@ class FssdpLayer:
 
     # ---- forward: gather replicas, build the held stacks -----------------------------------------
 
+    @property
+    def replicas(self) -> int:
+        """Copies beyond the owners in this step's plan (the same on every rank)."""
+        return sum(len(devices) for devices in self.materialized.devices_C) - self.owner.num_chunks
+
     def start_gather(self) -> None:
         """Issue the gather of this step's replicas (before the block's attention runs)."""
-        if self.pending is None:
+        if self.pending is None and self.replicas:
             self.pending = self._gather(self.owner, self.materialized)
 
     def wait_replicas(self) -> dict[int, torch.Tensor]:
@@ -188,6 +199,8 @@ class FssdpLayer:
 
     def rematerialize(self) -> None:
         """When backward reaches the layer (RM mode): wait for the replicas and refill the held stacks."""
+        if not self.held_stacks:  # this forward built none (no replicas)
+            return
         self.start_regather()
         replicas, self.regather = self.regather.wait(), None
         fresh = self.build_held_stacks(replicas, self.layer.experts.weights())
@@ -333,8 +346,7 @@ class FssdpEngine:
 
     def replicas(self) -> dict[str, int]:
         """Replicas (copies beyond the owners) per layer in the current plan."""
-        return {name: sum(len(d) for d in fl.materialized.devices_C) - fl.owner.num_chunks
-                for name, fl in self.layers.items()}
+        return {name: fl.replicas for name, fl in self.layers.items()}
 
 
 def _offsets(sizes: Sequence[int]) -> list[int]:
