@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from hecate.parallel.moe.ep_dispatcher import block_holders
-from hecate.parallel.moe.routes import held_runs, plan_routes, rows_by_chunk, rows_by_source_expert_destination
+from hecate.parallel.moe.routes import (SNAP, chunk_bounds, held_runs, plan_routes, rows_by_chunk,
+                                       rows_by_source_expert_destination)
 
 EXPERTS = 8
 
@@ -42,7 +43,8 @@ def test_routes_agree_between_ranks_and_split_the_rows_evenly(ranks, chunks, kin
     for q, route in enumerate(routes):
         received = [sum(chunk.recv_splits) for chunk in route.chunks]
         assert sum(received) == rows_PEQ[:, :, q].sum()
-        assert max(received) - min(received) <= 2 * ranks, f"uneven chunks {received}"  # cuts round per source
+        even = sum(received) / chunks
+        assert all(abs(r - even) <= 2 * SNAP * even + ranks for r in received), f"uneven chunks {received}"
         held = [e for e in range(EXPERTS) if q in holders[e]]
         covered = set()
         for chunk in route.chunks:
@@ -63,6 +65,11 @@ def test_a_cut_expert_is_cut_across_every_source():
     rows_PEQC = rows_by_chunk(rows_PEQ, 4)
     np.testing.assert_array_equal(rows_PEQC[:, 0, 0], [[5, 5, 0, 0]] * 4)  # 20 rows a chunk, 5 from each source
     np.testing.assert_array_equal(rows_PEQC[:, 1, 0], [[0, 0, 5, 5]] * 4)
+
+
+def test_cuts_move_to_a_near_expert_boundary_only():
+    np.testing.assert_array_equal(chunk_bounds(np.array([90, 110, 100, 100]), 4), [0, 90, 200, 300, 400])
+    np.testing.assert_array_equal(chunk_bounds(np.array([60, 140, 100, 100]), 4), [0, 100, 200, 300, 400])
 
 
 def test_one_chunk_is_the_whole_exchange():

@@ -2,7 +2,7 @@
 
 Every rank derives the same tables from the same counts, so the rows it sends and receives need no second
 exchange. Chunks are cut on the receiving side: chunk c holds the c-th of C near-equal ranges of the rows rank q
-receives, expert by expert. A chunk is therefore a run of whole experts, cut inside an expert only at its two
+receives, expert by expert (a cut moved to an expert boundary when one is near). A chunk is therefore a run of whole experts, cut inside an expert only at its two
 ends (and there across every source's rows alike): each rank's expert GEMMs stay whole except where one of the
 C - 1 cuts falls. (Cutting the *tokens* into chunks instead splits every expert C ways: smaller GEMMs and a weight gradient
 per chunk - measured 27% more GEMM time with C = 4 on this CPU, docs/BENCHMARKS.md.) With C = 1 there is one
@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from hecate.parallel.moe.assignment import Holders, assign_pairs
+
+SNAP = 0.25  # a cut moves to an expert boundary this close (share of a chunk's rows): whole GEMMs over balance
 
 
 @dataclass
@@ -61,16 +63,27 @@ def rows_by_source_expert_destination(counts_PE: np.ndarray, holders: Holders,
     return rows_PEQ
 
 
+def chunk_bounds(rows_E: np.ndarray, chunks: int) -> np.ndarray:
+    """Where a rank's received rows, expert by expert (``rows_E`` each), are cut into chunks: at total * c // C,
+    moved to the nearest expert boundary when one lies within ``SNAP`` of a chunk's rows - so that under
+    near-even routing every chunk's experts are whole (no GEMM cut in two), at a small cost in balance. Moves of at
+    most a quarter chunk keep the cuts in order."""
+    ends = np.concatenate([[0], np.cumsum(rows_E)])
+    total = int(ends[-1])
+    bounds = total * np.arange(chunks + 1) // chunks
+    nearest = ends[np.abs(ends[None, :] - bounds[:, None]).argmin(1)]
+    return np.where(np.abs(nearest - bounds) <= SNAP * total / chunks, nearest, bounds)
+
+
 def rows_by_chunk(rows_PEQ: np.ndarray, chunks: int) -> np.ndarray:
-    """rows_PEQC[p, e, q, c]: the rows of rows_PEQ[p, e, q] that travel in chunk c. Rank q's received rows, laid
-    out expert by expert, are cut at total_q * c // C. An expert that a cut falls in is cut at the same fraction of
-    every source's rows (rounded down), so each chunk's exchange draws on every source, as a token chunk would."""
+    """rows_PEQC[p, e, q, c]: the rows of rows_PEQ[p, e, q] that travel in chunk c, rank q's rows cut by
+    :func:`chunk_bounds`. An expert that a cut falls in is cut at the same fraction of every source's rows
+    (rounded down), so each chunk's exchange draws on every source, as a token chunk would."""
     ranks, experts, _ = rows_PEQ.shape
     rows_QEP = rows_PEQ.transpose(2, 1, 0)
     length_QE = rows_QEP.sum(2)
-    end_QE = np.cumsum(length_QE, axis=1)
-    start_QE = end_QE - length_QE
-    bounds_QB = end_QE[:, -1:] * np.arange(chunks + 1) // chunks
+    start_QE = np.cumsum(length_QE, axis=1) - length_QE
+    bounds_QB = np.stack([chunk_bounds(length_E, chunks) for length_E in length_QE])
     # how far into each expert every cut falls, 0 .. its length; each source gets that fraction of its rows
     into_QEB = np.clip(bounds_QB[:, None, :] - start_QE[..., None], 0, length_QE[..., None])
     cut_QEPB = rows_QEP[..., None] * into_QEB[:, :, None, :] // np.maximum(length_QE, 1)[..., None, None]
@@ -85,7 +98,7 @@ def held_runs(rows_H: np.ndarray, chunks: int) -> list[tuple[int, int]]:
     chunk's expert call stays an autograd function of its rows, so backward issues its exchanges on every rank."""
     end_H = np.cumsum(rows_H)
     start_H, total = end_H - rows_H, int(rows_H.sum())
-    bounds = total * np.arange(chunks + 1) // chunks
+    bounds = chunk_bounds(rows_H, chunks)
     runs = []
     for c, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
         meets = (rows_H > 0) & (start_H < hi) & (end_H > lo)
