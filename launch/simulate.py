@@ -72,7 +72,8 @@ def network_from_environment() -> SimulatedNetwork | None:
 
 
 def _worker_main(conn, fn, args, environ, threads, backend, stack_path) -> None:
-    """Body of one worker process: set up, run ``fn``, report ``("ok", value)`` or ``("error", traceback)``."""
+    """Body of one worker process: set up, run ``fn``, report ``("ok", value)`` or ``("error", traceback)`` (one
+    line for a :class:`HecateError`)."""
     _die_with_parent()
     os.environ.update(environ)
     with open(stack_path, "w") as stack_file:
@@ -85,6 +86,8 @@ def _worker_main(conn, fn, args, environ, threads, backend, stack_path) -> None:
             if backend is not None:
                 dist.destroy_process_group()
             _report(conn, ("ok", value))
+        except HecateError as err:  # a user error (bad input): one line naming its cause, as the launchers print
+            _report(conn, ("error", f"{type(err).__name__}: {err}"))
         except BaseException:
             _report(conn, ("error", traceback.format_exc()))
         finally:
@@ -148,7 +151,8 @@ class WorkerGroup:
                     continue
                 status, value = self._receive(rank)
                 if status == "error":
-                    raise self._root_cause(pending - {rank}) or self._failure(rank, f"raised:\n{value}")
+                    cause = f"raised:\n{value}" if "\n" in value.strip() else f"raised {value}"
+                    raise self._root_cause(pending - {rank}) or self._failure(rank, cause)
                 if status == "died":
                     raise self._failure(rank, _exit_reason(self.processes[rank]))
                 results[rank] = value

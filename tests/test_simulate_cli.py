@@ -80,6 +80,14 @@ def test_simulated_run_resumes_identically(small_data, tmp_path, world, layout):
     assert second.returncode == 0, second.stderr
     assert losses(resumed) == losses(straight)
 
+    if world == 2:  # a corrupt checkpoint stops the resumed job with one line naming the file
+        data = next((straight / "checkpoints").glob("step_*6")) / "__0_0.distcp"
+        data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+        bad = hecate(*train_args(small_data, straight, *layout, "train.steps=6", "checkpoint.every=3"),
+                     "--simulate", str(world), "--resume")
+        assert bad.returncode == 2 and "__0_0.distcp is truncated" in bad.stderr, bad.stderr
+        assert "Traceback" not in bad.stderr, bad.stderr
+
 
 @pytest.mark.parametrize("overrides, world, message", [
     (["parallel.ep=3"], 3, "moe.num_experts=4 must be divisible by parallel.ep=3"),
