@@ -10,16 +10,16 @@ same node (``ranks_per_node``), remote.
 One dispatch, in order:
 1. sort the local pairs by global expert (the same permutation as on one device);
 2. all-gather the pair counts per (rank, expert) - small; every rank derives the same assignment from them,
-   so the rows it sends and receives need no second exchange; stable-sort the pairs by destination rank, so
-   the rows for rank p are one contiguous slice, ordered by expert;
+   so the rows it sends and receives need no second exchange (:mod:`hecate.parallel.moe.routes`); stable-sort
+   the pairs by (chunk, destination rank), so the rows for rank p in a chunk are one slice, ordered by expert;
 3. exchange the rows with a variable all-to-all (autograd-aware: backward is the reverse exchange);
 4. reorder the received rows from (source rank, expert) to (expert, source rank), so that each held expert's
    rows are one slice and expert compute is one batched matmul chain per expert.
 Combine undoes 4, 3 and 1 and mixes the expert outputs with the router weights.
 
 Overlap (``overlap_chunks`` C > 1, ``moe.overlap_chunks``): the rows each rank receives are cut into C chunks
-of near-equal size along its expert-major order (:mod:`hecate.parallel.moe.routes`), so a chunk is a run of
-whole experts, cut only at its ends. Each chunk is one exchange, and the chunks are pipelined:
+of near-equal size along its expert-major order, a cut moved to an expert boundary within a quarter chunk, so a
+chunk is a run of whole experts, cut (if at all) only at its ends. Each chunk is one exchange, and the chunks are pipelined:
 
     issue dispatch 0, 1 | wait 0, experts 0, issue combine 0, issue dispatch 2 | wait 1, experts 1, ...
 
