@@ -19,7 +19,8 @@ Combine undoes 4, 3 and 1 and mixes the expert outputs with the router weights.
 
 Overlap (``overlap_chunks`` C > 1, ``moe.overlap_chunks``): the rows each rank receives are cut into C chunks
 of near-equal size along its expert-major order, a cut moved to an expert boundary within a quarter chunk, so a
-chunk is a run of whole experts, cut (if at all) only at its ends. Each chunk is one exchange, and the chunks are pipelined:
+chunk is a run of whole experts, cut (if at all) only at its ends. Each chunk is one exchange, and the chunks
+are pipelined:
 
     issue dispatch 0, 1 | wait 0, experts 0, issue combine 0, issue dispatch 2 | wait 1, experts 1, ...
 
