@@ -98,12 +98,11 @@ def held_runs(rows_H: np.ndarray, chunks: int) -> list[tuple[int, int]]:
     chunk's expert call stays an autograd function of its rows, so backward issues its exchanges on every rank."""
     end_H = np.cumsum(rows_H)
     start_H, total = end_H - rows_H, int(rows_H.sum())
-    bounds = chunk_bounds(rows_H, chunks)
+    bounds, last = chunk_bounds(rows_H, chunks), len(rows_H) - 1
     runs = []
     for c, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
         meets = (rows_H > 0) & (start_H < hi) & (end_H > lo)
         placed = (rows_H == 0) & (((start_H >= lo) & (start_H < hi)) | ((c == chunks - 1) & (start_H == total)))
         members = np.flatnonzero(meets | placed)
-        last = len(rows_H) - 1
         runs.append((int(members[0]), int(members[-1])) if len(members) else (last, last))
     return runs
