@@ -1,21 +1,25 @@
 """How much of the MoE layer's communication hides behind its computation when dispatch/compute/combine are
-pipelined in chunks (``moe.overlap_chunks``)?
+pipelined in chunks (``moe.overlap_chunks``) and the block's batch is split in sub-batches whose attention runs
+while another sub-batch's tokens travel (``moe.overlap_sub_batches``)?
 
 One transformer block (attention + MoE, experts split over all ranks by expert parallelism), forward + backward,
-on 2 and 4 simulated ranks, with overlap off (1 chunk) and on (``--chunks``), measured alternately
-(off, on, off, on, ...) in one run. Per configuration:
+on 2 and 4 simulated ranks, with overlap off (1 chunk, 1 sub-batch), chunks only (``--chunks``) and on
+(``--chunks`` and ``--sub-batches``), measured alternately (off, chunks, on, off, ...) in one run. Per
+configuration:
 
-    t_off, t_on   median step time (slowest rank of each iteration)
+    t_off, t_on   median step time (slowest rank of each iteration); t_chunks likewise, chunks only
     on/off        median over iterations of t_on,i / t_off,i
     t_comm        time blocked in the MoE exchanges with overlap off (they are synchronous then, so this is
                   the communication time), median, slowest rank
     t_compute     t_off - t_comm
     t_experts     the experts' own forward + backward on the rows a rank receives in a step (timed alone): the
-                  only compute that chunking can run while the exchanges travel - attention, router and
-                  permutations happen before the first dispatch or after the last combine
+                  only compute that chunks alone can run while the exchanges travel - attention, router and
+                  permutations happen before the first dispatch or after the last combine; sub-batches add
+                  the attention of one sub-batch under the exchanges of another
     saved         median over iterations of t_off,i - t_on,i (the two run back to back in each iteration, so the
                   pairing cancels most of this machine's slow drifts; the step-to-step spread is tens of ms)
-    hidden        saved / min(t_comm, t_compute): the share of the hideable time that was hidden
+    hidden        saved / min(t_comm, t_compute): the share of the hideable time that was hidden; chunks hidden
+                  the same for chunks only
 
 on raw loopback (gloo on this machine's cores) and behind the simulated network (``--sim-nodes``: every rank its
 own node), with the link's bandwidth set so that one step's transfers take about as long as the experts' compute
@@ -65,9 +69,10 @@ SHAPES = {  # name: (dim, heads, expert ffn_dim, experts, batch, seq)
 MOE_OPS = ("moe.dispatch", "moe.combine", "moe.dispatch.backward", "moe.combine.backward", "moe.counts")
 
 
-def build(shape: str, transport, chunks: int) -> tuple[Block, torch.Tensor, tuple]:
+def build(shape: str, transport, chunks: int, sub_batches: int = 1) -> tuple[Block, torch.Tensor, tuple]:
     """The block with this rank's experts and a chunked expert-parallel dispatcher, its input and RoPE tables."""
     block, x, rope = build_whole(shape, transport.rank)
+    block.ffn.cfg.overlap_sub_batches = sub_batches
     keep_local_experts(block.ffn, transport.rank, transport.world_size)
     block.ffn.dispatcher = ExpertParallelDispatcher(block.ffn.cfg.num_experts, transport, overlap_chunks=chunks)
     return block, x, rope
@@ -160,14 +165,15 @@ def slowest(value: float) -> float:
     return t.item()
 
 
-def measure(shape: str, transport, chunks: int, iters: int, warmup: int) -> dict:
-    """Alternate off / on; returns medians and the bytes one step moves per rank."""
-    blocks = {1: build(shape, transport, 1), chunks: build(shape, transport, chunks)}
-    times = {1: [], chunks: []}
+def measure(shape: str, transport, chunks: int, sub_batches: int, iters: int, warmup: int) -> dict:
+    """Alternate off / chunks / on; returns medians and the bytes one step moves per rank."""
+    variants = {"off": (1, 1), "chunks": (chunks, 1), "on": (chunks, sub_batches)}
+    blocks = {name: build(shape, transport, *variant) for name, variant in variants.items()}
+    times = {name: [] for name in variants}
     comm, nbytes = [], 0
     for i in range(warmup + iters):
-        for c in (1, chunks):
-            block, x, rope = blocks[c]
+        for name in variants:
+            block, x, rope = blocks[name]
             before = transport.stats.snapshot()
             dist.barrier()
             start = time.perf_counter()
@@ -179,13 +185,15 @@ def measure(shape: str, transport, chunks: int, iters: int, warmup: int) -> dict
             moved = sum(moved_ops[n].bytes_sent for n in MOE_OPS if n in moved_ops)
             elapsed, waited = slowest(elapsed), slowest(waited)
             if i >= warmup:
-                times[c].append(elapsed)
-                if c == 1:
+                times[name].append(elapsed)
+                if name == "off":
                     comm.append(waited)
                     nbytes = moved
-    return {"t_off": statistics.median(times[1]), "t_on": statistics.median(times[chunks]),
-            "saved": statistics.median(off - on for off, on in zip(times[1], times[chunks])),
-            "on_over_off": statistics.median(on / off for off, on in zip(times[1], times[chunks])),
+    return {"t_off": statistics.median(times["off"]), "t_on": statistics.median(times["on"]),
+            "t_chunks": statistics.median(times["chunks"]),
+            "saved": statistics.median(off - on for off, on in zip(times["off"], times["on"])),
+            "saved_chunks": statistics.median(off - on for off, on in zip(times["off"], times["chunks"])),
+            "on_over_off": statistics.median(on / off for off, on in zip(times["off"], times["on"])),
             "t_comm": statistics.median(comm), "bytes": nbytes}
 
 
@@ -194,7 +202,7 @@ def fssdp_worker(shapes: list[str], iters: int, warmup: int, link_ratio: float, 
     return rows if dist.get_rank() == 0 else None
 
 
-def worker(shapes: list[str], chunks: int, iters: int, warmup: int, link_ratios: list[float],
+def worker(shapes: list[str], chunks: int, sub_batches: int, iters: int, warmup: int, link_ratios: list[float],
            latency_us: float) -> list:
     world, rank = dist.get_world_size(), dist.get_rank()
     loopback = TorchTransport()
@@ -210,18 +218,20 @@ def worker(shapes: list[str], chunks: int, iters: int, warmup: int, link_ratios:
                 gbps = slowest(loop["bytes"]) * 8 / (link_ratio * t_experts) / 1e9
                 network = SimulatedNetwork(world, gbps, latency_us)
                 transport = SimulatedNetworkTransport(TorchTransport(), network, list(range(world)))
-            m = measure(shape, transport, chunks, iters, warmup)
+            m = measure(shape, transport, chunks, sub_batches, iters, warmup)
             if network_name == "loopback":
                 loop = m
             t_compute = max(m["t_off"] - m["t_comm"], 0.0)
             hideable = min(m["t_comm"], t_compute)
             rows.append({"shape": shape, "ranks": world, "network": network_name, "link_ratio": link_ratio,
-                         "chunks": chunks,
+                         "chunks": chunks, "sub_batches": sub_batches,
                          "inter_node_gbps": gbps, "latency_us": latency_us if gbps else None,
-                         "t_off_ms": 1e3 * m["t_off"], "t_on_ms": 1e3 * m["t_on"], "t_comm_ms": 1e3 * m["t_comm"],
+                         "t_off_ms": 1e3 * m["t_off"], "t_on_ms": 1e3 * m["t_on"], "t_chunks_ms": 1e3 * m["t_chunks"],
+                         "t_comm_ms": 1e3 * m["t_comm"],
                          "t_compute_ms": 1e3 * t_compute, "t_experts_ms": 1e3 * t_experts,
                          "on_over_off": m["on_over_off"], "saved_ms": 1e3 * m["saved"],
                          "hidden": m["saved"] / hideable if hideable > 0 else None,
+                         "chunks_hidden": m["saved_chunks"] / hideable if hideable > 0 else None,
                          "bytes_per_step": m["bytes"]})
     return rows if rank == 0 else None
 
@@ -230,7 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ranks", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
-    parser.add_argument("--chunks", type=int, default=4, help="overlap degree with overlap on (default 4)")
+    parser.add_argument("--chunks", type=int, default=4, help="overlap chunks with overlap on (default 4)")
+    parser.add_argument("--sub-batches", type=int, default=2, help="sub-batches with overlap on (default 2)")
     parser.add_argument("--iters", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--link-ratios", type=float, nargs="+", default=[1.0],
@@ -248,21 +259,22 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     rows, prefetch = [], []
     for ranks in args.ranks:
-        rows += run_workers(worker, ranks, args.shapes, args.chunks, args.iters, args.warmup, args.link_ratios,
-                            args.latency_us, timeout_s=3600)[0]
+        rows += run_workers(worker, ranks, args.shapes, args.chunks, args.sub_batches, args.iters, args.warmup,
+                            args.link_ratios, args.latency_us, timeout_s=3600)[0]
         if args.fssdp:
             prefetch += run_workers(fssdp_worker, ranks, args.shapes, args.iters, args.warmup, args.prefetch_link_ratio,
                                     args.latency_us, timeout_s=3600)[0]
-    print("| shape | ranks | network | link ratio | Gbit/s | t_off ms | t_on ms | on/off | saved ms | t_comm ms "
-          "| t_compute ms | t_experts ms | hidden |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| shape | ranks | network | link ratio | Gbit/s | t_off ms | t_chunks ms | t_on ms | on/off | saved ms "
+          "| t_comm ms | t_compute ms | t_experts ms | chunks hidden | hidden |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         gbps = f"{r['inter_node_gbps']:.2f}" if r["inter_node_gbps"] else "-"
-        hidden = f"{100 * r['hidden']:.0f}%" if r["hidden"] is not None else "-"
+        hidden, chunks_hidden = (f"{100 * r[k]:.0f}%" if r[k] is not None else "-" for k in ("hidden", "chunks_hidden"))
         ratio = f"{r['link_ratio']:g}" if r["link_ratio"] else "-"
         print(f"| {r['shape']} | {r['ranks']} | {r['network']} | {ratio} | {gbps} | {r['t_off_ms']:.1f} | "
-              f"{r['t_on_ms']:.1f} | {r['on_over_off']:.3f} | {r['saved_ms']:.1f} | {r['t_comm_ms']:.1f} | "
-              f"{r['t_compute_ms']:.1f} | {r['t_experts_ms']:.1f} | {hidden} |")
+              f"{r['t_chunks_ms']:.1f} | {r['t_on_ms']:.1f} | {r['on_over_off']:.3f} | {r['saved_ms']:.1f} | "
+              f"{r['t_comm_ms']:.1f} | {r['t_compute_ms']:.1f} | {r['t_experts_ms']:.1f} | {chunks_hidden} | "
+              f"{hidden} |")
     if prefetch:
         print("\n| shape | ranks | Gbit/s | attention fwd ms | step ms loopback | step ms simulated | transfer ms "
               "| exposed ms | hidden |")

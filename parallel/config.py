@@ -28,6 +28,9 @@ class MoEConfig:
     capacity_factor: float = 0.0  # 0 = dropless; else each expert keeps ceil(cf * tokens * k / E) pairs
     shared_expert: bool = False  # one always-on expert of ffn_dim added to every token
     overlap_chunks: int = 1  # chunks (runs of experts) pipelined through dispatch / experts / combine; 1 = off
+    # the block's batch split in this many sub-batches: each one's tokens travel to the experts while the next
+    # one's attention computes; 1 = off; dropless only (capacity ranks the whole batch's pairs)
+    overlap_sub_batches: int = 1
 
     def validate(self, prefix: str = "moe") -> None:
         if self.num_experts < 1:
@@ -44,6 +47,13 @@ class MoEConfig:
             raise ConfigError(f"{prefix}.score", f"must be one of {SCORES}, got {self.score!r}")
         if self.overlap_chunks < 1:
             raise ConfigError(f"{prefix}.overlap_chunks", f"must be >= 1 (1 = no overlap), got {self.overlap_chunks}")
+        if self.overlap_sub_batches < 1:
+            raise ConfigError(f"{prefix}.overlap_sub_batches",
+                              f"must be >= 1 (1 = off), got {self.overlap_sub_batches}")
+        if self.overlap_sub_batches > 1 and self.capacity_factor > 0:
+            raise ConfigError(f"{prefix}.overlap_sub_batches", f"needs dropless routing ({prefix}.capacity_factor=0): "
+                              f"capacity drops pairs by their rank in the whole batch, got capacity_factor="
+                              f"{self.capacity_factor}")
         for name in ("aux_loss_coef", "z_loss_coef", "bias_update_rate", "capacity_factor"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{prefix}.{name}", f"must be >= 0, got {getattr(self, name)}")

@@ -1,5 +1,6 @@
 """The MoE layer against a naive reference written here (a loop over tokens and their chosen experts), its
-gradients, the data-parallel seam (router sums reduced by hand over two halves of a batch), and bf16 autocast.
+gradients, the data-parallel seam (router sums reduced by hand over two halves of a batch), sub-batches begun
+apart and finished together (``moe.overlap_sub_batches``), and bf16 autocast.
 
 Shapes: T tokens, D model dim, E experts, K experts per token.
 """
@@ -117,6 +118,55 @@ def test_expert_weights_are_arguments_and_compute_runs_of_experts():
     torch.testing.assert_close(y_split, y_ND)
     y_split.sum().backward()
     torch.testing.assert_close(w1.grad, whole)
+
+
+@pytest.mark.parametrize("shared_expert", [False, True])
+def test_sub_batches_begun_apart_and_finished_together_match_one_forward(shared_expert):
+    """``moe.overlap_sub_batches``: begin (route, dispatch) per sub-batch, finish all at once - the outputs, the
+    gradients and the whole batch's stats (router sums added before the losses) of one forward."""
+    x_BSD = torch.randn(3, S, DIM)
+    results = []
+    for split in (False, True):
+        moe = make_moe(shared_expert=shared_expert)
+        x = x_BSD.clone().requires_grad_(True)
+        if split:  # uneven on purpose: 2 sequences, then 1
+            y_BSD = torch.cat(moe.finish([moe.begin(x[:2]), moe.begin(x[2:])]))
+        else:
+            y_BSD = moe(x)
+        (y_BSD.square().sum() + moe.stats.aux_loss + moe.stats.z_loss).backward()
+        results.append((y_BSD, x.grad, {n: p.grad for n, p in moe.named_parameters() if p.grad is not None},
+                        moe.stats))
+    (y, x_grad, grads, stats), (y_split, x_grad_split, grads_split, stats_split) = results
+    torch.testing.assert_close(y_split, y, **FP32_TOL)
+    torch.testing.assert_close(x_grad_split, x_grad, **FP32_TOL)
+    assert grads.keys() == grads_split.keys() and len(grads) >= 3
+    for name in grads:
+        torch.testing.assert_close(grads_split[name], grads[name], **FP32_TOL, msg=name)
+    assert torch.equal(stats_split.counts_E, stats.counts_E) and stats_split.tokens == stats.tokens == 3 * S
+    torch.testing.assert_close(stats_split.aux_loss, stats.aux_loss)
+    torch.testing.assert_close(stats_split.z_loss, stats.z_loss)
+
+
+def test_block_with_sub_batches_matches_the_plain_block():
+    """The block that interleaves sub-batches (attention of one while the other's tokens travel) computes what
+    the plain block does, an uneven split included; capacity dropping refuses to be split."""
+    from hecate.trainer.config import ModelConfig
+    from hecate.trainer.model import Block, rope_tables
+
+    cfg = ModelConfig(dim=DIM, n_heads=2, n_layers=1, seq_len=S)
+    x_BSD, rope = torch.randn(5, S, DIM), rope_tables(S, DIM // 2, cfg.rope_theta)
+    outputs = []
+    for sub_batches in (1, 2):
+        torch.manual_seed(0)
+        block = Block(cfg, MoEConfig(num_experts=E, top_k=K, ffn_dim=HIDDEN, overlap_sub_batches=sub_batches))
+        y_BSD = block(x_BSD, *rope)
+        y_BSD.square().mean().backward()
+        outputs.append((y_BSD, block.attn.qkv.weight.grad, block.ffn.experts.w1.grad))
+    for plain, interleaved in zip(*outputs):
+        torch.testing.assert_close(interleaved, plain, **FP32_TOL)
+    moe = make_moe(capacity_factor=1.0)
+    with pytest.raises(ValueError, match="capacity"):
+        moe.finish([moe.begin(x_BSD[:2, :, :DIM]), moe.begin(x_BSD[2:])])
 
 
 def record(store: list):

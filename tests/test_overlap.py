@@ -1,4 +1,5 @@
-"""Overlap changes when things happen, never what is computed: chunked dispatch/compute/combine, the FSSDP
+"""Overlap changes when things happen, never what is computed: chunked dispatch/compute/combine, sub-batches
+interleaved through a block (one's attention while another's tokens travel), the FSSDP
 backward reduce-scatter waited at the end of backward, the prefetched re-gather and the simulated network all
 reproduce the single-process run (tests/parity.py's tolerances). The simulated network delays without burning
 CPU, and a profiled step's trace has the compute track and a track per collective."""
@@ -25,6 +26,9 @@ CASES = {  # name: (overrides, simulated network or None)
                                     SimulatedNetwork(2, 5.0, 50.0)),
     "fsdp-rm-chunks2": (["fssdp.policy=fsdp", "fssdp.rematerialize=true", "moe.overlap_chunks=2"], None),
     "fssdp-chunks3-network": (["fssdp.policy=fssdp", "moe.overlap_chunks=3"], SimulatedNetwork(2, 5.0, 50.0)),
+    "ep-sub2-chunks2-network": (["parallel.ep=2", "moe.overlap_sub_batches=2", "moe.overlap_chunks=2"],
+                                SimulatedNetwork(2, 5.0, 50.0)),
+    "fssdp-rm-sub2": (["fssdp.policy=fssdp", "fssdp.rematerialize=true", "moe.overlap_sub_batches=2"], None),
 }
 CASES_4 = {  # one case: 4 processes share the 2 cores of CI
     "fssdp-rm-chunks2-network": (["fssdp.policy=fssdp", "fssdp.rematerialize=true", "moe.overlap_chunks=2"],
@@ -110,6 +114,8 @@ def test_overlap_and_simulated_network_match_single_process(world, cases, refere
     (["--sim-nodes", "2", "--sim-inter-node-gbps", "1"], "needs --simulate"),
     (["--simulate", "2", "-o", "moe.overlap_chunks=0", "--profile-step", "1"], "moe.overlap_chunks"),
     (["--simulate", "2", "--profile-step", "-1"], "logging.profile_step"),
+    (["-o", "moe.overlap_sub_batches=2", "-o", "moe.capacity_factor=1.0"], "moe.overlap_sub_batches"),
+    (["--simulate", "2", "-o", "parallel.tp=2", "-o", "moe.overlap_sub_batches=2"], "moe.overlap_sub_batches"),
 ])
 def test_bad_overlap_options_are_refused_before_workers_start(args, message, tmp_path, capsys):
     run_dir = tmp_path / "run"

@@ -61,8 +61,21 @@ class Block(nn.Module):
                     else FeedForward(cfg.dim, cfg.dense_ffn_dim, "gelu", **stds))
 
     def forward(self, x_BSD: torch.Tensor, cos_SF: torch.Tensor, sin_SF: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.ffn, MoE) and self.ffn.cfg.overlap_sub_batches > 1:
+            return self.interleaved(x_BSD, cos_SF, sin_SF)
         x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), cos_SF, sin_SF)
         return x_BSD + self.ffn(self.ffn_norm(x_BSD))
+
+    def interleaved(self, x_BSD: torch.Tensor, cos_SF: torch.Tensor, sin_SF: torch.Tensor) -> torch.Tensor:
+        """The same block on sub-batches of sequences: sub-batch i's tokens travel to their experts while the
+        attention of sub-batch i + 1 computes (backward mirrors it); then all sub-batches' experts and combines.
+        Every row sees the same computation as in ``forward``."""
+        hidden, started = [], []
+        for x_bSD in x_BSD.chunk(self.ffn.cfg.overlap_sub_batches):
+            h_bSD = x_bSD + self.attn(self.attn_norm(x_bSD), cos_SF, sin_SF)
+            hidden.append(h_bSD)
+            started.append(self.ffn.begin(self.ffn_norm(h_bSD)))
+        return torch.cat([h_bSD + y_bSD for h_bSD, y_bSD in zip(hidden, self.ffn.finish(started))])
 
 
 def is_moe_block(index: int, moe: MoEConfig) -> bool:

@@ -31,6 +31,10 @@ def layout_of(cfg: RunConfig, world: int) -> ParallelDims:
     if rows // dims.dp % dims.tp:
         raise LayoutError(f"parallel.tp={dims.tp} must divide the {rows // dims.dp} sequences of a micro-batch on each "
                           f"data-parallel rank: the norm and MoE regions split them by rows (sequence parallelism)")
+    if cfg.moe.overlap_sub_batches > 1 and dims.tp * dims.pp * dims.etp > 1:
+        raise LayoutError(f"moe.overlap_sub_batches={cfg.moe.overlap_sub_batches} interleaves the sub-batches of a "
+                          f"block; it runs under data, expert and FSSDP parallelism, not with parallel.tp, pp or etp "
+                          f"> 1 (got tp={dims.tp}, pp={dims.pp}, etp={dims.etp})")
     if cfg.model.dense_ffn_dim % dims.tp:
         raise LayoutError(f"parallel.tp={dims.tp} must divide model.dense_ffn_dim={cfg.model.dense_ffn_dim}")
     if cfg.moe.ffn_dim % dims.etp:

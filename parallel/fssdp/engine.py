@@ -289,8 +289,9 @@ class FssdpEngine:
                 if isinstance(child, MoE):
                     fl = FssdpLayer(child, transport, self.policy, cfg, token_transport)
                     self.layers[f"{name}.{child_name}" if name else child_name] = fl
+                    # on the parent (the block): a block that splits its batch calls the layer's begin / finish
                     module.register_forward_pre_hook(lambda _m, _args, fl=fl: fl.start_gather())
-                    child.register_forward_hook(lambda _m, _args, out, fl=fl: self._after_forward(fl, out))
+                    module.register_forward_hook(lambda _m, _args, out, fl=fl: self._after_forward(fl, out))
         for fl in self.layers.values():
             fl.plan()
 

@@ -12,7 +12,8 @@ One dispatch, in order:
 2. all-gather the pair counts per (rank, expert) - small; every rank derives the same assignment from them,
    so the rows it sends and receives need no second exchange (:mod:`hecate.parallel.moe.routes`); stable-sort
    the pairs by (chunk, destination rank), so the rows for rank p in a chunk are one slice, ordered by expert;
-3. exchange the rows with a variable all-to-all (autograd-aware: backward is the reverse exchange);
+3. exchange the rows with a variable all-to-all, issued by ``start`` and waited by ``compute``, so what the
+   caller runs in between travels under it (autograd-aware: backward is the reverse exchange, the same way);
 4. reorder the received rows from (source rank, expert) to (expert, source rank), so that each held expert's
    rows are one slice and expert compute is one batched matmul chain per expert.
 Combine undoes 4, 3 and 1 and mixes the expert outputs with the router weights.
@@ -22,7 +23,9 @@ of near-equal size along its expert-major order, a cut moved to an expert bounda
 chunk is a run of whole experts, cut (if at all) only at its ends. Each chunk is one exchange, and the chunks
 are pipelined:
 
-    issue dispatch 0, 1 | wait 0, experts 0, issue combine 0, issue dispatch 2 | wait 1, experts 1, ...
+    start:   issue dispatch 0, 1
+    compute: wait 0, experts 0, issue combine 0, issue dispatch 2 | wait 1, experts 1, issue combine 1, ...
+    end:     wait the combines, unpermute
 
 so the all-to-all of chunk i+1 travels while the experts compute chunk i, and the combine of chunk i travels
 while chunk i+1 computes. Backward mirrors it (``collectives/inflight.py``): the autograd engine computes chunk
@@ -30,37 +33,26 @@ i's expert backward while chunk i+1's gradient rows travel back. The experts' we
 chunks (``ExpertWeights``), so backward stacks their gradients once, as without chunks. Each row is computed by
 the same expert with the same weights as without chunks; only an expert cut between two chunks runs two smaller
 GEMMs, so results agree to the float tolerance of that (tested). Every rank issues and waits the exchanges in
-the same order, as the transports require. C = 1 is the plain path.
+the same order, as the transports require. C = 1 is one chunk: dispatch, experts, combine.
 
 Shapes: T tokens, D model dim, E experts, K experts per token, N kept local pairs, M rows received, P ranks.
 """
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from hecate.collectives import Transport, all_to_all_autograd
+from hecate.collectives import Transport
 from hecate.collectives.inflight import InFlight, all_to_all_start
 from hecate.parallel.moe.assignment import Holders
-from hecate.parallel.moe.dispatcher import dispatch_compute_combine
+from hecate.parallel.moe.dispatcher import ExpertsModule
 from hecate.parallel.moe.experts import ExpertWeights
 from hecate.parallel.moe.permute import (Permutation, inverse_permutation, permute, reordered, sort_by_expert,
                                          unpermute)
 from hecate.parallel.moe.routes import ChunkRoute, plan_routes
-
-
-class ExpertsModule(Protocol):
-    """The layer's experts (``Experts``, FSSDP's ``ShardedExperts``, ``ExpertTensorParallel``): held experts
-    first, first + 1, ... on ``counts_H`` rows each; several calls in one forward share one ``unbound()``."""
-
-    def __call__(self, x_MD: torch.Tensor, counts_H: torch.Tensor, first: int = 0,
-                 weights: ExpertWeights | None = None) -> torch.Tensor: ...
-
-    def unbound(self) -> ExpertWeights: ...
 
 
 @dataclass
@@ -78,6 +70,17 @@ class ExpertParallelHandle:
 
     perm: Permutation  # local pairs in send order: by chunk, by destination rank, by global expert
     chunks: list[ChunkHandle]
+
+
+@dataclass
+class ExpertParallelFlight:
+    """One dispatch from ``start`` to ``end``: the rows per chunk and the exchanges issued so far."""
+
+    handle: ExpertParallelHandle
+    sends: list[torch.Tensor]  # the rows of each chunk, in send order
+    weights_TK: torch.Tensor
+    dispatched: list[InFlight] = field(default_factory=list)
+    combined: list[InFlight] = field(default_factory=list)
 
 
 def block_holders(num_experts: int, ranks: int) -> Holders:
@@ -105,42 +108,36 @@ class ExpertParallelDispatcher:
         self.ranks_per_node = ranks_per_node
         self.overlap_chunks = overlap_chunks
 
-    def dispatch(self, x_TD: torch.Tensor, experts_TK: torch.Tensor,
-                 keep_TK: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, ExpertParallelHandle]:
-        handle = self._handle(x_TD, experts_TK, keep_TK, chunks=1)
-        (chunk,) = handle.chunks
-        x_MD = all_to_all_autograd(permute(x_TD, handle.perm), chunk.route.send_splits, chunk.route.recv_splits,
-                                   self.transport, name="moe.dispatch")
-        return x_MD.index_select(0, chunk.order_M), torch.tensor(chunk.route.counts, device=x_TD.device), handle
-
-    def combine(self, y_MD: torch.Tensor, weights_TK: torch.Tensor, handle: ExpertParallelHandle) -> torch.Tensor:
-        (chunk,) = handle.chunks
-        y_sent_ND = all_to_all_autograd(y_MD.index_select(0, chunk.source_order_M), chunk.route.recv_splits,
-                                        chunk.route.send_splits, self.transport, name="moe.combine")
-        return unpermute(y_sent_ND, weights_TK, handle.perm)
-
-    def run(self, x_TD: torch.Tensor, experts_TK: torch.Tensor, keep_TK: torch.Tensor | None,
-            weights_TK: torch.Tensor, experts: ExpertsModule) -> torch.Tensor:
-        """dispatch -> experts -> combine, pipelined over ``overlap_chunks`` chunks (module docstring)."""
-        if self.overlap_chunks == 1:
-            return dispatch_compute_combine(self, x_TD, experts_TK, keep_TK, weights_TK, experts)
+    def start(self, x_TD: torch.Tensor, experts_TK: torch.Tensor, keep_TK: torch.Tensor | None,
+              weights_TK: torch.Tensor) -> ExpertParallelFlight:
+        """Derive the routes and issue the dispatch of the first two chunks (the first one without overlap)."""
         handle = self._handle(x_TD, experts_TK, keep_TK, chunks=self.overlap_chunks)
         sends = permute(x_TD, handle.perm).split([sum(c.route.send_splits) for c in handle.chunks])
-        weights = experts.unbound()
-        dispatched = [self._start_dispatch(sends[0], handle.chunks[0].route)]
-        combined = []
-        for c, chunk in enumerate(handle.chunks):
-            if c + 1 < len(handle.chunks):
-                dispatched.append(self._start_dispatch(sends[c + 1], handle.chunks[c + 1].route))
-            x_MD = dispatched[c].wait().index_select(0, chunk.order_M)
-            counts_H = torch.tensor(chunk.route.counts, device=x_TD.device)
-            y_MD = experts(x_MD, counts_H, chunk.route.first, weights)
-            combined.append(all_to_all_start(y_MD.index_select(0, chunk.source_order_M), chunk.route.recv_splits,
-                                             chunk.route.send_splits, self.transport, name="moe.combine"))
-        return unpermute(torch.cat([inflight.wait() for inflight in combined]), weights_TK, handle.perm)
+        flight = ExpertParallelFlight(handle, list(sends), weights_TK)
+        for c in range(min(2, len(handle.chunks))):
+            self._issue_dispatch(flight, c)
+        return flight
 
-    def _start_dispatch(self, x_ND: torch.Tensor, route: ChunkRoute) -> InFlight:
-        return all_to_all_start(x_ND, route.send_splits, route.recv_splits, self.transport, name="moe.dispatch")
+    def compute(self, flight: ExpertParallelFlight, experts: ExpertsModule, weights: ExpertWeights) -> None:
+        """Chunk by chunk: wait for its rows, run its experts, issue its combine and the dispatch two chunks on."""
+        chunks = flight.handle.chunks
+        for c, chunk in enumerate(chunks):
+            x_MD = flight.dispatched[c].wait().index_select(0, chunk.order_M)
+            counts_H = torch.tensor(chunk.route.counts, device=x_MD.device)
+            y_MD = experts(x_MD, counts_H, chunk.route.first, weights)
+            flight.combined.append(all_to_all_start(y_MD.index_select(0, chunk.source_order_M), chunk.route.recv_splits,
+                                                    chunk.route.send_splits, self.transport, name="moe.combine"))
+            if c + 2 < len(chunks):
+                self._issue_dispatch(flight, c + 2)
+
+    def end(self, flight: ExpertParallelFlight) -> torch.Tensor:
+        y_sent_ND = torch.cat([inflight.wait() for inflight in flight.combined])
+        return unpermute(y_sent_ND, flight.weights_TK, flight.handle.perm)
+
+    def _issue_dispatch(self, flight: ExpertParallelFlight, c: int) -> None:
+        route = flight.handle.chunks[c].route
+        flight.dispatched.append(all_to_all_start(flight.sends[c], route.send_splits, route.recv_splits,
+                                                  self.transport, name="moe.dispatch"))
 
     def _handle(self, x_TD: torch.Tensor, experts_TK: torch.Tensor, keep_TK: torch.Tensor | None,
                 chunks: int) -> ExpertParallelHandle:

@@ -1,5 +1,9 @@
 """The MoE layer, read top to bottom: route -> sums (reduced) -> capacity -> dispatch -> experts -> combine.
 
+``forward`` is ``begin`` (route, issue the dispatch) then ``finish`` (experts, combine). A block that splits its
+batch (``moe.overlap_sub_batches``) begins each sub-batch after its attention and finishes them together, so one
+sub-batch's tokens travel while the next one's attention computes.
+
 Two seams are attributes that parallelism replaces from outside, the layer's code staying as it is:
 - ``dispatcher`` (:mod:`.dispatcher`): expert parallelism swaps :class:`LocalDispatcher` for one that exchanges
   rows with all-to-all between dispatch and combine (and ``experts`` then holds only the local experts).
@@ -15,6 +19,7 @@ Shapes: B batch, S sequence, T = B * S tokens, D model dim, E experts, K experts
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -24,7 +29,7 @@ from hecate.parallel.moe.capacity import dropped_pairs, expert_capacity, keep_wi
 from hecate.parallel.moe.dispatcher import Dispatcher, LocalDispatcher
 from hecate.parallel.moe.experts import Experts
 from hecate.parallel.moe.ffn import FeedForward
-from hecate.parallel.moe.losses import Reduce, aux_loss, local_reduce, router_sums, z_loss
+from hecate.parallel.moe.losses import Reduce, RouterSums, add_sums, aux_loss, local_reduce, router_sums, z_loss
 from hecate.parallel.moe.router import Router
 
 
@@ -39,6 +44,15 @@ class MoEStats:
     tokens: int  # tokens routed
 
 
+@dataclass
+class StartedMoE:
+    """One sub-batch between :meth:`MoE.begin` and :meth:`MoE.finish`: routed, its rows on their way."""
+
+    x_BSD: torch.Tensor
+    x_TD: torch.Tensor
+    sums: RouterSums  # reduced over the reduce group
+    capacity: int | None
+    flight: Any  # the dispatcher's
 class MoE(nn.Module):
     """x_BSD -> y_BSD (same shape and dtype). Weights: router gate and experts ~ Normal(0, init_std); the
     experts' (and shared expert's) output matrix ~ Normal(0, out_init_std), default init_std - pass
@@ -58,19 +72,41 @@ class MoE(nn.Module):
         self.stats: MoEStats | None = None
 
     def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
+        return self.finish([self.begin(x_BSD)])[0]
+
+    def begin(self, x_BSD: torch.Tensor) -> StartedMoE:
+        """Route one (sub-)batch and issue its dispatch; what runs before :meth:`finish` overlaps the exchange."""
         cfg = self.cfg
         x_TD = x_BSD.reshape(-1, x_BSD.shape[-1])
         routing = self.router(x_TD)
         sums = self.reduce(router_sums(routing, cfg.num_experts))
         capacity = expert_capacity(cfg.capacity_factor, sums.tokens, cfg.top_k, cfg.num_experts)
         keep_TK = None if capacity is None else keep_within_capacity(routing.experts_TK, capacity, sums.offset_E)
-        out_TD = self.dispatcher.run(x_TD, routing.experts_TK, keep_TK, routing.weights_TK, self.experts)
-        if self.shared is not None:
-            out_TD = out_TD + self.shared(x_TD)
+        flight = self.dispatcher.start(x_TD, routing.experts_TK, keep_TK, routing.weights_TK)
+        return StartedMoE(x_BSD, x_TD, sums, capacity, flight)
+
+    def finish(self, started: list[StartedMoE]) -> list[torch.Tensor]:
+        """The experts and the combine of every begun sub-batch, in order -> their outputs y_BSD. The stats are
+        those of the whole batch: the sub-batches' router sums are added before the losses are formed."""
+        cfg = self.cfg
+        capacity = started[0].capacity
+        if len(started) > 1 and capacity is not None:
+            raise ValueError("capacity dropping ranks the pairs of the whole batch: finish one sub-batch at a time")
+        weights = self.experts.unbound()
+        for s in started:
+            self.dispatcher.compute(s.flight, self.experts, weights)
+        shared = [self.shared(s.x_TD) for s in started] if self.shared is not None else None  # under the combines
+        outs = []
+        for i, s in enumerate(started):
+            out_TD = self.dispatcher.end(s.flight)
+            if shared is not None:
+                out_TD = out_TD + shared[i]
+            outs.append(out_TD.to(s.x_BSD.dtype).view_as(s.x_BSD))
+        sums = add_sums([s.sums for s in started])
         self.stats = MoEStats(aux_loss=aux_loss(sums, cfg.top_k), z_loss=z_loss(sums),
                               counts_E=sums.counts_E.detach(), dropped=dropped_pairs(sums.counts_E, capacity),
                               tokens=sums.tokens)
-        return out_TD.to(x_BSD.dtype).view_as(x_BSD)
+        return outs
 
     def update_bias(self, counts_E: torch.Tensor) -> None:
         """Aux-loss-free balancing: call after the optimizer step with the step's global counts."""

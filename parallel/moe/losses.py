@@ -59,6 +59,15 @@ def local_reduce(sums: RouterSums) -> RouterSums:
     return sums
 
 
+def add_sums(parts: list[RouterSums]) -> RouterSums:
+    """The sums of a batch from those of its sub-batches (dropless: ``offset_E`` is not needed)."""
+    if len(parts) == 1:
+        return parts[0]
+    return RouterSums(counts_E=sum(p.counts_E for p in parts), prob_sum_E=sum(p.prob_sum_E for p in parts),
+                      lse_sq_sum=sum(p.lse_sq_sum for p in parts), tokens=sum(p.tokens for p in parts),
+                      offset_E=torch.zeros_like(parts[0].counts_E))
+
+
 def aux_loss(sums: RouterSums, top_k: int) -> torch.Tensor:
     """Switch/GShard load-balancing loss from (reduced) sums; 1.0 at perfect balance, E at full collapse."""
     fraction_E = sums.counts_E.float() / (sums.tokens * top_k)
