@@ -20,10 +20,14 @@ configuration:
                   pairing cancels most of this machine's slow drifts; the step-to-step spread is tens of ms)
     hidden        saved / min(t_comm, t_compute): the share of the hideable time that was hidden; chunks hidden
                   the same for chunks only
+    link adds     behind the simulated link: median over iterations of (step behind the link - the loopback step
+                  measured beside it), overlap off and on; link time hidden = 1 - on / off. t_comm also counts
+                  the loopback copies, which are CPU work on cores the ranks share, and waits for ranks that
+                  share a core: on 4 ranks over 2 cores most of it, so this isolates the link's own time
 
 on raw loopback (gloo on this machine's cores) and behind the simulated network (``--sim-nodes``: every rank its
-own node), with the link's bandwidth set so that one step's transfers take about as long as the experts' compute
-(``--link-ratios``, default 1, x t_experts).
+own node), every network's three variants back to back in each iteration, with the link's bandwidth set so that
+one step's transfers take about as long as the experts' compute (``--link-ratios``, default 1, x t_experts).
 
 FSSDP prefetch (``--fssdp``): the same block under the FSSDP engine with the ``fsdp`` policy (every expert
 gathered every step, the most there is to hide) behind a link on which the SparseAllGather takes
@@ -165,36 +169,40 @@ def slowest(value: float) -> float:
     return t.item()
 
 
-def measure(shape: str, transport, chunks: int, sub_batches: int, iters: int, warmup: int) -> dict:
-    """Alternate off / chunks / on; returns medians and the bytes one step moves per rank."""
+def moe_exchanges(transport, before: dict) -> tuple[float, int]:
+    """Seconds blocked in and bytes sent by the MoE exchanges since the stats snapshot ``before``."""
+    moved = delta(transport.stats.snapshot(), before)
+    ops = [moved[n] for n in MOE_OPS if n in moved]
+    return sum(op.wait_s for op in ops), sum(op.bytes_sent for op in ops)
+
+
+def measure(shape: str, transports: dict, chunks: int, sub_batches: int, iters: int, warmup: int) -> dict:
+    """Per network: alternate off / chunks / on, and the networks too, so every iteration holds all six steps
+    back to back; returns each network's per-iteration step times and its blocked time with overlap off."""
     variants = {"off": (1, 1), "chunks": (chunks, 1), "on": (chunks, sub_batches)}
-    blocks = {name: build(shape, transport, *variant) for name, variant in variants.items()}
-    times = {name: [] for name in variants}
-    comm, nbytes = [], 0
+    blocks = {(net, name): build(shape, transport, *variant)
+              for net, transport in transports.items() for name, variant in variants.items()}
+    times = {key: [] for key in blocks}
+    comm = {net: [] for net in transports}
     for i in range(warmup + iters):
-        for name in variants:
-            block, x, rope = blocks[name]
-            before = transport.stats.snapshot()
+        for (net, name), (block, x, rope) in blocks.items():
+            before = transports[net].stats.snapshot()
             dist.barrier()
             start = time.perf_counter()
             step(block, x, rope)
-            elapsed = time.perf_counter() - start
-            after = transport.stats.snapshot()
-            moved_ops = delta(after, before)
-            waited = sum(moved_ops[n].wait_s for n in MOE_OPS if n in moved_ops)
-            moved = sum(moved_ops[n].bytes_sent for n in MOE_OPS if n in moved_ops)
-            elapsed, waited = slowest(elapsed), slowest(waited)
+            elapsed = slowest(time.perf_counter() - start)
+            waited = slowest(moe_exchanges(transports[net], before)[0])
             if i >= warmup:
-                times[name].append(elapsed)
+                times[net, name].append(elapsed)
                 if name == "off":
-                    comm.append(waited)
-                    nbytes = moved
-    return {"t_off": statistics.median(times["off"]), "t_on": statistics.median(times["on"]),
-            "t_chunks": statistics.median(times["chunks"]),
-            "saved": statistics.median(off - on for off, on in zip(times["off"], times["on"])),
-            "saved_chunks": statistics.median(off - on for off, on in zip(times["off"], times["chunks"])),
-            "on_over_off": statistics.median(on / off for off, on in zip(times["off"], times["on"])),
-            "t_comm": statistics.median(comm), "bytes": nbytes}
+                    comm[net].append(waited)
+    return {net: {"times": {name: times[net, name] for name in variants}, "t_comm": statistics.median(comm[net])}
+            for net in transports}
+
+
+def paired(a: list[float], b: list[float], op) -> float:
+    """Median over iterations of op(a_i, b_i): the two were measured back to back in each iteration."""
+    return statistics.median(op(x, y) for x, y in zip(a, b))
 
 
 def fssdp_worker(shapes: list[str], iters: int, warmup: int, link_ratio: float, latency_us: float) -> list | None:
@@ -208,39 +216,51 @@ def worker(shapes: list[str], chunks: int, sub_batches: int, iters: int, warmup:
     loopback = TorchTransport()
     rows = []
     for shape in shapes:
-        block, x, _ = build(shape, loopback, 1)
+        block, x, rope = build(shape, loopback, 1)
         t_experts = time_experts(block, x, iters)
-        for link_ratio in [None, *link_ratios]:
-            network_name = "loopback" if link_ratio is None else "simulated"
-            if link_ratio is None:
-                transport, gbps = loopback, None
-            else:  # the link: one step's bytes take link_ratio x the experts' compute
-                gbps = slowest(loop["bytes"]) * 8 / (link_ratio * t_experts) / 1e9
-                network = SimulatedNetwork(world, gbps, latency_us)
-                transport = SimulatedNetworkTransport(TorchTransport(), network, list(range(world)))
-            m = measure(shape, transport, chunks, sub_batches, iters, warmup)
-            if network_name == "loopback":
-                loop = m
-            t_compute = max(m["t_off"] - m["t_comm"], 0.0)
-            hideable = min(m["t_comm"], t_compute)
-            rows.append({"shape": shape, "ranks": world, "network": network_name, "link_ratio": link_ratio,
-                         "chunks": chunks, "sub_batches": sub_batches,
-                         "inter_node_gbps": gbps, "latency_us": latency_us if gbps else None,
-                         "t_off_ms": 1e3 * m["t_off"], "t_on_ms": 1e3 * m["t_on"], "t_chunks_ms": 1e3 * m["t_chunks"],
-                         "t_comm_ms": 1e3 * m["t_comm"],
-                         "t_compute_ms": 1e3 * t_compute, "t_experts_ms": 1e3 * t_experts,
-                         "on_over_off": m["on_over_off"], "saved_ms": 1e3 * m["saved"],
-                         "hidden": m["saved"] / hideable if hideable > 0 else None,
-                         "chunks_hidden": m["saved_chunks"] / hideable if hideable > 0 else None,
-                         "bytes_per_step": m["bytes"]})
+        before = loopback.stats.snapshot()
+        step(block, x, rope)
+        nbytes = slowest(moe_exchanges(loopback, before)[1])
+        transports, links = {"loopback": loopback}, {"loopback": (None, None)}
+        for ratio in link_ratios:  # the link: one step's bytes take ratio x the experts' compute
+            network = SimulatedNetwork(world, nbytes * 8 / (ratio * t_experts) / 1e9, latency_us)
+            transports[f"link {ratio:g}"] = SimulatedNetworkTransport(TorchTransport(), network, list(range(world)))
+            links[f"link {ratio:g}"] = (ratio, network.inter_node_gbps)
+        measured = measure(shape, transports, chunks, sub_batches, iters, warmup)
+        loop = measured["loopback"]["times"]
+        for net, m in measured.items():
+            (ratio, gbps), t = links[net], m["times"]
+            t_off, t_comm = statistics.median(t["off"]), m["t_comm"]
+            t_compute = max(t_off - t_comm, 0.0)
+            hideable = min(t_comm, t_compute)
+            saved = paired(t["off"], t["on"], lambda off, on: off - on)
+            saved_chunks = paired(t["off"], t["chunks"], lambda off, on: off - on)
+            row = {"shape": shape, "ranks": world, "network": "loopback" if ratio is None else "simulated",
+                   "link_ratio": ratio, "chunks": chunks, "sub_batches": sub_batches, "inter_node_gbps": gbps,
+                   "latency_us": latency_us if gbps else None, "t_off_ms": 1e3 * t_off,
+                   "t_chunks_ms": 1e3 * statistics.median(t["chunks"]), "t_on_ms": 1e3 * statistics.median(t["on"]),
+                   "t_comm_ms": 1e3 * t_comm, "t_compute_ms": 1e3 * t_compute, "t_experts_ms": 1e3 * t_experts,
+                   "on_over_off": paired(t["off"], t["on"], lambda off, on: on / off), "saved_ms": 1e3 * saved,
+                   "hidden": saved / hideable if hideable > 0 else None,
+                   "chunks_hidden": saved_chunks / hideable if hideable > 0 else None, "bytes_per_step": nbytes}
+            if ratio is not None:  # what the link adds to each step, paired with the loopback step beside it
+                added_off = paired(t["off"], loop["off"], lambda sim, raw: sim - raw)
+                added_on = paired(t["on"], loop["on"], lambda sim, raw: sim - raw)
+                row.update(link_added_off_ms=1e3 * added_off, link_added_on_ms=1e3 * added_on,
+                           link_hidden=1 - added_on / added_off if added_off > 0 else None)
+            rows.append(row)
     return rows if rank == 0 else None
+
+
+def percent(value: float | None) -> str:
+    return f"{100 * value:.0f}%" if value is not None else "-"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ranks", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
-    parser.add_argument("--chunks", type=int, default=4, help="overlap chunks with overlap on (default 4)")
+    parser.add_argument("--chunks", type=int, default=2, help="overlap chunks with overlap on (default 2)")
     parser.add_argument("--sub-batches", type=int, default=2, help="sub-batches with overlap on (default 2)")
     parser.add_argument("--iters", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=2)
@@ -269,12 +289,17 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         gbps = f"{r['inter_node_gbps']:.2f}" if r["inter_node_gbps"] else "-"
-        hidden, chunks_hidden = (f"{100 * r[k]:.0f}%" if r[k] is not None else "-" for k in ("hidden", "chunks_hidden"))
         ratio = f"{r['link_ratio']:g}" if r["link_ratio"] else "-"
         print(f"| {r['shape']} | {r['ranks']} | {r['network']} | {ratio} | {gbps} | {r['t_off_ms']:.1f} | "
               f"{r['t_chunks_ms']:.1f} | {r['t_on_ms']:.1f} | {r['on_over_off']:.3f} | {r['saved_ms']:.1f} | "
-              f"{r['t_comm_ms']:.1f} | {r['t_compute_ms']:.1f} | {r['t_experts_ms']:.1f} | {chunks_hidden} | "
-              f"{hidden} |")
+              f"{r['t_comm_ms']:.1f} | {r['t_compute_ms']:.1f} | {r['t_experts_ms']:.1f} | "
+              f"{percent(r['chunks_hidden'])} | {percent(r['hidden'])} |")
+    print("\n| shape | ranks | link ratio | link adds, off ms | link adds, on ms | link time hidden |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        if r["link_ratio"]:
+            print(f"| {r['shape']} | {r['ranks']} | {r['link_ratio']:g} | {r['link_added_off_ms']:.1f} | "
+                  f"{r['link_added_on_ms']:.1f} | {percent(r['link_hidden'])} |")
     if prefetch:
         print("\n| shape | ranks | Gbit/s | attention fwd ms | step ms loopback | step ms simulated | transfer ms "
               "| exposed ms | hidden |")
@@ -282,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
         for r in prefetch:
             print(f"| {r['shape']} | {r['ranks']} | {r['inter_node_gbps']:.2f} | {r['t_attention_fwd_ms']:.1f} | "
                   f"{r['t_loopback_ms']:.1f} | {r['t_simulated_ms']:.1f} | {r['transfer_ms']:.1f} | "
-                  f"{r['exposed_ms']:.1f} | {100 * r['hidden']:.0f}% |")
+                  f"{r['exposed_ms']:.1f} | {percent(r['hidden'])} |")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(rows + prefetch, indent=1))

@@ -91,7 +91,8 @@ class MoE(nn.Module):
         cfg = self.cfg
         capacity = started[0].capacity
         if len(started) > 1 and capacity is not None:
-            raise ValueError("capacity dropping ranks the pairs of the whole batch: finish one sub-batch at a time")
+            raise ValueError("capacity dropping ranks the pairs of the whole batch: sub-batches need dropless "
+                             "routing (capacity_factor=0)")
         weights = self.experts.unbound()
         for s in started:
             self.dispatcher.compute(s.flight, self.experts, weights)
