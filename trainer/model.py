@@ -1,7 +1,7 @@
 """A decoder-only MoE transformer that reads top to bottom. No parallelism here: ``parallel/`` applies it
 from outside (expert parallelism swaps the MoE dispatcher, pipeline parallelism keeps a slice of ``blocks``).
 
-Shapes: B batch, S sequence, D model dim, H heads, Dh head dim, V vocabulary.
+Shapes: B batch, b sequences of a sub-batch, S sequence, D model dim, H heads, Dh head dim, V vocabulary.
 """
 from __future__ import annotations
 

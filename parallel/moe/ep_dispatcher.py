@@ -110,7 +110,7 @@ class ExpertParallelDispatcher:
 
     def start(self, x_TD: torch.Tensor, experts_TK: torch.Tensor, keep_TK: torch.Tensor | None,
               weights_TK: torch.Tensor) -> ExpertParallelFlight:
-        """Derive the routes and issue the dispatch of the first two chunks (the first one without overlap)."""
+        """Derive the routes and issue the dispatch of the first two chunks (of the only one when C = 1)."""
         handle = self._handle(x_TD, experts_TK, keep_TK, chunks=self.overlap_chunks)
         sends = permute(x_TD, handle.perm).split([sum(c.route.send_splits) for c in handle.chunks])
         flight = ExpertParallelFlight(handle, list(sends), weights_TK)
