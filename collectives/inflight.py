@@ -86,7 +86,8 @@ class InFlight:
         self._out_MD, self._ex = out_MD, ex
 
     def wait(self) -> torch.Tensor:
-        return _Wait.apply(self._out_MD, self._ex)
+        out_MD, self._out_MD = self._out_MD, None  # the caller holds the rows from here: keep no second reference
+        return _Wait.apply(out_MD, self._ex)
 
 
 def all_to_all_start(x_ND: torch.Tensor, send_splits: Sequence[int], recv_splits: Sequence[int],

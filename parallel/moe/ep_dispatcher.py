@@ -77,7 +77,7 @@ class ExpertParallelFlight:
     """One dispatch from ``start`` to ``end``: the rows per chunk and the exchanges issued so far."""
 
     handle: ExpertParallelHandle
-    sends: list[torch.Tensor]  # the rows of each chunk, in send order
+    sends: list[torch.Tensor | None]  # the rows of each chunk not yet issued, in send order
     weights_TK: torch.Tensor
     dispatched: list[InFlight] = field(default_factory=list)
     combined: list[InFlight] = field(default_factory=list)
@@ -138,6 +138,7 @@ class ExpertParallelDispatcher:
         route = flight.handle.chunks[c].route
         flight.dispatched.append(all_to_all_start(flight.sends[c], route.send_splits, route.recv_splits,
                                                   self.transport, name="moe.dispatch"))
+        flight.sends[c] = None  # the exchange keeps its send buffer until it completes, and no longer
 
     def _handle(self, x_TD: torch.Tensor, experts_TK: torch.Tensor, keep_TK: torch.Tensor | None,
                 chunks: int) -> ExpertParallelHandle:
