@@ -53,6 +53,8 @@ class Dispatcher(Protocol):
 
 @dataclass
 class LocalFlight:
+    """One dispatch on one device, from ``start`` to ``end``."""
+
     perm: Permutation
     x_ND: torch.Tensor  # rows sorted by expert
     weights_TK: torch.Tensor
