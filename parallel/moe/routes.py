@@ -2,11 +2,12 @@
 
 Every rank derives the same tables from the same counts, so the rows it sends and receives need no second
 exchange. Chunks are cut on the receiving side: chunk c holds the c-th of C near-equal ranges of the rows rank q
-receives, expert by expert (a cut moved to an expert boundary when one is near). A chunk is therefore a run of whole experts, cut inside an expert only at its two
-ends (and there across every source's rows alike): each rank's expert GEMMs stay whole except where one of the
-C - 1 cuts falls. (Cutting the *tokens* into chunks instead splits every expert C ways: smaller GEMMs and a weight gradient
-per chunk - measured 27% more GEMM time with C = 4 on this CPU, docs/BENCHMARKS.md.) With C = 1 there is one
-chunk holding everything: the plain exchange.
+receives, expert by expert (a cut moved to an expert boundary when one is near). A chunk is therefore a run of
+whole experts, cut inside an expert only at its two ends (and there across every source's rows alike): each
+rank's expert GEMMs stay whole except where one of the C - 1 cuts falls. (Cutting the *tokens* into chunks
+instead splits every expert C ways: smaller GEMMs and a weight gradient per chunk - measured 27% more GEMM time
+with C = 4 on this CPU, docs/BENCHMARKS.md.) With C = 1 there is one chunk holding everything: the plain
+exchange.
 
 Shapes: P ranks (as sources p, as destinations q), E experts, C chunks, H experts held by this rank.
 """
