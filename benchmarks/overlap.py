@@ -11,6 +11,9 @@ configuration:
     on/off        median over iterations of t_on,i / t_off,i
     t_comm        time blocked in the MoE exchanges with overlap off (they are synchronous then, so this is
                   the communication time), median, slowest rank
+    t_transfer    the exchanges' own time without the waits for slower ranks: per exchange, the shortest time any
+                  rank was blocked in it (the rank that issues it last waits only for the transfer), summed over the
+                  step's exchanges with overlap off, median; t_comm - t_transfer is waiting for other ranks
     t_compute     t_off - t_comm
     t_experts     the experts' own forward + backward on the rows a rank receives in a step (timed alone): the
                   only compute that chunks alone can run while the exchanges travel - attention, router and
@@ -19,7 +22,7 @@ configuration:
     saved         median over iterations of t_off,i - t_on,i (the two run back to back in each iteration, so the
                   pairing cancels most of this machine's slow drifts; the step-to-step spread is tens of ms)
     hidden        saved / min(t_comm, t_compute): the share of the hideable time that was hidden; chunks hidden
-                  the same for chunks only
+                  the same for chunks only; transfer hidden = saved / min(t_transfer, t_compute)
     link adds     behind the simulated link: median over iterations of (step behind the link - the loopback step
                   measured beside it), overlap off and on; link time hidden = 1 - on / off. t_comm also counts
                   the loopback copies, which are CPU work on cores the ranks share, and waits for ranks that
@@ -169,11 +172,21 @@ def slowest(value: float) -> float:
     return t.item()
 
 
-def moe_exchanges(transport, before: dict) -> tuple[float, int]:
-    """Seconds blocked in and bytes sent by the MoE exchanges since the stats snapshot ``before``."""
+def moe_exchanges(transport, before: dict) -> tuple[torch.Tensor, int]:
+    """Seconds blocked in each MoE exchange (``MOE_OPS`` order) and bytes sent by them all since the stats
+    snapshot ``before``."""
     moved = delta(transport.stats.snapshot(), before)
     ops = [moved[n] for n in MOE_OPS if n in moved]
-    return sum(op.wait_s for op in ops), sum(op.bytes_sent for op in ops)
+    return torch.tensor([op.wait_s for op in ops], dtype=torch.float64), sum(op.bytes_sent for op in ops)
+
+
+def blocked_and_transfer(waits: torch.Tensor) -> tuple[float, float]:
+    """The slowest rank's total blocked time, and the exchanges' own time: per exchange the shortest wait of any
+    rank (the last to issue it waits for the transfer only), summed. With overlap off every op name is one
+    exchange a step."""
+    shortest = waits.clone()
+    dist.all_reduce(shortest, dist.ReduceOp.MIN)
+    return slowest(waits.sum().item()), shortest.sum().item()
 
 
 def measure(shape: str, transports: dict, chunks: int, sub_batches: int, iters: int, warmup: int) -> dict:
@@ -191,13 +204,14 @@ def measure(shape: str, transports: dict, chunks: int, sub_batches: int, iters: 
             start = time.perf_counter()
             step(block, x, rope)
             elapsed = slowest(time.perf_counter() - start)
-            waited = slowest(moe_exchanges(transports[net], before)[0])
+            waits = moe_exchanges(transports[net], before)[0]
             if i >= warmup:
                 times[net, name].append(elapsed)
                 if name == "off":
-                    comm[net].append(waited)
-    return {net: {"times": {name: times[net, name] for name in variants}, "t_comm": statistics.median(comm[net])}
-            for net in transports}
+                    comm[net].append(blocked_and_transfer(waits))
+    return {net: {"times": {name: times[net, name] for name in variants},
+                  "t_comm": statistics.median(c for c, _ in comm[net]),
+                  "t_transfer": statistics.median(t for _, t in comm[net])} for net in transports}
 
 
 def paired(a: list[float], b: list[float], op) -> float:
@@ -235,14 +249,17 @@ def worker(shapes: list[str], chunks: int, sub_batches: int, iters: int, warmup:
             hideable = min(t_comm, t_compute)
             saved = paired(t["off"], t["on"], lambda off, on: off - on)
             saved_chunks = paired(t["off"], t["chunks"], lambda off, on: off - on)
+            transferable = min(m["t_transfer"], t_compute)
             row = {"shape": shape, "ranks": world, "network": "loopback" if ratio is None else "simulated",
                    "link_ratio": ratio, "chunks": chunks, "sub_batches": sub_batches, "inter_node_gbps": gbps,
                    "latency_us": latency_us if gbps else None, "t_off_ms": 1e3 * t_off,
                    "t_chunks_ms": 1e3 * statistics.median(t["chunks"]), "t_on_ms": 1e3 * statistics.median(t["on"]),
-                   "t_comm_ms": 1e3 * t_comm, "t_compute_ms": 1e3 * t_compute, "t_experts_ms": 1e3 * t_experts,
+                   "t_comm_ms": 1e3 * t_comm, "t_transfer_ms": 1e3 * m["t_transfer"], "t_compute_ms": 1e3 * t_compute,
+                   "t_experts_ms": 1e3 * t_experts,
                    "on_over_off": paired(t["off"], t["on"], lambda off, on: on / off), "saved_ms": 1e3 * saved,
                    "hidden": saved / hideable if hideable > 0 else None,
-                   "chunks_hidden": saved_chunks / hideable if hideable > 0 else None, "bytes_per_step": nbytes}
+                   "chunks_hidden": saved_chunks / hideable if hideable > 0 else None,
+                   "transfer_hidden": saved / transferable if transferable > 0 else None, "bytes_per_step": nbytes}
             if ratio is not None:  # what the link adds to each step, paired with the loopback step beside it
                 added_off = paired(t["off"], loop["off"], lambda sim, raw: sim - raw)
                 added_on = paired(t["on"], loop["on"], lambda sim, raw: sim - raw)
@@ -285,15 +302,15 @@ def main(argv: list[str] | None = None) -> int:
             prefetch += run_workers(fssdp_worker, ranks, args.shapes, args.iters, args.warmup, args.prefetch_link_ratio,
                                     args.latency_us, timeout_s=3600)[0]
     print("| shape | ranks | network | link ratio | Gbit/s | t_off ms | t_chunks ms | t_on ms | on/off | saved ms "
-          "| t_comm ms | t_compute ms | t_experts ms | chunks hidden | hidden |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| t_comm ms | t_transfer ms | t_compute ms | t_experts ms | chunks hidden | hidden | transfer hidden |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         gbps = f"{r['inter_node_gbps']:.2f}" if r["inter_node_gbps"] else "-"
         ratio = f"{r['link_ratio']:g}" if r["link_ratio"] else "-"
         print(f"| {r['shape']} | {r['ranks']} | {r['network']} | {ratio} | {gbps} | {r['t_off_ms']:.1f} | "
               f"{r['t_chunks_ms']:.1f} | {r['t_on_ms']:.1f} | {r['on_over_off']:.3f} | {r['saved_ms']:.1f} | "
-              f"{r['t_comm_ms']:.1f} | {r['t_compute_ms']:.1f} | {r['t_experts_ms']:.1f} | "
-              f"{percent(r['chunks_hidden'])} | {percent(r['hidden'])} |")
+              f"{r['t_comm_ms']:.1f} | {r['t_transfer_ms']:.1f} | {r['t_compute_ms']:.1f} | {r['t_experts_ms']:.1f} | "
+              f"{percent(r['chunks_hidden'])} | {percent(r['hidden'])} | {percent(r['transfer_hidden'])} |")
     print("\n| shape | ranks | link ratio | link adds, off ms | link adds, on ms | link time hidden |")
     print("|---|---|---|---|---|---|")
     for r in rows:

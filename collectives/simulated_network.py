@@ -10,12 +10,18 @@ The model, per rank and transport (a full-duplex NIC; operations on it serialize
 communicator or gloo process group runs its operations in order - a small message issued after a large one on the
 same group waits for it; transports of different groups do not contend, which is optimistic):
 
-    inter-node bytes  b = max(bytes sent to, bytes received from ranks on other nodes)  (per operation)
-    start             = max(issue time, when this rank's NIC finished its previous transfer)
-    done              = start + b / bandwidth + latency        (latency only when the group spans nodes)
+    out, into   bytes this rank sends to / receives from ranks on other nodes  (per operation)
+    start       = max(issue time, when this rank's NIC finished its previous transfer)
+    sent        = start + out / bandwidth                    posted for the receivers (send_board.py)
+    done        = max(start + max(out, into) / bandwidth,    this rank's NIC
+                      sent of every remote rank sending to this one) + latency
 
-Bytes per peer are exact for all-to-all and point-to-point; for all-reduce / all-gather / reduce-scatter /
-broadcast the logical payload (``traffic.py``) is split evenly over the peers. Intra-node transfers run at the
+A late sender therefore delays its receivers by its whole transfer, as on a real link. Latency counts only when
+the group spans nodes.
+
+Bytes per peer are exact for all-to-all, point-to-point and broadcast; for all-reduce / all-gather /
+reduce-scatter / barrier the logical payload (``traffic.py``) is split evenly over the peers, and every rank
+waits for every remote one. Intra-node transfers run at the
 machine's real speed. The same wrapper records each operation's issue-to-wait span on a :class:`Timeline`.
 """
 from __future__ import annotations
@@ -30,6 +36,7 @@ import torch
 from hecate.collectives import traffic
 from hecate.collectives.errors import CollectiveError
 from hecate.collectives.handle import Handle
+from hecate.collectives.send_board import SendBoard
 from hecate.collectives.timeline import Timeline, now_ns
 from hecate.collectives.transport import PeerOp, Reduction, Transport
 
@@ -63,7 +70,8 @@ class SimulatedNetwork:
 class SimulatedNetworkTransport:
     """``inner`` with inter-node transfers delayed per :class:`SimulatedNetwork` (``network=None``: no delay) and
     every operation's flight recorded on ``timeline`` when given. ``nodes[r]`` is the emulated node of the
-    transport's rank r."""
+    transport's rank r. With a network between nodes, every rank of the group constructs it at the same point
+    (the ranks share a :class:`SendBoard`)."""
 
     def __init__(self, inner: Transport, network: SimulatedNetwork | None, nodes: Sequence[int],
                  timeline: Timeline | None = None):
@@ -72,50 +80,72 @@ class SimulatedNetworkTransport:
         self.inner, self.network, self.timeline = inner, network, timeline
         self.rank, self.world_size, self.stats = inner.rank, inner.world_size, inner.stats
         self.remote = [nodes[p] != nodes[inner.rank] for p in range(inner.world_size)]
+        self._board = SendBoard(inner) if network is not None and any(self.remote) else None
+        self._sent_ops = [0] * self.world_size  # operations this rank has issued with a transfer to each peer
+        self._received_ops = [0] * self.world_size  # and with a transfer from each peer
         self._nic_free_s = 0.0
         self._lock = threading.Lock()
 
     # ---- the model -------------------------------------------------------------------------------
 
-    def _done_at(self, issued_s: float, sent_by_peer: Sequence[int], received_by_peer: Sequence[int]) -> float:
-        if self.network is None or not any(self.remote):
-            return issued_s
-        out = sum(b for b, far in zip(sent_by_peer, self.remote) if far)
-        into = sum(b for b, far in zip(received_by_peer, self.remote) if far)
+    def _model(self, issued_s: float, sent_by_peer: Sequence[int], received_by_peer: Sequence[int],
+               every_peer: bool) -> tuple[float, list[tuple[int, int]]]:
+        """This rank's NIC completion, and the (sender, operation number) pairs to read from the board at wait;
+        posts this rank's send completion for its receivers. ``every_peer``: every remote rank counts as sender
+        and receiver (collectives whose completion needs every rank)."""
+        if self._board is None:
+            return issued_s, []
+        receivers = [p for p, far in enumerate(self.remote) if far and (every_peer or sent_by_peer[p])]
+        senders = [p for p, far in enumerate(self.remote) if far and (every_peer or received_by_peer[p])]
+        out = sum(sent_by_peer[p] for p, far in enumerate(self.remote) if far)
+        into = sum(received_by_peer[p] for p, far in enumerate(self.remote) if far)
         with self._lock:
             start = max(issued_s, self._nic_free_s)
             self._nic_free_s = start + self.network.transfer_s(max(out, into))
-            return self._nic_free_s + self.network.latency_us * 1e-6
+            for p in receivers:
+                self._board.post(p, self._sent_ops[p], start + self.network.transfer_s(out))
+                self._sent_ops[p] += 1
+            reads = [(p, self._received_ops[p]) for p in senders]
+            for p in senders:
+                self._received_ops[p] += 1
+            return self._nic_free_s, reads
 
     def _even(self, nbytes: int) -> list[int]:
         """A collective's payload split evenly over the other ranks."""
         peers = self.world_size - 1
         return [0 if p == self.rank or not peers else nbytes // peers for p in range(self.world_size)]
 
-    def _delayed(self, name: str, inner: Handle, issued_s: float, issued_ns: int, done_s: float) -> Handle:
-        """Block until the real operation is done and the modeled time has passed; the sleep counts as wait."""
-        def block() -> None:
-            remaining = done_s - time.monotonic()
-            if remaining > 0:
-                time.sleep(remaining)
+    def _issue(self, name: str, sent_by_peer: Sequence[int], received_by_peer: Sequence[int], issue,
+               every_peer: bool = False) -> Handle:
+        """Post this operation's transfer and issue it; ``wait()`` waits for the real operation, then sleeps until
+        the modeled completion (both count as wait, sleeping leaves the cores to the computation)."""
+        issued_s, issued_ns = time.monotonic(), now_ns()
+        nic_done_s, reads = self._model(issued_s, sent_by_peer, received_by_peer, every_peer)
+        inner = issue()
 
         def finish():
             result = inner.wait()
+            if self._board is not None:
+                arrived_s = max([nic_done_s] + [self._board.read(p, op) for p, op in reads])
+                done_s = arrived_s + self.network.latency_us * 1e-6
+                slept = time.monotonic()
+                if done_s > slept:
+                    time.sleep(done_s - slept)
+                self.stats.record_wait(name, time.monotonic() - slept)
             if self.timeline is not None:
                 self.timeline.add(name, name, issued_ns, now_ns())
             return result
 
-        return Handle(block, finish, lambda seconds: self.stats.record_wait(name, seconds))
+        return Handle(lambda: None, finish, lambda seconds: None)
 
     # ---- the protocol ----------------------------------------------------------------------------
 
     def all_to_all(self, output: torch.Tensor, input: torch.Tensor, output_splits: Sequence[int],
                    input_splits: Sequence[int], *, name: str = "all_to_all") -> Handle[torch.Tensor]:
-        issued_s, issued_ns = time.monotonic(), now_ns()
-        handle = self.inner.all_to_all(output, input, output_splits, input_splits, name=name)
         sent = [s * traffic.row_bytes(input) for s in input_splits]
         received = [s * traffic.row_bytes(output) for s in output_splits]
-        return self._delayed(name, handle, issued_s, issued_ns, self._done_at(issued_s, sent, received))
+        return self._issue(name, sent, received,
+                           lambda: self.inner.all_to_all(output, input, output_splits, input_splits, name=name))
 
     def all_gather(self, output: torch.Tensor, input: torch.Tensor, *,
                    name: str = "all_gather") -> Handle[torch.Tensor]:
@@ -133,23 +163,20 @@ class SimulatedNetworkTransport:
                                 lambda: self.inner.all_reduce(tensor, reduce=reduce, name=name))
 
     def broadcast(self, tensor: torch.Tensor, src: int, *, name: str = "broadcast") -> Handle[torch.Tensor]:
-        return self._collective(name, traffic.broadcast(tensor, src, self.rank, self.world_size),
-                                lambda: self.inner.broadcast(tensor, src, name=name))
+        """Only the source sends: every other rank waits for the source alone."""
+        sent = [tensor.nbytes if self.rank == src and p != src else 0 for p in range(self.world_size)]
+        received = [tensor.nbytes if p == src != self.rank else 0 for p in range(self.world_size)]
+        return self._issue(name, sent, received, lambda: self.inner.broadcast(tensor, src, name=name))
 
     def batch_p2p(self, ops: Sequence[PeerOp], *, name: str = "p2p") -> Handle[None]:
-        issued_s, issued_ns = time.monotonic(), now_ns()
-        handle = self.inner.batch_p2p(ops, name=name)
         sent, received = [0] * self.world_size, [0] * self.world_size
         for op in ops:
             (sent if op.kind == "send" else received)[op.peer] += op.tensor.nbytes
-        return self._delayed(name, handle, issued_s, issued_ns, self._done_at(issued_s, sent, received))
+        return self._issue(name, sent, received, lambda: self.inner.batch_p2p(ops, name=name))
 
     def barrier(self, *, name: str = "barrier") -> Handle[None]:
         return self._collective(name, (0, 0), lambda: self.inner.barrier(name=name))
 
     def _collective(self, name: str, sent_received: tuple[int, int], issue) -> Handle:
-        issued_s, issued_ns = time.monotonic(), now_ns()
-        handle = issue()
         sent, received = sent_received
-        return self._delayed(name, handle, issued_s, issued_ns,
-                             self._done_at(issued_s, self._even(sent), self._even(received)))
+        return self._issue(name, self._even(sent), self._even(received), issue, every_peer=True)

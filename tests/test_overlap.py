@@ -1,8 +1,9 @@
 """Overlap changes when things happen, never what is computed: chunked dispatch/compute/combine, sub-batches
-interleaved through a block (one's attention while another's tokens travel), the FSSDP
-backward reduce-scatter waited at the end of backward, the prefetched re-gather and the simulated network all
-reproduce the single-process run (tests/parity.py's tolerances). The simulated network delays without burning
-CPU, and a profiled step's trace has the compute track and a track per collective."""
+interleaved through a block (one's attention while another's tokens travel), the FSSDP backward reduce-scatter
+waited at the end of backward, the prefetched re-gather and the simulated network all reproduce the
+single-process run (tests/parity.py's tolerances). The simulated network delays without burning CPU, a late
+sender's rows arrive a whole transfer after it sends them, and a profiled step's trace has the compute track and
+a track per collective."""
 from __future__ import annotations
 
 import time
@@ -38,10 +39,12 @@ COMMON = [f"moe.num_experts={EXPERTS}"]
 # 0.08 Gbit/s = 10 MB/s: the ~1 MB each rank sends to the other node takes ~100 ms on the simulated link
 SLOW = SimulatedNetwork(2, 0.08, 1000.0)
 SLOW_BYTES = 1_000_000  # sent by each rank, split evenly over its peers
+LATE_S = 0.3  # the last rank issues the second exchange this late
 
 
 def _slow_exchange() -> dict:
-    """One all-to-all over the SLOW link: wall time, this process's CPU time while waiting, and the numbers."""
+    """One all-to-all over the SLOW link: wall time, this process's CPU time while waiting, and the numbers; then
+    one that the last rank issues LATE_S late: the first rank's wall time (its data arrives a transfer later)."""
     rank, world = dist.get_rank(), dist.get_world_size()
     transport = SimulatedNetworkTransport(TorchTransport(), SLOW, [SLOW.node_of(r, world) for r in range(world)])
     rows = SLOW_BYTES // (4 * 1000 * (world - 1))
@@ -50,11 +53,18 @@ def _slow_exchange() -> dict:
     start, cpu = time.monotonic(), time.process_time()
     handle = transport.all_to_all(out, x, [rows] * world, [rows] * world)
     handle.wait()
+    wall_s, cpu_s = time.monotonic() - start, time.process_time() - cpu
+    wait_s = transport.stats.snapshot()["all_to_all"].wait_s
     remote = sum(SLOW.node_of(r, world) != SLOW.node_of(rank, world) for r in range(world))
-    return {"wall_s": time.monotonic() - start, "cpu_s": time.process_time() - cpu,
+    correct = torch.equal(out, torch.arange(world).float().repeat_interleave(rows)[:, None].expand_as(out))
+    dist.barrier()
+    start = time.monotonic()
+    if rank == world - 1:
+        time.sleep(LATE_S)
+    transport.all_to_all(out, x, [rows] * world, [rows] * world).wait()
+    return {"wall_s": wall_s, "cpu_s": cpu_s, "wait_s": wait_s, "correct": correct,
             "modeled_s": SLOW.transfer_s(remote * rows * 4000) + SLOW.latency_us * 1e-6,
-            "correct": torch.equal(out, torch.arange(world).float().repeat_interleave(rows)[:, None].expand_as(out)),
-            "wait_s": transport.stats.snapshot()["all_to_all"].wait_s}
+            "late_wall_s": time.monotonic() - start}
 
 
 def _worker(cases: dict, cfg_dicts: list[dict], profile_first: bool) -> dict | None:
@@ -96,6 +106,8 @@ def test_overlap_and_simulated_network_match_single_process(world, cases, refere
     assert exchange["wall_s"] >= modeled * 0.99, f"{exchange['wall_s']:.3f} s < modeled {modeled:.3f} s"
     assert exchange["wait_s"] >= modeled * 0.5, "the modeled delay must count as wait time"  # less issue time
     assert exchange["cpu_s"] < 0.5 * exchange["wall_s"], f"the delay burnt CPU: {exchange}"
+    assert exchange["late_wall_s"] >= (LATE_S + modeled) * 0.99, \
+        f"rank 0 got the late rank's rows before they could cross the link: {exchange}"
 
     if world == 2:
         events = got["results"]["ep-chunks3"]["trace"]["traceEvents"]
