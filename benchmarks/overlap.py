@@ -23,6 +23,9 @@ configuration:
                   pairing cancels most of this machine's slow drifts; the step-to-step spread is tens of ms)
     hidden        saved / min(t_comm, t_compute): the share of the hideable time that was hidden; chunks hidden
                   the same for chunks only; transfer hidden = saved / min(t_transfer, t_compute)
+    cores idle    the share of this machine's core time left idle during a step (/proc/stat), off / on: how
+                  much of the machine the communication leaves unused (on 4 ranks over 2 cores a rank's wait is
+                  mostly another rank's compute)
     link adds     behind the simulated link: median over iterations of (step behind the link - the loopback step
                   measured beside it), overlap off and on; link time hidden = 1 - on / off. t_comm also counts
                   the loopback copies, which are CPU work on cores the ranks share, and waits for ranks that
@@ -48,6 +51,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -191,27 +195,40 @@ def blocked_and_transfer(waits: torch.Tensor) -> tuple[float, float]:
 
 def measure(shape: str, transports: dict, chunks: int, sub_batches: int, iters: int, warmup: int) -> dict:
     """Per network: alternate off / chunks / on, and the networks too, so every iteration holds all six steps
-    back to back; returns each network's per-iteration step times and its blocked time with overlap off."""
+    back to back (each iteration starting one step later in the cycle, so that no step always runs first);
+    returns each network's per-iteration step times, idle core shares and its blocked time with overlap off."""
     variants = {"off": (1, 1), "chunks": (chunks, 1), "on": (chunks, sub_batches)}
     blocks = {(net, name): build(shape, transport, *variant)
               for net, transport in transports.items() for name, variant in variants.items()}
     times = {key: [] for key in blocks}
+    idle = {key: [] for key in blocks}
     comm = {net: [] for net in transports}
+    order = list(blocks)
     for i in range(warmup + iters):
-        for (net, name), (block, x, rope) in blocks.items():
+        for net, name in order[i % len(order):] + order[:i % len(order)]:  # each step first in turn
+            block, x, rope = blocks[net, name]
             before = transports[net].stats.snapshot()
             dist.barrier()
-            start = time.perf_counter()
+            start, idle_before = time.perf_counter(), idle_core_s()
             step(block, x, rope)
+            idle_share = (idle_core_s() - idle_before) / (os.cpu_count() * (time.perf_counter() - start))
             elapsed = slowest(time.perf_counter() - start)
             waits = moe_exchanges(transports[net], before)[0]
             if i >= warmup:
                 times[net, name].append(elapsed)
+                idle[net, name].append(idle_share)
                 if name == "off":
                     comm[net].append(blocked_and_transfer(waits))
     return {net: {"times": {name: times[net, name] for name in variants},
+                  "idle": {name: statistics.median(idle[net, name]) for name in variants},
                   "t_comm": statistics.median(c for c, _ in comm[net]),
                   "t_transfer": statistics.median(t for _, t in comm[net])} for net in transports}
+
+
+def idle_core_s() -> float:
+    """Idle CPU seconds summed over this machine's cores since boot (/proc/stat: idle + iowait)."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+    return (int(fields[4]) + int(fields[5])) / os.sysconf("SC_CLK_TCK")
 
 
 def paired(a: list[float], b: list[float], op) -> float:
@@ -259,7 +276,8 @@ def worker(shapes: list[str], chunks: int, sub_batches: int, iters: int, warmup:
                    "on_over_off": paired(t["off"], t["on"], lambda off, on: on / off), "saved_ms": 1e3 * saved,
                    "hidden": saved / hideable if hideable > 0 else None,
                    "chunks_hidden": saved_chunks / hideable if hideable > 0 else None,
-                   "transfer_hidden": saved / transferable if transferable > 0 else None, "bytes_per_step": nbytes}
+                   "transfer_hidden": saved / transferable if transferable > 0 else None, "bytes_per_step": nbytes,
+                   "idle_off": m["idle"]["off"], "idle_on": m["idle"]["on"]}
             if ratio is not None:  # what the link adds to each step, paired with the loopback step beside it
                 added_off = paired(t["off"], loop["off"], lambda sim, raw: sim - raw)
                 added_on = paired(t["on"], loop["on"], lambda sim, raw: sim - raw)
@@ -302,15 +320,17 @@ def main(argv: list[str] | None = None) -> int:
             prefetch += run_workers(fssdp_worker, ranks, args.shapes, args.iters, args.warmup, args.prefetch_link_ratio,
                                     args.latency_us, timeout_s=3600)[0]
     print("| shape | ranks | network | link ratio | Gbit/s | t_off ms | t_chunks ms | t_on ms | on/off | saved ms "
-          "| t_comm ms | t_transfer ms | t_compute ms | t_experts ms | chunks hidden | hidden | transfer hidden |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| t_comm ms | t_transfer ms | t_compute ms | t_experts ms | chunks hidden | hidden | transfer hidden "
+          "| cores idle off / on |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         gbps = f"{r['inter_node_gbps']:.2f}" if r["inter_node_gbps"] else "-"
         ratio = f"{r['link_ratio']:g}" if r["link_ratio"] else "-"
         print(f"| {r['shape']} | {r['ranks']} | {r['network']} | {ratio} | {gbps} | {r['t_off_ms']:.1f} | "
               f"{r['t_chunks_ms']:.1f} | {r['t_on_ms']:.1f} | {r['on_over_off']:.3f} | {r['saved_ms']:.1f} | "
               f"{r['t_comm_ms']:.1f} | {r['t_transfer_ms']:.1f} | {r['t_compute_ms']:.1f} | {r['t_experts_ms']:.1f} | "
-              f"{percent(r['chunks_hidden'])} | {percent(r['hidden'])} | {percent(r['transfer_hidden'])} |")
+              f"{percent(r['chunks_hidden'])} | {percent(r['hidden'])} | {percent(r['transfer_hidden'])} | "
+              f"{percent(r['idle_off'])} / {percent(r['idle_on'])} |")
     print("\n| shape | ranks | link ratio | link adds, off ms | link adds, on ms | link time hidden |")
     print("|---|---|---|---|---|---|")
     for r in rows:

@@ -23,7 +23,7 @@ import torch
 from hecate.collectives.errors import CollectiveError
 from hecate.collectives.transport import Transport
 
-SLOTS = 1024  # operations a sender may run ahead of a receiver's wait, per pair
+SLOTS = 256  # operations a sender may issue ahead of a receiver's wait, per pair (a step has dozens)
 PATH_BYTES = 256
 POLL_S = 50e-6
 TIMEOUT_S = 600.0
@@ -36,14 +36,14 @@ class SendBoard:
     def __init__(self, transport: Transport):
         self.rank, world = transport.rank, transport.world_size
         size = world * world * SLOTS * 2 * 8
-        path_U8 = torch.zeros(PATH_BYTES, dtype=torch.uint8)
+        path_bytes = torch.zeros(PATH_BYTES, dtype=torch.uint8)
         if self.rank == 0:
             fd, path = tempfile.mkstemp(prefix="hecate-simnet-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
             os.ftruncate(fd, size)
             os.close(fd)
-            path_U8[:len(path)] = torch.tensor(list(path.encode()), dtype=torch.uint8)
-        transport.broadcast(path_U8, 0, name="simnet.board").wait()
-        path = bytes(path_U8.tolist()).rstrip(b"\0").decode()
+            path_bytes[:len(path)] = torch.tensor(list(path.encode()), dtype=torch.uint8)
+        transport.broadcast(path_bytes, 0, name="simnet.board").wait()
+        path = bytes(path_bytes.tolist()).rstrip(b"\0").decode()
         try:
             fd = os.open(path, os.O_RDWR)
         except FileNotFoundError as e:
