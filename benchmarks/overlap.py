@@ -211,8 +211,9 @@ def measure(shape: str, transports: dict, chunks: int, sub_batches: int, iters: 
             dist.barrier()
             start, idle_before = time.perf_counter(), idle_core_s()
             step(block, x, rope)
-            idle_share = (idle_core_s() - idle_before) / (os.cpu_count() * (time.perf_counter() - start))
-            elapsed = slowest(time.perf_counter() - start)
+            local_s = time.perf_counter() - start
+            idle_share = (idle_core_s() - idle_before) / (os.cpu_count() * local_s)
+            elapsed = slowest(local_s)
             waits = moe_exchanges(transports[net], before)[0]
             if i >= warmup:
                 times[net, name].append(elapsed)

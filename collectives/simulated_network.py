@@ -102,8 +102,9 @@ class SimulatedNetworkTransport:
         with self._lock:
             start = max(issued_s, self._nic_free_s)
             self._nic_free_s = start + self.network.transfer_s(max(out, into))
+            sent_s = start + self.network.transfer_s(out)
             for p in receivers:
-                self._board.post(p, self._sent_ops[p], start + self.network.transfer_s(out))
+                self._board.post(p, self._sent_ops[p], sent_s)
                 self._sent_ops[p] += 1
             reads = [(p, self._received_ops[p]) for p in senders]
             for p in senders:

@@ -53,6 +53,8 @@ class StartedMoE:
     sums: RouterSums  # reduced over the reduce group
     capacity: int | None
     flight: Any  # the dispatcher's
+
+
 class MoE(nn.Module):
     """x_BSD -> y_BSD (same shape and dtype). Weights: router gate and experts ~ Normal(0, init_std); the
     experts' (and shared expert's) output matrix ~ Normal(0, out_init_std), default init_std - pass
