@@ -10,7 +10,8 @@ configuration:
     t_off, t_on   median step time (slowest rank of each iteration); t_chunks likewise, chunks only
     on/off        median over iterations of t_on,i / t_off,i
     t_comm        time blocked in the MoE exchanges with overlap off (they are synchronous then, so this is
-                  the communication time), median, slowest rank
+                  the communication time), median; per iteration the most any rank was blocked (the rank that
+                  waits longest for the others: the largest, most conservative figure)
     t_transfer    the exchanges' own time without the waits for slower ranks: per exchange, the shortest time any
                   rank was blocked in it (the rank that issues it last waits only for the transfer), summed over the
                   step's exchanges with overlap off, median; t_comm - t_transfer is waiting for other ranks
@@ -185,8 +186,8 @@ def moe_exchanges(transport, before: dict) -> tuple[torch.Tensor, int]:
 
 
 def blocked_and_transfer(waits: torch.Tensor) -> tuple[float, float]:
-    """The slowest rank's total blocked time, and the exchanges' own time: per exchange the shortest wait of any
-    rank (the last to issue it waits for the transfer only), summed. With overlap off every op name is one
+    """The longest total blocked time of any rank, and the exchanges' own time: per exchange the shortest wait of
+    any rank (the last to issue it waits for the transfer only), summed. With overlap off every op name is one
     exchange a step."""
     shortest = waits.clone()
     dist.all_reduce(shortest, dist.ReduceOp.MIN)
