@@ -242,6 +242,11 @@ def paired(a: list[float], b: list[float], op) -> float:
     return statistics.median(op(x, y) for x, y in zip(a, b))
 
 
+def share(part: float, whole: float) -> float | None:
+    """part / whole, or None when there is nothing to share (whole <= 0)."""
+    return part / whole if whole > 0 else None
+
+
 def fssdp_worker(shapes: list[str], iters: int, warmup: int, link_ratio: float, latency_us: float) -> list | None:
     rows = [measure_fssdp(shape, iters, warmup, link_ratio, latency_us) for shape in shapes]
     return rows if dist.get_rank() == 0 else None
@@ -280,17 +285,17 @@ def worker(shapes: list[str], chunks: int, sub_batches: int, iters: int, warmup:
                    "t_comm_ms": 1e3 * t_comm, "t_transfer_ms": 1e3 * m["t_transfer"], "t_compute_ms": 1e3 * t_compute,
                    "t_experts_ms": 1e3 * t_experts,
                    "on_over_off": paired(t["off"], t["on"], lambda off, on: on / off), "saved_ms": 1e3 * saved,
-                   "hidden": saved / hideable if hideable > 0 else None,
-                   "chunks_hidden": saved_chunks / hideable if hideable > 0 else None,
-                   "transfer_hidden": saved / transferable if transferable > 0 else None, "bytes_per_step": nbytes,
+                   "hidden": share(saved, hideable),
+                   "chunks_hidden": share(saved_chunks, hideable),
+                   "transfer_hidden": share(saved, transferable), "bytes_per_step": nbytes,
                    "idle_off": m["idle"]["off"], "idle_on": m["idle"]["on"]}
             if ratio is not None:  # what the link adds to each step, paired with the loopback step beside it
                 added_off = paired(t["off"], loop["off"], lambda sim, raw: sim - raw)
                 added_on = paired(t["on"], loop["on"], lambda sim, raw: sim - raw)
                 whole_link = paired(t["off"], loop["on"], lambda sim_off, raw_on: sim_off - raw_on)
                 row.update(link_added_off_ms=1e3 * added_off, link_added_on_ms=1e3 * added_on,
-                           link_hidden=1 - added_on / added_off if added_off > 0 else None,
-                           hidden_ceiling=whole_link / hideable if hideable > 0 else None)
+                           link_hidden=share(added_off - added_on, added_off),
+                           hidden_ceiling=share(whole_link, hideable))
             rows.append(row)
     return rows if rank == 0 else None
 

@@ -122,22 +122,20 @@ class SimulatedNetworkTransport:
         the modeled completion (both count as wait, sleeping leaves the cores to the computation)."""
         issued_s, issued_ns = time.monotonic(), now_ns()
         nic_done_s, reads = self._model(issued_s, sent_by_peer, received_by_peer, every_peer)
-        inner = issue()
 
-        def finish():
-            result = inner.wait()
+        def arrive(result):
             if self._board is not None:
+                blocked_from = time.monotonic()
                 arrived_s = max([nic_done_s] + [self._board.read(p, op) for p, op in reads])
-                done_s = arrived_s + self.network.latency_us * 1e-6
-                slept = time.monotonic()
-                if done_s > slept:
-                    time.sleep(done_s - slept)
-                self.stats.record_wait(name, time.monotonic() - slept)
+                remaining = arrived_s + self.network.latency_us * 1e-6 - time.monotonic()
+                if remaining > 0:
+                    time.sleep(remaining)
+                self.stats.record_wait(name, time.monotonic() - blocked_from)
             if self.timeline is not None:
                 self.timeline.add(name, name, issued_ns, now_ns())
             return result
 
-        return Handle(lambda: None, finish, lambda seconds: None)
+        return issue().then(arrive)  # the inner operation's own wait is recorded by the inner transport
 
     # ---- the protocol ----------------------------------------------------------------------------
 
