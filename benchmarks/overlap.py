@@ -39,6 +39,8 @@ configuration:
 on raw loopback (gloo on this machine's cores) and behind the simulated network (``--sim-nodes``: every rank its
 own node), every network's three variants back to back in each iteration, with the link's bandwidth set so that
 one step's transfers take about as long as the experts' compute (``--link-ratios``, default 1, x t_experts).
+Each rank is bound to cores of its own (with more ranks than cores, ranks r and r + cores share one), as mpirun
+binds ranks; ``--no-bind-cores`` leaves them free.
 
 FSSDP prefetch (``--fssdp``): the same block under the FSSDP engine with the ``fsdp`` policy (every expert
 gathered every step, the most there is to hide) behind a link on which the SparseAllGather takes
@@ -318,6 +320,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="--fssdp's link: the gather's transfer time / the attention forward (default 1)")
     parser.add_argument("--latency-us", type=float, default=20.0)
     parser.add_argument("--fssdp", action="store_true", help="also measure the FSSDP gather / reduce-scatter hiding")
+    parser.add_argument("--no-bind-cores", dest="bind_cores", action="store_false",
+                        help="leave the ranks free to run on any core (default: each rank bound to cores of its own)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -328,10 +332,10 @@ def main(argv: list[str] | None = None) -> int:
     rows, prefetch = [], []
     for ranks in args.ranks:
         rows += run_workers(worker, ranks, args.shapes, args.chunks, args.sub_batches, args.iters, args.warmup,
-                            args.link_ratios, args.latency_us, timeout_s=3600)[0]
+                            args.link_ratios, args.latency_us, timeout_s=3600, bind_cores=args.bind_cores)[0]
         if args.fssdp:
             prefetch += run_workers(fssdp_worker, ranks, args.shapes, args.iters, args.warmup, args.prefetch_link_ratio,
-                                    args.latency_us, timeout_s=3600)[0]
+                                    args.latency_us, timeout_s=3600, bind_cores=args.bind_cores)[0]
     print("| shape | ranks | network | link ratio | Gbit/s | t_off ms | t_chunks ms | t_on ms | on/off | saved ms "
           "| t_comm ms | t_transfer ms | t_compute ms | t_experts ms | chunks hidden | hidden | transfer hidden "
           "| cores idle off / on |")
@@ -359,6 +363,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{r['t_loopback_ms']:.1f} | {r['t_simulated_ms']:.1f} | {r['transfer_ms']:.1f} | "
                   f"{r['exposed_ms']:.1f} | {percent(r['hidden'])} |")
     if args.json:
+        for r in rows + prefetch:
+            r["bind_cores"] = args.bind_cores
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(rows + prefetch, indent=1))
     return 0

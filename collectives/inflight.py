@@ -9,8 +9,9 @@ per exchange and nothing else; the schedule stays in the caller (``parallel/moe/
 Concurrency per transport:
 - gloo: ``async_op=True`` queues the work on the process group's own worker threads, so the transfer proceeds
   while this thread computes. Those threads are not torch's intra-op pool: keep ``torch.set_num_threads`` at
-  (cores / ranks per machine) - what ``--simulate`` and the launchers set - so the compute threads leave the
-  communication threads a core's share instead of preempting them (on 2 cores with 2 ranks: 1 thread each).
+  (cores / ranks per machine, and no more than the cores of a rank bound to some) - what ``--simulate`` and the
+  launchers set - so the compute threads leave the communication threads a core's share instead of preempting
+  them (on 2 cores with 2 ranks: 1 thread each).
 - NCCL (torch.distributed) and cupy-NCCL: the collective runs on the library's communication stream. A GPU
   caller must keep the stream/event discipline: the input is produced on the compute stream, so the
   communication stream waits on an event recorded there before it reads (torch's NCCL process group does this

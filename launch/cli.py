@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="with --sim-nodes: inter-node link bandwidth in Gbit/s (transfers are delayed to it)")
     train.add_argument("--sim-latency-us", type=float, default=0.0, metavar="L",
                        help="with --sim-nodes: inter-node latency in microseconds (default 0)")
+    train.add_argument("--sim-bind-cores", action="store_true",
+                       help="with --simulate: bind each rank to cores of its own, as mpirun binds ranks (ranks "
+                            "r and r + cores share one when there are more ranks than cores)")
     train.add_argument("--profile-step", type=int, default=None, metavar="K",
                        help="write a Chrome/Perfetto timeline of step K (compute and each collective on its own "
                             "track) to RUN_DIR/profile_stepK.json; same as -o logging.profile_step=K")
@@ -191,9 +194,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     setup_logging(None, rank=0, level=cfg.logging.level)
     if args.simulate is not None and args.launcher is not None:
         raise HecateError("--simulate and --launcher exclude each other: pick one way to start the workers")
+    if args.sim_bind_cores and args.simulate is None:
+        raise HecateError("--sim-bind-cores binds simulated ranks to cores: it needs --simulate N")
     network = _simulated_network(args)
     if args.simulate is not None:
-        summary = _train_simulated(cfg, args.simulate, args.resume, args.fresh, network)
+        summary = _train_simulated(cfg, args.simulate, args.resume, args.fresh, network, args.sim_bind_cores)
     elif args.launcher is not None:
         summary = _train_launched(args, cfg)
     else:
@@ -242,16 +247,15 @@ def _simulated_network(args: argparse.Namespace):
     return network
 
 
-def _train_simulated(cfg, world: int, resume: bool, fresh: bool, network=None) -> dict:
+def _train_simulated(cfg, world: int, resume: bool, fresh: bool, network=None, bind_cores: bool = False) -> dict:
     """Validate everything here, then run ``world`` workers on this machine; the first failure stops all."""
-    import os
-
+    from hecate.launch.environment import usable_cores
     from hecate.launch.simulate import network_environment, start_workers
     from hecate.launch.worker import run_from_environment
     from hecate.trainer.plan import layout_of
     from hecate.trainer.train import prepare_run_dir
 
-    cores = os.cpu_count() or 1
+    cores = len(usable_cores())
     if not 1 <= world <= MAX_SIMULATED_PER_CORE * cores:
         raise HecateError(f"--simulate {world}: this machine has {cores} cores; simulate between 1 and "
                           f"{MAX_SIMULATED_PER_CORE * cores} ranks")
@@ -260,7 +264,7 @@ def _train_simulated(cfg, world: int, resume: bool, fresh: bool, network=None) -
     _ensure_data(cfg.data)
     prepare_run_dir(Path(cfg.train.run_dir), resume, fresh)
     group = start_workers(run_from_environment, world, (cfg.to_dict(), resume),
-                          threads_per_worker=max(1, cores // world), backend=None,
+                          threads_per_worker=max(1, cores // world), backend=None, bind_cores=bind_cores,
                           env=network_environment(network) if network else None)
     return group.join(timeout_s=SIMULATE_TIMEOUT_S)[0]
 

@@ -161,6 +161,14 @@ def _slurm_tasks_on_this_node(environ: Mapping[str, str]) -> int:
     return counts[node]
 
 
+def usable_cores() -> list[int]:
+    """The cores this process may run on: its affinity (a launcher that binds ranks, a container's cpuset), or
+    every core where the OS has no affinity call."""
+    if hasattr(os, "sched_getaffinity"):
+        return sorted(os.sched_getaffinity(0))
+    return list(range(os.cpu_count() or 1))
+
+
 def store_listener(address: str, port: int) -> tuple[int, dict[str, int]]:
     """(port, ``TCPStore`` keyword arguments) for the store's host: a store for a loopback address listens on
     loopback only, on ``port`` or (0) one the OS picks - the store alone binds every interface; for any other

@@ -5,6 +5,11 @@ so two jobs never race for one) and every worker gets the environment torchrun w
 ``TORCHELASTIC_USE_AGENT_STORE=True`` so that ``init_process_group("env://")`` connects to the parent's store.
 Workers report on a pipe; the parent watches pipes and process sentinels together, so a worker that raises
 or dies takes the job down at once with its rank and reason, and nothing is left running.
+
+With ``bind_cores`` each worker runs on cores of its own, as ``mpirun --bind-to core`` places ranks: left free,
+the kernel moves ranks between cores and lets one run ahead of another that shares its core, and the ranks that
+finish a phase first wait in the next collective for the others - waiting that a single-rank-per-device cluster
+does not have.
 """
 from __future__ import annotations
 
@@ -29,7 +34,7 @@ import torch.distributed as dist
 
 from hecate.collectives.errors import HecateError, WorkerFailure
 from hecate.collectives.simulated_network import SimulatedNetwork
-from hecate.launch.environment import store_listener
+from hecate.launch.environment import store_listener, usable_cores
 
 T = TypeVar("T")
 
@@ -41,8 +46,8 @@ ROOT_CAUSE_WAIT_S = 2.0  # after a rank raises, how long to look for a peer whos
 
 SIM_NETWORK_ENV = "HECATE_SIM_NETWORK"  # "nodes,gbps,latency_us" for the workers of a simulated network
 
-__all__ = ["WorkerFailure", "WorkerGroup", "network_environment", "network_from_environment", "run_workers",
-           "start_workers", "worker_environment"]
+__all__ = ["WorkerFailure", "WorkerGroup", "core_sets", "network_environment", "network_from_environment",
+           "run_workers", "start_workers", "worker_environment"]
 
 
 def worker_environment(rank: int, world_size: int, master_port: int) -> dict[str, str]:
@@ -71,10 +76,27 @@ def network_from_environment() -> SimulatedNetwork | None:
     return SimulatedNetwork(int(nodes), float(gbps), float(latency_us))
 
 
-def _worker_main(conn, fn, args, environ, threads, backend, stack_path) -> None:
+def core_sets(world_size: int, cores: list[int]) -> list[list[int]]:
+    """The cores each rank is bound to: an equal block of ``cores`` each when there are enough of them, else one
+    core each, dealt round-robin (rank r on ``cores[r % len(cores)]``)."""
+    per_rank = len(cores) // world_size
+    if per_rank >= 1:
+        return [cores[r * per_rank:(r + 1) * per_rank] for r in range(world_size)]
+    return [[cores[r % len(cores)]] for r in range(world_size)]
+
+
+def _bind(cores: list[int]) -> None:
+    """Bind every thread of this process to ``cores``; threads started later inherit it from their starter."""
+    for thread_id in os.listdir("/proc/self/task"):
+        os.sched_setaffinity(int(thread_id), cores)
+
+
+def _worker_main(conn, fn, args, environ, threads, backend, stack_path, cores) -> None:
     """Body of one worker process: set up, run ``fn``, report ``("ok", value)`` or ``("error", traceback)`` (one
     line for a :class:`HecateError`)."""
     _die_with_parent()
+    if cores is not None:
+        _bind(cores)
     os.environ.update(environ)
     with open(stack_path, "w") as stack_file:
         faulthandler.register(signal.SIGUSR1, file=stack_file, all_threads=True)
@@ -234,11 +256,16 @@ def start_workers(
     env: dict[str, str] | None = None,
     threads_per_worker: int = 1,
     backend: str | None = "gloo",
+    bind_cores: bool = False,
 ) -> WorkerGroup:
     """Start ``world_size`` spawned workers running ``fn(*args)``; ``backend=None`` leaves process-group set-up
-    to ``fn`` (a trainer entry point that calls ``init_process_group`` itself, as under torchrun)."""
+    to ``fn`` (a trainer entry point that calls ``init_process_group`` itself, as under torchrun);
+    ``bind_cores`` binds rank r to ``core_sets(world_size, cores this process may use)[r]``."""
     if world_size < 1:
         raise HecateError(f"world_size must be at least 1, got {world_size}")
+    if bind_cores and not hasattr(os, "sched_setaffinity"):
+        raise HecateError(f"binding workers to cores needs os.sched_setaffinity (Linux); {sys.platform} has none")
+    cores = core_sets(world_size, usable_cores()) if bind_cores else [None] * world_size
     try:
         pickle.dumps((fn, args))
     except Exception as e:
@@ -256,7 +283,8 @@ def start_workers(
             environ = worker_environment(rank, world_size, store.port) | (env or {})
             process = context.Process(
                 target=_worker_main,
-                args=(child_conn, fn, args, environ, threads_per_worker, backend, group._stack_path(rank)),
+                args=(child_conn, fn, args, environ, threads_per_worker, backend, group._stack_path(rank),
+                      cores[rank]),
                 name=f"hecate-worker-{rank}",
             )
             process.start()
@@ -276,7 +304,9 @@ def run_workers(
     timeout_s: float = 600.0,
     env: dict[str, str] | None = None,
     threads_per_worker: int = 1,
+    bind_cores: bool = False,
 ) -> list[T]:
     """Run ``fn(*args)`` on ``world_size`` fresh processes joined in one gloo group; return results by rank."""
-    group = start_workers(fn, world_size, args, env=env, threads_per_worker=threads_per_worker)
+    group = start_workers(fn, world_size, args, env=env, threads_per_worker=threads_per_worker,
+                          bind_cores=bind_cores)
     return group.join(timeout_s)

@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from hecate.collectives.errors import HecateError
 from hecate.collectives.timeline import Timeline
-from hecate.launch.environment import LaunchError, WorkerEnv, detect, store_listener
+from hecate.launch.environment import LaunchError, WorkerEnv, detect, store_listener, usable_cores
 from hecate.launch.hangs import CollectiveTimeout, waiting_in
 from hecate.launch.simulate import network_from_environment
 from hecate.parallel.parallelize import Parallel
@@ -42,8 +42,8 @@ def train_worker(cfg_dict: dict[str, Any], resume: bool, env: WorkerEnv | None =
                                    timeline=Timeline(rank) if cfg.logging.profile_step else None)
     trainer = Trainer(cfg, resume=resume, parallel=parallel)
     setup_logging(trainer.run_dir, rank=rank, level=cfg.logging.level)
-    log.info("rank %d of %d (pid %d); run folder %s; %s", rank, dist.get_world_size(), os.getpid(), trainer.run_dir,
-             trainer.describe())
+    log.info("rank %d of %d (pid %d) on cores %s with %d threads; run folder %s; %s", rank, dist.get_world_size(),
+             os.getpid(), usable_cores(), torch.get_num_threads(), trainer.run_dir, trainer.describe())
     if env is not None:
         log.info("started by %s", env.describe())
     log.info("MoE collectives over %s", type(parallel.ep).__name__)
@@ -83,9 +83,11 @@ def init_distributed(env: WorkerEnv, timeout_s: float) -> None:
 
 
 def set_threads(env: WorkerEnv) -> None:
-    """Share the node's cores among its workers (as ``--simulate`` does), unless OMP_NUM_THREADS says otherwise."""
+    """Share the node's cores among its workers (as ``--simulate`` does), no more threads than the cores this
+    worker may use (a launcher that binds ranks to cores), unless OMP_NUM_THREADS says otherwise."""
     if "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // env.local_world_size))
+        share = (os.cpu_count() or 1) // env.local_world_size
+        torch.set_num_threads(max(1, min(share, len(usable_cores()))))
 
 
 def run_from_environment(cfg_dict: dict[str, Any], resume: bool) -> dict[str, Any]:

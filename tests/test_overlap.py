@@ -124,6 +124,7 @@ def test_overlap_and_simulated_network_match_single_process(world, cases, refere
     (["--simulate", "2", "--sim-nodes", "3", "--sim-inter-node-gbps", "1"], "--sim-nodes 3"),
     (["--simulate", "2", "--sim-nodes", "2", "--sim-inter-node-gbps", "0"], "--sim-inter-node-gbps 0"),
     (["--sim-nodes", "2", "--sim-inter-node-gbps", "1"], "needs --simulate"),
+    (["--sim-bind-cores"], "--sim-bind-cores binds simulated ranks to cores: it needs --simulate N"),
     (["--simulate", "2", "-o", "moe.overlap_chunks=0", "--profile-step", "1"], "moe.overlap_chunks"),
     (["--simulate", "2", "--profile-step", "-1"], "logging.profile_step"),
     (["-o", "moe.overlap_sub_batches=2", "-o", "moe.capacity_factor=1.0"], "moe.overlap_sub_batches"),

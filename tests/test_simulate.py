@@ -1,6 +1,7 @@
 """The simulated cluster's process core: results by rank, and failures that name the rank and leave nothing."""
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -9,7 +10,8 @@ import torch
 import torch.distributed as dist
 
 from hecate.collectives.errors import CheckpointError, HecateError, WorkerFailure
-from hecate.launch.simulate import STOP_GRACE_S, run_workers, start_workers
+from hecate.launch.environment import usable_cores
+from hecate.launch.simulate import STOP_GRACE_S, core_sets, run_workers, start_workers
 
 # Spawning workers and importing torch takes a few seconds each on a loaded 2-core machine; a failure must
 # still be reported well before the other workers' collectives would time out on their own.
@@ -53,6 +55,16 @@ def _init_from_environment() -> float:
     dist.all_reduce(total)
     dist.destroy_process_group()
     return total.item()
+
+
+def _cores_of_every_thread() -> list[list[int]]:
+    """The cores of each of this worker's threads (gloo's among them), then those of a thread started now."""
+    later = []
+    thread = threading.Thread(target=lambda: later.append(sorted(os.sched_getaffinity(0))))
+    thread.start()
+    thread.join()
+    dist.barrier()
+    return [sorted(os.sched_getaffinity(int(tid))) for tid in os.listdir("/proc/self/task")] + later
 
 
 def _sleep_forever_on_rank_1() -> str:
@@ -135,6 +147,22 @@ def test_timeout_names_unfinished_ranks_and_where_they_wait():
     assert "timed out after 15.0 s; ranks [1] of 2 had not finished" in message
     assert "_sleep_forever_on_rank_1" in message
     assert caught.value.ranks == (1,)
+
+
+def test_core_sets_give_blocks_of_cores_or_deal_them_round_robin():
+    assert core_sets(2, [0, 1, 2, 3, 4, 5, 6, 7]) == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert core_sets(3, [0, 1, 2, 3, 4, 5, 6, 7]) == [[0, 1], [2, 3], [4, 5]]
+    assert core_sets(4, [2, 5]) == [[2], [5], [2], [5]]
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_bound_workers_run_every_thread_on_their_own_cores(world):
+    bound = run_workers(_cores_of_every_thread, world, timeout_s=120, bind_cores=True)
+    for rank, (cores, threads) in enumerate(zip(core_sets(world, usable_cores()), bound)):
+        assert len(threads) > 2, "gloo's threads and the one started later should be there"
+        assert threads == [cores] * len(threads), f"rank {rank}: threads on {threads}, bound to {cores}"
+    free = run_workers(_cores_of_every_thread, 2, timeout_s=120)
+    assert all(threads == [usable_cores()] * len(threads) for threads in free), free
 
 
 def test_function_that_cannot_be_pickled_is_refused_before_any_process_starts():

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from hecate.launch.environment import usable_cores
+from hecate.launch.simulate import core_sets
 from hecate.trainer.faults import ENV as FAULT_ENV
 
 EXAMPLE = "examples/tiny.yaml"
@@ -32,6 +34,12 @@ def train_args(data: Path, run: Path, *overrides: str) -> list[str]:
     for item in [f"data.dir={data}", f"train.run_dir={run}", *SMALL, *overrides]:
         args += ["-o", item]
     return args
+
+
+def worker_cores(run: Path) -> list[list[int]]:
+    """The cores each rank's log says it runs on, by rank."""
+    return [json.loads(log.read_text().split(" on cores ")[1].split(" with ")[0])
+            for log in sorted((run / "logs").glob("rank*.log"))]
 
 
 def losses(run: Path) -> list[float]:
@@ -64,13 +72,15 @@ def assert_all_gone(pids: list[int]) -> None:
     (2, ["fssdp.policy=fssdp", "fssdp.reshard_every=2"]),  # owners move at steps 2 and 4, across the resume
 ], ids=["dp4-ep2", "fssdp-reshard"])
 def test_simulated_run_resumes_identically(small_data, tmp_path, world, layout):
+    """The straight run binds its ranks to cores, the resumed one leaves them free: the losses are the same."""
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     done = hecate(*train_args(small_data, straight, *layout, "train.steps=6", "checkpoint.every=3"),
-                  "--simulate", str(world))
+                  "--simulate", str(world), "--sim-bind-cores")
     assert done.returncode == 0, done.stderr
     assert "done: 6 steps" in done.stdout
     assert sorted(p.name for p in (straight / "logs").iterdir()) == [f"rank{r}.log" for r in range(world)]
     assert len(set(worker_pids(straight))) == world
+    assert worker_cores(straight) == core_sets(world, usable_cores())
 
     first = hecate(*train_args(small_data, resumed, *layout, "train.steps=3", "checkpoint.every=3"),
                    "--simulate", str(world))
