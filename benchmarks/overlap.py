@@ -9,32 +9,31 @@ configuration:
 
     t_off, t_on   median step time (slowest rank of each iteration); t_chunks likewise, chunks only
     on/off        median over iterations of t_on,i / t_off,i
-    t_comm        time blocked in the MoE exchanges with overlap off (they are synchronous then, so this is
-                  the communication time), median; per iteration the most any rank was blocked (the rank that
-                  waits longest for the others: the largest, most conservative figure)
-    t_transfer    the exchanges' own time without the waits for slower ranks: per exchange, the shortest time any
-                  rank was blocked in it (the rank that issues it last waits only for the transfer), summed over the
-                  step's exchanges with overlap off, median; t_comm - t_transfer is waiting for other ranks
-    t_compute     t_off - t_comm
+    t_comm        the MoE exchanges' own time with overlap off (they are synchronous then): per exchange, the
+                  shortest time any rank was blocked in it (the rank that issues it last waits for the transfer
+                  only, not for other ranks), summed over the step's exchanges, median
+    t_blocked     time blocked in the MoE exchanges with overlap off, median; per iteration the most any rank was
+                  blocked: t_comm plus the waits for slower ranks. On 4 ranks over 2 cores most of the waiting is
+                  the rank that shares the core computing (the cores stand idle 1-2% of a loopback step): time the
+                  core is busy, which no overlap can give back, so it is not counted as communication
+    t_compute     t_off - t_blocked
     t_experts     the experts' own forward + backward on the rows a rank receives in a step (timed alone): the
                   only compute that chunks alone can run while the exchanges travel - attention, router and
                   permutations happen before the first dispatch or after the last combine; sub-batches add
                   the attention of one sub-batch under the exchanges of another
     saved         median over iterations of t_off,i - t_on,i (the two run back to back in each iteration, so the
                   pairing cancels most of this machine's slow drifts; the step-to-step spread is tens of ms)
-    hidden        saved / min(t_comm, t_compute): the share of the hideable time that was hidden; chunks hidden
-                  the same for chunks only; transfer hidden = saved / min(t_transfer, t_compute)
+    hidden        saved / min(t_comm, t_compute): the share of the hideable time that was hidden (the issue's
+                  figure); chunks hidden the same for chunks only; hidden with waits = saved / min(t_blocked,
+                  t_compute), the waits counted as communication too (a figure capped well below 100% when ranks
+                  share cores)
     cores idle    the share of this machine's core time left idle during a step (/proc/stat), off / on: how
                   much of the machine the communication leaves unused (on 4 ranks over 2 cores a rank's wait is
                   mostly another rank's compute)
     link adds     behind the simulated link: median over iterations of (step behind the link - the loopback step
-                  measured beside it), overlap off and on; link time hidden = 1 - on / off. t_comm also counts
-                  the loopback copies, which are CPU work on cores the ranks share, and waits for ranks that
-                  share a core: on 4 ranks over 2 cores most of it, so this isolates the link's own time
-    hidden ceiling
-                  behind the link: what hidden would be if overlap hid the whole link, i.e. if the on step behind
-                  the link took no longer than the on step on loopback beside it: median over iterations of
-                  (t_off behind the link - t_on on loopback) / min(t_comm, t_compute)
+                  measured beside it), overlap off and on; link time hidden = 1 - on / off: the simulated link's
+                  own time, without the loopback copies (CPU work on the cores the ranks compute on) that t_comm
+                  also holds
 
 on raw loopback (gloo on this machine's cores) and behind the simulated network (``--sim-nodes``: every rank its
 own node), every network's three variants back to back in each iteration, with the link's bandwidth set so that
@@ -191,7 +190,7 @@ def moe_exchanges(transport, before: dict) -> tuple[torch.Tensor, int]:
     return torch.tensor([op.wait_s for op in ops], dtype=torch.float64), sum(op.bytes_sent for op in ops)
 
 
-def blocked_and_transfer(waits: torch.Tensor) -> tuple[float, float]:
+def blocked_and_own(waits: torch.Tensor) -> tuple[float, float]:
     """The longest total blocked time of any rank, and the exchanges' own time: per exchange the shortest wait of
     any rank (the last to issue it waits for the transfer only), summed. With overlap off every op name is one
     exchange a step."""
@@ -203,7 +202,8 @@ def blocked_and_transfer(waits: torch.Tensor) -> tuple[float, float]:
 def measure(shape: str, transports: dict, chunks: int, sub_batches: int, iters: int, warmup: int) -> dict:
     """Per network: alternate off / chunks / on, and the networks too, so every iteration holds all six steps
     back to back (each iteration starting one step later in the cycle, so that no step always runs first);
-    returns each network's per-iteration step times, idle core shares and its blocked time with overlap off."""
+    returns each network's per-iteration step times, idle core shares and, with overlap off, its blocked time and
+    its exchanges' own time."""
     variants = {"off": (1, 1), "chunks": (chunks, 1), "on": (chunks, sub_batches)}
     blocks = {(net, name): build(shape, transport, *variant)
               for net, transport in transports.items() for name, variant in variants.items()}
@@ -226,11 +226,11 @@ def measure(shape: str, transports: dict, chunks: int, sub_batches: int, iters: 
                 times[net, name].append(elapsed)
                 idle[net, name].append(idle_share)
                 if name == "off":
-                    comm[net].append(blocked_and_transfer(waits))
+                    comm[net].append(blocked_and_own(waits))
     return {net: {"times": {name: times[net, name] for name in variants},
                   "idle": {name: statistics.median(idle[net, name]) for name in variants},
-                  "t_comm": statistics.median(c for c, _ in comm[net]),
-                  "t_transfer": statistics.median(t for _, t in comm[net])} for net in transports}
+                  "t_blocked": statistics.median(b for b, _ in comm[net]),
+                  "t_comm": statistics.median(c for _, c in comm[net])} for net in transports}
 
 
 def idle_core_s() -> float:
@@ -274,30 +274,26 @@ def worker(shapes: list[str], chunks: int, sub_batches: int, iters: int, warmup:
         loop = measured["loopback"]["times"]
         for net, m in measured.items():
             (ratio, gbps), t = links[net], m["times"]
-            t_off, t_comm = statistics.median(t["off"]), m["t_comm"]
-            t_compute = max(t_off - t_comm, 0.0)
-            hideable = min(t_comm, t_compute)
+            t_off, t_comm, t_blocked = statistics.median(t["off"]), m["t_comm"], m["t_blocked"]
+            t_compute = max(t_off - t_blocked, 0.0)
             saved = paired(t["off"], t["on"], lambda off, on: off - on)
             saved_chunks = paired(t["off"], t["chunks"], lambda off, on: off - on)
-            transferable = min(m["t_transfer"], t_compute)
             row = {"shape": shape, "ranks": world, "network": "loopback" if ratio is None else "simulated",
                    "link_ratio": ratio, "chunks": chunks, "sub_batches": sub_batches, "inter_node_gbps": gbps,
                    "latency_us": latency_us if gbps else None, "t_off_ms": 1e3 * t_off,
                    "t_chunks_ms": 1e3 * statistics.median(t["chunks"]), "t_on_ms": 1e3 * statistics.median(t["on"]),
-                   "t_comm_ms": 1e3 * t_comm, "t_transfer_ms": 1e3 * m["t_transfer"], "t_compute_ms": 1e3 * t_compute,
+                   "t_comm_ms": 1e3 * t_comm, "t_blocked_ms": 1e3 * t_blocked, "t_compute_ms": 1e3 * t_compute,
                    "t_experts_ms": 1e3 * t_experts,
                    "on_over_off": paired(t["off"], t["on"], lambda off, on: on / off), "saved_ms": 1e3 * saved,
-                   "hidden": share(saved, hideable),
-                   "chunks_hidden": share(saved_chunks, hideable),
-                   "transfer_hidden": share(saved, transferable), "bytes_per_step": nbytes,
+                   "hidden": share(saved, min(t_comm, t_compute)),
+                   "chunks_hidden": share(saved_chunks, min(t_comm, t_compute)),
+                   "hidden_with_waits": share(saved, min(t_blocked, t_compute)), "bytes_per_step": nbytes,
                    "idle_off": m["idle"]["off"], "idle_on": m["idle"]["on"]}
             if ratio is not None:  # what the link adds to each step, paired with the loopback step beside it
                 added_off = paired(t["off"], loop["off"], lambda sim, raw: sim - raw)
                 added_on = paired(t["on"], loop["on"], lambda sim, raw: sim - raw)
-                whole_link = paired(t["off"], loop["on"], lambda sim_off, raw_on: sim_off - raw_on)
                 row.update(link_added_off_ms=1e3 * added_off, link_added_on_ms=1e3 * added_on,
-                           link_hidden=share(added_off - added_on, added_off),
-                           hidden_ceiling=share(whole_link, hideable))
+                           link_hidden=share(added_off - added_on, added_off))
             rows.append(row)
     return rows if rank == 0 else None
 
@@ -337,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
             prefetch += run_workers(fssdp_worker, ranks, args.shapes, args.iters, args.warmup, args.prefetch_link_ratio,
                                     args.latency_us, timeout_s=3600, bind_cores=args.bind_cores)[0]
     print("| shape | ranks | network | link ratio | Gbit/s | t_off ms | t_chunks ms | t_on ms | on/off | saved ms "
-          "| t_comm ms | t_transfer ms | t_compute ms | t_experts ms | chunks hidden | hidden | transfer hidden "
+          "| t_comm ms | t_blocked ms | t_compute ms | t_experts ms | chunks hidden | hidden | hidden with waits "
           "| cores idle off / on |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
@@ -345,15 +341,15 @@ def main(argv: list[str] | None = None) -> int:
         ratio = f"{r['link_ratio']:g}" if r["link_ratio"] else "-"
         print(f"| {r['shape']} | {r['ranks']} | {r['network']} | {ratio} | {gbps} | {r['t_off_ms']:.1f} | "
               f"{r['t_chunks_ms']:.1f} | {r['t_on_ms']:.1f} | {r['on_over_off']:.3f} | {r['saved_ms']:.1f} | "
-              f"{r['t_comm_ms']:.1f} | {r['t_transfer_ms']:.1f} | {r['t_compute_ms']:.1f} | {r['t_experts_ms']:.1f} | "
-              f"{percent(r['chunks_hidden'])} | {percent(r['hidden'])} | {percent(r['transfer_hidden'])} | "
+              f"{r['t_comm_ms']:.1f} | {r['t_blocked_ms']:.1f} | {r['t_compute_ms']:.1f} | {r['t_experts_ms']:.1f} | "
+              f"{percent(r['chunks_hidden'])} | {percent(r['hidden'])} | {percent(r['hidden_with_waits'])} | "
               f"{percent(r['idle_off'])} / {percent(r['idle_on'])} |")
-    print("\n| shape | ranks | link ratio | link adds, off ms | link adds, on ms | link time hidden | hidden ceiling |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n| shape | ranks | link ratio | link adds, off ms | link adds, on ms | link time hidden |")
+    print("|---|---|---|---|---|---|")
     for r in rows:
         if r["link_ratio"]:
             print(f"| {r['shape']} | {r['ranks']} | {r['link_ratio']:g} | {r['link_added_off_ms']:.1f} | "
-                  f"{r['link_added_on_ms']:.1f} | {percent(r['link_hidden'])} | {percent(r['hidden_ceiling'])} |")
+                  f"{r['link_added_on_ms']:.1f} | {percent(r['link_hidden'])} |")
     if prefetch:
         print("\n| shape | ranks | Gbit/s | attention fwd ms | step ms loopback | step ms simulated | transfer ms "
               "| exposed ms | hidden |")
