@@ -276,6 +276,7 @@ def worker(shapes: list[str], chunks: int, sub_batches: int, iters: int, warmup:
             (ratio, gbps), t = links[net], m["times"]
             t_off, t_comm, t_blocked = statistics.median(t["off"]), m["t_comm"], m["t_blocked"]
             t_compute = max(t_off - t_blocked, 0.0)
+            hideable = min(t_comm, t_compute)
             saved = paired(t["off"], t["on"], lambda off, on: off - on)
             saved_chunks = paired(t["off"], t["chunks"], lambda off, on: off - on)
             row = {"shape": shape, "ranks": world, "network": "loopback" if ratio is None else "simulated",
@@ -285,8 +286,7 @@ def worker(shapes: list[str], chunks: int, sub_batches: int, iters: int, warmup:
                    "t_comm_ms": 1e3 * t_comm, "t_blocked_ms": 1e3 * t_blocked, "t_compute_ms": 1e3 * t_compute,
                    "t_experts_ms": 1e3 * t_experts,
                    "on_over_off": paired(t["off"], t["on"], lambda off, on: on / off), "saved_ms": 1e3 * saved,
-                   "hidden": share(saved, min(t_comm, t_compute)),
-                   "chunks_hidden": share(saved_chunks, min(t_comm, t_compute)),
+                   "hidden": share(saved, hideable), "chunks_hidden": share(saved_chunks, hideable),
                    "hidden_with_waits": share(saved, min(t_blocked, t_compute)), "bytes_per_step": nbytes,
                    "idle_off": m["idle"]["off"], "idle_on": m["idle"]["on"]}
             if ratio is not None:  # what the link adds to each step, paired with the loopback step beside it
