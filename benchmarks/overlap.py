@@ -8,7 +8,8 @@ on 2 and 4 simulated ranks, with overlap off (1 chunk, 1 sub-batch), chunks only
 configuration:
 
     t_off, t_on   median step time (slowest rank of each iteration); t_chunks likewise, chunks only
-    on/off        median over iterations of t_on,i / t_off,i
+    on/off        median over iterations of t_on,i / t_off,i, and a 90% confidence interval for that median
+                  (distribution-free, from order statistics): on this machine it moves a few % from run to run
     t_comm        the MoE exchanges' own time with overlap off (they are synchronous then): per exchange, the
                   shortest time any rank was blocked in it (the rank that issues it last waits for the transfer
                   only, not for other ranks), summed over the step's exchanges, median
@@ -57,6 +58,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
@@ -244,6 +246,19 @@ def paired(a: list[float], b: list[float], op) -> float:
     return statistics.median(op(x, y) for x, y in zip(a, b))
 
 
+def median_ci(values: list[float], level: float = 0.9) -> tuple[float, float]:
+    """A confidence interval for the median that assumes no distribution: [x_(k), x_(n+1-k)] of the sorted
+    values, with k the largest rank for which P(Binomial(n, 1/2) < k) <= (1 - level) / 2, so it covers the median
+    with probability >= level (k at least 1: with few values, their range)."""
+    ordered, n = sorted(values), len(values)
+    tail, k = 0.0, 0
+    while k < n // 2 and tail + math.comb(n, k) / 2**n <= (1 - level) / 2:
+        tail += math.comb(n, k) / 2**n
+        k += 1
+    k = max(k, 1)
+    return ordered[k - 1], ordered[n - k]
+
+
 def share(part: float, whole: float) -> float | None:
     """part / whole, or None when there is nothing to share (whole <= 0)."""
     return part / whole if whole > 0 else None
@@ -279,16 +294,19 @@ def worker(shapes: list[str], chunks: int, sub_batches: int, iters: int, warmup:
             hideable = min(t_comm, t_compute)
             saved = paired(t["off"], t["on"], lambda off, on: off - on)
             saved_chunks = paired(t["off"], t["chunks"], lambda off, on: off - on)
+            on_over_off = [on / off for off, on in zip(t["off"], t["on"])]
             row = {"shape": shape, "ranks": world, "network": "loopback" if ratio is None else "simulated",
                    "link_ratio": ratio, "chunks": chunks, "sub_batches": sub_batches, "inter_node_gbps": gbps,
                    "latency_us": latency_us if gbps else None, "t_off_ms": 1e3 * t_off,
                    "t_chunks_ms": 1e3 * statistics.median(t["chunks"]), "t_on_ms": 1e3 * statistics.median(t["on"]),
                    "t_comm_ms": 1e3 * t_comm, "t_blocked_ms": 1e3 * t_blocked, "t_compute_ms": 1e3 * t_compute,
                    "t_experts_ms": 1e3 * t_experts,
-                   "on_over_off": paired(t["off"], t["on"], lambda off, on: on / off), "saved_ms": 1e3 * saved,
+                   "on_over_off": statistics.median(on_over_off), "on_over_off_ci90": median_ci(on_over_off),
+                   "saved_ms": 1e3 * saved,
                    "hidden": share(saved, hideable), "chunks_hidden": share(saved_chunks, hideable),
                    "hidden_with_waits": share(saved, min(t_blocked, t_compute)), "bytes_per_step": nbytes,
-                   "idle_off": m["idle"]["off"], "idle_on": m["idle"]["on"]}
+                   "idle_off": m["idle"]["off"], "idle_on": m["idle"]["on"],
+                   "times_ms": {name: [round(1e3 * v, 2) for v in values] for name, values in t.items()}}
             if ratio is not None:  # what the link adds to each step, paired with the loopback step beside it
                 added_off = paired(t["off"], loop["off"], lambda sim, raw: sim - raw)
                 added_on = paired(t["on"], loop["on"], lambda sim, raw: sim - raw)
@@ -332,15 +350,17 @@ def main(argv: list[str] | None = None) -> int:
         if args.fssdp:
             prefetch += run_workers(fssdp_worker, ranks, args.shapes, args.iters, args.warmup, args.prefetch_link_ratio,
                                     args.latency_us, timeout_s=3600, bind_cores=args.bind_cores)[0]
-    print("| shape | ranks | network | link ratio | Gbit/s | t_off ms | t_chunks ms | t_on ms | on/off | saved ms "
-          "| t_comm ms | t_blocked ms | t_compute ms | t_experts ms | chunks hidden | hidden | hidden with waits "
-          "| cores idle off / on |")
+    print("| shape | ranks | network | link ratio | Gbit/s | t_off ms | t_chunks ms | t_on ms | on/off (90% CI) "
+          "| saved ms | t_comm ms | t_blocked ms | t_compute ms | t_experts ms | chunks hidden | hidden "
+          "| hidden with waits | cores idle off / on |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         gbps = f"{r['inter_node_gbps']:.2f}" if r["inter_node_gbps"] else "-"
         ratio = f"{r['link_ratio']:g}" if r["link_ratio"] else "-"
+        ci = r["on_over_off_ci90"]
         print(f"| {r['shape']} | {r['ranks']} | {r['network']} | {ratio} | {gbps} | {r['t_off_ms']:.1f} | "
-              f"{r['t_chunks_ms']:.1f} | {r['t_on_ms']:.1f} | {r['on_over_off']:.3f} | {r['saved_ms']:.1f} | "
+              f"{r['t_chunks_ms']:.1f} | {r['t_on_ms']:.1f} | {r['on_over_off']:.3f} ({ci[0]:.3f}-{ci[1]:.3f}) | "
+              f"{r['saved_ms']:.1f} | "
               f"{r['t_comm_ms']:.1f} | {r['t_blocked_ms']:.1f} | {r['t_compute_ms']:.1f} | {r['t_experts_ms']:.1f} | "
               f"{percent(r['chunks_hidden'])} | {percent(r['hidden'])} | {percent(r['hidden_with_waits'])} | "
               f"{percent(r['idle_off'])} / {percent(r['idle_on'])} |")

@@ -10,6 +10,7 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -141,12 +142,12 @@ def test_bad_overlap_options_are_refused_before_workers_start(args, message, tmp
 
 
 def test_overlap_benchmark_writes_its_rows(tmp_path):
-    """One iteration of benchmarks/overlap.py on 2 ranks: a loopback and a simulated row with step times,
+    """Two iterations of benchmarks/overlap.py on 2 ranks: a loopback and a simulated row with step times,
     communication and compute time and the hidden fractions, derived as its docstring says (its numbers are
     measured by the benchmark itself, not here)."""
     out = tmp_path / "overlap.json"
     subprocess.run([sys.executable, "-W", "ignore", "benchmarks/overlap.py", "--shapes", "demo", "--ranks", "2",
-                    "--iters", "1", "--warmup", "0", "--json", str(out)], check=True, capture_output=True, timeout=300)
+                    "--iters", "2", "--warmup", "0", "--json", str(out)], check=True, capture_output=True, timeout=300)
     rows = json.loads(out.read_text())
     assert [r["network"] for r in rows] == ["loopback", "simulated"]
     for r in rows:
@@ -156,4 +157,18 @@ def test_overlap_benchmark_writes_its_rows(tmp_path):
         assert r["hidden"] == pytest.approx(r["saved_ms"] / hideable)
         assert r["hidden_with_waits"] == pytest.approx(r["saved_ms"] / min(r["t_blocked_ms"], r["t_compute_ms"]))
         assert r["bind_cores"] and r["chunks"] == 2 and r["sub_batches"] == 2
+        ratios = [on / off for off, on in zip(r["times_ms"]["off"], r["times_ms"]["on"])]
+        assert len(ratios) == 2 and r["on_over_off"] == pytest.approx(sum(ratios) / 2, rel=1e-3)
+        assert r["on_over_off_ci90"] == pytest.approx([min(ratios), max(ratios)], rel=1e-3)  # 2 values: the range
     assert rows[1]["inter_node_gbps"] > 0 and "link_hidden" in rows[1]
+
+
+def test_median_confidence_interval_is_from_order_statistics():
+    """15 values: P(Binomial(15, 1/2) <= 3) = 1.8% <= 5% < P(<= 4) = 5.9%, so the 90% interval is the 4th to the
+    12th smallest; 21 values: the 7th to the 15th."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    from overlap import median_ci
+
+    assert median_ci([float(v) for v in range(15, 0, -1)]) == (4.0, 12.0)
+    assert median_ci([float(v) for v in range(1, 22)]) == (7.0, 15.0)
+    assert median_ci([3.0]) == (3.0, 3.0)
