@@ -25,9 +25,9 @@ configuration:
     saved         median over iterations of t_off,i - t_on,i (the two run back to back in each iteration, so the
                   pairing cancels most of this machine's slow drifts; the step-to-step spread is tens of ms)
     hidden        saved / min(t_comm, t_compute): the share of the hideable time that was hidden (the issue's
-                  figure); chunks hidden the same for chunks only; hidden with waits = saved / min(t_blocked,
-                  t_compute), the waits counted as communication too (a figure capped well below 100% when ranks
-                  share cores)
+                  figure), and the 90% interval of saved's median over the same hideable time; chunks hidden the
+                  same for chunks only; hidden with waits = saved / min(t_blocked, t_compute), the waits counted as
+                  communication too (a figure capped well below 100% when ranks share cores)
     cores idle    the share of this machine's core time left idle during a step (/proc/stat), off / on: how
                   much of the machine the communication leaves unused (on 4 ranks over 2 cores a rank's wait is
                   mostly another rank's compute)
@@ -292,7 +292,8 @@ def worker(shapes: list[str], chunks: int, sub_batches: int, iters: int, warmup:
             t_off, t_comm, t_blocked = statistics.median(t["off"]), m["t_comm"], m["t_blocked"]
             t_compute = max(t_off - t_blocked, 0.0)
             hideable = min(t_comm, t_compute)
-            saved = paired(t["off"], t["on"], lambda off, on: off - on)
+            saved_each = [off - on for off, on in zip(t["off"], t["on"])]
+            saved = statistics.median(saved_each)
             saved_chunks = paired(t["off"], t["chunks"], lambda off, on: off - on)
             on_over_off = [on / off for off, on in zip(t["off"], t["on"])]
             row = {"shape": shape, "ranks": world, "network": "loopback" if ratio is None else "simulated",
@@ -302,8 +303,9 @@ def worker(shapes: list[str], chunks: int, sub_batches: int, iters: int, warmup:
                    "t_comm_ms": 1e3 * t_comm, "t_blocked_ms": 1e3 * t_blocked, "t_compute_ms": 1e3 * t_compute,
                    "t_experts_ms": 1e3 * t_experts,
                    "on_over_off": statistics.median(on_over_off), "on_over_off_ci90": median_ci(on_over_off),
-                   "saved_ms": 1e3 * saved,
-                   "hidden": share(saved, hideable), "chunks_hidden": share(saved_chunks, hideable),
+                   "saved_ms": 1e3 * saved, "hidden": share(saved, hideable),
+                   "hidden_ci90": [share(v, hideable) for v in median_ci(saved_each)],
+                   "chunks_hidden": share(saved_chunks, hideable),
                    "hidden_with_waits": share(saved, min(t_blocked, t_compute)), "bytes_per_step": nbytes,
                    "idle_off": m["idle"]["off"], "idle_on": m["idle"]["on"],
                    "times_ms": {name: [round(1e3 * v, 2) for v in values] for name, values in t.items()}}
@@ -351,19 +353,19 @@ def main(argv: list[str] | None = None) -> int:
             prefetch += run_workers(fssdp_worker, ranks, args.shapes, args.iters, args.warmup, args.prefetch_link_ratio,
                                     args.latency_us, timeout_s=3600, bind_cores=args.bind_cores)[0]
     print("| shape | ranks | network | link ratio | Gbit/s | t_off ms | t_chunks ms | t_on ms | on/off (90% CI) "
-          "| saved ms | t_comm ms | t_blocked ms | t_compute ms | t_experts ms | chunks hidden | hidden "
+          "| saved ms | t_comm ms | t_blocked ms | t_compute ms | t_experts ms | chunks hidden | hidden (90% CI) "
           "| hidden with waits | cores idle off / on |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         gbps = f"{r['inter_node_gbps']:.2f}" if r["inter_node_gbps"] else "-"
         ratio = f"{r['link_ratio']:g}" if r["link_ratio"] else "-"
-        ci = r["on_over_off_ci90"]
+        ci, hidden_ci = r["on_over_off_ci90"], r["hidden_ci90"]
         print(f"| {r['shape']} | {r['ranks']} | {r['network']} | {ratio} | {gbps} | {r['t_off_ms']:.1f} | "
               f"{r['t_chunks_ms']:.1f} | {r['t_on_ms']:.1f} | {r['on_over_off']:.3f} ({ci[0]:.3f}-{ci[1]:.3f}) | "
-              f"{r['saved_ms']:.1f} | "
-              f"{r['t_comm_ms']:.1f} | {r['t_blocked_ms']:.1f} | {r['t_compute_ms']:.1f} | {r['t_experts_ms']:.1f} | "
-              f"{percent(r['chunks_hidden'])} | {percent(r['hidden'])} | {percent(r['hidden_with_waits'])} | "
-              f"{percent(r['idle_off'])} / {percent(r['idle_on'])} |")
+              f"{r['saved_ms']:.1f} | {r['t_comm_ms']:.1f} | {r['t_blocked_ms']:.1f} | {r['t_compute_ms']:.1f} | "
+              f"{r['t_experts_ms']:.1f} | {percent(r['chunks_hidden'])} | "
+              f"{percent(r['hidden'])} ({percent(hidden_ci[0])}-{percent(hidden_ci[1])}) | "
+              f"{percent(r['hidden_with_waits'])} | {percent(r['idle_off'])} / {percent(r['idle_on'])} |")
     print("\n| shape | ranks | link ratio | link adds, off ms | link adds, on ms | link time hidden |")
     print("|---|---|---|---|---|---|")
     for r in rows:

@@ -160,6 +160,8 @@ def test_overlap_benchmark_writes_its_rows(tmp_path):
         ratios = [on / off for off, on in zip(r["times_ms"]["off"], r["times_ms"]["on"])]
         assert len(ratios) == 2 and r["on_over_off"] == pytest.approx(sum(ratios) / 2, rel=1e-3)
         assert r["on_over_off_ci90"] == pytest.approx([min(ratios), max(ratios)], rel=1e-3)  # 2 values: the range
+        saved = sorted(off - on for off, on in zip(r["times_ms"]["off"], r["times_ms"]["on"]))
+        assert r["hidden_ci90"] == pytest.approx([v / hideable for v in saved], abs=5e-3)  # times_ms: 0.01 ms
     assert rows[1]["inter_node_gbps"] > 0 and "link_hidden" in rows[1]
 
 
