@@ -364,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['t_chunks_ms']:.1f} | {r['t_on_ms']:.1f} | {r['on_over_off']:.3f} ({ci[0]:.3f}-{ci[1]:.3f}) | "
               f"{r['saved_ms']:.1f} | {r['t_comm_ms']:.1f} | {r['t_blocked_ms']:.1f} | {r['t_compute_ms']:.1f} | "
               f"{r['t_experts_ms']:.1f} | {percent(r['chunks_hidden'])} | "
-              f"{percent(r['hidden'])} ({percent(hidden_ci[0])}-{percent(hidden_ci[1])}) | "
+              f"{percent(r['hidden'])} ({percent(hidden_ci[0])} to {percent(hidden_ci[1])}) | "
               f"{percent(r['hidden_with_waits'])} | {percent(r['idle_off'])} / {percent(r['idle_on'])} |")
     print("\n| shape | ranks | link ratio | link adds, off ms | link adds, on ms | link time hidden |")
     print("|---|---|---|---|---|---|")
