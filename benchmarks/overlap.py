@@ -241,9 +241,14 @@ def idle_core_s() -> float:
     return (int(fields[4]) + int(fields[5])) / os.sysconf("SC_CLK_TCK")
 
 
+def per_iteration(a: list[float], b: list[float], op) -> list[float]:
+    """op(a_i, b_i) for each iteration: the two were measured back to back in it."""
+    return [op(x, y) for x, y in zip(a, b)]
+
+
 def paired(a: list[float], b: list[float], op) -> float:
-    """Median over iterations of op(a_i, b_i): the two were measured back to back in each iteration."""
-    return statistics.median(op(x, y) for x, y in zip(a, b))
+    """Median over iterations of op(a_i, b_i)."""
+    return statistics.median(per_iteration(a, b, op))
 
 
 def median_ci(values: list[float], level: float = 0.9) -> tuple[float, float]:
@@ -292,10 +297,10 @@ def worker(shapes: list[str], chunks: int, sub_batches: int, iters: int, warmup:
             t_off, t_comm, t_blocked = statistics.median(t["off"]), m["t_comm"], m["t_blocked"]
             t_compute = max(t_off - t_blocked, 0.0)
             hideable = min(t_comm, t_compute)
-            saved_each = [off - on for off, on in zip(t["off"], t["on"])]
+            saved_each = per_iteration(t["off"], t["on"], lambda off, on: off - on)
             saved = statistics.median(saved_each)
             saved_chunks = paired(t["off"], t["chunks"], lambda off, on: off - on)
-            on_over_off = [on / off for off, on in zip(t["off"], t["on"])]
+            on_over_off = per_iteration(t["off"], t["on"], lambda off, on: on / off)
             row = {"shape": shape, "ranks": world, "network": "loopback" if ratio is None else "simulated",
                    "link_ratio": ratio, "chunks": chunks, "sub_batches": sub_batches, "inter_node_gbps": gbps,
                    "latency_us": latency_us if gbps else None, "t_off_ms": 1e3 * t_off,
