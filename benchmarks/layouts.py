@@ -76,7 +76,7 @@ def worker(cfg_dicts: dict[str, dict], warmup: int, rounds: int) -> dict[str, li
     trainers = {}
     for name, cfg_dict in cfg_dicts.items():
         cfg = config_from_dict(cfg_dict)
-        parallel = Parallel.from_world(cfg.parallel, cfg.moe.num_experts, cfg.model.n_layers, cfg.model.n_heads,
+        parallel = Parallel.from_world(cfg.parallel, cfg.moe, cfg.model.n_layers, cfg.model.n_heads,
                                        cfg.fssdp)
         trainers[name] = Trainer(cfg, parallel=parallel)
     clocks = {name: BusyClock(t.parallel.pipeline) for name, t in trainers.items() if t.parallel.pipeline}

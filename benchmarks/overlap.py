@@ -72,9 +72,7 @@ from hecate.collectives import TorchTransport, delta
 from hecate.collectives.simulated_network import SimulatedNetwork, SimulatedNetworkTransport
 from hecate.launch.simulate import run_workers
 from hecate.parallel.config import FssdpConfig, MoEConfig
-from hecate.parallel.fssdp.engine import FssdpEngine
-from hecate.parallel.moe.ep_dispatcher import ExpertParallelDispatcher
-from hecate.parallel.parallelize import keep_local_experts
+from hecate.parallel.expert_sharding import ExpertParallel, FullySharded
 from hecate.trainer.config import ModelConfig
 from hecate.trainer.model import Block, rope_tables
 
@@ -92,8 +90,7 @@ def build(shape: str, transport, chunks: int, sub_batches: int = 1) -> tuple[Blo
     """The block with this rank's experts and a chunked expert-parallel dispatcher, its input and RoPE tables."""
     block, x, rope = build_whole(shape, transport.rank)
     block.ffn.cfg.overlap_sub_batches = sub_batches
-    keep_local_experts(block.ffn, transport.rank, transport.world_size)
-    block.ffn.dispatcher = ExpertParallelDispatcher(block.ffn.cfg.num_experts, transport, overlap_chunks=chunks)
+    ExpertParallel(transport, None, 1, overlap_chunks=chunks).wrap(block)
     return block, x, rope
 
 
@@ -157,7 +154,9 @@ def measure_fssdp(shape: str, iters: int, warmup: int, link_ratio: float, latenc
     runs = {}
     for name, (sparse, tokens) in setups.items():
         block, _, _ = build_whole(shape, rank)
-        runs[name] = (block, FssdpEngine(block, sparse, FssdpConfig(policy="fsdp"), token_transport=tokens))
+        sharding = FullySharded(sparse, FssdpConfig(policy="fsdp"), token_transport=tokens)
+        sharding.wrap(block)
+        runs[name] = (block, sharding.engine)
     times = {name: [] for name in runs}
     for i in range(warmup + iters):
         for name, (block, engine) in runs.items():

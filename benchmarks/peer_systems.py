@@ -86,13 +86,11 @@ class HecateEP(System):
     def __init__(self, config: Config):
         from hecate.collectives import CommStats, TorchTransport
         from hecate.parallel.data_parallel import router_sums_reduce
-        from hecate.parallel.moe.ep_dispatcher import ExpertParallelDispatcher
-        from hecate.parallel.parallelize import keep_local_experts
+        from hecate.parallel.expert_sharding import ExpertParallel
 
         transport = TorchTransport(None, CommStats())
         self.module = hecate_moe(config)
-        keep_local_experts(self.module, transport.rank, transport.world_size)
-        self.module.dispatcher = ExpertParallelDispatcher(config.experts, transport)
+        ExpertParallel(transport, None, 1).wrap(self.module)
         self.module.reduce = router_sums_reduce(transport)
 
     def forward(self, x_TD):
@@ -119,13 +117,15 @@ class HecateFSSDP(HecateEP):
         from hecate.collectives import CommStats, TorchTransport
         from hecate.parallel.config import FssdpConfig
         from hecate.parallel.data_parallel import router_sums_reduce
-        from hecate.parallel.fssdp.engine import FssdpEngine
+        from hecate.parallel.expert_sharding import FullySharded
 
         transport = TorchTransport(None, CommStats())
         self.module = hecate_moe(config)
         self.module.reduce = router_sums_reduce(transport)  # global counts: every rank plans the same
         self.holder = nn.Sequential(self.module)  # the engine gathers replicas in a pre-hook on the MoE's parent
-        self.engine = FssdpEngine(self.holder, transport, FssdpConfig(policy=policy))
+        sharding = FullySharded(transport, FssdpConfig(policy=policy))
+        sharding.wrap(self.holder)
+        self.engine = sharding.engine
         (self.layer,) = self.engine.layers.values()
         self.optimizer = torch.optim.SGD(self.module.parameters(), lr=0.0)
 

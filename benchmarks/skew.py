@@ -43,7 +43,7 @@ from hecate.collectives import CommStats, TorchTransport, delta
 from hecate.parallel.config import FssdpConfig, MoEConfig
 from hecate.parallel.data_parallel import router_sums_reduce
 from hecate.parallel.fssdp import initial_owners
-from hecate.parallel.fssdp.engine import FssdpEngine
+from hecate.parallel.expert_sharding import FullySharded
 from hecate.parallel.moe import MoE
 from hecate.parallel.moe.router import Routing
 
@@ -197,9 +197,11 @@ class PolicyRun:
         moe = self.block.moe
         moe.router = ForcedRouter(moe.router.gate, scenario.weights_E, config.top_k, scenario.seed, rank)
         moe.reduce = router_sums_reduce(self.transport)  # global counts: every rank plans the same
-        self.engine = FssdpEngine(self.block, self.transport, FssdpConfig(
+        sharding = FullySharded(self.transport, FssdpConfig(
             window=config.window, overlap_budget=config.overlap_budget, memory_budget=config.memory_budget,
             **POLICIES[policy]))
+        sharding.wrap(self.block)
+        self.engine = sharding.engine
         (self.layer,) = self.engine.layers.values()
         self.optimizer = torch.optim.SGD(self.block.parameters(), lr=0.0)
         self.x_BSD = torch.randn(config.tokens // (config.seq * world), config.seq, config.dim,

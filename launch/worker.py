@@ -36,7 +36,7 @@ def train_worker(cfg_dict: dict[str, Any], resume: bool, env: WorkerEnv | None =
     rank = dist.get_rank()
     setup_logging(None, rank=rank, level=cfg.logging.level)
     layout_of(cfg, dist.get_world_size())
-    parallel = Parallel.from_world(cfg.parallel, cfg.moe.num_experts, cfg.model.n_layers, cfg.model.n_heads,
+    parallel = Parallel.from_world(cfg.parallel, cfg.moe, cfg.model.n_layers, cfg.model.n_heads,
                                    cfg.fssdp, transport=cfg.collectives.transport,
                                    network=network_from_environment(),
                                    timeline=Timeline(rank) if cfg.logging.profile_step else None)

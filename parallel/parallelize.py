@@ -4,8 +4,10 @@ changes in a model to run under that layout.
 The trainer builds a :class:`Parallel` once (``Parallel.single()`` for one process, ``Parallel.from_world`` in a
 worker whose process group is up), calls :meth:`Parallel.apply` on the freshly built model, and then only asks
 it to average gradients, to take the global gradient norm and to reduce the numbers it logs. The model code
-stays as it is: expert parallelism swaps each MoE layer's ``dispatcher`` and keeps only the local experts, data
-parallelism swaps its ``reduce`` hook (:mod:`hecate.parallel.moe.layer`).
+stays as it is: how experts are held (replicated, expert-parallel, FSSDP) is one
+:class:`~hecate.parallel.expert_sharding.ExpertSharding`, which swaps each MoE layer's experts and ``dispatcher``;
+data parallelism swaps the layer's ``reduce`` hook (:mod:`hecate.parallel.moe.layer`); tensor and pipeline
+parallelism are :class:`~hecate.parallel.model_parallel.ModelParallel`.
 """
 from __future__ import annotations
 
@@ -19,16 +21,14 @@ from hecate.collectives import CommStats, OpStats, TorchTransport, Transport, de
 from hecate.collectives.errors import LayoutError
 from hecate.collectives.simulated_network import SimulatedNetwork, SimulatedNetworkTransport
 from hecate.collectives.timeline import Timeline
-from hecate.parallel.config import FssdpConfig, ParallelConfig
+from hecate.parallel.config import FssdpConfig, MoEConfig, ParallelConfig
 from hecate.parallel.data_parallel import GradientAverager, global_grad_norm, router_sums_reduce
+from hecate.parallel.expert_sharding import (ExpertParallel, ExpertSharding, FullySharded, Replicated,
+                                             moe_layers)
 from hecate.parallel.fssdp.engine import FssdpEngine
-from hecate.parallel.moe import MoE
-from hecate.parallel.moe.ep_dispatcher import ExpertParallelDispatcher
 from hecate.parallel.model_parallel import ModelParallel
 from hecate.parallel.pipeline import MicroBatch, Pipeline
 from hecate.parallel.topology import Meshes, ParallelDims, build_meshes
-
-EXPERT_WEIGHTS = ("w1", "w2", "w3")
 
 
 @dataclass
@@ -42,8 +42,7 @@ class Parallel:
     ep: Transport | None = None  # expert parallelism: the ranks that split each layer's experts
     edp: Transport | None = None  # expert data parallelism: the ranks that hold the same experts
     stats: CommStats = field(default_factory=CommStats)
-    fssdp: FssdpConfig = field(default_factory=FssdpConfig)
-    engine: FssdpEngine | None = None  # set by apply() when an FSSDP policy places the experts
+    experts: ExpertSharding = field(default_factory=Replicated)  # how every MoE layer's experts are held
     timeline: Timeline | None = None  # where the transports record collectives (``--profile-step``)
     _averager: GradientAverager | None = None
     model_parallel: ModelParallel | None = None  # tensor, expert-tensor and pipeline parallelism, when used
@@ -54,7 +53,7 @@ class Parallel:
         return cls(ParallelDims(world=1, dp=1, tp=1, pp=1, ep=1, etp=1))
 
     @classmethod
-    def from_world(cls, cfg: ParallelConfig, num_experts: int, n_layers: int, n_heads: int,
+    def from_world(cls, cfg: ParallelConfig, moe: MoEConfig, n_layers: int, n_heads: int,
                    fssdp: FssdpConfig | None = None, transport: str = "torch",
                    network: SimulatedNetwork | None = None, timeline: Timeline | None = None) -> Parallel:
         """Inside a worker whose default process group is initialised: validate, build meshes and transports.
@@ -64,17 +63,30 @@ class Parallel:
         import torch.distributed as dist
 
         fssdp = fssdp if fssdp is not None else FssdpConfig()
-        dims = check_layout(cfg, dist.get_world_size(), num_experts, n_layers, n_heads, fssdp)
+        dims = check_layout(cfg, dist.get_world_size(), moe.num_experts, n_layers, n_heads, fssdp)
         meshes = build_meshes(dims)
         stats = CommStats()
         observe = lambda t, mesh, dim: observed(t, mesh, dim, dims.world, network, timeline)  # noqa: E731
-        parallel = cls(dims, rank=dist.get_rank(), meshes=meshes, stats=stats, fssdp=fssdp, timeline=timeline,
-                   dp=observe(TorchTransport.from_mesh(meshes.dense, "dp", stats), meshes.dense, "dp"),
-                   ep=observe(transport_from_mesh(transport, meshes.moe, "ep", stats), meshes.moe, "ep"),
-                   edp=observe(transport_from_mesh(transport, meshes.moe, "edp", stats), meshes.moe, "edp"))
+        parallel = cls(dims, rank=dist.get_rank(), meshes=meshes, stats=stats, timeline=timeline,
+                       dp=observe(TorchTransport.from_mesh(meshes.dense, "dp", stats), meshes.dense, "dp"),
+                       ep=observe(transport_from_mesh(transport, meshes.moe, "ep", stats), meshes.moe, "ep"),
+                       edp=observe(transport_from_mesh(transport, meshes.moe, "edp", stats), meshes.moe, "edp"))
         if max(dims.tp, dims.pp, dims.etp) > 1:
             parallel.model_parallel = ModelParallel.build(dims, meshes, cfg, parallel.dp, stats)
+        parallel.experts = parallel._expert_sharding(fssdp, moe.overlap_chunks)
         return parallel
+
+    def _expert_sharding(self, fssdp: FssdpConfig, overlap_chunks: int) -> ExpertSharding:
+        """The one place that picks how experts are held. FSSDP runs over the pipeline stage's ranks (dp x tp, in
+        token order) with the tokens on the edp group: with ep = etp = 1 (required) the same ranks in the same
+        order, another group, so the gathers in flight on the stage's group do not hold the all-to-alls up."""
+        dims = self.dims
+        if fssdp.enabled and dims.world > 1:
+            stage = self.model_parallel.stage if self.model_parallel is not None else self.dp
+            return FullySharded(stage, fssdp, token_transport=self.edp, overlap_chunks=overlap_chunks)
+        if dims.ep > 1:
+            return ExpertParallel(self.ep, self.edp, dims.edp, overlap_chunks, mesh=self.meshes.moe["edp", "ep"])
+        return Replicated(self.edp, dims.edp)
 
     # ---- where this rank sits -------------------------------------------------------------------
 
@@ -94,33 +106,23 @@ class Parallel:
     # ---- what changes in the model --------------------------------------------------------------
 
     def apply(self, model: nn.Module, micro: MicroBatch | None = None) -> None:
-        """Expert-parallel dispatch with local experts only, and router statistics over the micro-batch's ranks.
-        Call on a model that holds every expert (built from the run's seed), before the optimizer is built.
-        Under tp, pp or etp the model is first cut to this rank's pipeline stages and split over tp, and its
-        ``micro`` batches per step go through a pipeline schedule (:mod:`hecate.parallel.model_parallel`)."""
+        """Hold the experts as the layout says, and reduce router statistics over the micro-batch's ranks. Call on a
+        model that holds every expert (built from the run's seed), before the optimizer is built. Under tp, pp or
+        etp the model is first cut to this rank's pipeline stages and split over tp, and its ``micro`` batches per
+        step go through a pipeline schedule (:mod:`hecate.parallel.model_parallel`)."""
         mp = self.model_parallel
         if mp is not None:
             mp.split_model(model)
+        self.experts.wrap(model)
         for layer in moe_layers(model):
-            if self.dims.ep > 1:
-                keep_local_experts(layer, self.ep.rank, self.dims.ep)
-                layer.dispatcher = ExpertParallelDispatcher(layer.cfg.num_experts, self.ep,
-                                                            overlap_chunks=layer.cfg.overlap_chunks)
             if mp is not None:
                 mp.split_experts(layer)
             if self.dims.dp * self.dims.tp > 1:
                 layer.reduce = mp.router_reduce() if mp is not None else router_sums_reduce(self.dp)
-        if self.fssdp.enabled and self.dims.world > 1:
-            # tokens travel on the edp group: with ep = etp = 1 (required) the stage's ranks in the same order,
-            # another group, so the gathers in flight on the stage's group do not hold the all-to-alls up
-            self.engine = FssdpEngine(model, mp.stage if mp is not None else self.dp, self.fssdp,
-                                      token_transport=self.edp)
         if self.dims.world > 1:
             dense, experts = split_parameters(model)
-            # under FSSDP every expert has one owner, which already holds the sum over all ranks' tokens
-            expert_dp = None if self.engine is not None else self.edp
-            self._averager = (GradientAverager(dense, experts, self.dp, expert_dp, self.dims.dp) if mp is None
-                              else mp.averager(model, experts, self.dp, expert_dp))
+            self._averager = (GradientAverager(dense, experts, self.dp, self.experts.grad_sum, self.dims.dp)
+                              if mp is None else mp.averager(model, experts, self.dp, self.experts.grad_sum))
         if mp is not None:
             mp.build_pipeline(model, micro, self.cross_entropy)
 
@@ -131,13 +133,12 @@ class Parallel:
 
     def end_step(self, optimizer: torch.optim.Optimizer) -> None:
         """After the optimizer step: FSSDP rolls its load estimate, may re-shard, and plans the next step."""
-        if self.engine is not None:
-            self.engine.end_step(optimizer)
+        self.experts.end_step(optimizer)
 
     @property
-    def expert_shards(self) -> Transport | None:
-        """The ranks over which the experts are split (each held by one of them)."""
-        return self.dp if self.engine is not None else self.ep
+    def engine(self) -> FssdpEngine | None:
+        """The FSSDP engine when FSSDP holds the experts, else None."""
+        return self.experts.engine if isinstance(self.experts, FullySharded) else None
 
     def average_gradients(self) -> None:
         """After the last backward of a step: every rank then holds the gradients of the global-batch loss."""
@@ -148,9 +149,9 @@ class Parallel:
         """Clip all gradients by their global norm (over every rank's share); returns the norm before clipping."""
         dense, experts = split_parameters(model)
         if self.model_parallel is not None:
-            norm = self.model_parallel.grad_norm(model, experts, 1 if self.engine is not None else self.dims.edp)
+            norm = self.model_parallel.grad_norm(model, experts, self.experts.copies)
         else:
-            norm = global_grad_norm(dense, experts, self.expert_shards)
+            norm = global_grad_norm(dense, experts, self.experts.norm_group)
         if max_norm < float("inf"):
             torch.nn.utils.clip_grads_with_norm_(dense + experts, max_norm, norm.float())
         return norm
@@ -201,73 +202,35 @@ class Parallel:
         return self.model_parallel.gather_full(model, tensors, self.gather_experts)
 
     def gather_experts(self, model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """``tensors`` keyed by parameter name (weights, gradients), with every expert's slice gathered from the EP
-        group as one process holds it; the others copied. Collective over the EP group."""
+        """``tensors`` keyed by parameter name (weights, gradients), with every expert tensor whole as one process
+        holds it; the others copied. Collective over the ranks that split the experts."""
         full = {name: t.detach().clone() for name, t in tensors.items()}
-        if self.engine is not None:
-            for name in expert_state_names(model):
-                if name in full:
-                    full[name] = self.engine.layer_of(name).full(full[name])
-        elif self.dims.ep > 1:
-            for name in expert_state_names(model):
-                if name in full:
-                    local = full[name].contiguous()
-                    gathered = local.new_empty((local.shape[0] * self.dims.ep, *local.shape[1:]))
-                    full[name] = self.ep.all_gather(gathered, local, name="gather_experts").wait()
+        for name in expert_state_names(model):
+            if name in full:
+                full[name] = self.experts.full(name, full[name])
         return full
 
     def to_checkpoint(self, model: nn.Module, state: dict[str, Any]) -> dict[str, Any]:
         """A ``get_state_dict`` pair ({"model": ..., "optim": ...}) in the form distributed checkpoint saves, so that
-        every expert is saved once and can be loaded into another layout. Under EP each expert tensor (weights
-        and AdamW moments) becomes a DTensor sharded over ep, replicated over edp; under FSSDP, whose owners
-        need not be contiguous, the full tensor in expert order. Copies the per-parameter dicts: the optimizer's
-        ``state_dict`` shares them with the live optimizer."""
+        every expert is saved once and can be loaded into another layout (each expert tensor, weights and
+        per-expert optimizer state, as the expert sharding saves it). Copies the per-parameter dicts: the
+        optimizer's ``state_dict`` shares them with the live optimizer."""
         if self.model_parallel is not None:
             return self.model_parallel.to_checkpoint(model, state, self.gather_experts)
-        if self.engine is None and self.dims.ep == 1:
-            return state
-        if self.engine is not None:
-            convert = lambda name, t: self.engine.layer_of(name).full(t)  # noqa: E731
-        else:
-            from torch.distributed.tensor import DTensor, Replicate, Shard
-
-            mesh, placements = self.meshes.moe["edp", "ep"], [Replicate(), Shard(0)]
-            convert = lambda name, t: DTensor.from_local(t, mesh, placements, run_check=False)  # noqa: E731
-        return _map_expert_state(model, state, convert)
+        return _map_expert_state(model, state, self.experts.to_saved)
 
     def from_checkpoint(self, model: nn.Module, state: dict[str, Any]) -> dict[str, Any]:
         """Undo :meth:`to_checkpoint` on loaded tensors: this rank's rows of every expert tensor."""
         if self.model_parallel is not None:
-            return self.model_parallel.from_checkpoint(model, state, self._local_experts)
-        if self.engine is None and self.dims.ep == 1:
-            return state
-        if self.engine is not None:
-            convert = lambda name, t: self.engine.layer_of(name).local(t)  # noqa: E731
-        else:
-            convert = lambda name, t: t.to_local()  # noqa: E731
-        return _map_expert_state(model, state, convert)
-
-    def _local_experts(self, name: str, full_E: torch.Tensor) -> torch.Tensor:
-        """This rank's experts of a whole [E, ...] expert tensor."""
-        if self.engine is not None:
-            return self.engine.layer_of(name).local(full_E)
-        return full_E.chunk(self.dims.ep)[self.ep.rank] if self.dims.ep > 1 else full_E
+            return self.model_parallel.from_checkpoint(model, state, self.experts.local)
+        return _map_expert_state(model, state, self.experts.from_saved)
 
     def state_dict(self) -> dict[str, Any]:
-        """Small, JSON-able state beyond the tensors that a resumed run needs (FSSDP owners and load windows, and
-        the number of ranks the owners name)."""
-        return {"fssdp": self.engine.state_dict(), "dp": self.dims.dp} if self.engine is not None else {}
+        """Small, JSON-able state beyond the tensors that a resumed run needs (FSSDP owners and load windows)."""
+        return self.experts.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore FSSDP owners and load windows. Owners saved on another number of ranks name ranks this layout
-        does not have: this layout keeps its own owners and takes the load windows and step count."""
-        if self.engine is None or "fssdp" not in state:
-            return
-        saved = state["fssdp"]
-        if state.get("dp", self.dims.dp) != self.dims.dp:
-            saved = {**saved, "layers": {name: {**layer, "owner": list(self.engine.layers[name].owner.owner_C)}
-                                         for name, layer in saved["layers"].items()}}
-        self.engine.load_state_dict(saved)
+        self.experts.load_state_dict(state)
 
     def step_metrics(self) -> dict[str, Any]:
         """What the last step moved and waited for, per collective (this rank), and under FSSDP the replicas per
@@ -277,12 +240,7 @@ class Parallel:
         self._last_stats = now
         out: dict[str, Any] = {"comm": {name: {"bytes": s.bytes_sent + s.bytes_received, "wait_s": s.wait_s}
                                         for name, s in sorted(moved.items()) if s.calls}}
-        if self.engine is not None:
-            rows = torch.zeros(self.dims.dp, dtype=torch.float64)
-            rows[self.dp_rank] = sum(fl.last_rows for fl in self.engine.layers.values())
-            rows = self.data_sum(rows)
-            out["replicas"] = self.engine.last_replicas
-            out["expert_rows_max_over_mean"] = (rows.max() / rows.mean().clamp(min=1)).item()
+        out.update(self.experts.metrics())
         return out
 
     def barrier(self) -> None:
@@ -331,10 +289,6 @@ def observed(inner: Transport, mesh, dim: str, world: int, network: SimulatedNet
                                      timeline)
 
 
-def moe_layers(model: nn.Module) -> list[MoE]:
-    return [m for m in model.modules() if isinstance(m, MoE)]
-
-
 def split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
     """(dense parameters, expert parameters): experts are split over ep, everything else is replicated."""
     expert_ids = {id(p) for layer in moe_layers(model) for p in layer.experts.parameters()}
@@ -347,15 +301,6 @@ def expert_state_names(model: nn.Module) -> list[str]:
     """State-dict names of the expert weights (split over ep along dim 0)."""
     expert_ids = {id(p) for layer in moe_layers(model) for p in layer.experts.parameters()}
     return [name for name, p in model.named_parameters() if id(p) in expert_ids]
-
-
-def keep_local_experts(layer: MoE, ep_rank: int, ep: int) -> None:
-    """Replace the layer's [E, ...] expert weights by this rank's slice [E/ep, ...]."""
-    local = layer.cfg.num_experts // ep
-    for name in EXPERT_WEIGHTS:
-        weight = getattr(layer.experts, name)
-        if weight is not None:
-            setattr(layer.experts, name, nn.Parameter(weight.detach()[ep_rank * local:(ep_rank + 1) * local].clone()))
 
 
 def _map_expert_state(model: nn.Module, state: dict[str, Any], convert) -> dict[str, Any]:

@@ -55,7 +55,7 @@ def train_one(cfg_dict: dict, distributed: bool, skew: bool = False, save: bool 
     whole-model (expert, tensor and pipeline shards gathered); with ``save``, a checkpoint and AdamW's first
     moments; with ``profile_step``, that step's trace. ``parallel_options`` go to ``Parallel.from_world``."""
     cfg = config_from_dict(cfg_dict)
-    parallel = (Parallel.from_world(cfg.parallel, cfg.moe.num_experts, cfg.model.n_layers, cfg.model.n_heads,
+    parallel = (Parallel.from_world(cfg.parallel, cfg.moe, cfg.model.n_layers, cfg.model.n_heads,
                                     cfg.fssdp, **parallel_options) if distributed else Parallel.single())
     trainer = Trainer(cfg, parallel=parallel)
     if skew:

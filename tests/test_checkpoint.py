@@ -89,7 +89,7 @@ def train_hops(hops: list[tuple[dict, bool]]) -> None:
     """One rank of a simulated job that trains several layouts in turn, each resuming the run folder it names."""
     for cfg_dict, resume in hops:
         cfg = config_from_dict(cfg_dict)
-        parallel = Parallel.from_world(cfg.parallel, cfg.moe.num_experts, cfg.model.n_layers, cfg.model.n_heads,
+        parallel = Parallel.from_world(cfg.parallel, cfg.moe, cfg.model.n_layers, cfg.model.n_heads,
                                        cfg.fssdp)
         Trainer(cfg, resume=resume, parallel=parallel).run()
 

@@ -1,4 +1,4 @@
-"""The FSSDP engine: one MoE layer's step, in order (DESIGN.md section 2).
+"""The FSSDP engine: one MoE layer's step, in order.
 
     plan      the policy turns (owners, load estimate) into a materialized placement - at the end of each step
     gather    SparseAllGather(owners -> materialized), issued before the block's attention, waited before experts
@@ -11,7 +11,8 @@
     [RM]      re-materialization: replicas freed after forward and gathered again in backward; the gather of
               the next layer backward reaches is issued when this layer's is done, so it travels under this
               layer's backward and the attention backward in between
-    reshard   every K steps, ownership moves (weights and AdamW moments) so that hot experts spread over ranks
+    reshard   every K steps, ownership moves (weights and the whole per-expert optimizer state) so that hot
+              experts spread over ranks
 A step whose plan has no replicas skips gather, stacks and reduce: the owners compute with their own weights,
 exactly expert parallelism.
 
@@ -23,6 +24,7 @@ Shapes: E experts, O owned experts, H held experts (owned + replicas), C floats 
 """
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -37,7 +39,6 @@ from hecate.parallel.fssdp.load import LoadEstimator
 from hecate.parallel.fssdp.policies import Policy, build_policy
 from hecate.parallel.fssdp.resharding import initial_owners, reshard_owners
 from hecate.parallel.moe import ExpertWeights, MoE
-from hecate.parallel.moe.ep_dispatcher import ExpertParallelDispatcher
 
 WEIGHTS = ("w1", "w2", "w3")
 
@@ -46,14 +47,14 @@ class ShardedExperts(nn.Module):
     """Replaces a layer's ``Experts``: holds the owned experts' weights [O, ...] (rows in ascending expert order)
     and computes the held experts with weights the engine materializes."""
 
-    def __init__(self, experts: nn.Module, owned: Sequence[int], engine_layer: FssdpLayer):
+    def __init__(self, experts: nn.Module, owned: Sequence[int], fssdp_layer: FssdpLayer):
         super().__init__()
         self.activation = experts.activation
         rows = torch.tensor(owned, dtype=torch.long)
         for name in WEIGHTS:
             full = getattr(experts, name)
             setattr(self, name, None if full is None else nn.Parameter(full.detach()[rows].clone()))
-        self._engine_layer = [engine_layer]  # a list: not a submodule
+        self.fssdp_layer = fssdp_layer  # not an nn.Module: a plain attribute, outside the module tree
 
     def weights(self) -> list[torch.Tensor]:
         return [w for w in (self.w1, self.w2, self.w3) if w is not None]
@@ -62,14 +63,14 @@ class ShardedExperts(nn.Module):
                 weights: ExpertWeights | None = None) -> torch.Tensor:
         """Held experts first, first + 1, ... on ``counts_H`` rows each (the ``Experts`` contract)."""
         if self.training:
-            self._engine_layer[0].rows_computed += x_ND.shape[0]
+            self.fssdp_layer.rows_computed += x_ND.shape[0]
         return (weights or self.unbound())(x_ND, counts_H.tolist(), first)
 
     def unbound(self) -> ExpertWeights:
         """The held experts' weights, materialized once per forward however many chunks the dispatcher runs.
         Without replicas (every rank holds just what it owns) they are the owned weights themselves: no stacks
         to build, and backward's gradients land on the owners with no reduce-scatter - plain EP's cost."""
-        fl = self._engine_layer[0]
+        fl = self.fssdp_layer
         if not fl.replicas:
             return ExpertWeights(self.w1, self.w2, self.w3, self.activation)
         if fl.held is None:
@@ -93,6 +94,7 @@ class _Materialize(torch.autograd.Function):
     def backward(ctx, *grads_H: torch.Tensor):
         fl = ctx.fl
         pending = fl.start_reduce(ctx.owner, ctx.materialized, grads_H)
+        # PyTorch has no public "end of this backward" callback; FSDP2 waits for its reduce-scatters with this call
         torch.autograd.Variable._execution_engine.queue_callback(lambda: fl.finish_reduce(pending, ctx.owner))
         return (None,) * (1 + len(grads_H))
 
@@ -100,8 +102,7 @@ class _Materialize(torch.autograd.Function):
 class FssdpLayer:
     """One MoE layer under FSSDP: its owners, current materialized placement, load estimate and collectives."""
 
-    def __init__(self, layer: MoE, transport: Transport, policy: Policy, cfg: FssdpConfig,
-                 token_transport: Transport | None = None):
+    def __init__(self, layer: MoE, transport: Transport, policy: Policy, cfg: FssdpConfig):
         experts, ranks = layer.cfg.num_experts, transport.world_size
         self.layer, self.transport, self.policy, self.cfg = layer, transport, policy, cfg
         self.owner = initial_owners(experts, ranks)
@@ -114,15 +115,14 @@ class FssdpLayer:
         self.shapes = [tuple(getattr(full, n).shape[1:]) for n in WEIGHTS if getattr(full, n) is not None]
         self.sizes = [math.prod(shape) for shape in self.shapes]
         self.spec = ChunkSpec.flat(sum(self.sizes), full.w1.dtype)
-        layer.experts = ShardedExperts(full, self.owner.chunks_on(transport.rank), self)
-        layer.dispatcher = ExpertParallelDispatcher(experts, token_transport or transport,
-                                                    holders=lambda: self.materialized.devices_C,
-                                                    ranks_per_node=cfg.devices_per_node or None,
-                                                    overlap_chunks=layer.cfg.overlap_chunks)
         self.pending: Handle | None = None
         self.regather: Handle | None = None  # RM: the backward gather, issued ahead by the layer after this one
         self.held: tuple[torch.Tensor, ...] | None = None  # this forward's materialized stacks (autograd outputs)
         self.held_stacks: list[torch.Tensor] = []
+
+    def shard(self, experts: nn.Module) -> ShardedExperts:
+        """The layer's whole ``Experts`` cut to the rows this rank owns, computing with this layer's plan."""
+        return ShardedExperts(experts, self.owner.chunks_on(self.transport.rank), self)
 
     @property
     def rank(self) -> int:
@@ -222,33 +222,35 @@ class FssdpLayer:
     def plan(self) -> None:
         self.materialized = self.policy.materialize(self.owner, self.estimator.estimate())
 
-    def move_ownership(self, new: OwnerPlacement, optimizer: torch.optim.Optimizer) -> None:
-        """Hand owned experts to their new owners with their AdamW moments (and last gradients); the math is
-        unchanged."""
+    def move_ownership(self, new: OwnerPlacement, optimizer: torch.optim.Optimizer | None) -> None:
+        """Hand owned experts to their new owners with their whole per-expert optimizer state (every state tensor
+        shaped like the weight: AdamW's moments, or whatever the optimizer keeps) and last gradients; the math is
+        unchanged. Scalar state (AdamW's ``step``) is the same on every rank and stays."""
         if new == self.owner:
             return
         params = self.layer.experts.weights()
-        states = [optimizer.state.get(p, {}) for p in params]
-        moment_keys = [k for k in ("exp_avg", "exp_avg_sq") if all(k in s for s in states)]
+        states = [optimizer.state.get(p, {}) if optimizer is not None else {} for p in params]
+        state_keys = sorted(k for k in states[0] if all(_per_expert(s.get(k), p) for s, p in zip(states, params)))
         with_grad = all(p.grad is not None for p in params)
-        tensors = [[p.detach(), *(s[k] for k in moment_keys), *([p.grad] if with_grad else [])]
+        tensors = [[p.detach(), *(s[k] for k in state_keys), *([p.grad] if with_grad else [])]
                    for p, s in zip(params, states)]
-        flat_rows = [t for group in tensors for t in group]  # per weight: weight, moments
+        flat_rows = [t for group in tensors for t in group]  # per weight: weight, state, gradient
+        dtype = functools.reduce(torch.promote_types, [t.dtype for t in flat_rows])  # lossless for every part
         old_owned = self.owner.chunks_on(self.rank)
-        chunks = {e: torch.cat([t[i].reshape(-1) for t in flat_rows]) for i, e in enumerate(old_owned)}
+        chunks = {e: torch.cat([t[i].reshape(-1).to(dtype) for t in flat_rows]) for i, e in enumerate(old_owned)}
         moved = [(e, new.owner_C[e]) for e in range(new.num_chunks) if new.owner_C[e] != self.owner.owner_C[e]]
-        spec = ChunkSpec.flat(sum(t[0].numel() for t in flat_rows), params[0].dtype)
+        spec = ChunkSpec.flat(sum(t[0].numel() for t in flat_rows), dtype)
         received = SparseAllGather(self.owner, MaterializedPlacement.from_owner(self.owner, moved), spec,
                                    self.transport)(chunks)
         new_owned = new.chunks_on(self.rank)
         rows = [chunks[e] if e in chunks else received[e] for e in new_owned]
         sizes = [t[0].numel() for t in flat_rows]
-        rebuilt = [torch.stack([r[o:o + n] for r in rows]).view(len(new_owned), *t.shape[1:])
+        rebuilt = [torch.stack([r[o:o + n] for r in rows]).view(len(new_owned), *t.shape[1:]).to(t.dtype)
                    for t, n, o in zip(flat_rows, sizes, _offsets(sizes))]
-        per_weight = 1 + len(moment_keys) + with_grad
+        per_weight = 1 + len(state_keys) + with_grad
         for j, (param, state) in enumerate(zip(params, states)):
             param.data = rebuilt[j * per_weight].clone()
-            for m, key in enumerate(moment_keys):
+            for m, key in enumerate(state_keys):
                 state[key] = rebuilt[j * per_weight + 1 + m].clone()
             if with_grad:
                 param.grad = rebuilt[j * per_weight + per_weight - 1].clone()
@@ -270,13 +272,11 @@ class FssdpLayer:
 
 
 class FssdpEngine:
-    """All MoE layers of a model under one policy, over the data-parallel group of ``transport``."""
+    """All MoE layers of a model under one policy, over the ranks of ``transport`` (which carries the sparse
+    collectives and ownership moves). :class:`~hecate.parallel.expert_sharding.FullySharded` adds the layers and
+    wires them into the model."""
 
-    def __init__(self, model: nn.Module, transport: Transport, cfg: FssdpConfig,
-                 token_transport: Transport | None = None):
-        """``transport`` carries the sparse collectives and ownership moves; ``token_transport`` (the same ranks in
-        the same order, another group) the token all-to-alls, so that a gather in flight does not hold up the
-        exchanges behind it - a group runs its operations in order (one NCCL communicator, one gloo group)."""
+    def __init__(self, transport: Transport, cfg: FssdpConfig):
         self.cfg = cfg
         self.transport = transport
         self.policy = build_policy(cfg.policy, cfg.overlap_budget, cfg.memory_budget,
@@ -284,18 +284,19 @@ class FssdpEngine:
         self.layers: dict[str, FssdpLayer] = {}
         self.steps = 0
         self.last_replicas: dict[str, int] = {}  # replicas per layer in the step that ended last
-        for name, module in list(model.named_modules()):
-            for child_name, child in module.named_children():
-                if isinstance(child, MoE):
-                    fl = FssdpLayer(child, transport, self.policy, cfg, token_transport)
-                    self.layers[f"{name}.{child_name}" if name else child_name] = fl
-                    # on the parent (the block): a block that splits its batch calls the layer's begin / finish
-                    module.register_forward_pre_hook(lambda _m, _args, fl=fl: fl.start_gather())
-                    module.register_forward_hook(lambda _m, _args, out, fl=fl: self._after_forward(fl, out))
+
+    def add_layer(self, name: str, layer: MoE) -> FssdpLayer:
+        """Start managing the MoE layer called ``name`` (its experts still whole)."""
+        fl = FssdpLayer(layer, self.transport, self.policy, self.cfg)
+        self.layers[name] = fl
+        return fl
+
+    def plan(self) -> None:
         for fl in self.layers.values():
             fl.plan()
 
-    def _after_forward(self, fl: FssdpLayer, out: torch.Tensor) -> None:
+    def after_forward(self, fl: FssdpLayer, out: torch.Tensor) -> None:
+        """After the block's forward: count its load; in RM mode free the replicas until backward needs them."""
         stats = fl.layer.stats
         fl.held = None
         if fl.layer.training:
@@ -323,8 +324,7 @@ class FssdpEngine:
                                     self.transport.world_size, self.cfg.devices_per_node or None)
             for fl, owner in zip(self.layers.values(), owners):
                 fl.move_ownership(owner, optimizer)
-        for fl in self.layers.values():
-            fl.plan()
+        self.plan()
 
     def state_dict(self) -> dict:
         """Owners and load windows (the same on every rank): a resumed run plans exactly as an uninterrupted one."""
@@ -348,6 +348,11 @@ class FssdpEngine:
     def replicas(self) -> dict[str, int]:
         """Replicas (copies beyond the owners) per layer in the current plan."""
         return {name: fl.replicas for name, fl in self.layers.items()}
+
+
+def _per_expert(value: object, param: torch.Tensor) -> bool:
+    """Optimizer state that has one row per owned expert (shaped like the weight) moves with the expert."""
+    return isinstance(value, torch.Tensor) and value.shape == param.shape
 
 
 def _offsets(sizes: Sequence[int]) -> list[int]:
