@@ -31,12 +31,13 @@ from hecate.collectives import CommStats, TorchTransport, Transport
 from hecate.collectives.errors import LayoutError
 from hecate.parallel.config import ParallelConfig
 from hecate.parallel.data_parallel import GradientAverager, router_sums_reduce
+from hecate.parallel.model_adapter import ModelAdapter
 from hecate.parallel.moe import MoE
 from hecate.parallel.moe.expert_tensor_parallel import HIDDEN_DIM, ExpertTensorParallel
 from hecate.parallel.moe.losses import Reduce, RouterSums
 from hecate.parallel.pipeline import MicroBatch, Pipeline, keep_stages, split_stages
-from hecate.parallel.tensor_parallel import (check_tensor_parallel, parallelize_attention, parallelize_embeddings,
-                                             parallelize_ffn, scale_grad, split_for, unsplit,
+from hecate.parallel.tensor_parallel import (check_tensor_parallel, parallelize_embeddings, parallelize_ffn,
+                                             scale_grad, split_for, unsplit,
                                              vocab_parallel_cross_entropy)
 from hecate.parallel.topology import Meshes, ParallelDims
 
@@ -68,6 +69,10 @@ class ModelParallel:
     stage_split: list[list[int]] = dataclasses.field(default_factory=list)  # blocks of each pipeline stage
     moe_blocks: list[int] = dataclasses.field(default_factory=list)
     num_experts: int = 0
+    adapter: ModelAdapter | None = None  # where the model's parts are (set by split_model)
+    tied_embeddings: bool = False  # the whole model's head shares the embedding's weight
+    vocab_size: int = 0
+    dim: int = 0
 
     @classmethod
     def build(cls, dims: ParallelDims, meshes: Meshes, cfg: ParallelConfig, dp: Transport,
@@ -86,28 +91,32 @@ class ModelParallel:
 
     # ---- what changes in the model (before EP and FSSDP see it) --------------------------------
 
-    def split_model(self, model: nn.Module) -> None:
+    def split_model(self, model: nn.Module, adapter: ModelAdapter) -> None:
         """Keep this rank's pipeline stages, then split attention, dense FFNs and embeddings over tp."""
         dims = self.dims
-        moe = model.moe_layers()
+        moe = adapter.moe_layers(model)
+        self.adapter, self.tied_embeddings = adapter, adapter.tied(model)
+        self.vocab_size, self.dim = adapter.dims(model)
         self.moe_blocks = sorted(moe)  # of the whole model: every stage reports every layer's load
         self.num_experts = next(iter(moe.values())).cfg.num_experts if moe else 0
         if dims.pp > 1:
-            self.stage_split = split_stages(model, dims.pp * self.virtual, self.stage_sizes)
+            self.stage_split = split_stages(model, adapter, dims.pp * self.virtual, self.stage_sizes)
             mine = [s for s in range(len(self.stage_split)) if s % dims.pp == self.pp_rank]
-            keep_stages(model, [b for s in mine for b in self.stage_split[s]], first=0 in mine,
-                        last=len(self.stage_split) - 1 in mine)
-            if model.cfg.tie_embeddings:
+            keep_stages(model, adapter, [b for s in mine for b in self.stage_split[s]], first=0 in mine,
+                        last=len(self.stage_split) - 1 in mine, tied=self.tied_embeddings)
+            if self.tied_embeddings:
                 grid = dims.dense_grid()
                 self.tied = _subgroup([[int(grid[0, d, t]), int(grid[-1, d, t])] for d in range(dims.dp)
                                        for t in range(dims.tp)], self.stats)
         if dims.tp > 1:
-            check_tensor_parallel(dims.tp, model.vocab_size, model.cfg.dense_ffn_dim)
-            split = parallelize_embeddings(model, self.tp)
-            for block in model.blocks.values():
-                split |= parallelize_attention(block.attn, self.tp)
-                if not isinstance(block.ffn, MoE):
-                    split |= parallelize_ffn(block.ffn, self.tp)
+            blocks = adapter.block_dict(model).values()
+            dense = [getattr(b, adapter.ffn) for b in blocks if not isinstance(getattr(b, adapter.ffn), MoE)]
+            check_tensor_parallel(dims.tp, self.vocab_size, dense[0].w1.shape[1] if dense else 0)
+            split = parallelize_embeddings(model, adapter, self.tp, self.vocab_size, self.tied_embeddings)
+            for block in blocks:
+                split |= adapter.split_attention(getattr(block, adapter.attention), self.tp)
+            for ffn in dense:
+                split |= parallelize_ffn(ffn, self.tp)
             names = {id(p): n for n, p in model.named_parameters()}
             self.tp_split = {names[id(p)]: how for p, how in split.items() if id(p) in names}
             self.tp_alias = {n: names[id(p)] for n, p in model.named_parameters(remove_duplicate=False)
@@ -144,7 +153,8 @@ class ModelParallel:
         if self.dims.pp > 1:
             if micro is None:
                 raise ValueError("pipeline parallelism needs the step's micro-batch shape (Parallel.apply(micro=))")
-            self.pipeline = Pipeline(model, self.stage_split, self.pp_group, micro, self.dims.tp, loss_fn,
+            shape = (micro.rows // self.dims.tp, self.dim, self.vocab_size // self.dims.tp)
+            self.pipeline = Pipeline(model, self.adapter, self.stage_split, self.pp_group, micro, shape, loss_fn,
                                      self.moe_blocks, self.num_experts)
 
     # ---- gradients -----------------------------------------------------------------------------
@@ -160,7 +170,8 @@ class ModelParallel:
                      GradientAverager(replicated, [], self.stage, None, self.dims.dp)]
         tied = None
         if self.tied is not None:
-            tied = model.tok_emb.weight if model.tok_emb is not None else model.lm_head.weight
+            holder = getattr(model, self.adapter.embedding) or getattr(model, self.adapter.head)
+            tied = holder.weight
 
         def average() -> None:
             for averager in by_groups:
@@ -185,7 +196,9 @@ class ModelParallel:
 
     def _is_tied_copy(self, model: nn.Module, name: str) -> bool:
         """The last stage's copy of the tied embedding (the first stage's counts)."""
-        return self.tied is not None and name == "lm_head.weight" and model.tok_emb is None
+        adapter = self.adapter
+        return (self.tied is not None and name == adapter.head_weight_name()
+                and getattr(model, adapter.embedding) is None)
 
     # ---- loss and whole-model views ------------------------------------------------------------
 
@@ -237,7 +250,8 @@ class ModelParallel:
                 optim_state[name][key] = whole
         groups = [dict(group) for group in state["optim"]["param_groups"]]
         if self.pp_group is not None:
-            self._rename_tied_copy(model, optim_state, groups, "lm_head.weight", "tok_emb.weight")
+            self._rename_tied_copy(model, optim_state, groups, self.adapter.head_weight_name(),
+                                   self.adapter.embedding_weight_name())
             stages: list[list[list[str]]] = [None] * self.dims.pp
             dist.all_gather_object(stages, [group["params"] for group in groups], group=self.pp_group)
             for i, group in enumerate(groups):  # every stage saves the same (whole-model) groups
@@ -247,7 +261,7 @@ class ModelParallel:
     def _rename_tied_copy(self, model: nn.Module, optim_state: dict, groups: list[dict], old: str, new: str) -> None:
         """The last stage's copy of the tied embedding is saved under the embedding's name (the first stage saves
         the same values): one process holds one optimizer state for the tied pair."""
-        if not self._is_tied_copy(model, "lm_head.weight"):
+        if not self._is_tied_copy(model, self.adapter.head_weight_name()):
             return
         if old in optim_state:
             optim_state[new] = optim_state.pop(old)
@@ -264,10 +278,11 @@ class ModelParallel:
             for name, values in state["optim"]["state"].items()}
         groups = [dict(group) for group in state["optim"]["param_groups"]]
         if self.pp_group is not None:
-            mine = {"tok_emb.weight" if self._is_tied_copy(model, n) else n for n, _ in model.named_parameters()}
+            head, embedding = self.adapter.head_weight_name(), self.adapter.embedding_weight_name()
+            mine = {embedding if self._is_tied_copy(model, n) else n for n, _ in model.named_parameters()}
             for group in groups:
                 group["params"] = [fqn for fqn in group["params"] if fqn in mine]
-            self._rename_tied_copy(model, optim_state, groups, "tok_emb.weight", "lm_head.weight")
+            self._rename_tied_copy(model, optim_state, groups, embedding, head)
         return {"model": model_sd, "optim": {**state["optim"], "state": optim_state, "param_groups": groups}}
 
     def gather_full(self, model: nn.Module, tensors: dict[str, torch.Tensor],
@@ -279,8 +294,8 @@ class ModelParallel:
             stages: list[dict] = [None] * self.dims.pp
             dist.all_gather_object(stages, full, group=self.pp_group)
             full = {name: t for stage in stages for name, t in stage.items()}
-        if model.cfg.tie_embeddings:
-            full.pop("lm_head.weight", None)
+        if self.tied_embeddings:
+            full.pop(self.adapter.head_weight_name(), None)
         return full
 
     @staticmethod

@@ -26,6 +26,7 @@ from hecate.parallel.data_parallel import GradientAverager, global_grad_norm, ro
 from hecate.parallel.expert_sharding import (ExpertParallel, ExpertSharding, FullySharded, Replicated,
                                              moe_layers)
 from hecate.parallel.fssdp.engine import FssdpEngine
+from hecate.parallel.model_adapter import ModelAdapter
 from hecate.parallel.model_parallel import ModelParallel
 from hecate.parallel.pipeline import MicroBatch, Pipeline
 from hecate.parallel.topology import Meshes, ParallelDims, build_meshes
@@ -105,14 +106,15 @@ class Parallel:
 
     # ---- what changes in the model --------------------------------------------------------------
 
-    def apply(self, model: nn.Module, micro: MicroBatch | None = None) -> None:
+    def apply(self, model: nn.Module, adapter: ModelAdapter, micro: MicroBatch | None = None) -> None:
         """Hold the experts as the layout says, and reduce router statistics over the micro-batch's ranks. Call on a
         model that holds every expert (built from the run's seed), before the optimizer is built. Under tp, pp or
         etp the model is first cut to this rank's pipeline stages and split over tp, and its ``micro`` batches per
-        step go through a pipeline schedule (:mod:`hecate.parallel.model_parallel`)."""
+        step go through a pipeline schedule (:mod:`hecate.parallel.model_parallel`). ``adapter`` says where the
+        model's parts are (:mod:`hecate.parallel.model_adapter`)."""
         mp = self.model_parallel
         if mp is not None:
-            mp.split_model(model)
+            mp.split_model(model, adapter)
         self.experts.wrap(model)
         for layer in moe_layers(model):
             if mp is not None:
@@ -182,7 +184,7 @@ class Parallel:
         """The model's logits (forward only); under pp they come out on the last stage's ranks, None elsewhere."""
         if self.pipeline is None:
             return model(tokens_BS)
-        shape = (tokens_BS.shape[0] // self.dims.tp, tokens_BS.shape[1], model.cfg.dim)
+        shape = (tokens_BS.shape[0] // self.dims.tp, tokens_BS.shape[1], self.model_parallel.dim)
         return self.pipeline.forward(tokens_BS, shape)
 
     def pipeline_sum(self, tensor: torch.Tensor) -> torch.Tensor:

@@ -6,8 +6,9 @@ torch's schedules fit here as they are (they run on gloo: batched isend/irecv ov
 only what they do not know is ours:
 - splitting: contiguous blocks per stage, balanced by cost (:func:`stage_blocks`: the active parameters a token
   meets in each block, plus the LM head on the last stage); the embedding sits on the first stage.
-- a stage is a view of the model (:func:`stage_view`): the same Transformer with only its blocks and the
-  embedding / head where they belong, sharing the modules and their parameter names with the rank's model.
+- a stage is a view of the model (:func:`stage_view`): the same model with only its blocks and the
+  embedding / head where they belong, sharing the modules and their parameter names with the rank's model
+  (which parts these are, the model's adapter says: :mod:`hecate.parallel.model_adapter`).
 - router losses: the schedule's loss function sees only the last stage's logits, so every MoE layer adds its
   scaled aux and z losses to the backward of its own stage (:class:`_RouterLossGrad`: identity forward; in
   backward the losses receive the gradient 1, as the summed loss of the reference gives them; the schedule's
@@ -33,17 +34,19 @@ from torch import nn
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleInterleaved1F1B
 
 from hecate.collectives.errors import LayoutError
+from hecate.parallel.model_adapter import ModelAdapter
 from hecate.parallel.moe import MoE
 
 
-def block_costs(model: nn.Module) -> list[float]:
+def block_costs(model: nn.Module, adapter: ModelAdapter) -> list[float]:
     """Per block, the parameters one token goes through (attention, norms, router, top_k of E experts)."""
     costs = []
-    for block in model.blocks.values():
+    for block in adapter.block_dict(model).values():
         total = sum(p.numel() for p in block.parameters())
-        if isinstance(block.ffn, MoE):
-            experts = sum(p.numel() for p in block.ffn.experts.parameters())
-            total -= experts * (1 - block.ffn.cfg.top_k / block.ffn.cfg.num_experts)
+        ffn = getattr(block, adapter.ffn)
+        if isinstance(ffn, MoE):
+            experts = sum(p.numel() for p in ffn.experts.parameters())
+            total -= experts * (1 - ffn.cfg.top_k / ffn.cfg.num_experts)
         costs.append(float(total))
     return costs
 
@@ -75,13 +78,14 @@ def stage_blocks(costs: list[float], stages: int, head_cost: float = 0.0) -> lis
     return [list(range(a, b)) for a, b in reversed(bounds)]
 
 
-def split_stages(model: nn.Module, stages: int, sizes: list[int]) -> list[list[int]]:
+def split_stages(model: nn.Module, adapter: ModelAdapter, stages: int, sizes: list[int]) -> list[list[int]]:
     """Blocks of each stage: ``sizes`` contiguous blocks per stage when given (``parallel.pp_stage_blocks``),
     else balanced by cost (:func:`stage_blocks`)."""
     if sizes:
         starts = list(itertools.accumulate(sizes, initial=0))
         return [list(range(start, start + n)) for start, n in zip(starts, sizes)]
-    return stage_blocks(block_costs(model), stages, head_cost=float(model.lm_head.weight.numel()))
+    head_cost = float(getattr(model, adapter.head).weight.numel())
+    return stage_blocks(block_costs(model, adapter), stages, head_cost=head_cost)
 
 
 class TiedHead(nn.Embedding):
@@ -96,27 +100,31 @@ class TiedHead(nn.Embedding):
         return F.linear(x_BSD, self.weight)
 
 
-def keep_stages(model: nn.Module, blocks: list[int], first: bool, last: bool) -> None:
+def keep_stages(model: nn.Module, adapter: ModelAdapter, blocks: list[int], first: bool, last: bool,
+                tied: bool) -> None:
     """Prune the rank's model in place to what its stages hold (parameter names unchanged)."""
-    model.blocks = nn.ModuleDict({str(i): model.blocks[str(i)] for i in blocks})
-    if last and not first and model.cfg.tie_embeddings:
-        model.lm_head = TiedHead(model.tok_emb.weight.detach().clone())
-    if not first:
-        model.tok_emb = None
-    if not last:
-        model.norm = None
-        model.lm_head = None
+    tied_copy = (TiedHead(getattr(model, adapter.embedding).weight.detach().clone())
+                 if last and not first and tied else None)
+    _select(model, model, adapter, blocks, first, last)
+    if tied_copy is not None:
+        setattr(model, adapter.head, tied_copy)
 
 
-def stage_view(model: nn.Module, blocks: list[int], first: bool, last: bool) -> nn.Module:
-    """The Transformer of one stage: a shallow copy that shares the model's modules and keeps only its own."""
+def stage_view(model: nn.Module, adapter: ModelAdapter, blocks: list[int], first: bool, last: bool) -> nn.Module:
+    """The model of one stage: a shallow copy that shares the model's modules and keeps only its own."""
     view = copy.copy(model)
     view._modules = dict(model._modules)  # the copy's own table of children; the children are shared
-    view.blocks = nn.ModuleDict({str(i): model.blocks[str(i)] for i in blocks})
-    view.tok_emb = model.tok_emb if first else None
-    view.norm = model.norm if last else None
-    view.lm_head = model.lm_head if last else None
+    _select(view, model, adapter, blocks, first, last)
     return view
+
+
+def _select(target: nn.Module, model: nn.Module, adapter: ModelAdapter, blocks: list[int], first: bool,
+            last: bool) -> None:
+    """Set ``target``'s blocks to ``blocks`` of ``model``, and its ends to ``model``'s where the stages hold them."""
+    setattr(target, adapter.blocks, nn.ModuleDict({str(i): adapter.block_dict(model)[str(i)] for i in blocks}))
+    setattr(target, adapter.embedding, getattr(model, adapter.embedding) if first else None)
+    for end in (adapter.final_norm, adapter.head):
+        setattr(target, end, getattr(model, end) if last else None)
 
 
 class _RouterLossGrad(torch.autograd.Function):
@@ -157,19 +165,20 @@ class PipelineLosses:
 class Pipeline:
     """This rank's stages of the model and the schedule that runs them (built by :meth:`Parallel.apply`)."""
 
-    def __init__(self, model: nn.Module, split: list[list[int]], group: dist.ProcessGroup, micro: MicroBatch,
-                 tp: int, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], moe_blocks: list[int],
-                 num_experts: int):
+    def __init__(self, model: nn.Module, adapter: ModelAdapter, split: list[list[int]], group: dist.ProcessGroup,
+                 micro: MicroBatch, shape: tuple[int, int, int], loss_fn: Callable[[torch.Tensor, torch.Tensor],
+                 torch.Tensor], moe_blocks: list[int], num_experts: int):
+        """``shape`` is (rows a stage's activations hold, model dim, vocabulary columns of the logits)."""
         self.group = group
         self.pp, self.pp_rank = dist.get_world_size(group), dist.get_rank(group)
         self.split, self.moe_blocks, self.micro_batches = split, moe_blocks, micro.count
         self.num_experts = num_experts
         self.num_stages = len(split)
         self.mine = [s for s in range(self.num_stages) if s % self.pp == self.pp_rank]
-        self.chunks = {s: stage_view(model, split[s], s == 0, s == self.num_stages - 1) for s in self.mine}
-        activations = torch.empty(micro.rows // tp, micro.seq_len, model.cfg.dim, device="meta", requires_grad=True)
+        self.chunks = {s: stage_view(model, adapter, split[s], s == 0, s == self.num_stages - 1) for s in self.mine}
+        rows, dim, vocab = shape
+        activations = torch.empty(rows, micro.seq_len, dim, device="meta", requires_grad=True)
         tokens = torch.empty(micro.rows, micro.seq_len, dtype=torch.long, device="meta")
-        vocab = model.vocab_size // tp
         logits = torch.empty(micro.rows, micro.seq_len, vocab, dtype=micro.logits_dtype, device="meta",
                              requires_grad=True)
         stages = [PipelineStage(self.chunks[s], s, self.num_stages, torch.device("cpu"), group=group,
@@ -182,7 +191,7 @@ class Pipeline:
         else:
             self.schedule = ScheduleInterleaved1F1B(stages, micro.count, loss_fn=loss_fn)
         self.is_last = self.num_stages - 1 in self.mine
-        self.moe_layers = {i: layer for i, layer in model.moe_layers().items()}
+        self.moe_layers = adapter.moe_layers(model)
         self._record: dict[str, torch.Tensor] = {}
         for index, layer in self.moe_layers.items():
             layer.register_forward_hook(lambda mod, _args, out, index=index: self._after_moe(index, mod, out))

@@ -36,6 +36,7 @@ from torch import nn
 
 from hecate.collectives import Transport
 from hecate.collectives.errors import LayoutError
+from hecate.parallel.model_adapter import ModelAdapter
 
 
 # ---- autograd-aware collectives over the tp group ---------------------------------------------------
@@ -174,9 +175,10 @@ def split_for(whole: torch.Tensor, how: str, rank: int, parts: int) -> torch.Ten
     return whole.chunk(parts, dim=0 if how == ROWS else 1)[rank]
 
 
-def parallelize_attention(attn: nn.Module, tp: Transport) -> dict[nn.Parameter, str]:
-    """Keep H / tp heads of q, k and v (column-parallel) and the matching input columns of the output
-    projection (row-parallel). Returns the parameters that are now split over tp, and how."""
+def parallelize_fused_attention(attn: nn.Module, tp: Transport) -> dict[nn.Parameter, str]:
+    """An attention with a fused ``qkv`` projection [3 H Dh, D], an output projection ``proj`` and ``n_heads``:
+    keep H / tp heads of q, k and v (column-parallel) and the matching input columns of the output projection
+    (row-parallel). Returns the parameters that are now split over tp, and how."""
     rank, parts = tp.rank, tp.world_size
     qkv_3HDhD = attn.qkv.weight.detach().view(3, attn.n_heads, -1, attn.qkv.in_features)
     attn.qkv.weight = nn.Parameter(_shard(qkv_3HDhD, 1, rank, parts).detach().flatten(0, 2))
@@ -199,22 +201,24 @@ def parallelize_ffn(ffn: nn.Module, tp: Transport) -> dict[nn.Parameter, str]:
     return {w: how for w, how in ((ffn.w1, COLUMNS), (ffn.w2, ROWS), (ffn.w3, COLUMNS)) if w is not None}
 
 
-def parallelize_embeddings(model: nn.Module, tp: Transport) -> dict[nn.Parameter, str]:
-    """Vocabulary-parallel ``tok_emb`` and ``lm_head`` (whichever of them this pipeline stage holds)."""
+def parallelize_embeddings(model: nn.Module, adapter: ModelAdapter, tp: Transport, vocab_size: int,
+                           tied: bool) -> dict[nn.Parameter, str]:
+    """Vocabulary-parallel embedding and LM head (whichever of them this pipeline stage holds)."""
     rank, parts = tp.rank, tp.world_size
-    tied = model.cfg.tie_embeddings
     split = {}
-    if model.tok_emb is not None:
-        local = model.vocab_size // parts
-        model.tok_emb = VocabParallelEmbedding(_shard(model.tok_emb.weight, 0, rank, parts).data, rank * local, tp)
-        split[model.tok_emb.weight] = ROWS
-    if model.lm_head is not None:
-        if tied and model.tok_emb is not None:
-            model.lm_head.weight = model.tok_emb.weight
+    embedding, head = getattr(model, adapter.embedding), getattr(model, adapter.head)
+    if embedding is not None:
+        local = vocab_size // parts
+        embedding = VocabParallelEmbedding(_shard(embedding.weight, 0, rank, parts).data, rank * local, tp)
+        setattr(model, adapter.embedding, embedding)
+        split[embedding.weight] = ROWS
+    if head is not None:
+        if tied and embedding is not None:
+            head.weight = embedding.weight
         else:
-            model.lm_head.weight = _shard(model.lm_head.weight, 0, rank, parts)
-            split[model.lm_head.weight] = ROWS
-        model.lm_head.register_forward_pre_hook(_gather_input(tp))
+            head.weight = _shard(head.weight, 0, rank, parts)
+            split[head.weight] = ROWS
+        head.register_forward_pre_hook(_gather_input(tp))
     return split
 
 

@@ -11,6 +11,7 @@ from hecate.parallel.tensor_parallel import check_tensor_parallel
 from hecate.parallel.topology import DENSE_DIMS, MOE_DIMS, ParallelDims
 from hecate.trainer.config import RunConfig
 from hecate.trainer.model import Transformer
+from hecate.trainer.model_adapter import TRANSFORMER
 
 BYTES_FP32 = 4
 ADAMW_MOMENTS = 2
@@ -84,7 +85,7 @@ def _model_parallel_lines(cfg: RunConfig, dims: ParallelDims, vocab_size: int) -
         with torch.device("meta"):
             model = Transformer(cfg.model, cfg.moe, vocab_size)
         virtual, micro = cfg.parallel.pp_virtual, cfg.train.grad_accum
-        split = split_stages(model, dims.pp * virtual, list(cfg.parallel.pp_stage_blocks))
+        split = split_stages(model, TRANSFORMER, dims.pp * virtual, list(cfg.parallel.pp_stage_blocks))
         schedule = "1F1B" if virtual == 1 else f"interleaved 1F1B ({virtual} stages per rank)"
         lines.append(f"  pipeline: {schedule}, {micro} micro-batches per step, theoretical bubble "
                      f"{bubble_fraction(dims.pp, virtual, micro):.1%}")

@@ -30,6 +30,7 @@ from hecate.trainer.export import import_weights
 from hecate.trainer.faults import maybe_inject
 from hecate.trainer.metrics import MetricsWriter, truncate_metrics, write_plots
 from hecate.trainer.model import Transformer, build_model
+from hecate.trainer.model_adapter import TRANSFORMER
 from hecate.trainer.nonfinite import NonFiniteTracer
 from hecate.trainer.optim import build_optimizer, lr_at, set_lr
 from hecate.trainer.profile import profiled_step
@@ -76,7 +77,7 @@ class Trainer:
         if cfg.train.init_from:
             import_weights(Path(cfg.train.init_from), self.model, self.checkpoint_identity())
         rows = cfg.train.global_batch // cfg.train.grad_accum // parallel.dp_size
-        parallel.apply(self.model, MicroBatch(cfg.train.grad_accum, rows, cfg.model.seq_len,
+        parallel.apply(self.model, TRANSFORMER, MicroBatch(cfg.train.grad_accum, rows, cfg.model.seq_len,
                                               torch.bfloat16 if cfg.train.dtype == "bf16" else torch.float32))
         self.nonfinite = NonFiniteTracer(self.model)
         self.checkpointer = ckpt.Checkpointer(self.run_dir / "checkpoints", cfg.checkpoint.keep, parallel,
