@@ -89,7 +89,7 @@ TRANSPORTS = tuple(TRANSPORT_KINDS)
 
 @dataclass
 class FssdpConfig:
-    """Fully sharded sparse data parallelism for the MoE layers (DESIGN.md section 2). With a policy other than
+    """Fully sharded sparse data parallelism for the MoE layers. With a policy other than
     ``off``, each expert is owned by one rank of the data-parallel group and the policy decides, every step,
     which experts are materialized where: ``ep`` none, ``fsdp`` all everywhere, ``shadow`` the
     ``memory_budget`` hottest everywhere, ``fssdp`` the Hecate planner."""

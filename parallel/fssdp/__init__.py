@@ -1,4 +1,4 @@
-"""Fully Sharded Sparse Data Parallelism (DESIGN.md section 2): pure planning pieces.
+"""Fully Sharded Sparse Data Parallelism: pure planning pieces (the Hecate paper, arXiv 2502.02581).
 
 - ``LoadEstimator``: sliding-window per-expert load, the planner's input.
 - ``plan_replicas`` / ``check_materialized`` / ``predicted_device_load``: this step's replicas under the

@@ -1,4 +1,4 @@
-"""Heterogeneous sharding: who owns which expert, layer by layer (DESIGN.md section 2, last step).
+"""Heterogeneous sharding: who owns which expert, layer by layer.
 
 Every device owns exactly E/D experts in every layer, so the shapes of its expert parameters and optimizer
 state never change; only *which* experts sit in those slots does. Expert parallelism puts contiguous blocks
