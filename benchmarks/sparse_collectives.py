@@ -2,8 +2,8 @@
 SparseAllGather than a plain all-gather of every chunk? Same chunks, same ranks, torch-gloo and MPI.
 
 The plain all-gather runs on chunks already packed in one buffer into a reused output (its best case);
-the sparse one includes its default agreement all-gather and hands its receive buffer back after each call
-(``release``), as the FSSDP engine does once a layer's replicas are no longer needed.
+the sparse one includes its default agreement all-gather and hands its received replicas back after each call
+(``release``), so it measures a caller that keeps one SparseAllGather per placement and reuses its receive memory.
 A configuration's time is the median over iterations of the slowest rank's time.
 
     python benchmarks/sparse_collectives.py --json runs/sparse_collectives.json
@@ -106,8 +106,9 @@ def measure(transport: Transport, config: Config, label: str) -> list[dict]:
     for fraction in config.fractions:
         materialized = materialize(config, fraction)
         gather = SparseAllGather(owner, materialized, spec, transport)
-        def sparse() -> None:
-            gather.release(gather(owned))  # as FSSDP does once a layer's replicas are no longer needed
+
+        def sparse(gather: SparseAllGather = gather) -> None:
+            gather.release(gather(owned))  # the replicas' memory serves the next call
 
         sparse_s = _median_s(transport, config, sparse)
         sparse_bytes = _bytes_sent(transport, "sparse_all_gather", sparse)

@@ -49,9 +49,8 @@ class SparseAllGather:
     def release(self, replicas: Mapping[int, torch.Tensor]) -> None:
         """Let a later call reuse the memory of ``replicas`` (from an earlier call), which must not be used
         afterwards, views of them included. Optional: unreleased replicas are freed as usual."""
-        storages = {t.untyped_storage().data_ptr(): t.untyped_storage() for t in replicas.values()}
-        for storage in storages.values():
-            self._exchange.recv_pool.give(torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage))
+        for replica in replicas.values():  # views of one receive buffer, or their own copies (see _typed)
+            self._exchange.recv_pool.give(replica)
 
 
 def _replicas(received: Received) -> dict[int, torch.Tensor]:

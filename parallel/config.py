@@ -83,20 +83,22 @@ class ParallelConfig:
 
 
 POLICIES = ("off", "ep", "fsdp", "shadow", "fssdp")
+AUTO = "auto"  # a budget derived from measurements (``hecate.parallel.fssdp.budgets``)
 TRANSPORTS = tuple(TRANSPORT_KINDS)
 
 
 @dataclass
 class FssdpConfig:
-    """Fully sharded sparse data parallelism for the MoE layers (DESIGN.md section 2). With a policy other than
+    """Fully sharded sparse data parallelism for the MoE layers. With a policy other than
     ``off``, each expert is owned by one rank of the data-parallel group and the policy decides, every step,
     which experts are materialized where: ``ep`` none, ``fsdp`` all everywhere, ``shadow`` the
     ``memory_budget`` hottest everywhere, ``fssdp`` the Hecate planner."""
 
     policy: str = "off"
     window: int = 5  # steps in the sliding-window mean of per-expert token counts
-    overlap_budget: int = 2  # expert copies that can arrive while a block's attention runs (per device)
-    memory_budget: int = 2  # extra expert slots per device (per layer) for replicas
+    # expert copies that can arrive while a block's attention runs (per device); "auto": measured (budgets.py)
+    overlap_budget: int | str = 2
+    memory_budget: int | str = 2  # extra expert slots per device (per layer) for replicas; "auto": measured
     rematerialize: bool = False  # free replicas after forward, gather them again in backward
     reshard_every: int = 0  # heterogeneous re-sharding of ownership every K steps; 0 = off
     devices_per_node: int = 0  # ranks per node, for placement preferences; 0 = all ranks on one node
@@ -108,7 +110,12 @@ class FssdpConfig:
         for name in ("window",):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{prefix}.{name}", f"must be >= 1, got {getattr(self, name)}")
-        for name in ("overlap_budget", "memory_budget", "reshard_every", "devices_per_node"):
+        for name in ("overlap_budget", "memory_budget"):
+            value = getattr(self, name)
+            if value != AUTO and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise ConfigError(f"{prefix}.{name}", f"must be an integer >= 0 or {AUTO!r} (derived from "
+                                                      f"measurements), got {value!r}")
+        for name in ("reshard_every", "devices_per_node"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{prefix}.{name}", f"must be >= 0, got {getattr(self, name)}")
         if self.min_imbalance < 1:

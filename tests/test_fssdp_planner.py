@@ -19,15 +19,19 @@ from hecate.parallel.fssdp import (
     ShadowPolicy,
     build_policy,
     check_materialized,
+    hottest_experts,
     initial_owners,
     moves,
     plan_replicas,
     predicted_device_load,
     reshard_owners,
 )
+from hecate.parallel.fssdp.planner import apportion
 
 FOUR = OwnerPlacement((0, 1, 2, 3), 4)  # one expert per device
-# The planner updates its predicted loads incrementally; recomputing them from scratch may differ in the last bits.
+ZIPF_16 = [1000 / (e + 1) ** 1.2 for e in range(16)]  # Zipf-skewed: expert 0 gets ~26% of the tokens
+# Predicted loads sum floats in another order than expert parallelism's totals: equal values may differ in the last
+# bits.
 FLOAT_SLACK = 1e-9
 
 
@@ -93,47 +97,74 @@ def test_t_at_most_m_replicates_the_t_hottest_experts_everywhere():
     assert plan.devices_C == ((0,), everywhere, (1,), (1,), (2,), everywhere, (3,), (3,))
 
 
-def test_t_above_m_gives_hot_experts_proportional_copies_on_the_least_loaded_devices():
-    # Total 100 over 4 devices = 25 per device: expert 0 (90) wants round(3.6) = 4 copies, the others 1.
-    # Phase 1: the copies go to the least loaded device each time: 2 (3, index beats 3), 3, then 1 ->
-    # predicted [22.5, 26.5, 25.5, 25.5]. Phase 2: the straggler, device 1, sends its expert 1 to the one
-    # slot left, device 0 (22.5 + 2 <= 26.5).
+def test_t_above_m_gives_hot_experts_copies_in_proportion_on_the_least_loaded_devices():
+    # t = 2 > m = 1: the 4 slots go to the hot experts 0 (90) and 1 (4): 4 x 90/94 = 3.83 -> 3 (capped at
+    # D - 1 = 3), the spare slot to expert 1. Shares: 90/4 = 22.5, 4/2 = 2; devices start at [22.5, 2, 3, 3].
+    # Expert 0's copies go to devices 1 (2), 2 (3, index beats 3), 3; expert 1's to the one free slot, device 0.
     load_E = [90, 4, 3, 3]
     plan = plan_replicas(FOUR, load_E, overlap_budget=2, memory_budget=1)
     assert plan.devices_C == ((0, 1, 2, 3), (0, 1), (2,), (3,))
-    assert predicted_device_load(plan, load_E) == [24.5, 24.5, 25.5, 25.5]
+    # the dispatcher's split: experts 2, 3 stay put (3 each), 90 is water-filled to 24 everywhere, then 4 -> 26, 26
+    assert predicted_device_load(plan, load_E) == [26.0, 26.0, 24.0, 24.0]
 
 
-def test_straggler_relief_copies_a_warm_expert_that_shares_a_device():
-    # Neither expert is worth a device on its own (40 and 30 of 50 per device), but together they make device 0
-    # the straggler (70 vs 30): one copy of expert 0 to device 1 evens it out (30 + 20 <= 70).
-    owner = OwnerPlacement((0, 0, 1, 1), 2)
-    plan = plan_replicas(owner, [40, 30, 20, 10], overlap_budget=2, memory_budget=1)
-    assert plan.devices_C == ((0, 1), (0,), (1,), (1,))
-    assert predicted_device_load(plan, [40, 30, 20, 10]) == [50.0, 50.0]
+def test_apportion_is_proportional_with_caps_and_largest_remainders():
+    # quotas 16 x load / 1892.4 = 8.45, 3.68, 2.26, 1.60: expert 0 is capped at 7; floors 7, 3, 2, 1; the 3 spare
+    # slots by remainder: expert 1 (.68), expert 3 (.60), expert 0 has no room, expert 2 (.26)
+    assert apportion(16, [1000.0, 435.3, 267.6, 189.5], [7] * 4) == [7, 4, 3, 2]
+    assert apportion(5, [1.0, 1.0], [1, 10]) == [1, 4]  # what the capped item cannot take goes to the other
+    assert apportion(10, [1.0], [3]) == [3]
+    assert apportion(3, [1.0, 1.0, 1.0, 1.0], [5] * 4) == [1, 1, 1, 0]  # ties by position
 
 
-def test_t_above_m_breaks_load_ties_towards_the_owners_node():
-    # Expert 3 (40 of 25 per device) wants 2 copies; devices 0, 1 and 2 tie at 20. Phase 2 then balances the
-    # rest to 25 each with the slots left, so the tie-break shows in where expert 3's copy went.
-    load_E = [20, 20, 20, 40]
-    assert plan_replicas(FOUR, load_E, 2, 1).devices_C == ((0, 1, 2, 3), (1,), (2,), (0, 3))  # by index
-    assert plan_replicas(FOUR, load_E, 2, 1, devices_per_node=2).devices_C[3] == (2, 3)  # owner 3's node
+def test_t_limits_the_experts_replicated_when_t_exceeds_m():
+    owner, load_E = initial_owners(16, 8), ZIPF_16
+    three = plan_replicas(owner, load_E, overlap_budget=3, memory_budget=2)
+    assert {e for e, holders in enumerate(three.devices_C) if len(holders) > 1} == {0, 1, 2}
+    assert three != plan_replicas(owner, load_E, overlap_budget=16 + 5, memory_budget=2)
 
 
-def test_a_copy_that_would_only_move_the_straggler_is_not_made():
-    # Expert 0 (38 of 100) wants 2 copies, but the least loaded device (20) would reach 20 + 19 = 39 > 38:
-    # the even-split model is pessimistic here (the dispatcher could split 29/29), see planner.py.
-    plan = plan_replicas(FOUR, [38, 21, 21, 20], overlap_budget=2, memory_budget=1)
-    assert plan == MaterializedPlacement.from_owner(FOUR)
+def test_zipf_load_uses_every_slot_and_evens_out_the_devices():
+    owner, load_E = initial_owners(16, 8), ZIPF_16
+    plan = plan_replicas(owner, load_E, overlap_budget=4, memory_budget=2)
+    assert extras_per_device(owner, plan) == [2] * 8  # all 16 slots used
+    assert [len(holders) - 1 for holders in plan.devices_C[:4]] == [7, 4, 3, 2]  # apportioned as above
+    assert all(len(holders) == 1 for holders in plan.devices_C[4:])
+    ep = imbalance(predicted_device_load(EpPolicy().materialize(owner, load_E), load_E))
+    assert ep > 4.0  # device 0 owns experts 0 and 1
+    assert imbalance(predicted_device_load(plan, load_E)) < 1.1
+
+
+def test_node_level_pass_puts_a_copy_on_every_node_before_a_second_on_any():
+    # 8 devices, experts 0 and 7 hot (40 each, owners 0 and 7): 4 copies each. One node: equal loads go to the lower
+    # index, so expert 0 lands on devices 1, 2, 3 (nodes 0, 1) and 7 but not on node 2 = devices 4, 5.
+    owner, load_E = initial_owners(8, 8), [40, 10, 10, 10, 10, 10, 10, 40]
+    nodes = [[0, 1], [2, 3], [4, 5], [6, 7]]
+    one_node = plan_replicas(owner, load_E, overlap_budget=2, memory_budget=1)
+    assert one_node.devices_C[0] == (0, 1, 2, 3, 7)
+    spread = plan_replicas(owner, load_E, overlap_budget=2, memory_budget=1, devices_per_node=2)
+    for expert in (0, 7):
+        assert all(set(spread.devices_C[expert]) & set(node) for node in nodes), spread.devices_C[expert]
+    assert max(predicted_device_load(spread, load_E)) == max(predicted_device_load(one_node, load_E))
+
+
+def test_guard_drops_copies_that_the_dispatcher_would_split_worse_than_ep():
+    # Hot experts 0 (12, owner 2), 3 (11, owner 0), 1 (10, owner 1), one copy each: to devices 1, 2 and 0. The
+    # dispatcher water-fills hottest first: 12 -> devices 1, 2 at 6; 11 -> devices 0, 2 at 8.5; 10 -> devices 0, 1
+    # at 12.25 > 12 (expert parallelism's maximum). Without the last copy it is 11 everywhere.
+    owner, load_E = OwnerPlacement((2, 1, 0, 0, 1, 1), 3), [12, 10, 0, 11, 0, 0]
+    assert max(predicted_device_load(MaterializedPlacement.from_owner(owner, [(0, 1), (3, 2), (1, 0)]),
+                                     load_E)) == 12.25
+    plan = plan_replicas(owner, load_E, overlap_budget=3, memory_budget=1)
+    assert plan == MaterializedPlacement.from_owner(owner, [(0, 1), (3, 2)])
+    assert predicted_device_load(plan, load_E) == [11.0, 11.0, 11.0]
 
 
 def test_overlap_budget_is_clipped_to_the_number_of_experts():
     everything = plan_replicas(FOUR, [1, 2, 3, 4], overlap_budget=100, memory_budget=100)
     assert everything == FsdpPolicy().materialize(FOUR, [1, 2, 3, 4])
-    # clipped t = 4 > m = 3: the proportional branch, not "replicate 100 experts"
-    assert plan_replicas(FOUR, [1, 1, 1, 1], overlap_budget=100, memory_budget=3) == \
-        MaterializedPlacement.from_owner(FOUR)
+    # clipped t = 4 > m = 3: the proportional branch over all 4 experts, not "replicate 100 experts"
+    assert max(extras_per_device(FOUR, plan_replicas(FOUR, [1, 1, 1, 1], overlap_budget=100, memory_budget=3))) <= 3
 
 
 @pytest.mark.parametrize("field, budgets", [("fssdp.overlap_budget", (-1, 2)), ("fssdp.memory_budget", (2, -1)),
@@ -169,33 +200,26 @@ def planning_cases(draw):
     num_experts = draw(st.integers(1, 16))
     owner = OwnerPlacement(tuple(draw(st.lists(st.integers(0, world - 1), min_size=num_experts,
                                                  max_size=num_experts))), world)
-    load_E = draw(st.lists(st.one_of(st.just(0.0), st.floats(0, 1e6)), min_size=num_experts,
-                           max_size=num_experts))
+    load_E = draw(st.lists(st.one_of(st.just(0.0), st.integers(0, 50).map(float), st.floats(0, 1e6)),
+                           min_size=num_experts, max_size=num_experts))
     return (owner, load_E, draw(st.integers(0, 12)), draw(st.integers(0, 12)),
             draw(st.one_of(st.none(), st.integers(1, 4))))
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=500, deadline=None)
 @given(planning_cases())
-def test_plans_contain_the_owners_and_respect_both_budgets(case):
+def test_plans_keep_the_owners_respect_both_budgets_and_never_predict_worse_than_ep(case):
     owner, load_E, overlap, memory, per_node = case
     plan = plan_replicas(owner, load_E, overlap, memory, per_node)
     assert all(owner.owner_C[e] in plan.devices_C[e] for e in range(owner.num_chunks))
     # a device receives at most m copies (memory) and at most t (what overlaps with attention)
     assert max(extras_per_device(owner, plan)) <= min(overlap, memory)
+    replicated = {e for e, holders in enumerate(plan.devices_C) if len(holders) > 1}
+    assert replicated <= set(hottest_experts(load_E, overlap))  # at most t distinct experts, the hottest
+    assert all(load_E[e] > 0 for e in replicated)
+    ep_max = max(predicted_device_load(EpPolicy().materialize(owner, load_E), load_E))
+    assert max(predicted_device_load(plan, load_E)) <= ep_max * (1 + FLOAT_SLACK) + FLOAT_SLACK
     assert plan == plan_replicas(owner, list(load_E), overlap, memory, per_node)  # same inputs, same plan
-    if overlap > memory:  # the proportional branch never raises the predicted straggler
-        ep_max = max(predicted_device_load(EpPolicy().materialize(owner, load_E), load_E))
-        assert max(predicted_device_load(plan, load_E)) <= ep_max * (1 + FLOAT_SLACK) + FLOAT_SLACK
-
-
-def test_fssdp_balances_zipf_load_better_than_ep():
-    owner = initial_owners(16, 8)
-    load_E = [1000 / (e + 1) ** 1.2 for e in range(16)]  # Zipf-skewed: expert 0 gets ~26% of the tokens
-    ep = imbalance(predicted_device_load(EpPolicy().materialize(owner, load_E), load_E))
-    fssdp = imbalance(predicted_device_load(FssdpPolicy(4, 2).materialize(owner, load_E), load_E))
-    assert ep > 4.0  # device 0 owns experts 0 and 1
-    assert fssdp < 1.25  # 16 spare slots (2 per device) almost even it out
 
 
 # --- policies ---------------------------------------------------------------------------------------------
@@ -247,6 +271,18 @@ def test_resharding_breaks_ties_towards_the_least_loaded_node():
     assert reshard_owners(loads, 4)[0].owner_C == (0, 1, 2, 3)
     # with 2 devices per node, expert 1 goes to the other node than expert 0, and so on
     assert reshard_owners(loads, 4, devices_per_node=2)[0].owner_C == (0, 2, 3, 1)
+
+
+def test_resharding_balances_nodes_before_devices():
+    # Nodes {0, 1} and {2, 3}. Layer 0: 4 -> node 0, device 0; 3 -> node 1 (0 < 4/2), device 2; 0 -> node 1
+    # (3/2 < 4/2), device 3; 0 -> node 0, device 1: devices [4, 0, 3, 0]. Layer 1: 6 -> node 1 (3/2 < 2), device 3;
+    # 2 -> node 0 (2 < 9/2), device 1; 2 -> node 0 (3 < 4.5), device 0; 0 -> device 2: nodes 8 and 9.
+    # Device first (the node only breaking ties) gives the same device maximum, 6, but nodes 6 and 11.
+    loads_LE = [[4, 3, 0, 0], [2, 6, 2, 0]]
+    owners = reshard_owners(loads_LE, 4, devices_per_node=2)
+    assert [o.owner_C for o in owners] == [(0, 2, 3, 1), (1, 3, 0, 2)]
+    device_D = [sum(load_E[e] for load_E, o in zip(loads_LE, owners) for e in o.chunks_on(d)) for d in range(4)]
+    assert device_D == [6, 2, 3, 6]
 
 
 @settings(max_examples=100, deadline=None)

@@ -1,47 +1,52 @@
-"""The FSSDP planner: which extra expert replicas to materialize this step (DESIGN.md section 2).
+"""The FSSDP planner: which extra expert replicas to materialize this step (the Hecate paper's Alg. 1).
 
 Every rank calls :func:`plan_replicas` with the same owner placement and the same (global) load estimate, and
 gets the same plan: the rule below is a pure function of its inputs, every sort has an index tie-break, and
 floats are combined in the same order everywhere.
 
-The rule, with t = overlap budget (copies that can arrive on a device while attention runs) and m = memory
-budget (extra expert slots per device); t is clipped to E:
+Budgets: t = overlap budget (copies that can arrive on a device while the block's attention runs), clipped to E;
+m = memory budget (extra expert slots per device). The rule:
 
-- balanced enough: when the owners alone already give a predicted device load max / mean <= ``min_imbalance``
+- balanced enough: when the owners alone give a predicted device load max / mean <= ``min_imbalance``
   (``fssdp.min_imbalance``; 1 = always plan), no replicas - a copy would cost a gather and a reduce-scatter for
   a gain smaller than that margin.
+- hot experts: the t most loaded experts with load > 0 (ties by index). Only they are ever replicated.
+- t <= m: every hot expert is copied to every device. A device receives at most t <= m copies.
+- t > m: the D x m slots go to the hot experts, in proportion to their load:
+  1. copies: the D x m slots are apportioned to the hot experts by load (largest remainder, ties by index),
+     at most D - 1 copies each (one per device that does not own it); what a capped expert cannot take is
+     apportioned again over the others.
+  2. assigned tokens: each of an expert's holders (owner and copies) is assigned an even share
+     load / holders of its tokens; a device starts with the shares of the experts it owns.
+  3. nodes (``devices_per_node``; without it all devices form one node): hottest expert first, each copy goes
+     to the node holding the fewest copies of that expert (so copies spread across nodes and tokens find one on
+     their own node), then with the fewest assigned tokens per device, then the most free slots, then the lower
+     index - among nodes that still have a device able to take it.
+  4. devices: within each node, hottest expert first, each copy goes to the device with the fewest assigned
+     tokens, then the most free slots, then the lower index, among the node's devices with a free slot that do
+     not hold the expert yet. A copy that fits on none of them is dropped.
+  5. guard: while the predicted maximum device load exceeds expert parallelism's, the last placed copy is
+     removed - a plan never predicts a slower straggler than no replicas at all.
 
-- t <= m: the t hottest experts (load > 0) are replicated to every device. Each device receives at most t.
-- t > m: replicas follow load, in two greedy phases that share one copy step. The copy step puts one more
-  copy of expert e on the device with the least predicted load among those with a free slot (fewer than m
-  replicas so far) that do not hold e yet; ties go to a device on e's owner's node (when ``devices_per_node``
-  is given), then to the lower index. The copy is made only if it helps: load_e > 0 and the receiving
-  device's predicted load after it must not exceed that of e's busiest holder before it (otherwise no
-  candidate helps: they are all at least as loaded). So a copy never raises the predicted (even-split)
-  maximum, and it strictly lowers the maximum the dispatcher reaches, since that one splits unevenly.
-  1. Proportional: experts hottest first (ties by index); expert e gets copy steps until it has
-     ``copies_e = clamp(round_half_up(load_e / (total / D)), 1, D)`` copies (its owner's included), i.e. one
-     per device-worth of tokens, or until a step fails.
-  2. Straggler relief, with the slots left: take the device with the highest predicted load (ties: lower
-     index) and try a copy step for the experts it holds, largest per-copy share first (ties by index); repeat
-     until no expert of the straggler can be copied. This catches a device that owns several warm experts
-     none of which is worth a device on its own (e.g. experts 0 and 1 of a Zipf load under expert parallelism).
-  Each device receives at most m < t copies, and the predicted maximum never rises above expert parallelism's.
+Predicted device load (:func:`predicted_device_load`) is the dispatcher's split (``parallel/moe/assignment.py``)
+in real numbers: experts with one holder put their load on it; then replicated experts, hottest first, are
+water-filled over their holders, raising the lowest first. With t <= m that never exceeds expert parallelism's
+maximum (every device is a holder, so the fill stays under the mean); with t > m the guard ensures it.
 
-Predicted load of a device = sum over the experts it holds of load_e / (number of holders of e): the even split.
-The dispatcher balances better than that (it splits unevenly), so this is a planning model, not a promise.
-
-Shapes: E experts, D devices.
+Shapes: E experts, D devices, N nodes.
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from numbers import Integral
 
 from hecate.collectives.errors import ConfigError, LayoutError
 from hecate.collectives.placement import MaterializedPlacement, OwnerPlacement
 from hecate.parallel.fssdp.load import as_loads
+
+# Relative slack when comparing a plan's predicted maximum with expert parallelism's: the water-fill sums floats
+# in another order than the owners' totals, so equal loads may differ in the last bits.
+FLOAT_SLACK = 1e-12
 
 
 def check_budget(field: str, value: int) -> None:
@@ -61,13 +66,43 @@ def hottest_experts(load_E: Sequence[float], count: int) -> list[int]:
     return sorted(range(len(load_E)), key=lambda e: (-load_E[e], e))[:max(count, 0)]
 
 
+def nodes_of(num_devices: int, devices_per_node: int | None) -> list[list[int]]:
+    """Devices grouped by node, in index order (one node when ``devices_per_node`` is None)."""
+    per_node = devices_per_node or num_devices
+    return [list(range(first, min(first + per_node, num_devices))) for first in range(0, num_devices, per_node)]
+
+
+def _water_fill(total: float, level_H: list[float]) -> list[float]:
+    """Shares of ``total`` that raise the lowest levels first until they are level (ties: lower position)."""
+    order = sorted(range(len(level_H)), key=lambda h: (level_H[h], h))
+    filled, low_sum = len(order), 0.0
+    for n, h in enumerate(order, start=1):
+        low_sum += level_H[h]
+        if n == len(order) or (total + low_sum) / n <= level_H[order[n]]:
+            filled = n
+            break
+    target = (total + low_sum) / filled
+    share_H = [0.0] * len(level_H)
+    for h in order[:filled]:
+        share_H[h] = max(target - level_H[h], 0.0)
+    return share_H
+
+
 def predicted_device_load(materialized: MaterializedPlacement, load_E: Sequence[float]) -> list[float]:
-    """Tokens per device if each expert's load is split evenly over the devices holding it."""
+    """Tokens per device as the dispatcher splits them: single-holder experts on their holder, then replicated
+    experts hottest first (ties by index) water-filled over their holders."""
     load_E = as_loads(load_E, materialized.num_chunks, "predicted_device_load")
     load_D = [0.0] * materialized.world_size
+    replicated = []
     for expert, holders in enumerate(materialized.devices_C):
-        for device in holders:
-            load_D[device] += load_E[expert] / len(holders)
+        if len(holders) == 1:
+            load_D[holders[0]] += load_E[expert]
+        elif holders:
+            replicated.append(expert)
+    for expert in sorted(replicated, key=lambda e: (-load_E[e], e)):
+        holders = materialized.devices_C[expert]
+        for device, share in zip(holders, _water_fill(load_E[expert], [load_D[d] for d in holders])):
+            load_D[device] += share
     return load_D
 
 
@@ -93,74 +128,95 @@ def check_materialized(owner: OwnerPlacement, materialized: MaterializedPlacemen
                           f"device: {{device: replicas}} = {over}")
 
 
-def _replicate_everywhere(owner: OwnerPlacement, experts: Sequence[int]) -> list[tuple[int, int]]:
-    return [(e, d) for e in experts for d in range(owner.world_size) if d != owner.owner_C[e]]
+def apportion(slots: int, weight_X: Sequence[float], cap_X: Sequence[int]) -> list[int]:
+    """``slots`` split in proportion to ``weight_X`` (largest remainder, ties by position), at most ``cap_X``
+    each; what a capped item cannot take goes to the others in the same way. Weights must be > 0."""
+    count_X = [0] * len(weight_X)
+    open_X = [x for x in range(len(weight_X)) if cap_X[x] > 0]
+    left = min(slots, sum(cap_X))
+    while left > 0 and open_X:
+        total = sum(weight_X[x] for x in open_X)
+        quota_X = {x: left * weight_X[x] / total for x in open_X}
+        grant_X = {x: min(int(quota_X[x]), cap_X[x] - count_X[x]) for x in open_X}
+        spare = left - sum(grant_X.values())
+        for x in sorted(open_X, key=lambda x: (-(quota_X[x] - int(quota_X[x])), x)):
+            if spare == 0:
+                break
+            if grant_X[x] < cap_X[x] - count_X[x]:
+                grant_X[x] += 1
+                spare -= 1
+        for x, grant in grant_X.items():
+            count_X[x] += grant
+            left -= grant
+        open_X = [x for x in open_X if count_X[x] < cap_X[x]]
+    return count_X
 
 
-class _Greedy:
-    """State of the t > m branch: holders and predicted load per device, free slots; one copy at a time."""
+class _Placement:
+    """The t > m branch's state: holders and assigned tokens per device, free slots; steps 2-4 of the rule."""
 
-    def __init__(self, owner: OwnerPlacement, load_E: list[float], memory_budget: int,
+    def __init__(self, owner: OwnerPlacement, load_E: list[float], copies_E: dict[int, int], memory_budget: int,
                  devices_per_node: int | None):
-        self.owner, self.load_E, self.devices_per_node = owner, load_E, devices_per_node
-        self.holders_E = [[d] for d in owner.owner_C]
-        self.pred_D = [0.0] * owner.world_size
+        self.owner, self.load_E, self.copies_E = owner, load_E, copies_E
+        self.nodes = nodes_of(owner.world_size, devices_per_node)
+        self.share_E = [load_E[e] / (1 + copies_E.get(e, 0)) for e in range(owner.num_chunks)]
+        self.tokens_D = [0.0] * owner.world_size
         for expert, device in enumerate(owner.owner_C):
-            self.pred_D[device] += load_E[expert]
+            self.tokens_D[device] += self.share_E[expert]
         self.free_D = [memory_budget] * owner.world_size
+        self.holders_E = [{d} for d in owner.owner_C]
         self.replicas: list[tuple[int, int]] = []
 
-    def node(self, device: int) -> int:
-        return 0 if self.devices_per_node is None else device // self.devices_per_node
+    def copies_per_node(self) -> dict[int, list[int]]:
+        """Step 3: how many copies of each hot expert each node gets."""
+        nodes = self.nodes
+        tokens_N = [sum(self.tokens_D[d] for d in devices) for devices in nodes]
+        room_N = [sum(self.free_D[d] for d in devices) for devices in nodes]
+        per_node_E: dict[int, list[int]] = {}
+        for expert in sorted(self.copies_E, key=lambda e: (-self.load_E[e], e)):
+            held_N = [sum(d in self.holders_E[expert] for d in devices) for devices in nodes]
+            count_N = [0] * len(nodes)
+            for _ in range(self.copies_E[expert]):
+                able = [n for n in range(len(nodes)) if room_N[n] > 0 and held_N[n] < len(nodes[n])]
+                if not able:
+                    break
+                node = min(able, key=lambda n: (held_N[n], tokens_N[n] / len(nodes[n]), -room_N[n], n))
+                count_N[node] += 1
+                held_N[node] += 1
+                room_N[node] -= 1
+                tokens_N[node] += self.share_E[expert]
+            per_node_E[expert] = count_N
+        return per_node_E
 
-    def try_copy(self, expert: int) -> bool:
-        """Copy ``expert`` to the least loaded eligible device unless that would only move its busiest holder's
-        load elsewhere; True if the copy was made."""
-        holders = self.holders_E[expert]
-        candidates = [d for d in range(self.owner.world_size) if self.free_D[d] > 0 and d not in holders]
-        if not candidates:
-            return False
-        home = self.node(self.owner.owner_C[expert])
-        target = min(candidates, key=lambda d: (self.pred_D[d], self.node(d) != home, d))
-        load, copies = self.load_E[expert], len(holders)
-        share_after = load / (copies + 1)
-        if load <= 0 or self.pred_D[target] + share_after > max(self.pred_D[h] for h in holders):
-            return False  # the copy would only move the bottleneck, not lower it
-        for holder in holders:
-            self.pred_D[holder] -= load / copies - share_after
-        self.pred_D[target] += share_after
-        holders.append(target)
-        self.free_D[target] -= 1
-        self.replicas.append((expert, target))
-        return True
-
-    def proportional(self) -> None:
-        """Phase 1: hottest first, each expert up to its device-worths of load in copies."""
-        per_device = sum(self.load_E) / self.owner.world_size
-        for expert in hottest_experts(self.load_E, len(self.load_E)):
-            wanted = min(max(math.floor(self.load_E[expert] / per_device + 0.5), 1), self.owner.world_size)
-            while len(self.holders_E[expert]) < wanted and self.try_copy(expert):
-                pass
-
-    def relieve_straggler(self) -> None:
-        """Phase 2: while slots help, copy an expert of the most loaded device (largest share first)."""
-        while True:
-            straggler = min(range(self.owner.world_size), key=lambda d: (-self.pred_D[d], d))
-            held = [e for e, holders in enumerate(self.holders_E) if straggler in holders]
-            held.sort(key=lambda e: (-self.load_E[e] / len(self.holders_E[e]), e))
-            if not any(self.try_copy(expert) for expert in held):  # any() stops at the first copy made
-                return
+    def place_on_devices(self, per_node_E: dict[int, list[int]]) -> None:
+        """Step 4: each node's copies onto its devices."""
+        for node, devices in enumerate(self.nodes):
+            for expert in sorted(per_node_E, key=lambda e: (-self.load_E[e], e)):
+                for _ in range(per_node_E[expert][node]):
+                    able = [d for d in devices if self.free_D[d] > 0 and d not in self.holders_E[expert]]
+                    if not able:
+                        break
+                    device = min(able, key=lambda d: (self.tokens_D[d], -self.free_D[d], d))
+                    self.holders_E[expert].add(device)
+                    self.free_D[device] -= 1
+                    self.tokens_D[device] += self.share_E[expert]
+                    self.replicas.append((expert, device))
 
 
-def _load_following_replicas(owner: OwnerPlacement, load_E: list[float], memory_budget: int,
+def _proportional_replicas(owner: OwnerPlacement, load_E: list[float], hot: list[int], memory_budget: int,
                            devices_per_node: int | None) -> list[tuple[int, int]]:
     """The t > m branch of the rule in the module docstring."""
-    if sum(load_E) <= 0 or owner.world_size == 1 or memory_budget == 0:
-        return []
-    greedy = _Greedy(owner, load_E, memory_budget, devices_per_node)
-    greedy.proportional()
-    greedy.relieve_straggler()
-    return greedy.replicas
+    slots = owner.world_size * memory_budget
+    copies = apportion(slots, [load_E[e] for e in hot], [owner.world_size - 1] * len(hot))
+    copies_E = {e: c for e, c in zip(hot, copies) if c > 0}
+    placement = _Placement(owner, load_E, copies_E, memory_budget, devices_per_node)
+    placement.place_on_devices(placement.copies_per_node())
+    replicas = placement.replicas
+    ep_max = max(predicted_device_load(MaterializedPlacement.from_owner(owner), load_E))
+    while replicas and max(predicted_device_load(MaterializedPlacement.from_owner(owner, replicas), load_E)) > \
+            ep_max * (1 + FLOAT_SLACK):
+        replicas = replicas[:-1]  # step 5: the guard
+    return replicas
 
 
 def plan_replicas(owner: OwnerPlacement, load_E: Sequence[float], overlap_budget: int, memory_budget: int,
@@ -175,11 +231,13 @@ def plan_replicas(owner: OwnerPlacement, load_E: Sequence[float], overlap_budget
     if min_imbalance > 1 and sum(load_D) > 0 and max(load_D) * len(load_D) <= min_imbalance * sum(load_D):
         return owners_only
     overlap_budget, memory_budget = min(int(overlap_budget), owner.num_chunks), int(memory_budget)
+    hot = [e for e in hottest_experts(load_E, overlap_budget) if load_E[e] > 0]
+    if not hot or owner.world_size == 1 or memory_budget == 0:
+        return owners_only
     if overlap_budget <= memory_budget:
-        hot = [e for e in hottest_experts(load_E, overlap_budget) if load_E[e] > 0]
-        replicas = _replicate_everywhere(owner, hot)
+        replicas = [(e, d) for e in hot for d in range(owner.world_size) if d != owner.owner_C[e]]
     else:
-        replicas = _load_following_replicas(owner, load_E, memory_budget, devices_per_node)
+        replicas = _proportional_replicas(owner, load_E, hot, memory_budget, devices_per_node)
     materialized = MaterializedPlacement.from_owner(owner, replicas)
     check_materialized(owner, materialized, memory_budget)
     return materialized

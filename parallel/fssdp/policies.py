@@ -1,6 +1,6 @@
 """Materialization policies as data: each one turns (owner placement, load estimate) into this step's
 materialized placement, so the engine runs ``ep``, ``fsdp``, ``shadow`` and ``fssdp`` on one code path and
-never branches on the policy's name (DESIGN.md section 2, STYLE.md "Policies are data, not branches").
+never branches on the policy's name.
 
 Shapes: E experts.
 """

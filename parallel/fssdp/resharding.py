@@ -1,17 +1,20 @@
-"""Heterogeneous sharding: who owns which expert, layer by layer (DESIGN.md section 2, last step).
+"""Heterogeneous sharding: who owns which expert, layer by layer.
 
 Every device owns exactly E/D experts in every layer, so the shapes of its expert parameters and optimizer
 state never change; only *which* experts sit in those slots does. Expert parallelism puts contiguous blocks
 on each device (:func:`initial_owners`), so when the same expert index is hot in many layers one device owns
 all of them. :func:`reshard_owners` instead spreads the hot experts of all layers over the devices:
 
-  layer by layer, hottest expert first (ties by index), each expert goes to the device with the least load
-  accumulated over all layers assigned so far, among the devices with a free slot in this layer; ties go to
-  the device whose node has the least accumulated load (when ``devices_per_node`` is given), then to the
-  lower index.
+  layer by layer, hottest expert first (ties by index), each expert first goes to a node, then to a device
+  of that node:
+  - node: the least load accumulated over all layers assigned so far per device, among the nodes with a free
+    slot in this layer; ties go to the node with more free slots in this layer, then to the lower index;
+  - device: the least accumulated load among that node's devices with a free slot; ties to the lower index.
+  Without ``devices_per_node`` all devices form one node, so only the device level remains.
 
-This is the classic longest-processing-time greedy, run over the layers with a per-layer slot limit. The
-caller moves ownership (weights and optimizer state) along :func:`moves`.
+This is the classic longest-processing-time greedy, run over the layers with a per-layer slot limit, node level
+first: a node's share of hot experts decides how many tokens cross its network links, a device's share how long
+it computes. The caller moves ownership (weights and optimizer state) along :func:`moves`.
 
 Shapes: L layers, E experts, D devices.
 """
@@ -22,7 +25,7 @@ from collections.abc import Sequence
 from hecate.collectives.errors import LayoutError
 from hecate.collectives.placement import OwnerPlacement
 from hecate.parallel.fssdp.load import as_loads
-from hecate.parallel.fssdp.planner import check_devices_per_node, hottest_experts
+from hecate.parallel.fssdp.planner import check_devices_per_node, hottest_experts, nodes_of
 
 
 def _slots_per_device(num_experts: int, num_devices: int) -> int:
@@ -48,22 +51,18 @@ def reshard_owners(loads_LE: Sequence[Sequence[float]], num_devices: int,
         return []
     num_experts = len(loads_LE[0])
     slots = _slots_per_device(num_experts, num_devices)
+    nodes = nodes_of(num_devices, devices_per_node)
     acc_D = [0.0] * num_devices
-
-    def node(device: int) -> int:
-        return 0 if devices_per_node is None else device // devices_per_node
-
     owners_L: list[OwnerPlacement] = []
     for layer, layer_load_E in enumerate(loads_LE):
         load_E = as_loads(layer_load_E, num_experts, f"reshard_owners layer {layer}")
         free_D = [slots] * num_devices
         owner_E = [-1] * num_experts
         for expert in hottest_experts(load_E, num_experts):
-            node_acc: dict[int, float] = {}
-            for d in range(num_devices):
-                node_acc[node(d)] = node_acc.get(node(d), 0.0) + acc_D[d]
-            device = min((d for d in range(num_devices) if free_D[d] > 0),
-                         key=lambda d: (acc_D[d], node_acc[node(d)], d))
+            room_N = [sum(free_D[d] for d in devices) for devices in nodes]
+            node = min((n for n in range(len(nodes)) if room_N[n] > 0),
+                       key=lambda n: (sum(acc_D[d] for d in nodes[n]) / len(nodes[n]), -room_N[n], n))
+            device = min((d for d in nodes[node] if free_D[d] > 0), key=lambda d: (acc_D[d], d))
             owner_E[expert] = device
             free_D[device] -= 1
             acc_D[device] += load_E[expert]

@@ -107,6 +107,12 @@ def check_gather(transport: Transport, case: Case) -> None:
     assert stats.bytes_received == sum(nbytes[c] for c in expected), stats
     total_sent = sum(row[0] for row in all_gather_ints(transport, [stats.bytes_sent]))
     assert total_sent == sum((len(devices) - 1) * nbytes[c] for c, devices in enumerate(devices_C))
+    # released replicas of mixed dtypes and shapes (views of the receive buffer, or copies where a chunk's bytes
+    # do not start on an element boundary) are reused by the next call, which still delivers the same values
+    gather.release(replicas)
+    again = gather(owned)
+    assert sorted(again) == expected and all(
+        torch.equal(again[c], chunk_value(case.seed, c, case.owner.owner_C[c], case.specs[c])) for c in again)
 
 
 def check_reduce_scatter(transport: Transport, case: Case) -> None:
