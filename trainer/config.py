@@ -6,6 +6,7 @@ Everything is validated here, before any worker starts; an invalid value raises 
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_origin, get_type_hints
@@ -21,6 +22,7 @@ DTYPES = ("fp32", "bf16")
 NO_DECAY_GROUPS = ("norm", "bias", "embedding")
 NONFINITE_POLICIES = ("stop", "skip")
 DEMO_DATA = ("data/stdlib", ["stdlib"])  # (data.dir, data.inputs) of the demo: prepared when missing without asking
+OVERRIDE_KEY = re.compile(r"[A-Za-z_]\w*(\.\w+)*")  # section.field, as the dataclasses name them
 MAX_SEED = 2**63 - 1  # torch.manual_seed takes a signed 64-bit seed
 MAX_TIMEOUT_S = 7 * 24 * 3600.0  # longer is no timeout at all (and overflows the store's timedelta)
 
@@ -212,8 +214,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     """Defaults, then the YAML file, then ``key=value`` overrides; typed, checked and validated."""
     layers = [] if path is None else [_read_file(Path(path))]
     for item in overrides:
-        if "=" not in item:
-            raise ConfigError(item, "overrides are written key=value, e.g. -o moe.num_experts=16")
+        if not OVERRIDE_KEY.fullmatch(item.split("=", 1)[0]) or "=" not in item:
+            raise ConfigError(_printable(item), "overrides are written key=value with a dotted field name as the "
+                                                "key, e.g. -o moe.num_experts=16")
         layers.append(_parse(lambda item=item: OmegaConf.from_dotlist([item]), f"in override {item!r}"))
     return _build(layers)
 
@@ -229,12 +232,13 @@ def _read_file(path: Path) -> DictConfig:
         raise ConfigError("CONFIG", f"{str(path)!r} is a folder, not a YAML file")
     if not path.is_file():
         raise ConfigError("CONFIG", f"file {str(path)!r} does not exist")
-    layer = _parse(lambda: OmegaConf.load(path), f"in {path}")
+    where = f"in {_printable(str(path))}"
+    layer = _parse(lambda: OmegaConf.load(path), where)
     if not isinstance(layer, DictConfig):
-        raise ConfigError(f"in {path}", f"must be a mapping of sections ({', '.join(_allowed_keys(''))}), "
+        raise ConfigError(where, f"must be a mapping of sections ({', '.join(_allowed_keys(''))}), "
                                         f"got a list")
     if not layer:
-        raise ConfigError(f"in {path}", "holds no settings: training on the defaults alone is not what a config "
+        raise ConfigError(where, "holds no settings: training on the defaults alone is not what a config "
                                         "file is for; set at least one field (see examples/tiny.yaml)")
     return layer
 
@@ -275,14 +279,15 @@ def _parse(load, where: str):
     try:
         return load()
     except OmegaConfBaseException as err:
-        raise ConfigError(where, str(err).splitlines()[0]) from None
-    except (yaml.YAMLError, UnicodeDecodeError, OSError, ValueError) as err:  # syntax, encoding, not a mapping
-        raise ConfigError(where, f"cannot be parsed: {str(err).splitlines()[0]}") from None
+        raise ConfigError(where, _first_line(err)) from None
+    except (yaml.YAMLError, UnicodeDecodeError, OSError, ValueError, AssertionError) as err:
+        # a syntax or encoding error, or a scalar document (OmegaConf asserts on a top-level string)
+        raise ConfigError(where, f"cannot be parsed: {_first_line(err)}") from None
 
 
 def _as_config_error(err: OmegaConfBaseException) -> ConfigError:
-    key = getattr(err, "full_key", None) or "config"
-    first = str(err).splitlines()[0]
+    key = _printable(str(getattr(err, "full_key", None) or "config"))
+    first = _first_line(err)
     if "not in" in first or "Key '" in first:
         parent = key.rsplit(".", 1)[0] if "." in key else ""
         allowed = _allowed_keys(parent)
@@ -297,6 +302,15 @@ def _allowed_keys(parent: str) -> list[str]:
     if node is None or not dataclasses.is_dataclass(node):
         return [f.name for f in dataclasses.fields(RunConfig)]
     return [f.name for f in dataclasses.fields(node)]
+
+
+def _first_line(err: Exception) -> str:
+    return (str(err).splitlines() or [type(err).__name__])[0]
+
+
+def _printable(text: str) -> str:
+    """A key or path as typed, or quoted with escapes when it holds a line break or other control character."""
+    return text if text.isprintable() else repr(text)
 
 
 def _positive(name: str, value: float) -> None:
