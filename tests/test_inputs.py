@@ -27,7 +27,7 @@ REFUSAL_TIMEOUT_S = 60  # a refusal needs only the start-up of Python and torch
 
 
 def hecate(*args: str | bytes, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([HECATE, *args], capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([HECATE, *args], capture_output=True, text=True, timeout=timeout, check=False)
 
 
 def train_args(data: Path, run: Path, *overrides: str) -> list[str]:
@@ -179,7 +179,7 @@ def test_bad_sampling_options_are_one_line(trained_run, args, says):
 
 def test_prompt_that_is_not_utf8_is_one_line(trained_run):
     result = subprocess.run([HECATE.encode(), b"generate", str(trained_run).encode(), b"--prompt", b"def \xff("],
-                            capture_output=True, text=True, timeout=REFUSAL_TIMEOUT_S)
+                            capture_output=True, text=True, timeout=REFUSAL_TIMEOUT_S, check=False)
     assert_refused(result, "--prompt is not valid UTF-8", "0xff")
 
 

@@ -323,7 +323,7 @@ def check_run_dir(run_dir: Path, resume: bool, fresh: bool) -> None:
         holds_run = (run_dir / METRICS_FILE).exists()
     except OSError as err:
         raise HecateError(f"train.run_dir {run_dir}: cannot read it ({err.strerror})") from None
-    if not marked and (holds_run or (run_dir / "config.yaml").is_file()):
+    if not marked and (holds_run or (run_dir / "config.yaml").is_file() or (run_dir / "checkpoints").is_dir()):
         raise HecateError(f"run folder {run_dir} has no {RUN_MARKER} file: it was made by a Hecate older than that "
                           f"marker, or by something else. Hecate deletes (--fresh) and writes into only the run "
                           f"folders it made: if this is a Hecate run, mark it with `touch {run_dir / RUN_MARKER}` "
