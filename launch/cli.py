@@ -181,7 +181,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from hecate.trainer.config import load_config
     from hecate.trainer.log import setup_logging
-    from hecate.trainer.train import Trainer
+    from hecate.trainer.train import Trainer, check_run_dir
 
     profile = [f"logging.profile_step={args.profile_step}"] if args.profile_step is not None else []
     if args.record_routing:  # an override, so that launched workers record too
@@ -197,6 +197,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.sim_bind_cores and args.simulate is None:
         raise HecateError("--sim-bind-cores binds simulated ranks to cores: it needs --simulate N")
     network = _simulated_network(args)
+    check_run_dir(Path(cfg.train.run_dir), args.resume, args.fresh)
+    _check_data(cfg.data)
     if args.simulate is not None:
         summary = _train_simulated(cfg, args.simulate, args.resume, args.fresh, network, args.sim_bind_cores)
     elif args.launcher is not None:
@@ -216,10 +218,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _vocab_size(data) -> int:
     """The vocabulary of ``data.dir`` once prepared, else the one asked for (``data.vocab_size``)."""
-    from hecate.trainer.data.manifest import MANIFEST_FILE
+    from hecate.trainer.data import MANIFEST_FILE, load_manifest
 
-    manifest = Path(data.dir) / MANIFEST_FILE
-    return json.loads(manifest.read_text())["vocab_size"] if manifest.is_file() else data.vocab_size
+    return int(load_manifest(data.dir)["vocab_size"]) if (Path(data.dir) / MANIFEST_FILE).is_file() \
+        else data.vocab_size
 
 
 def _check_init_from(cfg) -> None:
@@ -252,6 +254,7 @@ def _train_simulated(cfg, world: int, resume: bool, fresh: bool, network=None, b
     from hecate.launch.environment import usable_cores
     from hecate.launch.simulate import network_environment, start_workers
     from hecate.launch.worker import run_from_environment
+    from hecate.parallel.tensor_parallel import check_tensor_parallel
     from hecate.trainer.plan import layout_of
     from hecate.trainer.train import prepare_run_dir
 
@@ -259,9 +262,10 @@ def _train_simulated(cfg, world: int, resume: bool, fresh: bool, network=None, b
     if not 1 <= world <= MAX_SIMULATED_PER_CORE * cores:
         raise HecateError(f"--simulate {world}: this machine has {cores} cores; simulate between 1 and "
                           f"{MAX_SIMULATED_PER_CORE * cores} ranks")
-    layout_of(cfg, world)
+    dims = layout_of(cfg, world)
     _check_transport(cfg, "simulate")
     _ensure_data(cfg.data)
+    check_tensor_parallel(dims.tp, _vocab_size(cfg.data), cfg.model.dense_ffn_dim)
     prepare_run_dir(Path(cfg.train.run_dir), resume, fresh)
     group = start_workers(run_from_environment, world, (cfg.to_dict(), resume),
                           threads_per_worker=max(1, cores // world), backend=None, bind_cores=bind_cores,
@@ -271,6 +275,7 @@ def _train_simulated(cfg, world: int, resume: bool, fresh: bool, network=None, b
 
 def _train_launched(args: argparse.Namespace, cfg) -> dict:
     """Validate here, then let mpirun / Ray start the workers; the summary comes back through the run folder."""
+    from hecate.parallel.tensor_parallel import check_tensor_parallel
     from hecate.trainer.plan import layout_of
     from hecate.trainer.train import prepare_run_dir
 
@@ -278,9 +283,10 @@ def _train_launched(args: argparse.Namespace, cfg) -> dict:
         raise HecateError(f"--launcher {args.launcher} needs --workers N (N >= 1)")
     if args.launcher == "ray" and not args.address:
         raise HecateError("--launcher ray needs --address, the Ray dashboard's address (e.g. http://HEAD:8265)")
-    layout_of(cfg, args.workers)
+    dims = layout_of(cfg, args.workers)
     _check_transport(cfg, args.launcher)
     _ensure_data(cfg.data)
+    check_tensor_parallel(dims.tp, _vocab_size(cfg.data), cfg.model.dense_ffn_dim)
     run_dir = Path(cfg.train.run_dir)
     prepare_run_dir(run_dir, args.resume, args.fresh)
     worker_args = _worker_args(args.config, args.override, args.resume)
@@ -340,11 +346,23 @@ def cmd_sbatch(args: argparse.Namespace) -> int:
     return 0
 
 
-def _ensure_data(data) -> None:
-    """Prepare ``data.dir`` from ``data.inputs`` when it holds no complete dataset yet."""
-    from hecate.trainer.data import load_manifest, prepare_data
+def _check_data(data) -> None:
+    """Refuse, before anything is written, a missing ``data.dir`` that the config does not ask to prepare."""
+    from hecate.collectives.errors import ConfigError
+    from hecate.trainer.data import MANIFEST_FILE
 
-    if not (Path(data.dir) / "manifest.json").is_file():
+    if not (Path(data.dir) / MANIFEST_FILE).is_file() and not data.may_prepare:
+        raise ConfigError("data.dir", f"{data.dir} holds no prepared data (no {MANIFEST_FILE}): prepare it with "
+                                      f"`hecate prepare-data --input ... --out {data.dir}`, set data.prepare=true to "
+                                      f"prepare it from data.inputs={data.inputs}, or fix the path")
+
+
+def _ensure_data(data) -> None:
+    """Prepare ``data.dir`` from ``data.inputs`` when it holds no complete dataset yet and may be prepared."""
+    from hecate.trainer.data import MANIFEST_FILE, load_manifest, prepare_data
+
+    _check_data(data)
+    if not (Path(data.dir) / MANIFEST_FILE).is_file():
         logging.getLogger("hecate").info("no prepared data in %s: preparing it from %s", data.dir, data.inputs)
         prepare_data(data.inputs, Path(data.dir), vocab_size=data.vocab_size, val_fraction=data.val_fraction)
     load_manifest(Path(data.dir))
@@ -364,6 +382,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     from hecate.trainer.export import CONFIG_FILE, WEIGHTS_FILE, export_run
 
     out = Path(args.out)
+    if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or (out / WEIGHTS_FILE).is_file())):
+        raise HecateError(f"--out {out} exists and is not an earlier export (no {WEIGHTS_FILE}): export into a new "
+                          f"or empty folder, so that nothing else is overwritten")
     config = export_run(Path(args.run_dir), out)
     print(f"wrote {out / WEIGHTS_FILE} ({len(config['parameters'])} tensors, step {config['step']}) and "
           f"{out / CONFIG_FILE}")
@@ -371,11 +392,15 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from hecate.trainer.generate import generate, load_trained
+    from hecate.trainer.generate import check_sampling, generate_stream, load_trained
 
+    check_sampling(args.prompt, args.max_new_tokens, args.temperature, args.top_k)
     model, tokenizer, step = load_trained(Path(args.run_dir))
     print(f"# {args.run_dir}, checkpoint of step {step}", file=sys.stderr)
-    print(generate(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed))
+    for text in generate_stream(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.top_k,
+                                args.seed):
+        print(text, end="", flush=True)
+    print()
     return 0
 
 

@@ -2,6 +2,7 @@
 config (``hecate.trainer.config``) can nest them and validate them with the rest, before any worker starts."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from hecate.collectives.errors import ConfigError
@@ -9,6 +10,13 @@ from hecate.collectives.factory import TRANSPORT_KINDS
 
 ACTIVATIONS = ("gelu", "swiglu")
 SCORES = ("softmax", "sigmoid")
+
+
+def require_finite(field: str, value: float) -> None:
+    """NaN passes every range check written as a comparison (``nan < 0`` is False) and inf is never a sensible
+    setting: every float field goes through this first."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(field, f"must be a finite number, got {value}")
 
 
 @dataclass
@@ -55,6 +63,7 @@ class MoEConfig:
                               f"capacity drops pairs by their rank in the whole batch, got capacity_factor="
                               f"{self.capacity_factor}")
         for name in ("aux_loss_coef", "z_loss_coef", "bias_update_rate", "capacity_factor"):
+            require_finite(f"{prefix}.{name}", getattr(self, name))
             if getattr(self, name) < 0:
                 raise ConfigError(f"{prefix}.{name}", f"must be >= 0, got {getattr(self, name)}")
 
@@ -118,6 +127,7 @@ class FssdpConfig:
         for name in ("reshard_every", "devices_per_node"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{prefix}.{name}", f"must be >= 0, got {getattr(self, name)}")
+        require_finite(f"{prefix}.min_imbalance", self.min_imbalance)
         if self.min_imbalance < 1:
             raise ConfigError(f"{prefix}.min_imbalance", f"must be >= 1 (a max / mean load ratio), got "
                                                          f"{self.min_imbalance}")

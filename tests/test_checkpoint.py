@@ -33,7 +33,7 @@ from hecate.trainer.config import config_from_dict, load_config
 from hecate.trainer.export import WEIGHTS_FILE
 from hecate.trainer.faults import ENV as FAULT_ENV
 from hecate.trainer.metrics import read_metrics
-from hecate.trainer.train import Trainer
+from hecate.trainer.train import RUN_MARKER, Trainer
 from parity import RTOL
 from test_launch_cluster import ray_head  # noqa: F401  (a Ray head on loopback, stopped by process id)
 from test_simulate_cli import EXAMPLE, SMALL, hecate, losses, train_args
@@ -97,6 +97,7 @@ def train_hops(hops: list[tuple[dict, bool]]) -> None:
 def copy_checkpoint(source: Path, step: int, run: Path) -> None:
     name = f"step_{step:08d}"
     shutil.copytree(source / "checkpoints" / name, run / "checkpoints" / name)
+    (run / RUN_MARKER).touch()  # a run folder Hecate may resume into
 
 
 def test_checkpoints_reshard_across_layouts_and_continue_the_reference(small_data, tmp_path, reference,

@@ -6,19 +6,25 @@ Everything is validated here, before any worker starts; an invalid value raises 
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, get_origin, get_type_hints
 
-from omegaconf import OmegaConf
+import yaml
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from hecate.collectives.errors import ConfigError
-from hecate.parallel.config import CollectivesConfig, FssdpConfig, MoEConfig, ParallelConfig
+from hecate.parallel.config import CollectivesConfig, FssdpConfig, MoEConfig, ParallelConfig, require_finite
 
 DTYPES = ("fp32", "bf16")
 NO_DECAY_GROUPS = ("norm", "bias", "embedding")
 NONFINITE_POLICIES = ("stop", "skip")
+DEMO_DATA = ("data/stdlib", ["stdlib"])  # (data.dir, data.inputs) of the demo: prepared when missing without asking
+OVERRIDE_KEY = re.compile(r"[A-Za-z_]\w*(\.\w+)*")  # section.field, as the dataclasses name them
+MAX_SEED = 2**63 - 1  # torch.manual_seed takes a signed 64-bit seed
+MAX_TIMEOUT_S = 7 * 24 * 3600.0  # longer is no timeout at all (and overflows the store's timedelta)
 
 
 @dataclass
@@ -51,21 +57,29 @@ class ModelConfig:
 class DataConfig:
     """Where the tokenized corpus lives, and what ``prepare-data`` reads when it is missing."""
 
-    dir: str = "data/stdlib"
-    inputs: list[str] = field(default_factory=lambda: ["stdlib"])
+    dir: str = DEMO_DATA[0]
+    inputs: list[str] = field(default_factory=lambda: list(DEMO_DATA[1]))
     vocab_size: int = 8192
     val_fraction: float = 0.05
+    prepare: bool = False  # prepare data.dir from data.inputs when it holds no prepared data (the demo data always is)
 
     def validate(self) -> None:
-        if not self.dir:
-            raise ConfigError("data.dir", "must be a folder path")
+        _path("data.dir", self.dir)
         if not self.inputs:
             raise ConfigError("data.inputs", "must list at least one input ('stdlib' or a path)")
+        for item in self.inputs:
+            _path("data.inputs", item)
         if not 256 < self.vocab_size <= 2**16:
             raise ConfigError("data.vocab_size", f"must be > 256 (the byte alphabet) and <= 65536 (tokens are "
                                                  f"stored as 16-bit ids), got {self.vocab_size}")
         if not 0.0 < self.val_fraction < 1.0:
             raise ConfigError("data.val_fraction", f"must be in (0, 1), got {self.val_fraction}")
+
+    @property
+    def may_prepare(self) -> bool:
+        """Whether a missing ``data.dir`` is prepared: when the config asks for it, or it is the demo data. A
+        mistyped path to a user's corpus must not silently train on something else."""
+        return self.prepare or (self.dir, self.inputs) == DEMO_DATA
 
 
 @dataclass
@@ -120,16 +134,21 @@ class TrainConfig:
         _positive("train.grad_accum", self.grad_accum)
         if self.global_batch % self.grad_accum:
             raise ConfigError("train.grad_accum", f"must divide train.global_batch={self.global_batch}, got {self.grad_accum}")
-        _non_negative("train.seed", self.seed)
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ConfigError("train.seed", f"must be in [0, {MAX_SEED}], got {self.seed}")
         if self.dtype not in DTYPES:
             raise ConfigError("train.dtype", f"must be one of {DTYPES}, got {self.dtype!r}")
         _non_negative("train.eval_every", self.eval_every)
         _positive("train.eval_batches", self.eval_batches)
-        if not self.run_dir:
-            raise ConfigError("train.run_dir", "must be a folder path")
+        _path("train.run_dir", self.run_dir)
         _positive("train.collective_timeout_s", self.collective_timeout_s)
+        if self.collective_timeout_s > MAX_TIMEOUT_S:
+            raise ConfigError("train.collective_timeout_s", f"must be at most {MAX_TIMEOUT_S:g} s (a week), got "
+                                                            f"{self.collective_timeout_s:g}")
         if self.nonfinite not in NONFINITE_POLICIES:
             raise ConfigError("train.nonfinite", f"must be one of {NONFINITE_POLICIES}, got {self.nonfinite!r}")
+        if self.init_from:
+            _path("train.init_from", self.init_from)
 
 
 @dataclass
@@ -178,9 +197,10 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
-    def validate(self) -> "RunConfig":
+    def validate(self) -> RunConfig:
         for section in dataclasses.fields(self):
             getattr(self, section.name).validate()
+        _apart("train.run_dir", self.train.run_dir, "data.dir", self.data.dir)
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -192,45 +212,82 @@ class RunConfig:
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     """Defaults, then the YAML file, then ``key=value`` overrides; typed, checked and validated."""
-    base = OmegaConf.structured(RunConfig)
-    layers = []
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError("CONFIG", f"file {str(path)!r} does not exist")
-        layers.append(_parse(lambda: OmegaConf.load(path), f"in {path}"))
+    layers = [] if path is None else [_read_file(Path(path))]
     for item in overrides:
-        if "=" not in item:
-            raise ConfigError(item, "overrides are written key=value, e.g. -o moe.num_experts=16")
-        layers.append(_parse(lambda: OmegaConf.from_dotlist([item]), f"in override {item!r}"))
+        if not OVERRIDE_KEY.fullmatch(item.split("=", 1)[0]) or "=" not in item:
+            raise ConfigError(_printable(item), "overrides are written key=value with a dotted field name as the "
+                                                "key, e.g. -o moe.num_experts=16")
+        layers.append(_parse(lambda item=item: OmegaConf.from_dotlist([item]), f"in override {item!r}"))
+    return _build(layers)
+
+
+def config_from_dict(values: dict[str, Any]) -> RunConfig:
+    """Rebuild a validated config from ``RunConfig.to_dict()`` output (e.g. what a launcher hands its workers)."""
+    return _build([_parse(lambda: OmegaConf.create(values), "in the config handed to this worker")])
+
+
+def _read_file(path: Path) -> DictConfig:
+    """One YAML file of sections; a folder, an empty file or a file that is not a mapping is refused by name."""
+    if path.is_dir():
+        raise ConfigError("CONFIG", f"{str(path)!r} is a folder, not a YAML file")
+    if not path.is_file():
+        raise ConfigError("CONFIG", f"file {str(path)!r} does not exist")
+    where = f"in {_printable(str(path))}"
+    layer = _parse(lambda: OmegaConf.load(path), where)
+    if not isinstance(layer, DictConfig):
+        raise ConfigError(where, f"must be a mapping of sections ({', '.join(_allowed_keys(''))}), "
+                                        f"got a list")
+    if not layer:
+        raise ConfigError(where, "holds no settings: training on the defaults alone is not what a config "
+                                        "file is for; set at least one field (see examples/tiny.yaml)")
+    return layer
+
+
+def _build(layers: list[DictConfig]) -> RunConfig:
+    """Merge the layers over the defaults into a typed, validated RunConfig."""
+    for layer in layers:
+        _check_shapes(layer)
     try:
-        merged = OmegaConf.merge(base, *layers)
+        merged = OmegaConf.merge(OmegaConf.structured(RunConfig), *layers)
         config = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
         raise _as_config_error(err) from None
     return config.validate()
 
 
-def config_from_dict(values: dict[str, Any]) -> RunConfig:
-    """Rebuild a validated config from ``RunConfig.to_dict()`` output (e.g. a run folder's config)."""
-    try:
-        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RunConfig), values)).validate()
-    except OmegaConfBaseException as err:
-        raise _as_config_error(err) from None
+def _check_shapes(layer: DictConfig) -> None:
+    """A mapping for each section, a list of single values for a list field, a single value for the others.
+    OmegaConf's merge raises a bare TypeError, naming no field, for a list or mapping in the wrong place."""
+    sections = {f.name: f.default_factory for f in dataclasses.fields(RunConfig)}
+    for section, values in OmegaConf.to_container(layer, resolve=False).items():
+        if section not in sections or values is None:
+            continue  # the merge names an unknown section, or a missing one
+        if not isinstance(values, dict):
+            raise ConfigError(str(section), f"must be a mapping of {section} fields, got {values!r}")
+        hints = get_type_hints(sections[section])
+        for name, value in values.items():
+            if name not in hints:
+                continue
+            if get_origin(hints[name]) is not list:
+                if isinstance(value, (dict, list)):
+                    raise ConfigError(f"{section}.{name}", f"must be a single value, got {value!r}")
+            elif isinstance(value, dict) or isinstance(value, list) and any(isinstance(v, (dict, list)) for v in value):
+                raise ConfigError(f"{section}.{name}", f"must be a list of single values, got {value!r}")
 
 
 def _parse(load, where: str):
     try:
         return load()
     except OmegaConfBaseException as err:
-        raise ConfigError(where, str(err).splitlines()[0]) from None
-    except Exception as err:  # YAML syntax errors come from the yaml package
-        raise ConfigError(where, f"cannot be parsed: {str(err).splitlines()[0]}") from None
+        raise ConfigError(where, _first_line(err)) from None
+    except (yaml.YAMLError, UnicodeDecodeError, OSError, ValueError, AssertionError) as err:
+        # a syntax or encoding error, or a scalar document (OmegaConf asserts on a top-level string)
+        raise ConfigError(where, f"cannot be parsed: {_first_line(err)}") from None
 
 
 def _as_config_error(err: OmegaConfBaseException) -> ConfigError:
-    key = getattr(err, "full_key", None) or "config"
-    first = str(err).splitlines()[0]
+    key = _printable(str(getattr(err, "full_key", None) or "config"))
+    first = _first_line(err)
     if "not in" in first or "Key '" in first:
         parent = key.rsplit(".", 1)[0] if "." in key else ""
         allowed = _allowed_keys(parent)
@@ -247,11 +304,47 @@ def _allowed_keys(parent: str) -> list[str]:
     return [f.name for f in dataclasses.fields(node)]
 
 
+def _first_line(err: Exception) -> str:
+    return (str(err).splitlines() or [type(err).__name__])[0]
+
+
+def _printable(text: str) -> str:
+    """A key or path as typed, or quoted with escapes when it holds a line break or other control character."""
+    return text if text.isprintable() else repr(text)
+
+
 def _positive(name: str, value: float) -> None:
+    require_finite(name, value)
     if value <= 0:
         raise ConfigError(name, f"must be > 0, got {value}")
 
 
 def _non_negative(name: str, value: float) -> None:
+    require_finite(name, value)
     if value < 0:
         raise ConfigError(name, f"must be >= 0, got {value}")
+
+
+def _path(name: str, value: str) -> None:
+    """A path the file system can take: not empty, no NUL character."""
+    if not value:
+        raise ConfigError(name, "must be a path, got an empty string")
+    if "\0" in value:
+        raise ConfigError(name, f"must be a path, got {value!r} (it holds a NUL character)")
+
+
+def _apart(run_field: str, run_dir: str, data_field: str, data_dir: str) -> None:
+    """The run folder is written into and ``--fresh`` deletes it: it must not be the data folder, nor lie inside
+    it, nor hold it."""
+    run, data = _resolved(run_field, run_dir), _resolved(data_field, data_dir)
+    if run == data or run in data.parents or data in run.parents:
+        raise ConfigError(run_field, f"{run_dir!r} overlaps {data_field}={data_dir!r}: the run folder is written "
+                                     f"into and --fresh deletes it, so it must be neither the data folder, nor "
+                                     f"inside it, nor around it")
+
+
+def _resolved(name: str, value: str) -> Path:
+    try:
+        return Path(value).resolve()
+    except (OSError, RuntimeError, ValueError) as err:  # a symlink loop, a name too long
+        raise ConfigError(name, f"cannot resolve {value!r}: {err}") from None

@@ -3,8 +3,14 @@ and PNG plots at the end (loss curves, and an expert-load heatmap: one panel per
 from __future__ import annotations
 
 import json
+import logging
+import math
 from pathlib import Path
 from typing import Any
+
+from hecate.collectives.errors import HecateError
+
+log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -37,16 +43,45 @@ class MetricsWriter:
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """The records of ``metrics.jsonl``. A torn last line (the run was killed while writing it) is dropped with a
+    warning; a damaged line before it is an error naming the file and line."""
     path = run_dir / METRICS_FILE
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = path.read_bytes().decode("utf-8", errors="replace").splitlines()
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        record = _record(line)
+        if record is None and number == len(lines):
+            log.warning("%s: dropped its torn last line (the run was stopped while writing it): %.60r", path, line)
+        elif record is None:
+            raise HecateError(f"{path}: line {number} is not a metrics record ({line[:60]!r}); it was edited or "
+                              f"damaged: repair or remove that line, or move the file away to resume without it")
+        else:
+            records.append(record)
+    return records
 
 
-def truncate_metrics(run_dir: Path, after_step: int) -> None:
-    """Drop records past ``after_step`` (a resumed run rewrites them), keeping the file one clean history."""
+def truncate_metrics(run_dir: Path, after_step: float = math.inf) -> None:
+    """Drop records past ``after_step`` (a resumed run rewrites them), keeping the file one clean history; with
+    no step, drop only a torn last line."""
+    if not (run_dir / METRICS_FILE).is_file():
+        return
     records = [r for r in read_metrics(run_dir) if r["step"] <= after_step]
     (run_dir / METRICS_FILE).write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def _record(line: str) -> dict[str, Any] | None:
+    """One line's record, or None when it is not a JSON object with an integer step."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(record, dict) or type(record.get("step")) is not int:
+        return None
+    return record
 
 
 def write_plots(run_dir: Path) -> list[Path]:

@@ -28,8 +28,8 @@ from hecate.trainer.config import RunConfig
 from hecate.trainer.data import TrainLoader, ValLoader, load_manifest, token_bytes
 from hecate.trainer.export import import_weights
 from hecate.trainer.faults import maybe_inject
-from hecate.trainer.metrics import MetricsWriter, truncate_metrics, write_plots
-from hecate.trainer.model import Transformer, build_model
+from hecate.trainer.metrics import METRICS_FILE, MetricsWriter, truncate_metrics, write_plots
+from hecate.trainer.model import build_model
 from hecate.trainer.model_adapter import TRANSFORMER
 from hecate.trainer.nonfinite import NonFiniteTracer
 from hecate.trainer.optim import build_optimizer, lr_at, set_lr
@@ -39,6 +39,7 @@ from hecate.trainer.scaling.trace import TRACE_FILE, RoutingRecorder
 log = logging.getLogger(__name__)
 
 TOKENIZER_FILE = "tokenizer.json"
+RUN_MARKER = ".hecate-run"  # written into each run folder Hecate makes: the only folders it writes into or deletes
 
 
 @dataclass
@@ -310,12 +311,46 @@ class Trainer:
         return summary
 
 
-def prepare_run_dir(run_dir: Path, resume: bool, fresh: bool) -> None:
-    """Refuse to overwrite a finished or running run unless told: ``--resume`` continues it, ``--fresh``
-    deletes it. Launchers call this before starting workers, so the error comes before anything runs."""
-    if fresh and run_dir.exists():
-        shutil.rmtree(run_dir)
-    if not resume and (run_dir / "metrics.jsonl").exists():
+def check_run_dir(run_dir: Path, resume: bool, fresh: bool) -> None:
+    """Refuse, changing nothing, a run folder this run may not use. Hecate writes into (and ``--fresh`` deletes)
+    only a new or empty folder or one it created, recognised by its :data:`RUN_MARKER` file: a folder of the
+    user's, or the prepared data, is never touched. A finished or running run needs ``--resume`` or ``--fresh``."""
+    try:
+        if run_dir.exists() and not run_dir.is_dir():
+            raise HecateError(f"train.run_dir {run_dir} is a file, not a folder: pick another train.run_dir")
+        if not run_dir.is_dir() or not any(run_dir.iterdir()):
+            return
+        marked = (run_dir / RUN_MARKER).is_file()
+        holds_run = (run_dir / METRICS_FILE).exists()
+    except OSError as err:
+        raise HecateError(f"train.run_dir {run_dir}: cannot read it ({err.strerror})") from None
+    if not marked and (holds_run or (run_dir / "config.yaml").is_file() or (run_dir / "checkpoints").is_dir()):
+        raise HecateError(f"run folder {run_dir} has no {RUN_MARKER} file: it was made by a Hecate older than that "
+                          f"marker, or by something else. Hecate deletes (--fresh) and writes into only the run "
+                          f"folders it made: if this is a Hecate run, mark it with `touch {run_dir / RUN_MARKER}` "
+                          f"and run again; else pick another train.run_dir")
+    if not marked:
+        raise HecateError(f"train.run_dir {run_dir} is a folder that Hecate did not make (no {RUN_MARKER} file) and "
+                          f"is not empty: Hecate writes a run into a new or empty folder only; pick another "
+                          f"train.run_dir")
+    if holds_run and not resume and not fresh:
         raise HecateError(f"run folder {run_dir} already holds a run: pass --resume to continue it, "
                           f"--fresh to start it over, or -o train.run_dir=OTHER")
-    run_dir.mkdir(parents=True, exist_ok=True)
+
+
+def prepare_run_dir(run_dir: Path, resume: bool, fresh: bool) -> None:
+    """Make ``run_dir`` this run's folder after :func:`check_run_dir`: ``--fresh`` deletes the old run first,
+    ``--resume`` drops a record torn by a kill mid-write. Launchers call this before starting workers, so an
+    error comes before anything runs."""
+    check_run_dir(run_dir, resume, fresh)
+    try:
+        if fresh and run_dir.exists():
+            shutil.rmtree(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        marker = run_dir / RUN_MARKER
+        if not marker.is_file():
+            marker.write_text("A Hecate run folder: `hecate train --fresh` may delete it.\n")
+    except OSError as err:
+        raise HecateError(f"train.run_dir {run_dir}: cannot make it this run's folder ({err})") from None
+    if resume:
+        truncate_metrics(run_dir)
