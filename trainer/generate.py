@@ -20,7 +20,7 @@ def load_trained(run_dir: Path) -> tuple[Transformer, Tokenizer, int]:
     if not config_file.is_file():
         raise CheckpointError(f"{run_dir} is not a run folder (no config.yaml); pass the train.run_dir of a run")
     cfg = config_from_dict(yaml.safe_load(config_file.read_text()))
-    path = ckpt.latest_checkpoint(run_dir / "checkpoints")
+    path = ckpt.usable_checkpoint(run_dir / "checkpoints")
     if path is None:
         raise CheckpointError(f"{run_dir} has no complete checkpoint yet")
     state = ckpt.read_trainer_state(path)
