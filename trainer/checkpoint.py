@@ -24,26 +24,22 @@ fails with one error naming what, even where its checksums were rewritten to mat
 from __future__ import annotations
 
 import dataclasses
-import importlib
-import io
 import json
 import logging
 import math
 import os
-import pickle
 import shutil
 import warnings
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.filesystem import _StorageInfo
-from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
+from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from hecate.collectives.errors import CheckpointError
@@ -51,6 +47,7 @@ from hecate.parallel.parallelize import Parallel
 from hecate.trainer import integrity
 from hecate.trainer.faults import maybe_inject
 from hecate.trainer.integrity import CorruptCheckpoint, IncompleteCheckpoint
+from hecate.trainer.safe_reader import METADATA_FILE, SafeLoadPlanner, SafeReader, first_line
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +55,6 @@ COMPLETE = "COMPLETE"
 STATE_FILE = "trainer_state.json"
 PREFIX = "step_"
 TMP = ".tmp-"  # a save in progress (or interrupted) writes into TMP + its final name
-METADATA_FILE = ".metadata"  # DCP's index of the checkpoint's tensors and the byte ranges that hold them
 # Whatever a DCP save or load raises fails it with one error: the files (a full disk, damaged or forged bytes) can
 # make it raise nearly anything, and its CheckpointException, which gathers every rank's failure, is a BaseException.
 DCP_FAILURES = (Exception, CheckpointException)
@@ -117,7 +113,7 @@ def usable_checkpoint(root: Path, parallel: Parallel | None = None) -> Path | No
         try:
             verify_checkpoint(path, parallel)
         except CorruptCheckpoint as err:
-            log.warning("skipping %s; falling back to the previous checkpoint", err)
+            log.warning("%s; trying the checkpoint before it", err)
             damaged.append(str(err))
             continue
         return path
@@ -409,12 +405,7 @@ def _first_cause(err: BaseException) -> str:
         err = wrapped[0] if isinstance(wrapped, tuple) else wrapped
     while err.__cause__ is not None:
         err = err.__cause__
-    return _first_line(err) if isinstance(err, CheckpointError) else f"{type(err).__name__}: {_first_line(err)}"
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return text[0] if text else ""
+    return first_line(err) if isinstance(err, CheckpointError) else f"{type(err).__name__}: {first_line(err)}"
 
 
 def _differences(saved: Any, wanted: Any, prefix: str) -> str:
@@ -423,78 +414,3 @@ def _differences(saved: Any, wanted: Any, prefix: str) -> str:
         return "; ".join(f"{prefix}.{k}: saved {saved.get(k)!r}, now {wanted.get(k)!r}"
                          for k in keys if saved.get(k) != wanted.get(k))
     return f"{prefix}: saved {saved!r}, now {wanted!r}"
-
-
-# ---- reading without unpickling arbitrary objects -----------------------------------------------------------
-
-class _MetadataUnpickler(pickle.Unpickler):
-    """DCP's index is a pickle; only its own data classes, torch sizes/dtypes/layouts and paths may appear in it."""
-
-    DATA_MODULES = ("torch.distributed.checkpoint.metadata",)
-    ALLOWED: ClassVar[set[tuple[str, str]]] = {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
-               ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"),
-               ("pathlib", "WindowsPath"), ("pathlib", "PureWindowsPath"), ("collections", "OrderedDict")}
-
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in self.ALLOWED or self._is_data_class(module, name) or \
-                (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a checkpoint index")
-
-    def _is_data_class(self, module: str, name: str) -> bool:
-        found = getattr(importlib.import_module(module), name, None) if module in self.DATA_MODULES else None
-        return isinstance(found, type) and found.__module__ == module
-
-
-class SafeReader(dcp.FileSystemReader):
-    """A FileSystemReader whose metadata is unpickled through :class:`_MetadataUnpickler`."""
-
-    def __init__(self, path: Path):
-        super().__init__(path)
-        self._checkpoint = path
-
-    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
-        rank = kwargs.get("rank")
-        name = METADATA_FILE if rank is None else f"__{rank}{METADATA_FILE}"
-        try:
-            with open(self._checkpoint / name, "rb") as stream:
-                metadata = _MetadataUnpickler(stream).load()
-        except OSError as err:
-            raise CorruptCheckpoint(self._checkpoint, name, f"is unreadable ({err.strerror})") from None
-        except Exception as err:  # noqa: BLE001  (whatever unpickling damaged or forged bytes raises: unreadable)
-            raise CorruptCheckpoint(self._checkpoint, name, f"is not a readable DCP index "
-                                                            f"({type(err).__name__}: {_first_line(err)})") from None
-        if not isinstance(metadata, Metadata):
-            raise CorruptCheckpoint(self._checkpoint, name, "is not a DCP index")
-        self._check_storage(name, metadata)
-        if getattr(metadata, "storage_meta", None) is None:
-            metadata.storage_meta = StorageMeta()
-        metadata.storage_meta.load_id = self.load_id
-        return metadata
-
-    def _check_storage(self, name: str, metadata: Metadata) -> None:
-        """Every byte range the index points at lies in a plain file of this checkpoint's folder, untransformed."""
-        storage = metadata.storage_data if isinstance(metadata.storage_data, dict) else None
-        if storage is None:
-            raise CorruptCheckpoint(self._checkpoint, name, "has no storage table")
-        for info in storage.values():
-            if not isinstance(info, _StorageInfo) or not isinstance(info.offset, int) or \
-                    not isinstance(info.length, int) or min(info.offset, info.length) < 0:
-                raise CorruptCheckpoint(self._checkpoint, name, f"holds a malformed storage entry {info!r}")
-            integrity.check_file_name(self._checkpoint, info.relative_path, name)
-            if info.transform_descriptors:  # Hecate writes none; a transform would run code the index names
-                raise CorruptCheckpoint(self._checkpoint, name, f"asks for stream transforms "
-                                                                f"{list(info.transform_descriptors)}")
-
-
-class SafeLoadPlanner(dcp.DefaultLoadPlanner):
-    """Non-tensor values (optimizer hyper-parameters) are plain data: refuse anything else before loading."""
-
-    def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
-        data = value.read()
-        try:
-            torch.load(io.BytesIO(data), weights_only=True)
-        except pickle.UnpicklingError as err:
-            raise CheckpointError(f"checkpoint value {read_item.dest_index.fqn} is not plain data: "
-                                  f"{str(err).splitlines()[0]}") from None
-        super().load_bytes(read_item, io.BytesIO(data))
