@@ -2,11 +2,13 @@
 
 The checksums live in ``SHA256SUMS``, in the format of coreutils ``sha256sum``, so that
 ``cd step_XXXXXXXX && sha256sum -c SHA256SUMS`` checks a checkpoint without Hecate. SHA-256 because it is in the
-standard library and runs at disk speed on CPUs with SHA instructions (about 850 MB/s on one core of the 2-core
-development machine, faster than BLAKE2b there; see the module's checksum test), and its 256 bits leave no
-chance for damage to go unnoticed, as a 32-bit CRC would now and then. A checksum finds damage (flipped bits,
-truncation, a replaced or missing file), not forgery: whoever can rewrite a file can rewrite the manifest too,
-which is why the checkpoint reader never unpickles anything but plain data either way.
+standard library, runs at about 1 GB/s on one core with SHA instructions (``benchmarks/checksums.py``, results in
+docs/BENCHMARKS.md: faster than BLAKE2b there; CRC32 is twice as fast but has 32 bits, SHA-1 a little faster but
+is deprecated) and leaves no chance for damage to go unnoticed.
+The ranks share the hashing, each a slice of the files, so it takes a checkpoint's size over the ranks' total speed.
+A checksum finds damage (flipped bits, truncation, a replaced or
+missing file), not forgery: whoever can rewrite a file can rewrite the manifest too, which is why the checkpoint
+reader (trainer/safe_reader.py) never unpickles anything but plain data either way.
 """
 from __future__ import annotations
 
