@@ -111,6 +111,14 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("run_dir", help="a run folder (train.run_dir), e.g. runs/tiny")
     export.add_argument("--out", required=True, help="folder to write model.safetensors and config.json into")
 
+    checks = sub.add_parser("checkpoints", parents=[common], help="check a run's checkpoints")
+    checks_sub = checks.add_subparsers(dest="action", required=True, metavar="ACTION")
+    verify = checks_sub.add_parser("verify", parents=[common], help="check every checkpoint against its checksums",
+                                   description="List each checkpoint of a run as ok, corrupt (naming the file) or "
+                                               "incomplete, and which one a resume would load; exit 1 when the "
+                                               "newest is not ok.")
+    verify.add_argument("run_dir", help="a run folder (train.run_dir), e.g. runs/tiny")
+
     gen = sub.add_parser("generate", parents=[common], help="sample text from a run's latest checkpoint")
     gen.add_argument("run_dir", help="a run folder (train.run_dir), e.g. runs/tiny")
     gen.add_argument("--prompt", required=True, help="text to continue")
@@ -391,6 +399,20 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_checkpoints(args: argparse.Namespace) -> int:
+    from hecate.trainer.checkpoint import checkpoint_statuses
+
+    root = Path(args.run_dir) / "checkpoints"
+    statuses = checkpoint_statuses(root)
+    if not statuses:
+        raise HecateError(f"{args.run_dir} holds no checkpoints (no {root} with step_* folders)")
+    for path, status in statuses:
+        print(f"{path.name}  {status}")
+    usable = [path for path, status in statuses if status == "ok"]
+    print(f"a resume would load {usable[-1].name}" if usable else "no usable checkpoint: a resume would fail")
+    return 0 if statuses[-1][1] == "ok" else 1
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from hecate.trainer.generate import check_sampling, generate_stream, load_trained
 
@@ -408,7 +430,8 @@ MAX_SIMULATED_PER_CORE = 8  # beyond this the processes only fight for the cores
 SIMULATE_TIMEOUT_S = 7 * 24 * 3600.0  # a job's wall-clock limit belongs to the scheduler; hangs end by collective timeouts
 
 COMMANDS = {"train": cmd_train, "prepare-data": cmd_prepare_data, "generate": cmd_generate, "plan": cmd_plan,
-            "sbatch": cmd_sbatch, "export": cmd_export, "simulate": cmd_simulate}
+            "sbatch": cmd_sbatch, "export": cmd_export, "simulate": cmd_simulate,
+            "checkpoints": cmd_checkpoints}
 
 
 def main(argv: list[str] | None = None) -> int:

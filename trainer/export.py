@@ -29,7 +29,7 @@ IDENTITY_KEYS = ("model", "moe", "vocab_size")
 def export_run(run_dir: Path, out: Path) -> dict[str, Any]:
     """Write the newest complete checkpoint of ``run_dir`` to ``out``; returns what config.json says."""
     model, _, step = load_trained(run_dir)
-    state = ckpt.read_trainer_state(ckpt.checkpoint_dirs(run_dir / "checkpoints")[-1])
+    state = ckpt.read_trainer_state(run_dir / "checkpoints" / f"{ckpt.PREFIX}{step:08d}")  # the one loaded
     out.mkdir(parents=True, exist_ok=True)
     save_model(model, str(out / WEIGHTS_FILE), metadata={"format": "pt", "step": str(step)})
     config = {**{k: state[k] for k in IDENTITY_KEYS}, "step": step, "source": str(run_dir.resolve()),

@@ -27,7 +27,7 @@ def load_trained(run_dir: Path) -> tuple[Transformer, Tokenizer, int]:
         cfg = load_config(config_file)
     except ConfigError as err:
         raise CheckpointError(f"{config_file} is not a valid run config: {err}") from None
-    path = ckpt.latest_checkpoint(run_dir / "checkpoints")
+    path = ckpt.usable_checkpoint(run_dir / "checkpoints")
     if path is None:
         raise CheckpointError(f"{run_dir} has no complete checkpoint yet")
     state = ckpt.read_trainer_state(path)

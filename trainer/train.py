@@ -281,7 +281,7 @@ class Trainer:
         return self.checkpointer.save(self.step, self.model, self.optimizer, state)
 
     def _resume(self) -> None:
-        path = ckpt.latest_checkpoint(self.run_dir / "checkpoints")
+        path = ckpt.usable_checkpoint(self.run_dir / "checkpoints", self.parallel)
         if path is None:
             log.info("no complete checkpoint in %s: starting from step 0", self.run_dir / "checkpoints")
             if self.parallel.is_main:
