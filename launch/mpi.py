@@ -105,7 +105,10 @@ def _who_failed(noticed: list[re.Match], run_dir: Path | None, workers: int) -> 
         return ""
     rank, pid, _, signum, name = noticed[0].groups()
     beat = read_beats(run_dir / RUN_SUBFOLDER, workers).get(int(rank)) if run_dir else None
-    seen = f", last seen in step {beat.step} at {beat.op or 'start-up'}" if beat and beat.pid == int(pid) else ""
+    if beat is not None and pid in ("0", str(beat.pid)):  # Open MPI 4.1 with PMIx may report PID 0
+        pid, seen = str(beat.pid), f", last seen in step {beat.step} at {beat.op or 'start-up'}"
+    else:
+        seen = ""
     return f"rank {rank} of {workers} (pid {pid}) was killed by signal {signum} ({name}){seen}; "
 
 

@@ -20,9 +20,11 @@ def watch_parent(describe: str) -> threading.Thread:
         stop = threading.Event()
         while not stop.wait(POLL_S):
             if os.getppid() != parent:
-                print(f"hecate worker: error: {describe}: the launcher (pid {parent}) is gone; stopping",
-                      file=sys.stderr, flush=True)
-                os._exit(EXIT_ORPHANED)
+                try:  # the launcher held the other end of stderr: the line may have nowhere to go
+                    print(f"hecate worker: error: {describe}: the launcher (pid {parent}) is gone; stopping",
+                          file=sys.stderr, flush=True)
+                finally:
+                    os._exit(EXIT_ORPHANED)
 
     thread = threading.Thread(target=watch, name="hecate-parent-watch", daemon=True)
     thread.start()
