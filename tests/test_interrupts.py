@@ -246,7 +246,8 @@ def test_ctrl_c_of_torchrun_stops_every_rank(small_data, tmp_path):
     interrupt(process)
     assert process.returncode != 0
     assert_all_ended(tree, "torchrun and its ranks")
-    assert_empty(tmp)
+    # torchrun's agent leaves its own log folder (torchelastic_*) when interrupted: torch's, not Hecate's
+    assert [p.name for p in tmp.iterdir() if not p.name.startswith(KEPT_CACHES + ("torchelastic_",))] == []
 
 
 # ---- Ray ----------------------------------------------------------------------------------------------------
