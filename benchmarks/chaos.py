@@ -163,7 +163,7 @@ class Injector:
     """Strikes each fault in turn and follows the job into its next attempt."""
 
     def __init__(self, job: subprocess.Popen, run: Path, workers: int, every: int):
-        self.job, self.run, self.workers, self.every = job, run, workers, every
+        self.job, self.run_dir, self.workers, self.every = job, run, workers, every
         self.attempt = 0
 
     def run(self, faults: list[Fault]) -> None:
@@ -180,12 +180,12 @@ class Injector:
                 fault.caught_in_save = self.kill_in_save(victim)
                 fault.done_steps = max(b.step for b in self.beats(self.attempt).values()) - 1
             else:
-                make_read_only(self.run / "checkpoints")
+                make_read_only(self.run_dir / "checkpoints")
             self.wait_for_exit(beats)
             if fault.kind == "stop":
                 os.kill(victim, signal.SIGCONT)
             if fault.kind == "read-only":
-                make_writable(self.run / "checkpoints")
+                make_writable(self.run_dir / "checkpoints")
             self.attempt += 1
             restarted = self.wait_for(self.attempt, 0)
             if restarted is None:
@@ -202,7 +202,7 @@ class Injector:
         return fault.step
 
     def beats(self, attempt: int) -> dict[int, Beat]:
-        return {r: b for r, b in read_beats(self.run / RUN_SUBFOLDER, self.workers).items() if b.attempt == attempt}
+        return {r: b for r, b in read_beats(self.run_dir / RUN_SUBFOLDER, self.workers).items() if b.attempt == attempt}
 
     def wait_for(self, attempt: int, step: int) -> dict[int, Beat] | None:
         """Every rank's beat once all of ``attempt`` run ``step`` or later; None when the job ended first."""
@@ -225,7 +225,7 @@ class Injector:
     def kill_in_save(self, victim: int) -> bool:
         """SIGKILL ``victim`` while a save's temporary folder exists; after three checkpoint intervals without
         seeing one, kill it anyway. Returns whether the kill landed in a save."""
-        checkpoints = self.run / "checkpoints"
+        checkpoints = self.run_dir / "checkpoints"
         start = min(b.step for b in self.beats(self.attempt).values())
         while self.job.poll() is None and min(b.step for b in self.beats(self.attempt).values()) < start + 3 * \
                 self.every:
