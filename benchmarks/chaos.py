@@ -91,7 +91,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.steps <= 2 * args.every:
         parser.error("--steps must exceed two checkpoint intervals (--every)")
-    out = args.out / datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S")
+    out = args.out / datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%S")
     out.mkdir(parents=True)
     data = out / "data"
     prepare_data([sysconfig.get_paths()["stdlib"] + "/" + name for name in CORPUS], data, vocab_size=512,
@@ -121,7 +121,7 @@ def main() -> None:
     identical, differing = same_weights(out / "reference", run, out)
     result = {
         "command": "python benchmarks/chaos.py " + " ".join(sys.argv[1:]),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "workers": args.workers, "steps": args.steps, "checkpoint_every": args.every,
         "collective_timeout_s": args.timeout_s, "layout": args.layout, "seed": args.seed,
         "exit_code": code, "faults_injected": sum(f.attempt >= 0 for f in faults),
