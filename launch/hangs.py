@@ -102,7 +102,7 @@ def _short(path: str) -> str:
 
 
 def never_arrived(folder: Path, world_size: int, me: int, attempt: int) -> str | None:
-    """``"rank 2 stopped answering (pid 41, last seen in step 5 at moe.router_sums, collective #180, 16 s ago)"``
+    """``"rank 2 stopped answering [pid 41, last seen in step 5 at moe.router_sums, collective #180, 16 s ago]"``
     for the peers that kept the job waiting, from their heartbeats in ``folder``; None when every peer looks fine
     (then the waiting itself, or a dead peer the launcher names, is the story)."""
     now = time.time()
@@ -110,10 +110,10 @@ def never_arrived(folder: Path, world_size: int, me: int, attempt: int) -> str |
     parts = [f"rank {r} never started (no heartbeat)" for r in range(world_size) if r not in beats]
     peers = {r: b for r, b in beats.items() if r != me}
     stale = {r: b for r, b in peers.items() if b.age_s(now) > STALE_S}
-    parts += [f"rank {r} stopped answering ({_seen(b, now)})" for r, b in sorted(stale.items())]
+    parts += [f"rank {r} stopped answering [{_seen(b, now)}]" for r, b in sorted(stale.items())]
     live = {r: b for r, b in beats.items() if r not in stale}
     most = max((b.ops for b in live.values()), default=0)
-    parts += [f"rank {r} is behind ({_seen(b, now)}; others issued up to #{most})"
+    parts += [f"rank {r} is behind [{_seen(b, now)}; others issued up to #{most}]"
               for r, b in sorted(live.items()) if r != me and b.ops < most and not stale]
     return "; ".join(parts) or None
 

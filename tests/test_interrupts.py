@@ -161,7 +161,7 @@ def test_stalled_rank_is_named_with_where_it_was_last_seen(small_data, tmp_path)
     assert process.returncode == 2, stderr
     assert time.monotonic() - stopped_at < 60
     assert "collective failed in step" in stderr
-    assert f"never arrived: rank 2 stopped answering (pid {beats[2].pid}, last seen in step " in stderr
+    assert f"never arrived: rank 2 stopped answering [pid {beats[2].pid}, last seen in step " in stderr
     assert "rank 0 stopped answering" not in stderr and "rank 1 stopped answering" not in stderr
     assert_all_ended({b.pid for b in beats.values()}, "simulated ranks")
 
