@@ -10,6 +10,8 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, replace
 
+from hecate.collectives import heartbeat
+
 
 @dataclass(frozen=True)
 class OpStats:
@@ -38,6 +40,7 @@ class CommStats:
 
     def record(self, name: str, sent: int, received: int) -> None:
         """Count one call of ``name`` moving ``sent`` bytes out of and ``received`` bytes into this rank."""
+        heartbeat.note(name)
         with self._lock:
             old = self._ops.get(name, OpStats())
             self._ops[name] = replace(

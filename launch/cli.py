@@ -301,7 +301,7 @@ def _train_launched(args: argparse.Namespace, cfg) -> dict:
     if args.launcher == "mpi":
         from hecate.launch.mpi import run_mpi
 
-        run_mpi(args.workers, worker_args)
+        run_mpi(args.workers, worker_args, run_dir)
     else:
         from hecate.launch.ray_job import submit
 

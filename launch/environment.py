@@ -169,6 +169,18 @@ def usable_cores() -> list[int]:
     return list(range(os.cpu_count() or 1))
 
 
+def loopback_interface() -> str:
+    """The name of this machine's loopback interface (``lo`` on Linux), for ``GLOO_SOCKET_IFNAME`` and Open MPI's
+    ``*_if_include``: a job whose ranks all run here then listens on loopback only, not on the address the
+    hostname resolves to."""
+    names = [name for _, name in socket.if_nameindex()]
+    for name in ("lo", "lo0"):
+        if name in names:
+            return name
+    raise LaunchError(f"no loopback interface among this machine's interfaces {names}: cannot keep a local job's "
+                      f"connections on loopback")
+
+
 def store_listener(address: str, port: int) -> tuple[int, dict[str, int]]:
     """(port, ``TCPStore`` keyword arguments) for the store's host: a store for a loopback address listens on
     loopback only, on ``port`` or (0) one the OS picks - the store alone binds every interface; for any other

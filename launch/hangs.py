@@ -4,17 +4,23 @@ that called it - so that a hung job exits non-zero with the reason on every rank
 
 Everything is read from the exception's traceback: the frame in ``torch.distributed`` names the operation and
 holds its ``group`` (the peers); the first frame whose ``self`` is a module of the model names the layer.
+Which peers never arrived, and where they were last seen, comes from their heartbeats
+(:mod:`hecate.collectives.heartbeat`): a rank that stopped running has a stale one, a rank stuck outside the
+collectives has issued fewer of them than the others.
 """
 from __future__ import annotations
 
 import functools
 import os
+import time
+from pathlib import Path
 from types import FrameType, TracebackType
 
 import torch.distributed as dist
 from torch import nn
 
 from hecate.collectives.errors import HecateError
+from hecate.collectives.heartbeat import STALE_S, Beat, read_beats
 
 TORCH_DISTRIBUTED = os.path.dirname(dist.__file__)
 HECATE_ROOMS = tuple(os.sep + room + os.sep for room in ("collectives", "parallel", "trainer", "launch"))
@@ -93,3 +99,25 @@ def _short(path: str) -> str:
         if room in path:
             return room.strip(os.sep) + "/" + path.split(room, 1)[1]
     return path
+
+
+def never_arrived(folder: Path, world_size: int, me: int, attempt: int) -> str | None:
+    """``"rank 2 stopped answering [pid 41, last seen in step 5 at moe.router_sums, collective #180, 16 s ago]"``
+    for the peers that kept the job waiting, from their heartbeats in ``folder``; None when every peer looks fine
+    (then the waiting itself, or a dead peer the launcher names, is the story)."""
+    now = time.time()
+    beats = {r: b for r, b in read_beats(folder, world_size).items() if b.attempt == attempt}
+    parts = [f"rank {r} never started (no heartbeat)" for r in range(world_size) if r not in beats]
+    peers = {r: b for r, b in beats.items() if r != me}
+    stale = {r: b for r, b in peers.items() if b.age_s(now) > STALE_S}
+    parts += [f"rank {r} stopped answering [{_seen(b, now)}]" for r, b in sorted(stale.items())]
+    live = {r: b for r, b in beats.items() if r not in stale}
+    most = max((b.ops for b in live.values()), default=0)
+    parts += [f"rank {r} is behind [{_seen(b, now)}; others issued up to #{most}]"
+              for r, b in sorted(live.items()) if r != me and b.ops < most and not stale]
+    return "; ".join(parts) or None
+
+
+def _seen(beat: Beat, now: float) -> str:
+    where = f"at {beat.op}, collective #{beat.ops}" if beat.op else "before its first collective"
+    return f"pid {beat.pid}, last seen in step {beat.step} {where}, {beat.age_s(now):.0f} s ago"

@@ -34,7 +34,7 @@ import torch.distributed as dist
 
 from hecate.collectives.errors import HecateError, WorkerFailure
 from hecate.collectives.simulated_network import SimulatedNetwork
-from hecate.launch.environment import store_listener, usable_cores
+from hecate.launch.environment import loopback_interface, store_listener, usable_cores
 
 T = TypeVar("T")
 
@@ -51,8 +51,10 @@ __all__ = ["WorkerFailure", "WorkerGroup", "core_sets", "network_environment", "
 
 
 def worker_environment(rank: int, world_size: int, master_port: int) -> dict[str, str]:
-    """The variables a worker reads to find its place in a single-node job (the same names torchrun sets)."""
+    """The variables a worker reads to find its place in a single-node job (the same names torchrun sets), and
+    ``GLOO_SOCKET_IFNAME`` so that gloo's listeners stay on loopback like the store."""
     return {
+        "GLOO_SOCKET_IFNAME": loopback_interface(),
         "MASTER_ADDR": MASTER_ADDR,
         "MASTER_PORT": str(master_port),
         "RANK": str(rank),

@@ -16,9 +16,11 @@ import torch
 import torch.distributed as dist
 
 from hecate.collectives.errors import HecateError
+from hecate.collectives.heartbeat import RUN_SUBFOLDER, Heartbeat
 from hecate.collectives.timeline import Timeline
 from hecate.launch.environment import LaunchError, WorkerEnv, detect, store_listener, usable_cores
-from hecate.launch.hangs import CollectiveTimeout, waiting_in
+from hecate.launch.hangs import CollectiveTimeout, never_arrived, waiting_in
+from hecate.launch.parent_watch import watch_parent
 from hecate.launch.simulate import network_from_environment
 from hecate.parallel.parallelize import Parallel
 from hecate.trainer.config import config_from_dict, load_config
@@ -47,23 +49,29 @@ def train_worker(cfg_dict: dict[str, Any], resume: bool, env: WorkerEnv | None =
     if env is not None:
         log.info("started by %s", env.describe())
     log.info("MoE collectives over %s", type(parallel.ep).__name__)
+    beats = trainer.run_dir / RUN_SUBFOLDER
+    heartbeat = Heartbeat(beats, rank, restart_count(), lambda: trainer.step + 1).start()
     try:
         return trainer.run()
     except RuntimeError as err:
         where = waiting_in(err, trainer.model)
         if where is None:
             raise
+        laggards = never_arrived(beats, dist.get_world_size(), rank, restart_count())
         message = (f"rank {rank} of {dist.get_world_size()}: collective failed in step {trainer.step + 1} after "
                    f"waiting in {where}: {str(err).splitlines()[0]} (train.collective_timeout_s="
-                   f"{cfg.train.collective_timeout_s:g})")
+                   f"{cfg.train.collective_timeout_s:g})" + (f"; never arrived: {laggards}" if laggards else ""))
         log.error("%s", message)
         raise CollectiveTimeout(message) from err
+    finally:
+        heartbeat.stop()
 
 
 def init_distributed(env: WorkerEnv, timeout_s: float) -> None:
     """Join the job's gloo group: through torchrun's agent store when there is one, else rank 0 hosts a TCPStore
     at MASTER_ADDR:MASTER_PORT. Every collective then fails after ``timeout_s`` instead of hanging."""
     timeout = timedelta(seconds=timeout_s)
+    subgroups_time_out_after(timeout)
     try:
         if env.agent_store:  # a client of the launcher's store; torchrun keeps that store across restarts, so
             # each attempt writes under its own prefix, never reading an earlier attempt's addresses (pytorch#135712)
@@ -82,6 +90,16 @@ def init_distributed(env: WorkerEnv, timeout_s: float) -> None:
                           f"{str(err).splitlines()[0]}") from err
 
 
+def subgroups_time_out_after(timeout: timedelta) -> None:
+    """Make every process group created later (DeviceMesh dimensions, a checkpointer's own group) give up after
+    ``timeout`` too. ``new_group`` without a ``timeout`` takes torch's default (30 minutes for gloo), not the
+    world group's, so a rank that stalls while its peers wait in an expert or data-parallel subgroup would hold
+    the job for half an hour; torch reads that default from this module variable when a group is created."""
+    from torch.distributed import distributed_c10d
+
+    distributed_c10d.default_pg_timeout = timeout
+
+
 def set_threads(env: WorkerEnv) -> None:
     """Share the node's cores among its workers (as ``--simulate`` does), no more threads than the cores this
     worker may use (a launcher that binds ranks to cores), unless OMP_NUM_THREADS says otherwise."""
@@ -97,6 +115,7 @@ def run_from_environment(cfg_dict: dict[str, Any], resume: bool) -> dict[str, An
     cfg = config_from_dict(cfg_dict)
     resume = resume or restart_count() > 0
     env = detect()
+    watch_parent(f"rank {env.rank} of {env.world_size} ({env.launcher})")
     set_threads(env)
     init_distributed(env, cfg.train.collective_timeout_s)
     try:
