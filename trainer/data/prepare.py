@@ -33,7 +33,7 @@ from hecate.trainer.data.corpus import Unit, list_units
 from hecate.trainer.data.manifest import FORMAT_VERSION, MANIFEST_FILE, write_manifest
 from hecate.trainer.data.passes import DIGEST_BYTES, DROP, TRAIN, VAL, encode_unit, run_units, scan_unit
 from hecate.trainer.data.readers import Unreadable, read_documents
-from hecate.trainer.data.shards import SPLITS, ShardWriter, token_dtype
+from hecate.trainer.data.shards import SHARD_TOKENS, SPLITS, ShardWriter, token_dtype
 from hecate.trainer.data.tokenizer import (EOT, TOKENIZER_FILE, check_vocab_size, pretrained_tokenizer,
                                            tokenizer_from_str, train_tokenizer, vocab_size_of)
 
@@ -44,12 +44,13 @@ COPY_BYTES = 1 << 24
 
 def prepare_data(inputs: Sequence[str], out: str | os.PathLike, vocab_size: int = 8192,
                  val_fraction: float = 0.05, log: Callable[[str], None] = print, tokenizer: str | None = None,
-                 text_field: str = "text", workers: int | None = None, progress: bool = True) -> dict[str, Any]:
+                 text_field: str = "text", workers: int | None = None, progress: bool = True,
+                 shard_tokens: int = SHARD_TOKENS) -> dict[str, Any]:
     """Prepare ``out`` from ``inputs`` ('stdlib' and/or files and folders); returns the manifest written.
 
     ``tokenizer``: a pretrained tokenizer.json or Hugging Face folder instead of training one on
     ``vocab_size``. ``workers``: processes that read and encode (default: every core for a corpus of
-    more than a few MB)."""
+    more than a few MB). ``shard_tokens``: tokens per shard file."""
     out = Path(out)
     if tokenizer is None:
         check_vocab_size(vocab_size)
@@ -81,6 +82,8 @@ def prepare_data(inputs: Sequence[str], out: str | os.PathLike, vocab_size: int 
     log(f"corpus: {sum(kept)} documents from {sum(1 for k in kept if k)} files ({sum(sizes) / 1e6:.1f} MB), "
         f"{n_val} held out for validation, {duplicates} exact duplicates dropped, "
         f"{len(skipped_files)} files skipped{_records_note(skipped_records)}")
+    if skipped_files or skipped_records:
+        log(f"{_skip_summary(skipped_files, skipped_records)} (all of them in {MANIFEST_FILE})")
 
     t0 = time.perf_counter()
     if pretrained is None:
@@ -100,7 +103,7 @@ def prepare_data(inputs: Sequence[str], out: str | os.PathLike, vocab_size: int 
     with _staging(out) as tmp:
         settings.update(tokenizer_json=tokenizer_json, eot_id=eot_id, dtype=dtype, tmp_dir=str(tmp))
         jobs = [(i, unit, a) for i, (unit, a) in enumerate(zip(units, assign)) if kept[i]]
-        entries = _write_shards(tmp, dtype, run_units(encode_unit, jobs, [unit.size for _, unit, _ in jobs],
+        entries = _write_shards(tmp, dtype, shard_tokens, run_units(encode_unit, jobs, [unit.size for _, unit, _ in jobs],
                                                       workers, settings, "encoding", progress), jobs)
         for split, entry in entries.items():
             log(f"{split}: {entry['tokens']:,} tokens in {len(entry['shards'])} shard(s), "
@@ -192,10 +195,10 @@ def _train_texts(units: list[Unit], assign: list[np.ndarray], text_field: str, l
             return
 
 
-def _write_shards(tmp: Path, dtype: str, parts: Iterable[dict[str, Any]], jobs: list[tuple[int, Unit, Any]]
+def _write_shards(tmp: Path, dtype: str, shard_tokens: int, parts: Iterable[dict[str, Any]], jobs: list[tuple[int, Unit, Any]]
                   ) -> dict[str, dict[str, Any]]:
     """Append each unit's token files to its split's shards, in unit order; the splits' manifest entries."""
-    writers = {split: ShardWriter(tmp, split, dtype) for split in SPLITS}
+    writers = {split: ShardWriter(tmp, split, dtype, shard_tokens) for split in SPLITS}
     entries = {split: {"files": [], "documents": 0, "tokens": 0, "bytes": 0, "max_document_tokens": 0}
                for split in SPLITS}
     for (_, unit, _), unit_parts in zip(jobs, parts):
