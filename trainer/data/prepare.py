@@ -32,6 +32,7 @@ from hecate.collectives.errors import DataError
 from hecate.trainer.data.corpus import Unit, list_units
 from hecate.trainer.data.manifest import FORMAT_VERSION, MANIFEST_FILE, write_manifest
 from hecate.trainer.data.passes import DIGEST_BYTES, DROP, TRAIN, VAL, encode_unit, run_units, scan_unit
+from hecate.trainer.data.pieces import is_trainable
 from hecate.trainer.data.readers import Unreadable, read_documents
 from hecate.trainer.data.shards import SHARD_TOKENS, SPLITS, ShardWriter, token_dtype
 from hecate.trainer.data.tokenizer import (EOT, TOKENIZER_FILE, check_vocab_size, pretrained_tokenizer,
@@ -185,9 +186,9 @@ def _split_texts(units: list[Unit], assign: list[np.ndarray], split: int, text_f
 
 def _train_texts(units: list[Unit], assign: list[np.ndarray], text_field: str, log: Callable[[str], None]
                  ) -> Iterator[str]:
-    """The train split's pieces, up to TOKENIZER_TRAIN_CHARS characters."""
+    """The train split's pieces, up to TOKENIZER_TRAIN_CHARS characters, without over-long words."""
     chars = 0
-    for piece in _split_texts(units, assign, TRAIN, text_field):
+    for piece in filter(is_trainable, _split_texts(units, assign, TRAIN, text_field)):
         yield piece
         chars += len(piece)
         if chars >= TOKENIZER_TRAIN_CHARS:
