@@ -104,8 +104,9 @@ def prepare_data(inputs: Sequence[str], out: str | os.PathLike, vocab_size: int 
     with _staging(out) as tmp:
         settings.update(tokenizer_json=tokenizer_json, eot_id=eot_id, dtype=dtype, tmp_dir=str(tmp))
         jobs = [(i, unit, a) for i, (unit, a) in enumerate(zip(units, assign)) if kept[i]]
-        entries = _write_shards(tmp, dtype, shard_tokens, run_units(encode_unit, jobs, [unit.size for _, unit, _ in jobs],
-                                                      workers, settings, "encoding", progress), jobs)
+        parts = run_units(encode_unit, jobs, [unit.size for _, unit, _ in jobs], workers, settings, "encoding",
+                          progress)
+        entries = _write_shards(tmp, dtype, shard_tokens, parts, jobs)
         for split, entry in entries.items():
             log(f"{split}: {entry['tokens']:,} tokens in {len(entry['shards'])} shard(s), "
                 f"{entry['bytes'] / max(entry['tokens'], 1):.2f} bytes/token")
@@ -196,8 +197,8 @@ def _train_texts(units: list[Unit], assign: list[np.ndarray], text_field: str, l
             return
 
 
-def _write_shards(tmp: Path, dtype: str, shard_tokens: int, parts: Iterable[dict[str, Any]], jobs: list[tuple[int, Unit, Any]]
-                  ) -> dict[str, dict[str, Any]]:
+def _write_shards(tmp: Path, dtype: str, shard_tokens: int, parts: Iterable[dict[str, Any]],
+                  jobs: list[tuple[int, Unit, Any]]) -> dict[str, dict[str, Any]]:
     """Append each unit's token files to its split's shards, in unit order; the splits' manifest entries."""
     writers = {split: ShardWriter(tmp, split, dtype, shard_tokens) for split in SPLITS}
     entries = {split: {"files": [], "documents": 0, "tokens": 0, "bytes": 0, "max_document_tokens": 0}
