@@ -22,7 +22,7 @@ $(STAMP): setup.py pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)"
-	DS_BUILD_OPS=0 $(BIN)/python -m pip install -q -e ".[dev,mpi,ray,deepspeed]"
+	DS_BUILD_OPS=0 $(BIN)/python -m pip install -q -e ".[dev,mpi,ray,deepspeed,hf]"
 	touch $@
 
 # MPI, SLURM and munge for the launcher and transport tests (needs root or sudo once); Ray comes from pip (.[ray]).

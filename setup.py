@@ -53,6 +53,8 @@ setup(
         # benchmarks/peers.py and the charts; install with DS_BUILD_OPS=0 on CPU (`make bench` does)
         "peers": ["deepspeed", "matplotlib"],
         "dev": ["pytest>=8", "pytest-timeout", "hypothesis"],
+        # prepare-data from Parquet, `datasets` folders and Hugging Face tokenizer folders
+        "hf": ["transformers", "datasets", "pyarrow"],
     },
     entry_points={"console_scripts": ["hecate = hecate.launch.cli:main"]},
 )

@@ -102,7 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
                       help="'stdlib' (the running Python's standard library .py files) and/or files or folders")
     prep.add_argument("--out", default="data/stdlib", help="output folder (default: data/stdlib)")
     prep.add_argument("--vocab-size", type=int, default=8192, help="BPE vocabulary size (default: 8192)")
-    prep.add_argument("--val-fraction", type=float, default=0.05, help="share of files held out (default: 0.05)")
+    prep.add_argument("--val-fraction", type=float, default=0.05, help="share of documents held out (default: 0.05)")
+    prep.add_argument("--tokenizer", metavar="HF_DIR_OR_TOKENIZER_JSON",
+                      help="tokenize with this pretrained tokenizer instead of training one (--vocab-size is ignored)")
+    prep.add_argument("--text-field", default="text", help="JSONL field / Parquet column of the text (default: text)")
+    prep.add_argument("--workers", type=int, default=None, help="processes (default: every core)")
 
     export = sub.add_parser("export", parents=[common], help="write a run's latest weights as safetensors",
                             description="Write the newest complete checkpoint of a run, whatever layout trained it, "
@@ -379,7 +383,8 @@ def _ensure_data(data) -> None:
 def cmd_prepare_data(args: argparse.Namespace) -> int:
     from hecate.trainer.data import prepare_data
 
-    manifest = prepare_data(args.input, Path(args.out), vocab_size=args.vocab_size, val_fraction=args.val_fraction)
+    manifest = prepare_data(args.input, Path(args.out), vocab_size=args.vocab_size, val_fraction=args.val_fraction,
+                            tokenizer=args.tokenizer, text_field=args.text_field, workers=args.workers)
     splits = {split: {k: entry[k] for k in ("documents", "tokens", "bytes")} for split, entry in manifest["splits"].items()}
     print(json.dumps({"vocab_size": manifest["vocab_size"], **splits, "gzip9_val_bpb": manifest["gzip9_val_bpb"]},
                      indent=1))

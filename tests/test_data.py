@@ -27,7 +27,7 @@ from hecate.trainer.data import (
     prepare_data,
     token_bytes,
 )
-from hecate.trainer.data.corpus import collect_documents
+from hecate.trainer.data.corpus import list_units
 
 VOCAB = 400
 N_FILES = 30
@@ -68,12 +68,24 @@ def _texts(corpus: Path, names: list[str]) -> list[str]:
     return [(corpus.parent / name).read_text(encoding="utf-8") for name in names]
 
 
+def _tokens(data: Path, split: str) -> np.ndarray:
+    """A split's tokens, all shards, in memory."""
+    return open_tokens(data, load_manifest(data), split).to_numpy()
+
+
+def _data_files(data: Path) -> list[str]:
+    names = sorted(p.name for p in data.iterdir())
+    assert {"tokenizer.json", "manifest.json", "train-00000.bin", "val-00000.bin"} <= set(names)
+    return names
+
+
 # --- prepare: determinism, split, manifest ---
 
 def test_preparing_twice_gives_identical_bytes(data, corpus, tmp_path):
     again = tmp_path / "again"
     prepare_data([str(corpus)], again, vocab_size=VOCAB, val_fraction=0.2, log=QUIET)
-    for name in ("tokenizer.json", "train.bin", "val.bin", "manifest.json"):
+    assert _data_files(again) == _data_files(data)
+    for name in _data_files(data):
         assert (again / name).read_bytes() == (data / name).read_bytes(), name
 
 
@@ -86,7 +98,8 @@ def test_another_process_with_one_thread_gives_identical_bytes(data, corpus, tmp
     )
     env = dict(os.environ, RAYON_NUM_THREADS="1")
     subprocess.run([sys.executable, "-c", code, str(corpus), str(out)], env=env, check=True, timeout=60)
-    for name in ("tokenizer.json", "train.bin", "val.bin", "manifest.json"):
+    assert _data_files(out) == _data_files(data)
+    for name in _data_files(data):
         assert (out / name).read_bytes() == (data / name).read_bytes(), name
 
 
@@ -95,7 +108,7 @@ def test_preparing_into_a_prepared_folder_replaces_it(data, corpus, tmp_path):
     prepare_data([str(corpus / "pkg")], out, vocab_size=300, log=QUIET)
     manifest = prepare_data([str(corpus)], out, vocab_size=VOCAB, val_fraction=0.2, log=QUIET)
     assert load_manifest(out) == manifest
-    assert (out / "train.bin").read_bytes() == (data / "train.bin").read_bytes()
+    assert (out / "train-00000.bin").read_bytes() == (data / "train-00000.bin").read_bytes()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary or old folder left
 
 
@@ -107,8 +120,8 @@ def test_split_is_by_file_and_both_splits_have_files(data):
     assert all(name.startswith("corpus/") for name in train | val)
 
 
-def test_empty_files_are_skipped_and_reported(data):
-    assert load_manifest(data)["skipped_files"] == {"corpus/empty.py": "empty"}
+def test_empty_and_binary_files_are_skipped_and_reported(data):
+    assert load_manifest(data)["skipped_files"] == {"corpus/empty.py": "empty", "corpus/image.png": "binary"}
 
 
 def test_manifest_counts_match_the_shards(data, corpus):
@@ -116,9 +129,11 @@ def test_manifest_counts_match_the_shards(data, corpus):
     assert manifest["dtype"] == "<u2"
     assert hashlib.sha256((data / "tokenizer.json").read_bytes()).hexdigest() == manifest["tokenizer_sha256"]
     for split, entry in manifest["splits"].items():
-        tokens_N = open_tokens(data, manifest, split)
-        assert tokens_N.size == entry["tokens"]
-        assert hashlib.sha256((data / f"{split}.bin").read_bytes()).hexdigest() == entry["sha256"]
+        tokens_N = _tokens(data, split)
+        assert tokens_N.size == entry["tokens"] == sum(shard["tokens"] for shard in entry["shards"])
+        assert hashlib.sha256(tokens_N.tobytes()).hexdigest() == entry["sha256"]
+        for shard in entry["shards"]:
+            assert hashlib.sha256((data / shard["file"]).read_bytes()).hexdigest() == shard["sha256"]
         eot_at = np.flatnonzero(tokens_N == manifest["eot_id"])
         assert len(eot_at) == entry["documents"] == len(entry["files"])
         assert eot_at[-1] == tokens_N.size - 1
@@ -131,7 +146,7 @@ def test_shards_decode_to_the_exact_file_texts(data, corpus):
     manifest = load_manifest(data)
     tokenizer = Tokenizer.from_file(str(data / "tokenizer.json"))
     for split, entry in manifest["splits"].items():
-        ids = open_tokens(data, manifest, split).tolist()
+        ids = _tokens(data, split).tolist()
         decoded = tokenizer.decode(ids, skip_special_tokens=False).split(EOT)[:-1]
         if "corpus/notes.md" in entry["files"]:
             at = entry["files"].index("corpus/notes.md")
@@ -145,7 +160,7 @@ def test_token_bytes_sum_to_the_utf8_bytes_of_the_text(data):
     assert bytes_V.dtype == np.int64 and bytes_V.shape == (manifest["vocab_size"],)
     assert bytes_V[manifest["eot_id"]] == 0
     for split, entry in manifest["splits"].items():
-        assert bytes_V[open_tokens(data, manifest, split)].sum() == entry["bytes"]
+        assert bytes_V[_tokens(data, split)].sum() == entry["bytes"]
     text = "naïve 数据 🙂 <|endoftext|>\tend"
     ids = load_tokenizer(data / "tokenizer.json").encode(text).ids
     assert bytes_V[ids].sum() == len(text.encode("utf-8"))
@@ -161,17 +176,17 @@ def test_stdlib_slice_prepares_with_real_text(small_data):
     bytes_V = token_bytes(small_data / "tokenizer.json")
     for split, entry in manifest["splits"].items():
         assert entry["bytes"] / entry["tokens"] > 2.0
-        assert bytes_V[open_tokens(small_data, manifest, split)].sum() == entry["bytes"]
+        assert bytes_V[_tokens(small_data, split)].sum() == entry["bytes"]
     assert 0.0 < manifest["gzip9_val_bpb"] < 8.0
 
 
-def test_stdlib_input_lists_its_py_files_and_skips_the_non_utf8_fixtures():
-    documents, skipped = collect_documents(["stdlib"])
-    names = [d.name for d in documents]
-    assert names == sorted(names) and len(names) > 500
+def test_stdlib_input_lists_its_py_files():
+    units, skipped = list_units(["stdlib"], "text")
+    names = [unit.name for unit in units]
+    assert names == sorted(names) and len(names) > 500 and not skipped
     assert all(n.startswith("stdlib/") and n.endswith(".py") and "site-packages" not in n for n in names)
     assert "stdlib/json/decoder.py" in names
-    assert set(skipped.values()) <= {"empty", "not UTF-8"}
+    assert all(unit.kind == "text" and unit.lenient for unit in units)
 
 
 # --- loaders ---
@@ -214,7 +229,7 @@ def test_val_windows_are_disjoint_and_the_same_for_every_layout(data):
     inputs_RS = torch.cat([x for x, _ in whole])
     n_rows = min((manifest["splits"]["val"]["tokens"] - 1) // seq_len, 12)
     assert inputs_RS.shape == (n_rows, seq_len) and len(whole) == -(-n_rows // 4)
-    val_N = torch.from_numpy(open_tokens(data, manifest, "val").astype(np.int64))
+    val_N = torch.from_numpy(_tokens(data, "val").astype(np.int64))
     assert torch.equal(inputs_RS.flatten(), val_N[: n_rows * seq_len])  # consecutive, no overlap
     halves = [list(ValLoader(data, seq_len, 4, 3, dp_rank=r, dp_size=2)) for r in range(2)]
     assert torch.equal(torch.cat([x for pair in zip(*halves) for x, _ in pair]), inputs_RS[: n_rows - n_rows % 2])
@@ -240,31 +255,16 @@ def test_corpus_of_empty_files_is_a_data_error(tmp_path):
         prepare_data([str(corpus)], tmp_path / "out", log=QUIET)
 
 
-def test_folder_without_text_files_names_the_folder_and_the_suffixes(tmp_path):
-    corpus = _corpus_of(tmp_path / "pics", {"a.png": b"\x89PNG"})
-    with pytest.raises(DataError, match=r"pics.*no text files.*\.py"):
+def test_folder_without_text_files_names_the_folder_and_what_was_skipped(tmp_path):
+    corpus = _corpus_of(tmp_path / "pics", {"a.png": b"\x89PNG", "b.bin": b"\x00\x01"})
+    with pytest.raises(DataError, match=r"pics.*is empty.*pics/a.png: not UTF-8, pics/b.bin: binary"):
         prepare_data([str(corpus)], tmp_path / "out", log=QUIET)
 
 
-def test_non_utf8_user_file_names_the_file(tmp_path):
+def test_non_utf8_file_named_by_the_user_names_the_file(tmp_path):
     corpus = _corpus_of(tmp_path / "c", {"good.py": b"x = 1\n", "latin.py": b"caf\xe9 = 1\n"})
-    with pytest.raises(DataError, match="latin.py.*not UTF-8"):
-        prepare_data([str(corpus)], tmp_path / "out", log=QUIET)
-
-
-def test_unreadable_file_names_the_file(tmp_path, monkeypatch):
-    """Root ignores file modes, so the OS refusal is simulated at the read."""
-    corpus = _corpus_of(tmp_path / "c", {"a.py": b"x = 1\n", "locked.py": b"y = 2\n"})
-    real_read = Path.read_bytes
-
-    def read_bytes(path):
-        if path.name == "locked.py":
-            raise PermissionError(13, "Permission denied")
-        return real_read(path)
-
-    monkeypatch.setattr(Path, "read_bytes", read_bytes)
-    with pytest.raises(DataError, match="cannot read corpus file.*locked.py.*Permission denied"):
-        prepare_data([str(corpus)], tmp_path / "out", log=QUIET)
+    with pytest.raises(DataError, match="latin.py is not UTF-8.*at byte 3"):
+        prepare_data([str(corpus / "good.py"), str(corpus / "latin.py")], tmp_path / "out", log=QUIET)
 
 
 def test_single_file_corpus_cannot_be_split(tmp_path):
@@ -291,14 +291,14 @@ def test_load_manifest_of_missing_or_corrupt_folder_says_to_prepare(data, tmp_pa
         load_manifest(tmp_path / "absent")
     broken = tmp_path / "broken"
     broken.mkdir()
-    for name in ("tokenizer.json", "train.bin", "val.bin"):
+    for name in _data_files(data):
         (broken / name).write_bytes((data / name).read_bytes())
     (broken / "manifest.json").write_text("{not json")
     with pytest.raises(DataError, match="corrupt.*hecate prepare-data"):
         load_manifest(broken)
     (broken / "manifest.json").write_bytes((data / "manifest.json").read_bytes())
-    (broken / "val.bin").write_bytes(b"\x00\x01")
-    with pytest.raises(DataError, match="val.bin.*hecate prepare-data"):
+    (broken / "val-00000.bin").write_bytes(b"\x00\x01")
+    with pytest.raises(DataError, match="val-00000.bin.*hecate prepare-data"):
         load_manifest(broken)
 
 

@@ -11,14 +11,15 @@ Validation windows are consecutive and disjoint, the same rows for every layout,
 from __future__ import annotations
 
 import os
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import torch
 
 from hecate.collectives.errors import ConfigError, DataError
 from hecate.trainer.data.manifest import load_manifest, longest_document
-from hecate.trainer.data.shards import open_tokens
+from hecate.trainer.data.shards import ShardedTokens, open_tokens
 
 
 class TrainLoader:
@@ -105,9 +106,9 @@ class ValLoader:
             yield _windows(self.tokens_N, starts_B, self.seq_len)
 
 
-def _windows(tokens_N: np.ndarray, starts_B: np.ndarray, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _windows(tokens_N: ShardedTokens, starts_B: np.ndarray, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(inputs_BS, targets_BS): windows of seq_len + 1 tokens from ``starts_B``, targets shifted by one."""
-    windows_BS1 = torch.from_numpy(tokens_N[starts_B[:, None] + np.arange(seq_len + 1)].astype(np.int64))
+    windows_BS1 = torch.from_numpy(tokens_N.take(starts_B[:, None] + np.arange(seq_len + 1)).astype(np.int64))
     return windows_BS1[:, :-1].contiguous(), windows_BS1[:, 1:].contiguous()
 
 

@@ -1,12 +1,17 @@
 """``manifest.json``: what a prepared data folder holds, as plain JSON a person can read.
 
-    format_version, inputs, val_fraction, vocab_size, eot_id, dtype, tokenizer_sha256, gzip9_val_bpb,
-    skipped_files {name: reason},
-    splits {train|val: {files, documents, tokens, bytes, max_document_tokens, sha256}}
+    format_version, inputs, text_field, val_fraction, tokenizer ("trained" or the pretrained one's path),
+    vocab_size, eot_id, dtype ("<u2" or "<u4"), tokenizer_sha256, gzip9_val_bpb, duplicates_dropped,
+    skipped_files {name: reason}, skipped_records {file: {reason: count}},
+    splits {train|val: {files, documents, tokens, bytes, max_document_tokens, sha256,
+                        shards [{file, tokens, sha256}]}}
 
-``files`` lists the documents in shard order; ``bytes`` is their UTF-8 size; ``max_document_tokens``
-excludes the EOT. Loading checks that the folder is complete (the files exist with the manifest's sizes,
-the tokenizer has its hash), so a half-copied folder fails here, naming the file, rather than mid-run.
+``files`` lists the input files that gave the split documents, in shard order (a text file is one document,
+a JSONL or Parquet file gives one per record); ``bytes`` is the documents' UTF-8 size; ``max_document_tokens``
+excludes the EOT; ``sha256`` is that of the split's shards concatenated. Loading checks that the folder is
+complete (the shards exist with the manifest's sizes, the tokenizer has its hash), so a half-copied folder
+fails here, naming the file, rather than mid-run; a loader opening a split also checks its shards' sha256
+and token ids (``shards.open_tokens``). Format 1 (one ``train.bin`` / ``val.bin``, no ``shards``) still loads.
 """
 from __future__ import annotations
 
@@ -21,7 +26,8 @@ from hecate.trainer.data.shards import SPLITS, open_tokens
 from hecate.trainer.data.tokenizer import TOKENIZER_FILE
 
 MANIFEST_FILE = "manifest.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 REQUIRED = ("format_version", "inputs", "vocab_size", "eot_id", "dtype", "tokenizer_sha256", "gzip9_val_bpb",
             "skipped_files", "splits")
 SPLIT_REQUIRED = ("files", "documents", "tokens", "bytes", "max_document_tokens", "sha256")
@@ -49,7 +55,7 @@ def load_manifest(data_dir: str | os.PathLike) -> dict[str, Any]:
         raise DataError(f"{tokenizer} is missing or not the tokenizer the shards were made with; "
                         f"{_prepare_hint(data_dir)}")
     for split in SPLITS:
-        open_tokens(data_dir, manifest, split)  # raises, naming the file, when it is missing or cut short
+        open_tokens(data_dir, manifest, split, verify=False)  # raises, naming the file, when missing or cut short
     return manifest
 
 
@@ -66,8 +72,8 @@ def _check_fields(manifest: Any) -> None:
                 if key not in manifest.get("splits", {}).get(split, {})]
     if missing:
         raise ValueError(f"missing {', '.join(missing)}")
-    if manifest["format_version"] != FORMAT_VERSION:
-        raise ValueError(f"format_version {manifest['format_version']}, this version reads {FORMAT_VERSION}")
+    if manifest["format_version"] not in READABLE_VERSIONS:
+        raise ValueError(f"format_version {manifest['format_version']}, this version reads {READABLE_VERSIONS}")
 
 
 def _sha256(data: bytes) -> str:

@@ -1,5 +1,7 @@
 """Byte-level BPE (HF ``tokenizers``): every byte sequence is encodable, decoding is lossless, and each token
-stands for a whole number of bytes - which is what bits per byte needs.
+stands for a whole number of bytes - which is what bits per byte needs. ``prepare-data`` trains one, or takes
+a pretrained one (``--tokenizer``: a ``tokenizer.json`` or a Hugging Face folder) whose end-of-text token then
+ends the documents.
 
 Legend: V = vocabulary size.
 
@@ -9,9 +11,10 @@ counts documents, and no file can forge a document boundary.
 """
 from __future__ import annotations
 
+import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -22,16 +25,73 @@ EOT = "<|endoftext|>"
 TOKENIZER_FILE = "tokenizer.json"
 BYTE_ALPHABET = 256
 MIN_VOCAB = BYTE_ALPHABET + 1  # every byte, and EOT
-MAX_VOCAB = 2**16  # token ids are stored as uint16
+MAX_VOCAB = 2**32  # token ids are stored as uint16, or uint32 above 65,536
+HF_CONFIG_FILE = "tokenizer_config.json"
 
 
 def check_vocab_size(vocab_size: int) -> None:
     if not MIN_VOCAB <= vocab_size <= MAX_VOCAB:
         raise DataError(f"vocab_size must be at least {MIN_VOCAB} (the 256 bytes and EOT) and at most {MAX_VOCAB} "
-                        f"(token ids are stored as uint16), got {vocab_size}")
+                        f"(token ids are stored as uint32), got {vocab_size}")
 
 
-def train_tokenizer(texts: Sequence[str], vocab_size: int) -> Tokenizer:
+def vocab_size_of(tokenizer: Tokenizer) -> int:
+    """Largest id + 1: the rows an embedding needs (a pretrained vocabulary may have gaps)."""
+    return max(tokenizer.get_vocab(with_added_tokens=True).values()) + 1
+
+
+def pretrained_tokenizer(path: str | os.PathLike) -> tuple[str, int]:
+    """(tokenizer.json text, end-of-text id) of a ``tokenizer.json`` file or a Hugging Face tokenizer folder.
+
+    The end of text is ``<|endoftext|>`` when the vocabulary has it, else the folder's ``eos_token``
+    (``tokenizer_config.json``). A folder without ``tokenizer.json`` is converted by ``transformers``."""
+    path = Path(path).expanduser()
+    folder = path if path.is_dir() else path.parent
+    if path.is_file():
+        json_text = path.read_text(encoding="utf-8")
+    elif (path / TOKENIZER_FILE).is_file():
+        json_text = (path / TOKENIZER_FILE).read_text(encoding="utf-8")
+    elif path.is_dir():
+        json_text = _converted_by_transformers(path)
+    else:
+        raise DataError(f"tokenizer {path} does not exist (pass a tokenizer.json or a Hugging Face tokenizer folder)")
+    try:
+        tokenizer = tokenizer_from_str(json_text)
+    except Exception as err:  # tokenizers raises a bare Exception for a malformed file
+        raise DataError(f"tokenizer {path} is not a tokenizer.json the tokenizers library reads ({err})") from err
+    candidates = [EOT] + _eos_of(folder / HF_CONFIG_FILE)
+    for token in candidates:
+        if tokenizer.token_to_id(token) is not None:
+            return json_text, tokenizer.token_to_id(token)
+    raise DataError(f"tokenizer {path} has no end-of-text token (looked for {', '.join(candidates)}); "
+                    f"give its folder an {HF_CONFIG_FILE} with an eos_token")
+
+
+def _converted_by_transformers(folder: Path) -> str:
+    try:
+        from transformers import AutoTokenizer
+    except ImportError as err:
+        raise DataError(f"tokenizer folder {folder} has no {TOKENIZER_FILE}; converting it needs transformers "
+                        f"(pip install -e '.[hf]')") from err
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        return tokenizer.backend_tokenizer.to_str()
+    except Exception as err:  # transformers raises many types for folders it cannot read
+        raise DataError(f"tokenizer folder {folder} has no {TOKENIZER_FILE} and transformers cannot load it "
+                        f"({err})") from err
+
+
+def _eos_of(config_path: Path) -> list[str]:
+    """The eos_token of a tokenizer_config.json (a string or {"content": ...}), if there is one."""
+    try:
+        eos = json.loads(config_path.read_text(encoding="utf-8")).get("eos_token")
+    except (OSError, ValueError, AttributeError):
+        return []
+    eos = eos.get("content") if isinstance(eos, dict) else eos
+    return [eos] if isinstance(eos, str) else []
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     """A byte-level BPE tokenizer with EOT as id 0, trained on ``texts``.
 
     The result is the same in every process and for any thread count: merges are chosen by (count, pair)
@@ -44,7 +104,7 @@ def train_tokenizer(texts: Sequence[str], vocab_size: int) -> Tokenizer:
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOT], show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tokenizer.train_from_iterator(texts, trainer, length=len(texts))
+    tokenizer.train_from_iterator(texts, trainer)
     return tokenizer
 
 
@@ -70,7 +130,7 @@ def token_bytes(tokenizer_path: str | os.PathLike) -> np.ndarray:
     tokenizer = load_tokenizer(tokenizer_path)
     alphabet = set(pre_tokenizers.ByteLevel.alphabet())  # one character per byte
     special = {token.content for token in tokenizer.get_added_tokens_decoder().values() if token.special}
-    bytes_V = np.zeros(tokenizer.get_vocab_size(with_added_tokens=True), dtype=np.int64)
+    bytes_V = np.zeros(vocab_size_of(tokenizer), dtype=np.int64)
     for token, index in tokenizer.get_vocab(with_added_tokens=True).items():
         if token in special:
             continue
