@@ -1,4 +1,5 @@
-# Two commands: `make demo` trains the demo model; `make test` runs the whole test suite.
+# Two commands: `make demo` trains the demo model; `make test` runs the whole test suite (what CI runs, after
+# `make lint`); `make test-fast` runs the unit tests only (no test marked slow: < 2 minutes here).
 # Both set up what they need on a fresh Debian machine (a venv with CPU torch; apt packages for the tests).
 PYTHON ?= python3
 VENV   := .venv
@@ -7,13 +8,21 @@ STAMP  := $(VENV)/.installed
 TORCH  ?= torch==2.13.0
 APT_PACKAGES := openmpi-bin libopenmpi-dev slurm-wlm munge
 
-.PHONY: demo test setup system-deps bench clean
+.PHONY: demo test test-fast lint setup system-deps bench clean
 
 demo: $(STAMP)
 	$(BIN)/hecate train examples/tiny.yaml --fresh
 
 test: system-deps $(STAMP)
 	$(BIN)/python -m pytest -q
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
+
+# ruff's rules and format are configured in pyproject.toml
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 setup: $(STAMP)
 

@@ -4,6 +4,7 @@
 ``hecate.collectives``, ``launch/`` -> ``hecate.launch``. ``hecate`` itself is an implicit namespace
 package, so ``pip install .`` and ``pip install -e .`` both work without a fifth folder.
 """
+
 from setuptools import setup
 
 ROOMS = ("collectives", "parallel", "trainer", "launch")
@@ -52,7 +53,7 @@ setup(
         "deepspeed": ["deepspeed"],
         # benchmarks/peers.py and the charts; install with DS_BUILD_OPS=0 on CPU (`make bench` does)
         "peers": ["deepspeed", "matplotlib"],
-        "dev": ["pytest>=8", "pytest-timeout", "hypothesis"],
+        "dev": ["pytest>=8", "pytest-timeout", "hypothesis", "ruff==0.17.6"],
         # prepare-data from Parquet, `datasets` folders and Hugging Face tokenizer folders
         "hf": ["transformers", "datasets", "pyarrow"],
     },

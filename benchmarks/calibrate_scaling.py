@@ -18,6 +18,7 @@ Writes ``tests/data/scaling_calibration.json``.
 
     python benchmarks/calibrate_scaling.py [--out tests/data/scaling_calibration.json]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,9 +55,21 @@ def matmul_flops_per_s(config: skew.Config, world: int, repeats: int = 20) -> fl
 
 def block_workload(config: skew.Config, world: int) -> Workload:
     """The benchmark's block as the simulator sees it: one MoE block, no embeddings, head or optimizer."""
-    return Workload(dim=config.dim, seq_len=config.seq, n_layers=1, moe_layers=(0,), num_experts=config.experts,
-                    top_k=config.top_k, ffn_dim=config.ffn_dim, expert_matrices=2, dense_ffn_dim=0,
-                    shared_expert=False, vocab_size=0, tokens_per_gpu=config.tokens // world, block_only=True)
+    return Workload(
+        dim=config.dim,
+        seq_len=config.seq,
+        n_layers=1,
+        moe_layers=(0,),
+        num_experts=config.experts,
+        top_k=config.top_k,
+        ffn_dim=config.ffn_dim,
+        expert_matrices=2,
+        dense_ffn_dim=0,
+        shared_expert=False,
+        vocab_size=0,
+        tokens_per_gpu=config.tokens // world,
+        block_only=True,
+    )
 
 
 def block_flops(config: skew.Config, world: int) -> float:
@@ -78,8 +91,12 @@ class LocalBlock:
         self.block = skew.Block(config)
         moe = self.block.moe
         moe.router = skew.ForcedRouter(moe.router.gate, scenario.weights_E, config.top_k, scenario.seed, rank)
-        self.x_BSD = torch.randn(config.tokens // (config.seq * world), config.seq, config.dim,
-                                 generator=torch.Generator().manual_seed(1000 + rank))
+        self.x_BSD = torch.randn(
+            config.tokens // (config.seq * world),
+            config.seq,
+            config.dim,
+            generator=torch.Generator().manual_seed(1000 + rank),
+        )
 
     def seconds(self) -> float:
         """The slowest rank's forward + backward, all ranks starting together."""
@@ -117,8 +134,11 @@ def step_times(config: skew.Config, s: float) -> dict:
     runs = {policy: skew.PolicyRun(config, scenario, policy) for policy in POLICIES}
     counts: list[list[int]] = []
     router = runs["ep"].block.moe.router  # the same draws under every policy (seeded by step and rank)
-    router.register_forward_hook(lambda _m, _a, routing: counts.append(
-        torch.bincount(routing.experts_TK.flatten(), minlength=config.experts).tolist()))
+    router.register_forward_hook(
+        lambda _m, _a, routing: counts.append(
+            torch.bincount(routing.experts_TK.flatten(), minlength=config.experts).tolist()
+        )
+    )
     local = LocalBlock(config, scenario)
     times = {policy: [] for policy in POLICIES}
     probes = {"local_block_s": [], "flops_per_s": [], "small_s": [], "large_s": []}
@@ -149,9 +169,14 @@ def worker(config: skew.Config) -> dict:
     for case in cases:  # each case's own figure too: its rounds' background load
         case["effective_flops_per_s"] = block_flops(config, world) / statistics.median(case["probes"]["local_block_s"])
     local_s = statistics.median(probes["local_block_s"])  # already the slowest rank's, the same on every rank
-    return {"flops_per_s": flops.item(), "local_block_s": local_s,
-            "effective_flops_per_s": block_flops(config, world) / local_s,
-            "latency_s": small, "bytes_per_s": extra_bytes / max(large - small, 1e-9), "cases": cases}
+    return {
+        "flops_per_s": flops.item(),
+        "local_block_s": local_s,
+        "effective_flops_per_s": block_flops(config, world) / local_s,
+        "latency_s": small,
+        "bytes_per_s": extra_bytes / max(large - small, 1e-9),
+        "cases": cases,
+    }
 
 
 def measure(config: skew.Config, world: int) -> dict:
@@ -161,17 +186,30 @@ def measure(config: skew.Config, world: int) -> dict:
     first = per_rank[0]
     cases = []
     for i, case in enumerate(first["cases"]):
-        counts_SRE = [[rank["cases"][i]["counts_SE"][step] for rank in per_rank]
-                      for step in range(len(case["counts_SE"]))]
+        counts_SRE = [
+            [rank["cases"][i]["counts_SE"][step] for rank in per_rank] for step in range(len(case["counts_SE"]))
+        ]
         for policy in POLICIES:
-            cases.append({"policy": policy, "s": case["s"], "effective_flops_per_s": case["effective_flops_per_s"],
-                          "local_block_ms": [round(1e3 * t, 2) for t in case["probes"]["local_block_s"]],
-                          "step_ms_median": 1e3 * statistics.median(
-                case["times_s"][policy]), "step_ms": [round(1e3 * t, 2) for t in case["times_s"][policy]],
-                "counts_SRE": counts_SRE})
-    return {"world_size": world, "flops_per_s": first["flops_per_s"], "local_block_s": first["local_block_s"],
-            "effective_flops_per_s": first["effective_flops_per_s"], "latency_s": first["latency_s"],
-            "bytes_per_s": first["bytes_per_s"], "cases": cases}
+            cases.append(
+                {
+                    "policy": policy,
+                    "s": case["s"],
+                    "effective_flops_per_s": case["effective_flops_per_s"],
+                    "local_block_ms": [round(1e3 * t, 2) for t in case["probes"]["local_block_s"]],
+                    "step_ms_median": 1e3 * statistics.median(case["times_s"][policy]),
+                    "step_ms": [round(1e3 * t, 2) for t in case["times_s"][policy]],
+                    "counts_SRE": counts_SRE,
+                }
+            )
+    return {
+        "world_size": world,
+        "flops_per_s": first["flops_per_s"],
+        "local_block_s": first["local_block_s"],
+        "effective_flops_per_s": first["effective_flops_per_s"],
+        "latency_s": first["latency_s"],
+        "bytes_per_s": first["bytes_per_s"],
+        "cases": cases,
+    }
 
 
 def main() -> None:
@@ -183,15 +221,22 @@ def main() -> None:
     started = time.perf_counter()
     results = [measure(config, world) for world in args.world_sizes]
     for r in results:
-        print(f"{r['world_size']} ranks: {r['flops_per_s'] / 1e9:.1f} GFLOP/s matmul per rank, block without "
-              f"communication {1e3 * r['local_block_s']:.1f} ms = {r['effective_flops_per_s'] / 1e9:.1f} GFLOP/s "
-              f"effective, all-to-all latency "
-              f"{1e3 * r['latency_s']:.2f} ms, {r['bytes_per_s'] / 2**30:.2f} GiB/s per rank")
+        print(
+            f"{r['world_size']} ranks: {r['flops_per_s'] / 1e9:.1f} GFLOP/s matmul per rank, block without "
+            f"communication {1e3 * r['local_block_s']:.1f} ms = {r['effective_flops_per_s'] / 1e9:.1f} GFLOP/s "
+            f"effective, all-to-all latency "
+            f"{1e3 * r['latency_s']:.2f} ms, {r['bytes_per_s'] / 2**30:.2f} GiB/s per rank"
+        )
         for case in r["cases"]:
             print(f"  zipf {case['s']}: {case['policy']:<6} {case['step_ms_median']:.1f} ms")
-    record = {"command": "python benchmarks/calibrate_scaling.py", "measured": time.strftime("%Y-%m-%d"),
-              "seconds": round(time.perf_counter() - started), "cores": len(os.sched_getaffinity(0)),
-              "block": asdict(config), "world_sizes": results}
+    record = {
+        "command": "python benchmarks/calibrate_scaling.py",
+        "measured": time.strftime("%Y-%m-%d"),
+        "seconds": round(time.perf_counter() - started),
+        "cores": len(os.sched_getaffinity(0)),
+        "block": asdict(config),
+        "world_sizes": results,
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record) + "\n")
     print(f"wrote {args.out}")

@@ -25,6 +25,7 @@ from), wall time of both runs, and whether every tensor of the two final checkpo
 
     python benchmarks/chaos.py --json runs/bench/chaos.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,10 +51,22 @@ from hecate.trainer.export import WEIGHTS_FILE, export_run
 
 ROOT = Path(__file__).resolve().parent.parent
 KINDS = ("kill", "stop", "kill-in-save", "read-only")
-SMALL = ["model.dim=64", "model.n_layers=2", "model.n_heads=2", "model.seq_len=32", "moe.num_experts=4",
-         "moe.ffn_dim=64", "model.dense_ffn_dim=128", "train.global_batch=8", "train.eval_batches=2",
-         "train.eval_every=0", "logging.progress=false", "logging.tensorboard=false", "logging.plots=false",
-         "checkpoint.async_save=true"]
+SMALL = [
+    "model.dim=64",
+    "model.n_layers=2",
+    "model.n_heads=2",
+    "model.seq_len=32",
+    "moe.num_experts=4",
+    "moe.ffn_dim=64",
+    "model.dense_ffn_dim=128",
+    "train.global_batch=8",
+    "train.eval_batches=2",
+    "train.eval_every=0",
+    "logging.progress=false",
+    "logging.tensorboard=false",
+    "logging.plots=false",
+    "checkpoint.async_save=true",
+]
 CORPUS = ("json", "email", "logging", "concurrent")  # a few packages of the standard library: prepared in seconds
 POLL_S = 0.02  # heartbeats are rewritten every 0.1-0.5 s
 SAVE_POLL_S = 0.001  # an asynchronous save of the small model lasts milliseconds
@@ -94,10 +107,21 @@ def main() -> None:
     out = args.out / datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%S")
     out.mkdir(parents=True)
     data = out / "data"
-    prepare_data([sysconfig.get_paths()["stdlib"] + "/" + name for name in CORPUS], data, vocab_size=512,
-                 val_fraction=0.2, log=lambda _: None)
-    overrides = [f"data.dir={data}", *SMALL, *args.layout, f"train.steps={args.steps}",
-                 f"checkpoint.every={args.every}", f"train.collective_timeout_s={args.timeout_s:g}"]
+    prepare_data(
+        [sysconfig.get_paths()["stdlib"] + "/" + name for name in CORPUS],
+        data,
+        vocab_size=512,
+        val_fraction=0.2,
+        log=lambda _: None,
+    )
+    overrides = [
+        f"data.dir={data}",
+        *SMALL,
+        *args.layout,
+        f"train.steps={args.steps}",
+        f"checkpoint.every={args.every}",
+        f"train.collective_timeout_s={args.timeout_s:g}",
+    ]
 
     started = time.monotonic()
     reference = torchrun(args.workers, 0, out / "reference", overrides)
@@ -122,15 +146,22 @@ def main() -> None:
     result = {
         "command": "python benchmarks/chaos.py " + " ".join(sys.argv[1:]),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "workers": args.workers, "steps": args.steps, "checkpoint_every": args.every,
-        "collective_timeout_s": args.timeout_s, "layout": args.layout, "seed": args.seed,
-        "exit_code": code, "faults_injected": sum(f.attempt >= 0 for f in faults),
+        "workers": args.workers,
+        "steps": args.steps,
+        "checkpoint_every": args.every,
+        "collective_timeout_s": args.timeout_s,
+        "layout": args.layout,
+        "seed": args.seed,
+        "exit_code": code,
+        "faults_injected": sum(f.attempt >= 0 for f in faults),
         "faults_survived": sum(f.survived for f in faults) if code == 0 else 0,
         "steps_recomputed": sum(f.recomputed for f in faults),
         "caught_in_save": sum(bool(f.caught_in_save) for f in faults),
-        "bit_identical": identical, "differing_tensors": differing,
+        "bit_identical": identical,
+        "differing_tensors": differing,
         "wall_s": {"reference": round(reference_s, 1), "chaos": round(chaos_s, 1)},
-        "faults": [asdict(f) | {"recomputed": f.recomputed} for f in faults], "folder": str(out),
+        "faults": [asdict(f) | {"recomputed": f.recomputed} for f in faults],
+        "folder": str(out),
     }
     print(table(result))
     if args.json:
@@ -141,9 +172,19 @@ def main() -> None:
 
 
 def torchrun(workers: int, restarts: int, run: Path, overrides: list[str]) -> subprocess.Popen:
-    command = [shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun"), "--standalone",
-               "--nproc-per-node", str(workers), "--max-restarts", str(restarts), "--monitor-interval", "0.5",
-               "-m", "hecate.launch.worker", str(ROOT / "examples" / "tiny.yaml")]
+    command = [
+        shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun"),
+        "--standalone",
+        "--nproc-per-node",
+        str(workers),
+        "--max-restarts",
+        str(restarts),
+        "--monitor-interval",
+        "0.5",
+        "-m",
+        "hecate.launch.worker",
+        str(ROOT / "examples" / "tiny.yaml"),
+    ]
     for item in [*overrides, f"train.run_dir={run}"]:
         command += ["-o", item]
     log = open(run.parent / f"{run.name}.torchrun.log", "w")  # noqa: SIM115 - the child writes it until it ends
@@ -192,8 +233,11 @@ class Injector:
                 return
             fault.resumed_from = min(b.step for b in restarted.values()) - 1
             fault.survived = True
-            print(f"fault {fault.kind} of rank {fault.rank} after step {fault.done_steps} (attempt "
-                  f"{fault.attempt}): resumed from step {fault.resumed_from}", flush=True)
+            print(
+                f"fault {fault.kind} of rank {fault.rank} after step {fault.done_steps} (attempt "
+                f"{fault.attempt}): resumed from step {fault.resumed_from}",
+                flush=True,
+            )
 
     def _strike_step(self, fault: Fault) -> int:
         """Save faults strike in the interval before a checkpoint step; the others at their own step."""
@@ -212,8 +256,9 @@ class Injector:
             if len(beats) == self.workers and min(b.step for b in beats.values()) >= step:
                 return beats
             if time.monotonic() > deadline and len(beats) < self.workers:
-                raise RuntimeError(f"attempt {attempt}: only ranks {sorted(beats)} started within "
-                                   f"{START_DEADLINE_S:.0f} s")
+                raise RuntimeError(
+                    f"attempt {attempt}: only ranks {sorted(beats)} started within {START_DEADLINE_S:.0f} s"
+                )
             time.sleep(POLL_S)
         return None
 
@@ -227,8 +272,9 @@ class Injector:
         seeing one, kill it anyway. Returns whether the kill landed in a save."""
         checkpoints = self.run_dir / "checkpoints"
         start = min(b.step for b in self.beats(self.attempt).values())
-        while self.job.poll() is None and min(b.step for b in self.beats(self.attempt).values()) < start + 3 * \
-                self.every:
+        while (
+            self.job.poll() is None and min(b.step for b in self.beats(self.attempt).values()) < start + 3 * self.every
+        ):
             for _ in range(int(0.1 / SAVE_POLL_S)):
                 if any(checkpoints.glob(".tmp-step_*")):
                     os.kill(victim, signal.SIGKILL)
@@ -269,21 +315,27 @@ def same_weights(reference: Path, chaos: Path, out: Path) -> tuple[bool, list[st
         export_run(run, out / f"{run.name}-export")
         tensors.append(load_file(out / f"{run.name}-export" / WEIGHTS_FILE))
     ref, got = tensors
-    differing = sorted(set(ref) ^ set(got)) + [name for name in sorted(set(ref) & set(got))
-                                               if not torch.equal(ref[name].view(torch.uint8).flatten(),
-                                                                  got[name].view(torch.uint8).flatten())]
+    differing = sorted(set(ref) ^ set(got)) + [
+        name
+        for name in sorted(set(ref) & set(got))
+        if not torch.equal(ref[name].view(torch.uint8).flatten(), got[name].view(torch.uint8).flatten())
+    ]
     return not differing, differing
 
 
 def table(result: dict) -> str:
     lines = [f"{'#':>2} {'kind':<13} {'rank':>4} {'attempt':>7} {'after step':>10} {'resumed':>7} {'recomputed':>10}"]
     for i, f in enumerate(result["faults"]):
-        lines.append(f"{i:>2} {f['kind']:<13} {f['rank']:>4} {f['attempt']:>7} {f['done_steps']:>10} "
-                     f"{f['resumed_from']:>7} {f['recomputed']:>10}"
-                     + ("" if f["caught_in_save"] is None else f"  in a save: {f['caught_in_save']}"))
-    lines.append(f"faults injected {result['faults_injected']}, survived {result['faults_survived']}, steps "
-                 f"recomputed {result['steps_recomputed']}; final weights bit-identical to the uninterrupted run: "
-                 f"{result['bit_identical']}; wall {result['wall_s']['chaos']} s vs {result['wall_s']['reference']} s")
+        lines.append(
+            f"{i:>2} {f['kind']:<13} {f['rank']:>4} {f['attempt']:>7} {f['done_steps']:>10} "
+            f"{f['resumed_from']:>7} {f['recomputed']:>10}"
+            + ("" if f["caught_in_save"] is None else f"  in a save: {f['caught_in_save']}")
+        )
+    lines.append(
+        f"faults injected {result['faults_injected']}, survived {result['faults_survived']}, steps "
+        f"recomputed {result['steps_recomputed']}; final weights bit-identical to the uninterrupted run: "
+        f"{result['bit_identical']}; wall {result['wall_s']['chaos']} s vs {result['wall_s']['reference']} s"
+    )
     return "\n".join(lines)
 
 

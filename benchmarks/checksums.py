@@ -4,6 +4,7 @@ in the page cache as right after a save. Best of ``--repeats``.
 
     python benchmarks/checksums.py [--mib 256] [--repeats 3] [--json]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,8 +38,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     args = parser.parse_args()
-    candidates = {"sha256": lambda p: digest_file(p, "sha256"), "blake2b": lambda p: digest_file(p, "blake2b"),
-                  "sha1": lambda p: digest_file(p, "sha1"), "crc32": crc32_file}
+    candidates = {
+        "sha256": lambda p: digest_file(p, "sha256"),
+        "blake2b": lambda p: digest_file(p, "blake2b"),
+        "sha1": lambda p: digest_file(p, "sha1"),
+        "crc32": crc32_file,
+    }
     results = {}
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "data"

@@ -32,6 +32,7 @@ MFU = FLOPs per token x tokens/s / peak.
 
 Shapes: D model dim, S sequence length, E experts, K experts per token, F expert hidden dim, V vocabulary.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -99,8 +100,15 @@ def threads_per_rank(world: int, cores: int) -> int:
 def run_once(config: Path, world: int, steps: int, dtype: str, run_dir: Path) -> list[dict]:
     """One short training run; returns its per-step metrics lines."""
     hecate = Path(sys.executable).parent / "hecate"
-    overrides = [f"train.steps={steps}", f"train.run_dir={run_dir}", f"train.dtype={dtype}", "train.eval_every=0",
-                 "train.eval_batches=1", "checkpoint.every=0", "logging.progress=false"]
+    overrides = [
+        f"train.steps={steps}",
+        f"train.run_dir={run_dir}",
+        f"train.dtype={dtype}",
+        "train.eval_every=0",
+        "train.eval_batches=1",
+        "checkpoint.every=0",
+        "logging.progress=false",
+    ]
     command = [str(hecate), "train", str(config), "--fresh"]
     env = dict(os.environ)
     if world > 1:
@@ -141,7 +149,7 @@ def main() -> None:
         for world in args.world_sizes:
             peaks.append(matmul_peak_flops(dtype))
             lines = run_once(args.config, world, args.steps, args.dtype, args.run_dir / f"ranks{world}")
-            steps[world] += [line["step_time_s"] for line in lines[args.skip:]]
+            steps[world] += [line["step_time_s"] for line in lines[args.skip :]]
     single_thread = statistics.median(peaks)
     flops = flops_per_token(cfg)  # after the runs: the first one prepares the data (vocabulary) when missing
     rows = []
@@ -150,22 +158,38 @@ def main() -> None:
         peak = min(cores, threads) * single_thread
         tokens_per_s = [tokens_per_step / t for t in steps[world]]
         median = statistics.median(tokens_per_s)
-        rows.append({"world_size": world, "parallel": f"dp={world} ep={world}" if world > 1 else "single process",
-                     "dtype": args.dtype, "tokens_per_step": tokens_per_step,
-                     "step_ms": round(1e3 * statistics.median(steps[world]), 1),
-                     "tokens_per_s": round(median), "tokens_per_s_min_max": [round(min(tokens_per_s)),
-                                                                            round(max(tokens_per_s))],
-                     "flops_per_token": flops, "achieved_gflops": round(flops * median / 1e9, 1),
-                     "peak_gflops": round(peak / 1e9, 1), "single_thread_gflops": round(single_thread / 1e9, 1),
-                     "cores_used": min(cores, threads), "mfu": round(flops * median / peak, 3),
-                     "measured_steps": len(steps[world])})
-    print(f"model: {args.config.name}, {flops / 1e6:.1f} MFLOP per token (training), {tokens_per_step} tokens per step; "
-          f"peak {args.dtype} matmul {single_thread / 1e9:.1f} GFLOP/s per core")
-    print(f"{'ranks':>5}  {'layout':<16}{'step ms':>8}{'tokens/s':>10}{'(min, max)':>16}{'GFLOP/s':>9}{'peak':>7}{'MFU':>7}")
+        rows.append(
+            {
+                "world_size": world,
+                "parallel": f"dp={world} ep={world}" if world > 1 else "single process",
+                "dtype": args.dtype,
+                "tokens_per_step": tokens_per_step,
+                "step_ms": round(1e3 * statistics.median(steps[world]), 1),
+                "tokens_per_s": round(median),
+                "tokens_per_s_min_max": [round(min(tokens_per_s)), round(max(tokens_per_s))],
+                "flops_per_token": flops,
+                "achieved_gflops": round(flops * median / 1e9, 1),
+                "peak_gflops": round(peak / 1e9, 1),
+                "single_thread_gflops": round(single_thread / 1e9, 1),
+                "cores_used": min(cores, threads),
+                "mfu": round(flops * median / peak, 3),
+                "measured_steps": len(steps[world]),
+            }
+        )
+    print(
+        f"model: {args.config.name}, {flops / 1e6:.1f} MFLOP per token (training), {tokens_per_step} tokens per step; "
+        f"peak {args.dtype} matmul {single_thread / 1e9:.1f} GFLOP/s per core"
+    )
+    print(
+        f"{'ranks':>5}  {'layout':<16}{'step ms':>8}{'tokens/s':>10}{'(min, max)':>16}"
+        f"{'GFLOP/s':>9}{'peak':>7}{'MFU':>7}"
+    )
     for r in rows:
         lo, hi = r["tokens_per_s_min_max"]
-        print(f"{r['world_size']:>5}  {r['parallel']:<16}{r['step_ms']:>8.1f}{r['tokens_per_s']:>10}"
-              f"{f'({lo}, {hi})':>16}{r['achieved_gflops']:>9.1f}{r['peak_gflops']:>7.1f}{r['mfu']:>7.3f}")
+        print(
+            f"{r['world_size']:>5}  {r['parallel']:<16}{r['step_ms']:>8.1f}{r['tokens_per_s']:>10}"
+            f"{f'({lo}, {hi})':>16}{r['achieved_gflops']:>9.1f}{r['peak_gflops']:>7.1f}{r['mfu']:>7.3f}"
+        )
     print(f"\n{len(rows)} world sizes x {args.repeats} repeats in {time.perf_counter() - start:.0f} s", file=sys.stderr)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

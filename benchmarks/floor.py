@@ -23,6 +23,7 @@ gloo group, the median over repeats of the slowest rank. The floor is four times
 
 Shapes: T tokens per rank, D model dim, F expert hidden dim, E experts, K experts per token, P ranks.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -121,12 +122,16 @@ def measure_in_workers(shape: LayerShape) -> dict:
     rates = [torch.zeros(1, dtype=torch.float64) for _ in range(world)]
     dist.all_gather(rates, together)
     a2a = all_to_all_seconds(shape.token_bytes()) if world > 1 else [0.0]
-    return {"single_thread_flops": alone.item(), "concurrent_flops_per_rank": [r.item() for r in rates],
-            "all_to_all_s": a2a}
+    return {
+        "single_thread_flops": alone.item(),
+        "concurrent_flops_per_rank": [r.item() for r in rates],
+        "all_to_all_s": a2a,
+    }
 
 
-def floors(shape: LayerShape, world: int, single_thread_flops: float, all_to_all_s: float,
-           cores: int | None = None) -> dict:
+def floors(
+    shape: LayerShape, world: int, single_thread_flops: float, all_to_all_s: float, cores: int | None = None
+) -> dict:
     """The two floors of one step on ``world`` ranks, in seconds (see the module docstring)."""
     cores = cores or os.cpu_count() or 1
     compute = world * shape.flops() / (min(world, cores) * single_thread_flops)
@@ -140,12 +145,18 @@ def measure(shape: LayerShape, world: int) -> dict:
 
     measured = run_workers(measure_in_workers, world, shape, timeout_s=600)[0]
     a2a = statistics.median(measured["all_to_all_s"])
-    return {"world_size": world, "cores": os.cpu_count(), **asdict(shape), "layer_gflops_per_rank": shape.flops() / 1e9,
-            "single_thread_gflops": measured["single_thread_flops"] / 1e9,
-            "concurrent_gflops_per_rank": [round(r / 1e9, 1) for r in measured["concurrent_flops_per_rank"]],
-            "all_to_all_mib": shape.token_bytes() / 2**20, "all_to_all_ms": 1e3 * a2a,
-            "all_to_all_ms_min_max": [1e3 * min(measured["all_to_all_s"]), 1e3 * max(measured["all_to_all_s"])],
-            **{k: v for k, v in floors(shape, world, measured["single_thread_flops"], a2a).items()}}
+    return {
+        "world_size": world,
+        "cores": os.cpu_count(),
+        **asdict(shape),
+        "layer_gflops_per_rank": shape.flops() / 1e9,
+        "single_thread_gflops": measured["single_thread_flops"] / 1e9,
+        "concurrent_gflops_per_rank": [round(r / 1e9, 1) for r in measured["concurrent_flops_per_rank"]],
+        "all_to_all_mib": shape.token_bytes() / 2**20,
+        "all_to_all_ms": 1e3 * a2a,
+        "all_to_all_ms_min_max": [1e3 * min(measured["all_to_all_s"]), 1e3 * max(measured["all_to_all_s"])],
+        **{k: v for k, v in floors(shape, world, measured["single_thread_flops"], a2a).items()},
+    }
 
 
 def main() -> None:
@@ -159,13 +170,17 @@ def main() -> None:
     shape = LayerShape(args.dim, args.ffn_dim, args.experts, args.top_k, args.tokens)
     rows = [measure(shape, world) for world in args.world_sizes]
     print(f"layer: {json.dumps(asdict(shape))}; {shape.flops() / 1e9:.2f} GFLOP per rank and step")
-    print(f"{'ranks':>5}{'1-thread GFLOP/s':>18}{'concurrent':>16}{'a2a MiB':>9}{'a2a ms':>8}"
-          f"{'compute floor ms':>18}{'comm floor ms':>15}{'floor ms':>10}")
+    print(
+        f"{'ranks':>5}{'1-thread GFLOP/s':>18}{'concurrent':>16}{'a2a MiB':>9}{'a2a ms':>8}"
+        f"{'compute floor ms':>18}{'comm floor ms':>15}{'floor ms':>10}"
+    )
     for r in rows:
         concurrent = statistics.median(r["concurrent_gflops_per_rank"])
-        print(f"{r['world_size']:>5}{r['single_thread_gflops']:>18.1f}{concurrent:>16.1f}{r['all_to_all_mib']:>9.1f}"
-              f"{r['all_to_all_ms']:>8.1f}{1e3 * r['compute_floor_s']:>18.1f}{1e3 * r['comm_floor_s']:>15.1f}"
-              f"{1e3 * r['floor_s']:>10.1f}")
+        print(
+            f"{r['world_size']:>5}{r['single_thread_gflops']:>18.1f}{concurrent:>16.1f}{r['all_to_all_mib']:>9.1f}"
+            f"{r['all_to_all_ms']:>8.1f}{1e3 * r['compute_floor_s']:>18.1f}{1e3 * r['comm_floor_s']:>15.1f}"
+            f"{1e3 * r['floor_s']:>10.1f}"
+        )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(rows, indent=1) + "\n")

@@ -17,6 +17,7 @@ the head); the measured bubble is not the one a real pipeline with one device pe
 
     python benchmarks/layouts.py --json runs/layouts.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,8 +29,16 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 WORLD = 4
-COMMON = ["train.global_batch=16", "train.grad_accum=4", "train.eval_every=0", "checkpoint.every=0",
-          "logging.progress=false", "logging.tensorboard=false", "logging.plots=false", "train.dtype=fp32"]
+COMMON = [
+    "train.global_batch=16",
+    "train.grad_accum=4",
+    "train.eval_every=0",
+    "checkpoint.every=0",
+    "logging.progress=false",
+    "logging.tensorboard=false",
+    "logging.plots=false",
+    "train.dtype=fp32",
+]
 LAYOUTS = {  # name: overrides
     "dp4-ep4": ["parallel.ep=4"],
     "dp2-ep2": ["parallel.ep=2"],
@@ -76,8 +85,7 @@ def worker(cfg_dicts: dict[str, dict], warmup: int, rounds: int) -> dict[str, li
     trainers = {}
     for name, cfg_dict in cfg_dicts.items():
         cfg = config_from_dict(cfg_dict)
-        parallel = Parallel.from_world(cfg.parallel, cfg.moe, cfg.model.n_layers, cfg.model.n_heads,
-                                       cfg.fssdp)
+        parallel = Parallel.from_world(cfg.parallel, cfg.moe, cfg.model.n_layers, cfg.model.n_heads, cfg.fssdp)
         trainers[name] = Trainer(cfg, parallel=parallel)
     clocks = {name: BusyClock(t.parallel.pipeline) for name, t in trainers.items() if t.parallel.pipeline}
     times: dict[str, list[float]] = {name: [] for name in trainers}
@@ -109,23 +117,32 @@ def main() -> None:
     from hecate.trainer.config import load_config
 
     runs = Path(tempfile.mkdtemp(prefix="layouts-"))
-    cfgs = {name: load_config(ROOT / "examples/tiny.yaml", [
-        f"data.dir={ROOT / 'data/stdlib'}", f"train.run_dir={runs / name.replace(' ', '')}", *COMMON, *overrides,
-    ]).to_dict() for name, overrides in LAYOUTS.items()}
+    cfgs = {
+        name: load_config(
+            ROOT / "examples/tiny.yaml",
+            [
+                f"data.dir={ROOT / 'data/stdlib'}",
+                f"train.run_dir={runs / name.replace(' ', '')}",
+                *COMMON,
+                *overrides,
+            ],
+        ).to_dict()
+        for name, overrides in LAYOUTS.items()
+    }
     measured = run_workers(worker, WORLD, cfgs, args.warmup, args.rounds, timeout_s=1800)[0]
     times = measured["times"]
     rows = []
     for name, cfg in cfgs.items():
         median = statistics.median(times[name])
         tokens = cfg["train"]["global_batch"] * cfg["model"]["seq_len"]
-        rows.append({"layout": name, "step_s_median": median, "tokens_per_s": tokens / median,
-                     "step_s": times[name]})
+        rows.append({"layout": name, "step_s_median": median, "tokens_per_s": tokens / median, "step_s": times[name]})
     for row in rows:
         if row["layout"] in measured["bubbles"]:
             parallel = cfgs[row["layout"]]["parallel"]
             row["bubble_measured"] = measured["bubbles"][row["layout"]]
-            row["bubble_theory"] = bubble_fraction(parallel["pp"], parallel["pp_virtual"],
-                                                   cfgs[row["layout"]]["train"]["grad_accum"])
+            row["bubble_theory"] = bubble_fraction(
+                parallel["pp"], parallel["pp_virtual"], cfgs[row["layout"]]["train"]["grad_accum"]
+            )
     print(f"{'layout':<22} {'step s (median)':>16} {'tokens/s':>10} {'bubble':>8} {'theory':>8}")
     for r in rows:
         bubble = f"{r['bubble_measured']:.1%}" if "bubble_measured" in r else ""

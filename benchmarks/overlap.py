@@ -54,6 +54,7 @@ Prints tables; ``--json PATH`` writes one object per configuration.
 
     .venv/bin/python benchmarks/overlap.py --json runs/overlap.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -148,9 +149,13 @@ def measure_fssdp(shape: str, iters: int, warmup: int, link_ratio: float, latenc
     gathered_bytes = (len(experts.w1) - len(experts.w1) // world) * expert_bytes  # every expert it does not own
     network = SimulatedNetwork(world, gathered_bytes * 8 / (link_ratio * t_attention) / 1e9, latency_us)
     tokens_group = dist.new_group(list(range(world)))  # as training does: tokens on a group of their own
-    setups = {"loopback": (TorchTransport(), TorchTransport(tokens_group)),
-              "simulated": tuple(SimulatedNetworkTransport(t, network, list(range(world)))
-                                 for t in (TorchTransport(), TorchTransport(tokens_group)))}
+    setups = {
+        "loopback": (TorchTransport(), TorchTransport(tokens_group)),
+        "simulated": tuple(
+            SimulatedNetworkTransport(t, network, list(range(world)))
+            for t in (TorchTransport(), TorchTransport(tokens_group))
+        ),
+    }
     runs = {}
     for name, (sparse, tokens) in setups.items():
         block, _, _ = build_whole(shape, rank)
@@ -170,11 +175,20 @@ def measure_fssdp(shape: str, iters: int, warmup: int, link_ratio: float, latenc
     # the gather and the reduce-scatter each move every non-owned expert once over the link
     transfer_s = 2 * (network.transfer_s(gathered_bytes) + latency_us * 1e-6)
     t_loop, t_sim = statistics.median(times["loopback"]), statistics.median(times["simulated"])
-    return {"shape": shape, "ranks": world, "network": "simulated", "policy": "fsdp",
-            "inter_node_gbps": network.inter_node_gbps, "latency_us": latency_us,
-            "t_attention_fwd_ms": 1e3 * t_attention, "t_loopback_ms": 1e3 * t_loop, "t_simulated_ms": 1e3 * t_sim,
-            "transfer_ms": 1e3 * transfer_s, "exposed_ms": 1e3 * (t_sim - t_loop),
-            "hidden": 1 - (t_sim - t_loop) / transfer_s}
+    return {
+        "shape": shape,
+        "ranks": world,
+        "network": "simulated",
+        "policy": "fsdp",
+        "inter_node_gbps": network.inter_node_gbps,
+        "latency_us": latency_us,
+        "t_attention_fwd_ms": 1e3 * t_attention,
+        "t_loopback_ms": 1e3 * t_loop,
+        "t_simulated_ms": 1e3 * t_sim,
+        "transfer_ms": 1e3 * transfer_s,
+        "exposed_ms": 1e3 * (t_sim - t_loop),
+        "hidden": 1 - (t_sim - t_loop) / transfer_s,
+    }
 
 
 def slowest(value: float) -> float:
@@ -206,14 +220,17 @@ def measure(shape: str, transports: dict, chunks: int, sub_batches: int, iters: 
     returns each network's per-iteration step times, idle core shares and, with overlap off, its blocked time and
     its exchanges' own time."""
     variants = {"off": (1, 1), "chunks": (chunks, 1), "on": (chunks, sub_batches)}
-    blocks = {(net, name): build(shape, transport, *variant)
-              for net, transport in transports.items() for name, variant in variants.items()}
+    blocks = {
+        (net, name): build(shape, transport, *variant)
+        for net, transport in transports.items()
+        for name, variant in variants.items()
+    }
     times = {key: [] for key in blocks}
     idle = {key: [] for key in blocks}
     comm = {net: [] for net in transports}
     order = list(blocks)
     for i in range(warmup + iters):
-        for net, name in order[i % len(order):] + order[:i % len(order)]:  # each step first in turn
+        for net, name in order[i % len(order) :] + order[: i % len(order)]:  # each step first in turn
             block, x, rope = blocks[net, name]
             before = transports[net].stats.snapshot()
             dist.barrier()
@@ -228,10 +245,15 @@ def measure(shape: str, transports: dict, chunks: int, sub_batches: int, iters: 
                 idle[net, name].append(idle_share)
                 if name == "off":
                     comm[net].append(blocked_and_own(waits))
-    return {net: {"times": {name: times[net, name] for name in variants},
-                  "idle": {name: statistics.median(idle[net, name]) for name in variants},
-                  "t_blocked": statistics.median(b for b, _ in comm[net]),
-                  "t_comm": statistics.median(c for _, c in comm[net])} for net in transports}
+    return {
+        net: {
+            "times": {name: times[net, name] for name in variants},
+            "idle": {name: statistics.median(idle[net, name]) for name in variants},
+            "t_blocked": statistics.median(b for b, _ in comm[net]),
+            "t_comm": statistics.median(c for _, c in comm[net]),
+        }
+        for net in transports
+    }
 
 
 def idle_core_s() -> float:
@@ -273,8 +295,15 @@ def fssdp_worker(shapes: list[str], iters: int, warmup: int, link_ratio: float, 
     return rows if dist.get_rank() == 0 else None
 
 
-def worker(shapes: list[str], chunks: int, sub_batches: int, iters: int, warmup: int, link_ratios: list[float],
-           latency_us: float) -> list:
+def worker(
+    shapes: list[str],
+    chunks: int,
+    sub_batches: int,
+    iters: int,
+    warmup: int,
+    link_ratios: list[float],
+    latency_us: float,
+) -> list:
     world, rank = dist.get_world_size(), dist.get_rank()
     loopback = TorchTransport()
     rows = []
@@ -300,24 +329,42 @@ def worker(shapes: list[str], chunks: int, sub_batches: int, iters: int, warmup:
             saved = statistics.median(saved_each)
             saved_chunks = paired(t["off"], t["chunks"], lambda off, on: off - on)
             on_over_off = per_iteration(t["off"], t["on"], lambda off, on: on / off)
-            row = {"shape": shape, "ranks": world, "network": "loopback" if ratio is None else "simulated",
-                   "link_ratio": ratio, "chunks": chunks, "sub_batches": sub_batches, "inter_node_gbps": gbps,
-                   "latency_us": latency_us if gbps else None, "t_off_ms": 1e3 * t_off,
-                   "t_chunks_ms": 1e3 * statistics.median(t["chunks"]), "t_on_ms": 1e3 * statistics.median(t["on"]),
-                   "t_comm_ms": 1e3 * t_comm, "t_blocked_ms": 1e3 * t_blocked, "t_compute_ms": 1e3 * t_compute,
-                   "t_experts_ms": 1e3 * t_experts,
-                   "on_over_off": statistics.median(on_over_off), "on_over_off_ci90": median_ci(on_over_off),
-                   "saved_ms": 1e3 * saved, "hidden": share(saved, hideable),
-                   "hidden_ci90": [share(v, hideable) for v in median_ci(saved_each)],
-                   "chunks_hidden": share(saved_chunks, hideable),
-                   "hidden_with_waits": share(saved, min(t_blocked, t_compute)), "bytes_per_step": nbytes,
-                   "idle_off": m["idle"]["off"], "idle_on": m["idle"]["on"],
-                   "times_ms": {name: [round(1e3 * v, 2) for v in values] for name, values in t.items()}}
+            row = {
+                "shape": shape,
+                "ranks": world,
+                "network": "loopback" if ratio is None else "simulated",
+                "link_ratio": ratio,
+                "chunks": chunks,
+                "sub_batches": sub_batches,
+                "inter_node_gbps": gbps,
+                "latency_us": latency_us if gbps else None,
+                "t_off_ms": 1e3 * t_off,
+                "t_chunks_ms": 1e3 * statistics.median(t["chunks"]),
+                "t_on_ms": 1e3 * statistics.median(t["on"]),
+                "t_comm_ms": 1e3 * t_comm,
+                "t_blocked_ms": 1e3 * t_blocked,
+                "t_compute_ms": 1e3 * t_compute,
+                "t_experts_ms": 1e3 * t_experts,
+                "on_over_off": statistics.median(on_over_off),
+                "on_over_off_ci90": median_ci(on_over_off),
+                "saved_ms": 1e3 * saved,
+                "hidden": share(saved, hideable),
+                "hidden_ci90": [share(v, hideable) for v in median_ci(saved_each)],
+                "chunks_hidden": share(saved_chunks, hideable),
+                "hidden_with_waits": share(saved, min(t_blocked, t_compute)),
+                "bytes_per_step": nbytes,
+                "idle_off": m["idle"]["off"],
+                "idle_on": m["idle"]["on"],
+                "times_ms": {name: [round(1e3 * v, 2) for v in values] for name, values in t.items()},
+            }
             if ratio is not None:  # what the link adds to each step, paired with the loopback step beside it
                 added_off = paired(t["off"], loop["off"], lambda sim, raw: sim - raw)
                 added_on = paired(t["on"], loop["on"], lambda sim, raw: sim - raw)
-                row.update(link_added_off_ms=1e3 * added_off, link_added_on_ms=1e3 * added_on,
-                           link_hidden=share(added_off - added_on, added_off))
+                row.update(
+                    link_added_off_ms=1e3 * added_off,
+                    link_added_on_ms=1e3 * added_on,
+                    link_hidden=share(added_off - added_on, added_off),
+                )
             rows.append(row)
     return rows if rank == 0 else None
 
@@ -334,56 +381,102 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sub-batches", type=int, default=2, help="sub-batches with overlap on (default 2)")
     parser.add_argument("--iters", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--link-ratios", type=float, nargs="+", default=[1.0],
-                        help="simulated links: transfer time of one step / the experts' compute time (default 1)")
-    parser.add_argument("--prefetch-link-ratio", type=float, default=1.0,
-                        help="--fssdp's link: the gather's transfer time / the attention forward (default 1)")
+    parser.add_argument(
+        "--link-ratios",
+        type=float,
+        nargs="+",
+        default=[1.0],
+        help="simulated links: transfer time of one step / the experts' compute time (default 1)",
+    )
+    parser.add_argument(
+        "--prefetch-link-ratio",
+        type=float,
+        default=1.0,
+        help="--fssdp's link: the gather's transfer time / the attention forward (default 1)",
+    )
     parser.add_argument("--latency-us", type=float, default=20.0)
     parser.add_argument("--fssdp", action="store_true", help="also measure the FSSDP gather / reduce-scatter hiding")
-    parser.add_argument("--no-bind-cores", dest="bind_cores", action="store_false",
-                        help="leave the ranks free to run on any core (default: each rank bound to cores of its own)")
+    parser.add_argument(
+        "--no-bind-cores",
+        dest="bind_cores",
+        action="store_false",
+        help="leave the ranks free to run on any core (default: each rank bound to cores of its own)",
+    )
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     if args.device == "cuda":
-        print("overlap.py: --device cuda needs NCCL ranks on separate GPUs; this benchmark runs the CPU/gloo "
-              f"simulated cluster only (torch.cuda.is_available() = {torch.cuda.is_available()})", file=sys.stderr)
+        print(
+            "overlap.py: --device cuda needs NCCL ranks on separate GPUs; this benchmark runs the CPU/gloo "
+            f"simulated cluster only (torch.cuda.is_available() = {torch.cuda.is_available()})",
+            file=sys.stderr,
+        )
         return 2
     rows, prefetch = [], []
     for ranks in args.ranks:
-        rows += run_workers(worker, ranks, args.shapes, args.chunks, args.sub_batches, args.iters, args.warmup,
-                            args.link_ratios, args.latency_us, timeout_s=3600, bind_cores=args.bind_cores)[0]
+        rows += run_workers(
+            worker,
+            ranks,
+            args.shapes,
+            args.chunks,
+            args.sub_batches,
+            args.iters,
+            args.warmup,
+            args.link_ratios,
+            args.latency_us,
+            timeout_s=3600,
+            bind_cores=args.bind_cores,
+        )[0]
         if args.fssdp:
-            prefetch += run_workers(fssdp_worker, ranks, args.shapes, args.iters, args.warmup, args.prefetch_link_ratio,
-                                    args.latency_us, timeout_s=3600, bind_cores=args.bind_cores)[0]
-    print("| shape | ranks | network | link ratio | Gbit/s | t_off ms | t_chunks ms | t_on ms | on/off (90% CI) "
-          "| saved ms | t_comm ms | t_blocked ms | t_compute ms | t_experts ms | chunks hidden | hidden (90% CI) "
-          "| hidden with waits | cores idle off / on |")
+            prefetch += run_workers(
+                fssdp_worker,
+                ranks,
+                args.shapes,
+                args.iters,
+                args.warmup,
+                args.prefetch_link_ratio,
+                args.latency_us,
+                timeout_s=3600,
+                bind_cores=args.bind_cores,
+            )[0]
+    print(
+        "| shape | ranks | network | link ratio | Gbit/s | t_off ms | t_chunks ms | t_on ms | on/off (90% CI) "
+        "| saved ms | t_comm ms | t_blocked ms | t_compute ms | t_experts ms | chunks hidden | hidden (90% CI) "
+        "| hidden with waits | cores idle off / on |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         gbps = f"{r['inter_node_gbps']:.2f}" if r["inter_node_gbps"] else "-"
         ratio = f"{r['link_ratio']:g}" if r["link_ratio"] else "-"
         ci, hidden_ci = r["on_over_off_ci90"], r["hidden_ci90"]
-        print(f"| {r['shape']} | {r['ranks']} | {r['network']} | {ratio} | {gbps} | {r['t_off_ms']:.1f} | "
-              f"{r['t_chunks_ms']:.1f} | {r['t_on_ms']:.1f} | {r['on_over_off']:.3f} ({ci[0]:.3f}-{ci[1]:.3f}) | "
-              f"{r['saved_ms']:.1f} | {r['t_comm_ms']:.1f} | {r['t_blocked_ms']:.1f} | {r['t_compute_ms']:.1f} | "
-              f"{r['t_experts_ms']:.1f} | {percent(r['chunks_hidden'])} | "
-              f"{percent(r['hidden'])} ({percent(hidden_ci[0])} to {percent(hidden_ci[1])}) | "
-              f"{percent(r['hidden_with_waits'])} | {percent(r['idle_off'])} / {percent(r['idle_on'])} |")
+        print(
+            f"| {r['shape']} | {r['ranks']} | {r['network']} | {ratio} | {gbps} | {r['t_off_ms']:.1f} | "
+            f"{r['t_chunks_ms']:.1f} | {r['t_on_ms']:.1f} | {r['on_over_off']:.3f} ({ci[0]:.3f}-{ci[1]:.3f}) | "
+            f"{r['saved_ms']:.1f} | {r['t_comm_ms']:.1f} | {r['t_blocked_ms']:.1f} | {r['t_compute_ms']:.1f} | "
+            f"{r['t_experts_ms']:.1f} | {percent(r['chunks_hidden'])} | "
+            f"{percent(r['hidden'])} ({percent(hidden_ci[0])} to {percent(hidden_ci[1])}) | "
+            f"{percent(r['hidden_with_waits'])} | {percent(r['idle_off'])} / {percent(r['idle_on'])} |"
+        )
     print("\n| shape | ranks | link ratio | link adds, off ms | link adds, on ms | link time hidden |")
     print("|---|---|---|---|---|---|")
     for r in rows:
         if r["link_ratio"]:
-            print(f"| {r['shape']} | {r['ranks']} | {r['link_ratio']:g} | {r['link_added_off_ms']:.1f} | "
-                  f"{r['link_added_on_ms']:.1f} | {percent(r['link_hidden'])} |")
+            print(
+                f"| {r['shape']} | {r['ranks']} | {r['link_ratio']:g} | {r['link_added_off_ms']:.1f} | "
+                f"{r['link_added_on_ms']:.1f} | {percent(r['link_hidden'])} |"
+            )
     if prefetch:
-        print("\n| shape | ranks | Gbit/s | attention fwd ms | step ms loopback | step ms simulated | transfer ms "
-              "| exposed ms | hidden |")
+        print(
+            "\n| shape | ranks | Gbit/s | attention fwd ms | step ms loopback | step ms simulated | transfer ms "
+            "| exposed ms | hidden |"
+        )
         print("|---|---|---|---|---|---|---|---|---|")
         for r in prefetch:
-            print(f"| {r['shape']} | {r['ranks']} | {r['inter_node_gbps']:.2f} | {r['t_attention_fwd_ms']:.1f} | "
-                  f"{r['t_loopback_ms']:.1f} | {r['t_simulated_ms']:.1f} | {r['transfer_ms']:.1f} | "
-                  f"{r['exposed_ms']:.1f} | {percent(r['hidden'])} |")
+            print(
+                f"| {r['shape']} | {r['ranks']} | {r['inter_node_gbps']:.2f} | {r['t_attention_fwd_ms']:.1f} | "
+                f"{r['t_loopback_ms']:.1f} | {r['t_simulated_ms']:.1f} | {r['transfer_ms']:.1f} | "
+                f"{r['exposed_ms']:.1f} | {percent(r['hidden'])} |"
+            )
     if args.json:
         for r in rows + prefetch:
             r["bind_cores"] = args.bind_cores

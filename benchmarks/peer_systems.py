@@ -4,6 +4,7 @@ each one is). Each exposes one training step and what the agreement check compar
 
 Shapes: T tokens per rank, D model dim, F expert hidden dim, E experts, P ranks, L = E / P local experts.
 """
+
 from __future__ import annotations
 
 import time
@@ -19,14 +20,20 @@ if TYPE_CHECKING:
 SYSTEMS = ("hecate-ep", "hecate-fssdp", "deepspeed-dropless", "deepspeed-cf1")
 
 
-
 def hecate_moe(config: Config, capacity_factor: float = 0.0):
     """The full layer with seed-0 weights (every system's starting point)."""
     from hecate.parallel.config import MoEConfig
     from hecate.parallel.moe import MoE
 
-    cfg = MoEConfig(num_experts=config.experts, top_k=config.top_k, ffn_dim=config.ffn_dim, activation="gelu",
-                    score="softmax", renormalize=True, capacity_factor=capacity_factor)
+    cfg = MoEConfig(
+        num_experts=config.experts,
+        top_k=config.top_k,
+        ffn_dim=config.ffn_dim,
+        activation="gelu",
+        score="softmax",
+        renormalize=True,
+        capacity_factor=capacity_factor,
+    )
     torch.manual_seed(0)
     return MoE(config.dim, cfg, init_std=0.02)
 
@@ -149,11 +156,22 @@ class DeepSpeedMoE(System):
 
         world, rank = dist.get_world_size(), dist.get_rank()
         local = config.experts // world
-        expert = nn.Sequential(nn.Linear(config.dim, config.ffn_dim, bias=False), nn.GELU(),
-                               nn.Linear(config.ffn_dim, config.dim, bias=False))
+        expert = nn.Sequential(
+            nn.Linear(config.dim, config.ffn_dim, bias=False),
+            nn.GELU(),
+            nn.Linear(config.ffn_dim, config.dim, bias=False),
+        )
         self.name = "deepspeed-dropless" if not drop_tokens else "deepspeed-cf1"
-        self.module = MoE(config.dim, expert, num_experts=config.experts, ep_size=world, k=config.top_k,
-                          capacity_factor=1.0, drop_tokens=drop_tokens, top2_2nd_expert_sampling=False)
+        self.module = MoE(
+            config.dim,
+            expert,
+            num_experts=config.experts,
+            ep_size=world,
+            k=config.top_k,
+            capacity_factor=1.0,
+            drop_tokens=drop_tokens,
+            top2_2nd_expert_sampling=False,
+        )
         self.module.set_deepspeed_parallelism()
         reference = hecate_moe(config)
         with torch.no_grad():

@@ -49,6 +49,7 @@ activations, temporaries; not the allocator's own overhead). One more step of ra
 
 Shapes: T tokens per rank, D model dim, F expert hidden dim, E experts, P ranks, L = E / P local experts.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -134,8 +135,14 @@ def reference_step(system: System, x_TD: torch.Tensor) -> dict[str, torch.Tensor
     out = system.forward(x_TD)
     out.square().mean().backward()
     w1, w2 = system.expert_grads()
-    results = {"out": out.detach().clone(), "x_grad": x_TD.grad.clone(), "gate_grad": system.gate_grad().clone(),
-               "w1_grad": w1, "w2_grad": w2, "counts": system.counts()}
+    results = {
+        "out": out.detach().clone(),
+        "x_grad": x_TD.grad.clone(),
+        "gate_grad": system.gate_grad().clone(),
+        "w1_grad": w1,
+        "w2_grad": w2,
+        "counts": system.counts(),
+    }
     system.module.zero_grad(set_to_none=True)
     x_TD.grad = None
     system.after_step()
@@ -202,8 +209,9 @@ def worker(config: Config) -> dict:
 def measure(config: Config, systems: list[System], x_TD: torch.Tensor) -> dict:
     """Agreement, rows computed, step times by system and round, peak memory and profiles on one input."""
     firsts = {s.name: reference_step(s, x_TD) for s in systems}
-    agreements = {s.name: agreement(s, config, firsts[s.name], firsts[REFERENCE]) for s in systems
-                  if REFERENCE in firsts}
+    agreements = {
+        s.name: agreement(s, config, firsts[s.name], firsts[REFERENCE]) for s in systems if REFERENCE in firsts
+    }
     rows = {s.name: firsts[s.name]["rows_by_rank"] for s in systems}
     counts = [int(c) for c in firsts[systems[0].name]["counts"]]
     for _ in range(config.warmup - 1):
@@ -225,8 +233,16 @@ def measure(config: Config, systems: list[System], x_TD: torch.Tensor) -> dict:
         peak_ranks[name] = int(value.item())
     extra = {s.name: {"replicas": s.engine.last_replicas} for s in systems if isinstance(s, HecateFSSDP)}
     profiles = {s.name: profile_step(s, x_TD) for s in systems}
-    return {"agreement": agreements, "rows": rows, "counts_E": counts, "times": times, "cpu_times": cpu_times,
-            "peak": peak_ranks, "profiles": profiles, "extra": extra}
+    return {
+        "agreement": agreements,
+        "rows": rows,
+        "counts_E": counts,
+        "times": times,
+        "cpu_times": cpu_times,
+        "peak": peak_ranks,
+        "profiles": profiles,
+        "extra": extra,
+    }
 
 
 # ---- the parent: rows, tables -------------------------------------------------------------------------------
@@ -252,33 +268,52 @@ def skew_rows(config: Config, world: int, s: float, measured: dict, result: dict
     for name in config.systems:
         times = result["times"][name]
         median = statistics.median(times)
-        row = {"world_size": world, "skew": s, "system": name, "step_ms": round(1e3 * median, 1),
-               "step_ms_min": round(1e3 * min(times), 1), "step_ms_max": round(1e3 * max(times), 1),
-               "times_ms": [round(1e3 * t, 1) for t in times]}
+        row = {
+            "world_size": world,
+            "skew": s,
+            "system": name,
+            "step_ms": round(1e3 * median, 1),
+            "step_ms_min": round(1e3 * min(times), 1),
+            "step_ms_max": round(1e3 * max(times), 1),
+            "times_ms": [round(1e3 * t, 1) for t in times],
+        }
         if BASELINE in result["times"]:
             ratio = paired_ratio(times, result["times"][BASELINE])
-            row.update({f"ratio_to_{BASELINE}": round(ratio[0], 3),
-                        f"ratio_to_{BASELINE}_min_max": [round(ratio[1], 3), round(ratio[2], 3)]})
+            row.update(
+                {
+                    f"ratio_to_{BASELINE}": round(ratio[0], 3),
+                    f"ratio_to_{BASELINE}_min_max": [round(ratio[1], 3), round(ratio[2], 3)],
+                }
+            )
         cpu = result["cpu_times"][name]
-        row.update({"cpu_ms_all_ranks": round(1e3 * statistics.median(cpu), 1),
-                    "cpu_x_floor_flops": round(statistics.median(cpu) * measured["single_thread_flops"]
-                                               / (world * config.shape.flops()), 3)})
+        row.update(
+            {
+                "cpu_ms_all_ranks": round(1e3 * statistics.median(cpu), 1),
+                "cpu_x_floor_flops": round(
+                    statistics.median(cpu) * measured["single_thread_flops"] / (world * config.shape.flops()), 3
+                ),
+            }
+        )
         if BASELINE in result["cpu_times"]:
             row[f"cpu_ratio_to_{BASELINE}"] = round(paired_ratio(cpu, result["cpu_times"][BASELINE])[0], 3)
-        row.update({"x_compute_floor": round(median / floors["compute_floor_s"], 3),
-                    "x_compute_and_comm_floor": round(median / floors["floor_s"], 3),
-                    "compute_floor_ms": round(1e3 * floors["compute_floor_s"], 1),
-                    "comm_floor_ms": round(1e3 * floors["comm_floor_s"], 1),
-                    "single_thread_gflops": round(measured["single_thread_flops"] / 1e9, 1),
-                    "all_to_all_ms": round(1e3 * a2a, 2),
-                    "peak_mib": round(result["peak"][name] / 2**20, 1),
-                    "agreement": result["agreement"].get(name),
-                    "counts_E": result["counts_E"],
-                    "rows_by_rank": result["rows"][name],
-                    "rows_x_real": round(sum(result["rows"][name]) / real_rows, 3),
-                    "rows_max_x_mean_real": round(max(result["rows"][name]) * world / real_rows, 3),
-                    **result["extra"].get(name, {}),
-                    "profile_rank0": result["profiles"][name]})
+        row.update(
+            {
+                "x_compute_floor": round(median / floors["compute_floor_s"], 3),
+                "x_compute_and_comm_floor": round(median / floors["floor_s"], 3),
+                "compute_floor_ms": round(1e3 * floors["compute_floor_s"], 1),
+                "comm_floor_ms": round(1e3 * floors["comm_floor_s"], 1),
+                "single_thread_gflops": round(measured["single_thread_flops"] / 1e9, 1),
+                "all_to_all_ms": round(1e3 * a2a, 2),
+                "peak_mib": round(result["peak"][name] / 2**20, 1),
+                "agreement": result["agreement"].get(name),
+                "counts_E": result["counts_E"],
+                "rows_by_rank": result["rows"][name],
+                "rows_x_real": round(sum(result["rows"][name]) / real_rows, 3),
+                "rows_max_x_mean_real": round(max(result["rows"][name]) * world / real_rows, 3),
+                **result["extra"].get(name, {}),
+                "profile_rank0": result["profiles"][name],
+            }
+        )
         rows.append(row)
     return rows
 
@@ -292,9 +327,11 @@ def run(config: Config, world: int) -> list[dict]:
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"{'ranks':>5}{'skew':>5}  {'system':<20}{'step ms':>8}{'min':>8}{'max':>8}{'x DS dropless':>14}"
-          f"{'(min, max)':>16}{'x compute floor':>16}{'x floor':>8}{'CPU ms':>8}{'CPU x DS':>9}{'CPU x floor':>12}"
-          f"{'peak MiB':>9}{'rows x real':>12}{'max/mean':>9}  agreement")
+    print(
+        f"{'ranks':>5}{'skew':>5}  {'system':<20}{'step ms':>8}{'min':>8}{'max':>8}{'x DS dropless':>14}"
+        f"{'(min, max)':>16}{'x compute floor':>16}{'x floor':>8}{'CPU ms':>8}{'CPU x DS':>9}{'CPU x floor':>12}"
+        f"{'peak MiB':>9}{'rows x real':>12}{'max/mean':>9}  agreement"
+    )
     for r in rows:
         ratio = r.get(f"ratio_to_{BASELINE}", float("nan"))
         lo, hi = r.get(f"ratio_to_{BASELINE}_min_max", (float("nan"), float("nan")))
@@ -302,13 +339,23 @@ def print_table(rows: list[dict]) -> None:
         if "dropped_pairs" in agree:
             text = f"dropped {agree['dropped_pairs']} of {agree['pairs']} pairs"
         else:
-            text = ("routing " + ("identical" if agree.get("routing_identical") else "DIFFERS") + ", max rel diff "
-                    + f"{max(v for k, v in agree.items() if k != 'routing_identical'):.1e}") if agree else "-"
-        print(f"{r['world_size']:>5}{r['skew']:>5}  {r['system']:<20}{r['step_ms']:>8.1f}{r['step_ms_min']:>8.1f}"
-              f"{r['step_ms_max']:>8.1f}{ratio:>14.3f}{f'({lo:.3f}, {hi:.3f})':>16}{r['x_compute_floor']:>16.3f}"
-              f"{r['x_compute_and_comm_floor']:>8.3f}{r['cpu_ms_all_ranks']:>8.0f}"
-              f"{r.get(f'cpu_ratio_to_{BASELINE}', float('nan')):>9.3f}{r['cpu_x_floor_flops']:>12.3f}"
-              f"{r['peak_mib']:>9.1f}{r['rows_x_real']:>12.3f}{r['rows_max_x_mean_real']:>9.3f}  {text}")
+            text = (
+                (
+                    "routing "
+                    + ("identical" if agree.get("routing_identical") else "DIFFERS")
+                    + ", max rel diff "
+                    + f"{max(v for k, v in agree.items() if k != 'routing_identical'):.1e}"
+                )
+                if agree
+                else "-"
+            )
+        print(
+            f"{r['world_size']:>5}{r['skew']:>5}  {r['system']:<20}{r['step_ms']:>8.1f}{r['step_ms_min']:>8.1f}"
+            f"{r['step_ms_max']:>8.1f}{ratio:>14.3f}{f'({lo:.3f}, {hi:.3f})':>16}{r['x_compute_floor']:>16.3f}"
+            f"{r['x_compute_and_comm_floor']:>8.3f}{r['cpu_ms_all_ranks']:>8.0f}"
+            f"{r.get(f'cpu_ratio_to_{BASELINE}', float('nan')):>9.3f}{r['cpu_x_floor_flops']:>12.3f}"
+            f"{r['peak_mib']:>9.1f}{r['rows_x_real']:>12.3f}{r['rows_max_x_mean_real']:>9.3f}  {text}"
+        )
 
 
 def goals(rows: list[dict]) -> list[str]:
@@ -318,10 +365,14 @@ def goals(rows: list[dict]) -> list[str]:
             continue
         ratio = r.get(f"ratio_to_{BASELINE}")
         if ratio is not None:
-            lines.append(f"{r['world_size']} ranks, skew {r['skew']}: hecate-ep / deepspeed-dropless step time "
-                         f"{ratio:.3f} (goal <= 0.8: {'met' if ratio <= 0.8 else 'NOT met'})")
-        lines.append(f"{r['world_size']} ranks, skew {r['skew']}: hecate-ep / compute floor {r['x_compute_floor']:.3f} "
-                     f"(goal <= 1.25: {'met' if r['x_compute_floor'] <= 1.25 else 'NOT met'})")
+            lines.append(
+                f"{r['world_size']} ranks, skew {r['skew']}: hecate-ep / deepspeed-dropless step time "
+                f"{ratio:.3f} (goal <= 0.8: {'met' if ratio <= 0.8 else 'NOT met'})"
+            )
+        lines.append(
+            f"{r['world_size']} ranks, skew {r['skew']}: hecate-ep / compute floor {r['x_compute_floor']:.3f} "
+            f"(goal <= 1.25: {'met' if r['x_compute_floor'] <= 1.25 else 'NOT met'})"
+        )
     return lines
 
 
@@ -329,15 +380,26 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     defaults = Config()
     parser.add_argument("--world-sizes", type=int, nargs="+", default=list(defaults.world_sizes))
-    parser.add_argument("--skew", dest="skews", type=float, nargs="+", default=list(defaults.skews),
-                        help="Zipf exponents of the routing's expert popularity (0: the router's own routing)")
+    parser.add_argument(
+        "--skew",
+        dest="skews",
+        type=float,
+        nargs="+",
+        default=list(defaults.skews),
+        help="Zipf exponents of the routing's expert popularity (0: the router's own routing)",
+    )
     parser.add_argument("--systems", nargs="+", default=list(defaults.systems), choices=list(SYSTEMS))
     for name in ("dim", "ffn_dim", "experts", "top_k", "tokens", "warmup", "iters"):
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name))
     parser.add_argument("--json", type=Path, help="write one JSON object per measured configuration to this file")
     args = parser.parse_args()
-    config = Config(**{name: tuple(value) if isinstance(value, list) else value
-                       for name, value in vars(args).items() if name != "json"})
+    config = Config(
+        **{
+            name: tuple(value) if isinstance(value, list) else value
+            for name, value in vars(args).items()
+            if name != "json"
+        }
+    )
     if config.warmup < 1 or config.iters < 1:
         raise SystemExit("--warmup and --iters must be >= 1")
     if any(s < 0 for s in config.skews):
@@ -349,8 +411,10 @@ def main() -> None:
     print_table(rows)
     print()
     print("\n".join(goals(rows)))
-    print(f"\n{len(rows)} configurations in {time.perf_counter() - start:.0f} s; config: {json.dumps(asdict(config))}",
-          file=sys.stderr)
+    print(
+        f"\n{len(rows)} configurations in {time.perf_counter() - start:.0f} s; config: {json.dumps(asdict(config))}",
+        file=sys.stderr,
+    )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(rows, indent=1) + "\n")

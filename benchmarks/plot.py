@@ -8,6 +8,7 @@
   beside the GEMM work (the layer's FLOPs at the single-thread rate);
 - ``end_to_end.png`` (from ``end_to_end.json``): the demo model's tokens/s and MFU on 1, 2 and 4 ranks.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,8 +20,12 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-COLORS = {"hecate-ep": "tab:blue", "hecate-fssdp": "tab:cyan", "deepspeed-dropless": "tab:orange",
-          "deepspeed-cf1": "tab:red"}
+COLORS = {
+    "hecate-ep": "tab:blue",
+    "hecate-fssdp": "tab:cyan",
+    "deepspeed-dropless": "tab:orange",
+    "deepspeed-cf1": "tab:red",
+}
 
 
 def plot_peers(rows: list[dict], out: Path) -> None:
@@ -34,16 +39,33 @@ def plot_peers(rows: list[dict], out: Path) -> None:
         medians = [by_system[s]["step_ms"] for s in present]
         lower = [m - by_system[s]["step_ms_min"] for m, s in zip(medians, present)]
         upper = [by_system[s]["step_ms_max"] - m for m, s in zip(medians, present)]
-        ax.bar(range(len(present)), medians, yerr=[lower, upper], capsize=4,
-               color=[COLORS.get(s, "tab:gray") for s in present])
+        ax.bar(
+            range(len(present)),
+            medians,
+            yerr=[lower, upper],
+            capsize=4,
+            color=[COLORS.get(s, "tab:gray") for s in present],
+        )
         first = by_system[present[0]]
         compute, comm = first["compute_floor_ms"], first["comm_floor_ms"]
         ax.axhline(compute, color="black", linestyle="--", linewidth=1, label=f"compute floor {compute:.0f} ms")
-        ax.axhline(compute + comm, color="gray", linestyle=":", linewidth=1,
-                   label=f"+ all-to-all floor {compute + comm:.0f} ms")
+        ax.axhline(
+            compute + comm,
+            color="gray",
+            linestyle=":",
+            linewidth=1,
+            label=f"+ all-to-all floor {compute + comm:.0f} ms",
+        )
         for i, s in enumerate(present):
-            ax.annotate(f"{by_system[s]['x_compute_floor']:.2f}x", (i, medians[i]), ha="center", va="bottom",
-                        fontsize=8, xytext=(0, 3), textcoords="offset points")
+            ax.annotate(
+                f"{by_system[s]['x_compute_floor']:.2f}x",
+                (i, medians[i]),
+                ha="center",
+                va="bottom",
+                fontsize=8,
+                xytext=(0, 3),
+                textcoords="offset points",
+            )
         ax.set_xticks(range(len(present)), [s.replace("-", "\n", 1) for s in present], fontsize=8)
         ax.set_title(f"{world} ranks, one thread each, routing Zipf s = {skew:g}", fontsize=10)
         ax.set_ylabel("step time, ms (median, min-max)")
@@ -53,8 +75,15 @@ def plot_peers(rows: list[dict], out: Path) -> None:
         floor_cpu = cpu[0] / by_system[present[0]]["cpu_x_floor_flops"]
         cpu_ax.axhline(floor_cpu, color="black", linestyle="--", linewidth=1, label=f"GEMM work {floor_cpu:.0f} ms")
         for i, s in enumerate(present):
-            cpu_ax.annotate(f"{by_system[s]['cpu_x_floor_flops']:.2f}x", (i, cpu[i]), ha="center", va="bottom",
-                            fontsize=8, xytext=(0, 3), textcoords="offset points")
+            cpu_ax.annotate(
+                f"{by_system[s]['cpu_x_floor_flops']:.2f}x",
+                (i, cpu[i]),
+                ha="center",
+                va="bottom",
+                fontsize=8,
+                xytext=(0, 3),
+                textcoords="offset points",
+            )
         cpu_ax.set_xticks(range(len(present)), [s.replace("-", "\n", 1) for s in present], fontsize=8)
         cpu_ax.set_ylabel("CPU time, all ranks, ms (median)")
         cpu_ax.legend(fontsize=8, loc="lower right")

@@ -8,6 +8,7 @@ workers). If prepare-data streams, the peaks stay flat while the corpus grows.
 
     python benchmarks/prepare_data.py --sizes-gb 0.25 1.0 --json runs/bench/prepare_data.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,8 +43,10 @@ def generate_corpus(folder: Path, size_bytes: int, seed: int = 0) -> int:
         written += _write(folder / f"book_{t:02d}.txt", _prose(rng, vocabulary, text_share))
     while written < size_bytes:
         text = _prose(rng, vocabulary, JSONL_FILE_MB << 20)
-        records = [json.dumps({"id": index + i, "text": text[a:a + RECORD_CHARS]})
-                   for i, a in enumerate(range(0, len(text), RECORD_CHARS))]
+        records = [
+            json.dumps({"id": index + i, "text": text[a : a + RECORD_CHARS]})
+            for i, a in enumerate(range(0, len(text), RECORD_CHARS))
+        ]
         index += len(records)
         written += _write(folder / f"part_{index:09d}.jsonl", "\n".join(records) + "\n")
     return written
@@ -123,8 +126,18 @@ def measure(size_gb: float, workdir: Path, vocab_size: int) -> dict:
     t0 = time.perf_counter()
     corpus_bytes = generate_corpus(corpus, int(size_gb * (1 << 30)))
     generate_s = time.perf_counter() - t0
-    command = [sys.executable, "-m", "hecate.launch.cli", "prepare-data", "--input", str(corpus), "--out", str(out),
-               "--vocab-size", str(vocab_size)]
+    command = [
+        sys.executable,
+        "-m",
+        "hecate.launch.cli",
+        "prepare-data",
+        "--input",
+        str(corpus),
+        "--out",
+        str(out),
+        "--vocab-size",
+        str(vocab_size),
+    ]
     t0 = time.perf_counter()
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     memory = TreeMemory(proc.pid)
@@ -137,14 +150,18 @@ def measure(size_gb: float, workdir: Path, vocab_size: int) -> dict:
         raise SystemExit(f"prepare-data failed ({proc.returncode}):\n{stdout}")
     manifest = json.loads((out / "manifest.json").read_text())
     row = {
-        "corpus_gb": round(corpus_bytes / (1 << 30), 3), "generate_s": round(generate_s, 1),
-        "prepare_s": round(seconds, 1), "mb_per_s": round(corpus_bytes / 1e6 / seconds, 2),
-        "peak_rss_tree_mb": round(memory.peak_rss_mb), "peak_pss_tree_mb": round(memory.peak_pss_mb),
+        "corpus_gb": round(corpus_bytes / (1 << 30), 3),
+        "generate_s": round(generate_s, 1),
+        "prepare_s": round(seconds, 1),
+        "mb_per_s": round(corpus_bytes / 1e6 / seconds, 2),
+        "peak_rss_tree_mb": round(memory.peak_rss_mb),
+        "peak_pss_tree_mb": round(memory.peak_pss_mb),
         "processes": memory.peak_processes,
         "documents": sum(s["documents"] for s in manifest["splits"].values()),
         "tokens": sum(s["tokens"] for s in manifest["splits"].values()),
         "shards": sum(len(s["shards"]) for s in manifest["splits"].values()),
-        "vocab_size": manifest["vocab_size"], "cores": os.cpu_count(),
+        "vocab_size": manifest["vocab_size"],
+        "cores": os.cpu_count(),
     }
     shutil.rmtree(corpus)
     shutil.rmtree(out)

@@ -10,6 +10,7 @@ breakdown (``--json``) and a plot of the speedups (``--plot``).
     python benchmarks/scaling_sweep.py --json runs/bench/scaling_sweep.json --plot docs/img/scaling_speedup.png
     python benchmarks/scaling_sweep.py --trace RUN/routing_trace.bin --trace-skip 60 --models examples/models/...
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,8 +29,11 @@ from matplotlib.patches import Patch  # noqa: E402
 from hecate.trainer.scaling.report import DEFAULT_GPUS, run_simulation  # noqa: E402
 from hecate.trainer.scaling.simulate import PolicyResult  # noqa: E402
 
-CLUSTERS = ("examples/clusters/v100-100gbps.yaml", "examples/clusters/a100-400gbps.yaml",
-            "examples/clusters/h100-400gbps-per-gpu.yaml")
+CLUSTERS = (
+    "examples/clusters/v100-100gbps.yaml",
+    "examples/clusters/a100-400gbps.yaml",
+    "examples/clusters/h100-400gbps-per-gpu.yaml",
+)
 MODELS = ("examples/models/gpt-moe-s.yaml", "examples/models/gpt-moe-l.yaml")
 BASELINES = ("ep", "fsdp", "shadow", "fssdp")
 VARIANTS = {"fssdp_best": "-", "fssdp": "--", "shadow": ":"}  # line style per speedup plotted
@@ -38,9 +42,26 @@ COLORS = {"v100-100gbps": "tab:red", "a100-400gbps": "tab:blue", "h100-400gbps-p
 
 def sweep_pair(cluster: str, model: str, args: argparse.Namespace) -> list[dict]:
     """One row per size: every policy's step time, fssdp with the derived and the best budget."""
+
     def simulate(policies: list[str], budget: int | None) -> list[PolicyResult]:
-        return run_simulation(cluster, model, policies, args.gpus, args.trace, args.zipf, [], args.tokens_per_gpu,
-                              args.steps, budget, None, False, None, True, args.seed, args.trace_skip)
+        return run_simulation(
+            cluster,
+            model,
+            policies,
+            args.gpus,
+            args.trace,
+            args.zipf,
+            [],
+            args.tokens_per_gpu,
+            args.steps,
+            budget,
+            None,
+            False,
+            None,
+            True,
+            args.seed,
+            args.trace_skip,
+        )
 
     derived = simulate(list(BASELINES), None)
     tuned = {t: simulate(["fssdp"], t) for t in args.budgets}
@@ -51,29 +72,44 @@ def sweep_pair(cluster: str, model: str, args: argparse.Namespace) -> list[dict]
         fssdp_by_t.update({t: next(r for r in results if r.gpus == gpus) for t, results in tuned.items()})
         best_t = min(fssdp_by_t, key=lambda t: (fssdp_by_t[t].step_s, t))
         ep_s = by_policy["ep"].step_s
-        rows.append({"cluster": Path(cluster).stem, "model": Path(model).stem, "gpus": gpus,
-                     "derived_t": by_policy["fssdp"].overlap_budget, "best_t": best_t,
-                     "step_ms": {**{p: 1e3 * r.step_s for p, r in by_policy.items()},
-                                 "fssdp_best": 1e3 * fssdp_by_t[best_t].step_s},
-                     "speedup_over_ep": {**{p: ep_s / r.step_s for p, r in by_policy.items()},
-                                         "fssdp_best": ep_s / fssdp_by_t[best_t].step_s},
-                     "fssdp_ms_by_t": {str(t): 1e3 * r.step_s for t, r in sorted(fssdp_by_t.items())},
-                     "results": [r.as_dict() for r in derived if r.gpus == gpus]
-                     + [{**fssdp_by_t[best_t].as_dict(), "policy": "fssdp_best"}]})
+        rows.append(
+            {
+                "cluster": Path(cluster).stem,
+                "model": Path(model).stem,
+                "gpus": gpus,
+                "derived_t": by_policy["fssdp"].overlap_budget,
+                "best_t": best_t,
+                "step_ms": {
+                    **{p: 1e3 * r.step_s for p, r in by_policy.items()},
+                    "fssdp_best": 1e3 * fssdp_by_t[best_t].step_s,
+                },
+                "speedup_over_ep": {
+                    **{p: ep_s / r.step_s for p, r in by_policy.items()},
+                    "fssdp_best": ep_s / fssdp_by_t[best_t].step_s,
+                },
+                "fssdp_ms_by_t": {str(t): 1e3 * r.step_s for t, r in sorted(fssdp_by_t.items())},
+                "results": [r.as_dict() for r in derived if r.gpus == gpus]
+                + [{**fssdp_by_t[best_t].as_dict(), "policy": "fssdp_best"}],
+            }
+        )
     return rows
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| cluster | model | GPUs | ep ms | fssdp, derived t | x ep | fssdp, best t | x ep | shadow x ep | "
-             "fsdp x ep | ep rows max/mean | fssdp best rows max/mean |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| cluster | model | GPUs | ep ms | fssdp, derived t | x ep | fssdp, best t | x ep | shadow x ep | "
+        "fsdp x ep | ep rows max/mean | fssdp best rows max/mean |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         ms, x = r["step_ms"], r["speedup_over_ep"]
         spread = {res["policy"]: res["rows_max_over_mean"] for res in r["results"]}
-        lines.append(f"| {r['cluster']} | {r['model']} | {r['gpus']} | {ms['ep']:.1f} | t={r['derived_t']}: "
-                     f"{ms['fssdp']:.1f} | {x['fssdp']:.2f} | t={r['best_t']}: {ms['fssdp_best']:.1f} | "
-                     f"**{x['fssdp_best']:.2f}** | {x['shadow']:.2f} | {x['fsdp']:.2f} | {spread['ep']:.2f} | "
-                     f"{spread['fssdp_best']:.2f} |")
+        lines.append(
+            f"| {r['cluster']} | {r['model']} | {r['gpus']} | {ms['ep']:.1f} | t={r['derived_t']}: "
+            f"{ms['fssdp']:.1f} | {x['fssdp']:.2f} | t={r['best_t']}: {ms['fssdp_best']:.1f} | "
+            f"**{x['fssdp_best']:.2f}** | {x['shadow']:.2f} | {x['fsdp']:.2f} | {spread['ep']:.2f} | "
+            f"{spread['fssdp_best']:.2f} |"
+        )
     return "\n".join(lines)
 
 
@@ -88,8 +124,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
             gpus = [r["gpus"] for r in mine]
             color = COLORS.get(cluster)
             for key, style in VARIANTS.items():
-                axis.plot(gpus, [r["speedup_over_ep"][key] for r in mine], style, marker="o", markersize=3,
-                          color=color)
+                axis.plot(gpus, [r["speedup_over_ep"][key] for r in mine], style, marker="o", markersize=3, color=color)
         axis.axhline(1.0, color="grey", linewidth=0.8)
         axis.fill_between([16, 32], 1.26, 1.78, color="grey", alpha=0.25, linewidth=0)
         axis.set_xscale("log", base=2)
@@ -98,10 +133,14 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
         axis.set_title(model)
         axis.grid(alpha=0.3)
     axes[0][0].set_ylabel("speedup over ep")
-    handles = ([Line2D([], [], color=COLORS.get(c), label=c) for c in dict.fromkeys(r["cluster"] for r in rows)]
-               + [Line2D([], [], color="black", linestyle=style, label=label) for label, style in
-                  (("fssdp, best t", "-"), ("fssdp, derived t", "--"), ("shadow", ":"))]
-               + [Patch(color="grey", alpha=0.25, label="published 1.26-1.78x")])
+    handles = (
+        [Line2D([], [], color=COLORS.get(c), label=c) for c in dict.fromkeys(r["cluster"] for r in rows)]
+        + [
+            Line2D([], [], color="black", linestyle=style, label=label)
+            for label, style in (("fssdp, best t", "-"), ("fssdp, derived t", "--"), ("shadow", ":"))
+        ]
+        + [Patch(color="grey", alpha=0.25, label="published 1.26-1.78x")]
+    )
     columns = min(len(handles), 4 * len(models))
     fig.legend(handles=handles, fontsize=8, loc="lower center", ncol=columns)
     fig.suptitle(title, fontsize=10)
@@ -120,8 +159,9 @@ def main() -> None:
     source.add_argument("--zipf", type=float, default=None, help="Zipf exponent (default 1.0 without --trace)")
     source.add_argument("--trace", default=None, help="routing trace (hecate train --record-routing)")
     parser.add_argument("--trace-skip", type=int, default=0, help="replay the trace from its (N+1)-th step")
-    parser.add_argument("--budgets", type=int, nargs="+", default=[1, 2, 4, 8, 16],
-                        help="overlap budgets tried for fssdp's best t")
+    parser.add_argument(
+        "--budgets", type=int, nargs="+", default=[1, 2, 4, 8, 16], help="overlap budgets tried for fssdp's best t"
+    )
     parser.add_argument("--steps", type=int, default=2, help="measured steps after the load window")
     parser.add_argument("--tokens-per-gpu", type=int, default=8192)
     parser.add_argument("--seed", type=int, default=0)
@@ -140,8 +180,10 @@ def main() -> None:
     for model in args.models:
         for cluster in args.clusters:
             rows += sweep_pair(cluster, model, args)
-            print(f"# {Path(model).stem} on {Path(cluster).stem}: done after {time.perf_counter() - started:.0f} s",
-                  flush=True)
+            print(
+                f"# {Path(model).stem} on {Path(cluster).stem}: done after {time.perf_counter() - started:.0f} s",
+                flush=True,
+            )
     table = markdown(rows)
     print(table)
     source = f"trace {args.trace} from step {args.trace_skip + 1}" if args.trace else f"Zipf s={args.zipf}"
@@ -150,9 +192,17 @@ def main() -> None:
         args.markdown.write_text(table + "\n")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"inputs": {k: str(v) if isinstance(v, Path) else v
-                                                    for k, v in vars(args).items()}, "title": title, "rows": rows},
-                                        indent=1) + "\n")
+        args.json.write_text(
+            json.dumps(
+                {
+                    "inputs": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+                    "title": title,
+                    "rows": rows,
+                },
+                indent=1,
+            )
+            + "\n"
+        )
     if args.plot:
         plot(rows, args.plot, title)
     print(f"{len(rows)} rows in {time.perf_counter() - started:.0f} s")

@@ -23,6 +23,7 @@ the live tensor bytes at the peak of one extra step traced with ``torch.distribu
 
     python benchmarks/skew.py --json runs/skew.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,8 +43,8 @@ from torch.distributed._tools.mem_tracker import MemTracker
 from hecate.collectives import CommStats, TorchTransport, delta
 from hecate.parallel.config import FssdpConfig, MoEConfig
 from hecate.parallel.data_parallel import router_sums_reduce
-from hecate.parallel.fssdp import initial_owners
 from hecate.parallel.expert_sharding import FullySharded
+from hecate.parallel.fssdp import initial_owners
 from hecate.parallel.moe import MoE
 from hecate.parallel.moe.router import Routing
 
@@ -130,8 +131,11 @@ def calibrated_weights(target_E: list[float], k: int, rounds: int = 200) -> list
 
 def recorded_load(metrics: Path, layer: int, steps: int) -> list[float]:
     """Per-expert pairs of ``layer`` averaged over the last ``steps`` training steps of a run's metrics."""
-    loads = [json.loads(line)["expert_load"][str(layer)] for line in metrics.read_text().splitlines()
-             if '"expert_load"' in line]
+    loads = [
+        json.loads(line)["expert_load"][str(layer)]
+        for line in metrics.read_text().splitlines()
+        if '"expert_load"' in line
+    ]
     if len(loads) < steps:
         raise SystemExit(f"{metrics} has {len(loads)} steps with expert_load, fewer than --replay-steps={steps}")
     return [sum(step[e] for step in loads[-steps:]) / steps for e in range(len(loads[-1]))]
@@ -171,8 +175,9 @@ class Block(nn.Module):
         self.heads = config.heads
         self.qkv = nn.Linear(config.dim, 3 * config.dim, bias=False)
         self.out = nn.Linear(config.dim, config.dim, bias=False)
-        moe = MoEConfig(num_experts=config.experts, top_k=config.top_k, ffn_dim=config.ffn_dim,
-                        aux_loss_coef=0.0, z_loss_coef=0.0)
+        moe = MoEConfig(
+            num_experts=config.experts, top_k=config.top_k, ffn_dim=config.ffn_dim, aux_loss_coef=0.0, z_loss_coef=0.0
+        )
         self.moe = MoE(config.dim, moe, init_std=0.02)
 
     def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
@@ -197,15 +202,25 @@ class PolicyRun:
         moe = self.block.moe
         moe.router = ForcedRouter(moe.router.gate, scenario.weights_E, config.top_k, scenario.seed, rank)
         moe.reduce = router_sums_reduce(self.transport)  # global counts: every rank plans the same
-        sharding = FullySharded(self.transport, FssdpConfig(
-            window=config.window, overlap_budget=config.overlap_budget, memory_budget=config.memory_budget,
-            **POLICIES[policy]))
+        sharding = FullySharded(
+            self.transport,
+            FssdpConfig(
+                window=config.window,
+                overlap_budget=config.overlap_budget,
+                memory_budget=config.memory_budget,
+                **POLICIES[policy],
+            ),
+        )
         sharding.wrap(self.block)
         self.engine = sharding.engine
         (self.layer,) = self.engine.layers.values()
         self.optimizer = torch.optim.SGD(self.block.parameters(), lr=0.0)
-        self.x_BSD = torch.randn(config.tokens // (config.seq * world), config.seq, config.dim,
-                                 generator=torch.Generator().manual_seed(1000 + rank))
+        self.x_BSD = torch.randn(
+            config.tokens // (config.seq * world),
+            config.seq,
+            config.dim,
+            generator=torch.Generator().manual_seed(1000 + rank),
+        )
         self.times: list[float] = []
         self.rows: list[int] = []
         self.counts: list[list[int]] = []
@@ -260,18 +275,23 @@ def measure(config: Config, scenario: Scenario) -> list[dict]:
     results = []
     for run, start in zip(runs, before):
         ops = delta(run.transport.stats.snapshot(), start)
-        per_step = lambda names: sum(ops[n].bytes_sent for n in names if n in ops) / config.iters  # noqa: E731
+        per_step = lambda names, ops=ops: sum(ops[n].bytes_sent for n in names if n in ops) / config.iters  # noqa: E731
         gather = ops.get("sparse_all_gather")
-        results.append({
-            "times": run.times, "rows": run.rows, "counts": run.counts, "held": run.held,
-            "chunk_bytes": run.layer.spec.nbytes,
-            "gather_bytes": per_step(["sparse_all_gather"]),
-            "reduce_scatter_bytes": per_step(["sparse_reduce_scatter"]),
-            "token_bytes": per_step(TOKEN_OPS),
-            "gather_wait_ms": 1e3 * gather.wait_s / config.iters if gather else 0.0,
-            "peak": run.peak_memory(),
-            "reference_times": reference_times,
-        })
+        results.append(
+            {
+                "times": run.times,
+                "rows": run.rows,
+                "counts": run.counts,
+                "held": run.held,
+                "chunk_bytes": run.layer.spec.nbytes,
+                "gather_bytes": per_step(["sparse_all_gather"]),
+                "reduce_scatter_bytes": per_step(["sparse_reduce_scatter"]),
+                "token_bytes": per_step(TOKEN_OPS),
+                "gather_wait_ms": 1e3 * gather.wait_s / config.iters if gather else 0.0,
+                "peak": run.peak_memory(),
+                "reference_times": reference_times,
+            }
+        )
     return results
 
 
@@ -283,8 +303,11 @@ def worker(config: Config, scenarios: list[Scenario]) -> list[dict]:
 
 
 def scenarios(config: Config) -> list[Scenario]:
-    out = [Scenario("zipf", s, None, seed, tuple(zipf_weights(config.experts, s, seed)))
-           for s in config.exponents for seed in config.seeds]
+    out = [
+        Scenario("zipf", s, None, seed, tuple(zipf_weights(config.experts, s, seed)))
+        for s in config.exponents
+        for seed in config.seeds
+    ]
     for layer in config.replay_layers:
         weights = calibrated_weights(recorded_load(Path(config.metrics), layer, config.replay_steps), config.top_k)
         out += [Scenario("replay", None, layer, seed, tuple(weights)) for seed in config.seeds]
@@ -303,8 +326,9 @@ def summarize(config: Config, world: int, scenario: Scenario, policy: str, per_r
     """One JSON object: a (world size, routing, seed, policy) configuration's figures, bytes summed over ranks."""
     steps = range(config.iters)
     reference = per_rank[0]["reference_times"]
-    rows_max_mean = [max(r["rows"][i] for r in per_rank) / statistics.mean(r["rows"][i] for r in per_rank)
-                     for i in steps]
+    rows_max_mean = [
+        max(r["rows"][i] for r in per_rank) / statistics.mean(r["rows"][i] for r in per_rank) for i in steps
+    ]
     counts = per_rank[0]["counts"]
     peak_rank = max(per_rank, key=lambda r: r["peak"]["Total"])["peak"]
     gather, reduce_scatter = (sum(r[f] for r in per_rank) for f in ("gather_bytes", "reduce_scatter_bytes"))
@@ -313,18 +337,28 @@ def summarize(config: Config, world: int, scenario: Scenario, policy: str, per_r
     chunk = per_rank[0]["chunk_bytes"]
     gathers = 2 if POLICIES[policy].get("rematerialize") else 1  # RM gathers again in backward
     if (gather, reduce_scatter) != (gathers * replicas * chunk, replicas * chunk):
-        raise AssertionError(f"{policy} on {world} ranks ({scenario}): gather moved {gather} and reduce-scatter "
-                             f"{reduce_scatter} bytes per step, the plans' {replicas} replicas x {chunk} bytes "
-                             f"call for {gathers * replicas * chunk} and {replicas * chunk}")
+        raise AssertionError(
+            f"{policy} on {world} ranks ({scenario}): gather moved {gather} and reduce-scatter "
+            f"{reduce_scatter} bytes per step, the plans' {replicas} replicas x {chunk} bytes "
+            f"call for {gathers * replicas * chunk} and {replicas * chunk}"
+        )
     return {
-        "world_size": world, "routing": scenario.label, "s": scenario.s, "replay_layer": scenario.layer,
-        "seed": scenario.seed, "policy": policy,
+        "world_size": world,
+        "routing": scenario.label,
+        "s": scenario.s,
+        "replay_layer": scenario.layer,
+        "seed": scenario.seed,
+        "policy": policy,
         "step_ms": round(1e3 * statistics.median(per_rank[0]["times"]), 2),
         "times_ms": [round(1e3 * t, 2) for t in per_rank[0]["times"]],
-        "ratio_to_ep_uniform": (round(statistics.median(t / b for t, b in zip(per_rank[0]["times"], reference)), 3)
-                                if reference else None),
-        "gather_bytes": round(gather), "reduce_scatter_bytes": round(reduce_scatter), "token_bytes": round(tokens),
-        "expert_bytes": round(gather + reduce_scatter), "total_bytes": round(gather + reduce_scatter + tokens),
+        "ratio_to_ep_uniform": (
+            round(statistics.median(t / b for t, b in zip(per_rank[0]["times"], reference)), 3) if reference else None
+        ),
+        "gather_bytes": round(gather),
+        "reduce_scatter_bytes": round(reduce_scatter),
+        "token_bytes": round(tokens),
+        "expert_bytes": round(gather + reduce_scatter),
+        "total_bytes": round(gather + reduce_scatter + tokens),
         "rows_max_over_mean": round(statistics.mean(rows_max_mean), 3),
         "rows_max": round(statistics.mean(max(r["rows"][i] for r in per_rank) for i in steps)),
         "pairs_per_step": round(statistics.mean(sum(c) for c in counts)),
@@ -333,7 +367,9 @@ def summarize(config: Config, world: int, scenario: Scenario, policy: str, per_r
         "peak_mib": round(peak_rank["Total"] / 2**20, 1),
         "peak_by_kind_mib": {k: round(v / 2**20, 1) for k, v in peak_rank.items() if k != "Total" and v},
         "replicas": replicas,
-        "expert_mib_held": round(statistics.mean(max(r["held"][i] for r in per_rank) for i in steps) * chunk / 2**20, 1),
+        "expert_mib_held": round(
+            statistics.mean(max(r["held"][i] for r in per_rank) for i in steps) * chunk / 2**20, 1
+        ),
         "gather_wait_ms": round(max(r["gather_wait_ms"] for r in per_rank), 2),
     }
 
@@ -348,8 +384,7 @@ def with_ratios(rows: list[dict]) -> list[dict]:
     ep = {(*_case(r), r["seed"]): r["times_ms"] for r in rows if r["policy"] == "ep"}
     for r in rows:
         base = ep.get((*_case(r), r["seed"]))
-        r["ratio_to_ep"] = (round(statistics.median(t / b for t, b in zip(r["times_ms"], base)), 3)
-                            if base else None)
+        r["ratio_to_ep"] = round(statistics.median(t / b for t, b in zip(r["times_ms"], base)), 3) if base else None
     return rows
 
 
@@ -359,23 +394,43 @@ def run(config: Config, world: int) -> list[dict]:
     cases = scenarios(config)
     per_rank = run_workers(worker, world, config, cases, timeout_s=3600)
     results = iter(zip(*per_rank))
-    return [summarize(config, world, scenario, policy, list(next(results)))
-            for scenario in cases for policy in config.policies]
+    return [
+        summarize(config, world, scenario, policy, list(next(results)))
+        for scenario in cases
+        for policy in config.policies
+    ]
 
 
-MEAN_FIELDS = ("step_ms", "ratio_to_ep", "ratio_to_ep_uniform", "gather_bytes", "reduce_scatter_bytes", "token_bytes", "expert_bytes",
-               "total_bytes", "rows_max_over_mean", "ideal_ratio", "peak_mib", "expert_mib_held", "gather_wait_ms",
-               "hottest_share")
+MEAN_FIELDS = (
+    "step_ms",
+    "ratio_to_ep",
+    "ratio_to_ep_uniform",
+    "gather_bytes",
+    "reduce_scatter_bytes",
+    "token_bytes",
+    "expert_bytes",
+    "total_bytes",
+    "rows_max_over_mean",
+    "ideal_ratio",
+    "peak_mib",
+    "expert_mib_held",
+    "gather_wait_ms",
+    "hottest_share",
+)
 
 
 def means_over_seeds(rows: list[dict]) -> list[dict]:
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((*_case(r), r["policy"]), []).append(r)
-    return [{**dict(zip(("world_size", "routing", "s", "replay_layer", "policy"), key)),
-             **{f: statistics.mean(r[f] for r in group) for f in MEAN_FIELDS if group[0][f] is not None},
-             "seeds": len(group)}
-            for key, group in groups.items()]
+    return [
+        {
+            **dict(zip(("world_size", "routing", "s", "replay_layer", "policy"), key)),
+            **{f: statistics.mean(r[f] for r in group) for f in MEAN_FIELDS if group[0][f] is not None},
+            "seeds": len(group),
+        }
+        for key, group in groups.items()
+    ]
 
 
 def _routing_label(r: dict) -> str:
@@ -383,15 +438,20 @@ def _routing_label(r: dict) -> str:
 
 
 def print_table(means: list[dict]) -> None:
-    print(f"{'ranks':>5}  {'routing':<10}{'policy':<9}{'step ms':>8}{'x ep':>7}{'x ep s=0':>9}{'gather MiB':>11}{'RS MiB':>7}"
-          f"{'token MiB':>10}{'rows max/mean':>14}{'ideal':>7}{'peak MiB':>9}{'held MiB':>9}")
+    print(
+        f"{'ranks':>5}  {'routing':<10}{'policy':<9}{'step ms':>8}{'x ep':>7}{'x ep s=0':>9}"
+        f"{'gather MiB':>11}{'RS MiB':>7}"
+        f"{'token MiB':>10}{'rows max/mean':>14}{'ideal':>7}{'peak MiB':>9}{'held MiB':>9}"
+    )
     for r in means:
-        print(f"{r['world_size']:>5}  {_routing_label(r):<10}{r['policy']:<9}{r['step_ms']:>8.1f}"
-              f"{r.get('ratio_to_ep', float('nan')):>7.3f}{r.get('ratio_to_ep_uniform', float('nan')):>9.3f}"
-              f"{r['gather_bytes'] / 2**20:>11.1f}"
-              f"{r['reduce_scatter_bytes'] / 2**20:>7.1f}{r['token_bytes'] / 2**20:>10.1f}"
-              f"{r['rows_max_over_mean']:>14.3f}{r['ideal_ratio']:>7.3f}{r['peak_mib']:>9.1f}"
-              f"{r['expert_mib_held']:>9.1f}")
+        print(
+            f"{r['world_size']:>5}  {_routing_label(r):<10}{r['policy']:<9}{r['step_ms']:>8.1f}"
+            f"{r.get('ratio_to_ep', float('nan')):>7.3f}{r.get('ratio_to_ep_uniform', float('nan')):>9.3f}"
+            f"{r['gather_bytes'] / 2**20:>11.1f}"
+            f"{r['reduce_scatter_bytes'] / 2**20:>7.1f}{r['token_bytes'] / 2**20:>10.1f}"
+            f"{r['rows_max_over_mean']:>14.3f}{r['ideal_ratio']:>7.3f}{r['peak_mib']:>9.1f}"
+            f"{r['expert_mib_held']:>9.1f}"
+        )
 
 
 def _verdict(value: float, limit: float) -> str:
@@ -404,7 +464,8 @@ def goals(means: list[dict]) -> list[str]:
     by = {(r["world_size"], r["s"], r["policy"]): r for r in means if r["routing"] == "zipf"}
     lines = []
     for world in sorted({w for w, _, _ in by}):
-        def figure(s: float, policy: str, name: str) -> float | None:
+
+        def figure(s: float, policy: str, name: str, world: int = world) -> float | None:
             row = by.get((world, s, policy))
             return None if row is None else row.get(name)
 
@@ -413,13 +474,16 @@ def goals(means: list[dict]) -> list[str]:
             paired, median = figure(s, "fssdp", "ratio_to_ep_uniform"), figure(s, "fssdp", "step_ms")
             if paired is not None and median and ep0:
                 limit = 1.05 if s == 0 else 1.1
-                lines.append(f"{world} ranks, s={s}: fssdp step / ep step at s=0: {_verdict(paired, limit)} "
-                             f"({median / ep0:.3f})")
+                lines.append(
+                    f"{world} ranks, s={s}: fssdp step / ep step at s=0: {_verdict(paired, limit)} ({median / ep0:.3f})"
+                )
             fssdp, fsdp = figure(s, "fssdp", "expert_bytes"), figure(s, "fsdp", "expert_bytes")
             if fssdp is not None and fsdp:
-                lines.append(f"{world} ranks, s={s}: fssdp / fsdp gather + reduce-scatter bytes: "
-                             f"{_verdict(fssdp / fsdp, 0.3)}; all bytes (with tokens) "
-                             f"{figure(s, 'fssdp', 'total_bytes') / figure(s, 'fsdp', 'total_bytes'):.3f}")
+                lines.append(
+                    f"{world} ranks, s={s}: fssdp / fsdp gather + reduce-scatter bytes: "
+                    f"{_verdict(fssdp / fsdp, 0.3)}; all bytes (with tokens) "
+                    f"{figure(s, 'fssdp', 'total_bytes') / figure(s, 'fsdp', 'total_bytes'):.3f}"
+                )
             rm, ep = figure(s, "fssdp-rm", "peak_mib"), figure(s, "ep", "peak_mib")
             if rm and ep:
                 lines.append(f"{world} ranks, s={s}: fssdp-rm peak memory / ep: {_verdict(rm / ep, 1.15)}")
@@ -442,13 +506,30 @@ def main() -> None:
     parser.add_argument("--replay-steps", type=int, default=defaults.replay_steps)
     parser.add_argument("--metrics", default=defaults.metrics, help="the run whose expert_load is replayed")
     parser.add_argument("--policies", nargs="+", default=list(defaults.policies), choices=list(POLICIES))
-    for name in ("dim", "heads", "ffn_dim", "experts", "top_k", "tokens", "seq", "window", "overlap_budget",
-                 "memory_budget", "warmup", "iters"):
+    for name in (
+        "dim",
+        "heads",
+        "ffn_dim",
+        "experts",
+        "top_k",
+        "tokens",
+        "seq",
+        "window",
+        "overlap_budget",
+        "memory_budget",
+        "warmup",
+        "iters",
+    ):
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name))
     parser.add_argument("--json", type=Path, help="write one JSON object per measured configuration to this file")
     args = parser.parse_args()
-    config = Config(**{name: tuple(value) if isinstance(value, list) else value
-                       for name, value in vars(args).items() if name != "json"})
+    config = Config(
+        **{
+            name: tuple(value) if isinstance(value, list) else value
+            for name, value in vars(args).items()
+            if name != "json"
+        }
+    )
     if config.warmup < config.window:
         raise SystemExit(f"--warmup ({config.warmup}) must be >= --window ({config.window})")
     if any(config.tokens % (config.seq * world) for world in config.world_sizes):
@@ -461,8 +542,11 @@ def main() -> None:
     print()
     print("\n".join(goals(means)))
     steal = (steal_after - steal_before) / max(all_after - all_before, 1)
-    print(f"\n{len(rows)} configurations in {time.perf_counter() - start:.0f} s, CPU steal {100 * steal:.1f}%; "
-          f"config: {json.dumps(asdict(config))}", file=sys.stderr)
+    print(
+        f"\n{len(rows)} configurations in {time.perf_counter() - start:.0f} s, CPU steal {100 * steal:.1f}%; "
+        f"config: {json.dumps(asdict(config))}",
+        file=sys.stderr,
+    )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(rows, indent=1) + "\n")

@@ -8,6 +8,7 @@ A configuration's time is the median over iterations of the slowest rank's time.
 
     python benchmarks/sparse_collectives.py --json runs/sparse_collectives.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -114,13 +115,22 @@ def measure(transport: Transport, config: Config, label: str) -> list[dict]:
         sparse_bytes = _bytes_sent(transport, "sparse_all_gather", sparse)
         replicas = sum(len(devices) - 1 for devices in materialized.devices_C)
         assert sparse_bytes == replicas * spec.nbytes
-        rows.append({
-            "transport": label, "world_size": world, "chunks": config.chunks, "chunk_bytes": spec.nbytes,
-            "fraction": fraction, "replicas": replicas,
-            "sparse_median_ms": round(sparse_s * 1e3, 3), "plain_median_ms": round(plain_s * 1e3, 3),
-            "sparse_bytes": sparse_bytes, "plain_bytes": plain_bytes,
-            "time_ratio": round(sparse_s / plain_s, 3), "bytes_ratio": round(sparse_bytes / plain_bytes, 3),
-        })
+        rows.append(
+            {
+                "transport": label,
+                "world_size": world,
+                "chunks": config.chunks,
+                "chunk_bytes": spec.nbytes,
+                "fraction": fraction,
+                "replicas": replicas,
+                "sparse_median_ms": round(sparse_s * 1e3, 3),
+                "plain_median_ms": round(plain_s * 1e3, 3),
+                "sparse_bytes": sparse_bytes,
+                "plain_bytes": plain_bytes,
+                "time_ratio": round(sparse_s / plain_s, 3),
+                "bytes_ratio": round(sparse_bytes / plain_bytes, 3),
+            }
+        )
     return rows
 
 
@@ -152,20 +162,34 @@ def run_mpi(config: Config) -> list[dict]:
         raise SystemExit("mpirun not found: apt-get install -y --no-install-recommends openmpi-bin libopenmpi-dev")
     with tempfile.TemporaryDirectory() as folder:
         out = Path(folder, "rows.json")
-        command = [mpirun, "--allow-run-as-root", "--oversubscribe", "-np", str(config.world_size),
-                   sys.executable, __file__, "--mpi-worker", json.dumps(asdict(config)), str(out)]
+        command = [
+            mpirun,
+            "--allow-run-as-root",
+            "--oversubscribe",
+            "-np",
+            str(config.world_size),
+            sys.executable,
+            __file__,
+            "--mpi-worker",
+            json.dumps(asdict(config)),
+            str(out),
+        ]
         subprocess.run(command, check=True, timeout=1200)
         return json.loads(out.read_text())
 
 
 def print_table(rows: list[dict]) -> None:
-    header = f"{'transport':<11}{'fraction':>9}{'replicas':>9}{'sparse ms':>11}{'plain ms':>10}" \
-             f"{'sparse MiB':>11}{'plain MiB':>10}{'time ratio':>11}{'bytes ratio':>12}"
+    header = (
+        f"{'transport':<11}{'fraction':>9}{'replicas':>9}{'sparse ms':>11}{'plain ms':>10}"
+        f"{'sparse MiB':>11}{'plain MiB':>10}{'time ratio':>11}{'bytes ratio':>12}"
+    )
     print(header)
     for r in rows:
-        print(f"{r['transport']:<11}{r['fraction']:>9}{r['replicas']:>9}{r['sparse_median_ms']:>11.2f}"
-              f"{r['plain_median_ms']:>10.2f}{r['sparse_bytes'] / 2**20:>11.1f}{r['plain_bytes'] / 2**20:>10.1f}"
-              f"{r['time_ratio']:>11.3f}{r['bytes_ratio']:>12.3f}")
+        print(
+            f"{r['transport']:<11}{r['fraction']:>9}{r['replicas']:>9}{r['sparse_median_ms']:>11.2f}"
+            f"{r['plain_median_ms']:>10.2f}{r['sparse_bytes'] / 2**20:>11.1f}{r['plain_bytes'] / 2**20:>10.1f}"
+            f"{r['time_ratio']:>11.3f}{r['bytes_ratio']:>12.3f}"
+        )
 
 
 def main() -> None:

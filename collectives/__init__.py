@@ -8,6 +8,7 @@
 
 The MPI and cupy transports import their libraries only when constructed.
 """
+
 from hecate.collectives.accounting import CommStats, OpStats, delta
 from hecate.collectives.autograd import all_reduce_autograd, all_to_all_autograd
 from hecate.collectives.cupy_transport import CupyNcclTransport
@@ -21,8 +22,25 @@ from hecate.collectives.torch_transport import TorchTransport
 from hecate.collectives.transport import PeerOp, Transport
 
 __all__ = [
-    "ChunkSpec", "CommStats", "CupyNcclTransport", "ExchangePlan", "Handle", "MaterializedPlacement",
-    "MpiTransport", "OpStats", "OwnerPlacement", "PeerOp", "SparseAllGather", "SparseReduceScatter",
-    "TRANSPORT_KINDS", "TorchTransport", "Transport", "all_reduce_autograd", "all_to_all_autograd", "delta",
-    "gather_plan", "reduce_scatter_plan", "transport_from_mesh",
+    "ChunkSpec",
+    "CommStats",
+    "CupyNcclTransport",
+    "ExchangePlan",
+    "Handle",
+    "MaterializedPlacement",
+    "MpiTransport",
+    "OpStats",
+    "OwnerPlacement",
+    "PeerOp",
+    "SparseAllGather",
+    "SparseReduceScatter",
+    "TRANSPORT_KINDS",
+    "TorchTransport",
+    "Transport",
+    "all_reduce_autograd",
+    "all_to_all_autograd",
+    "delta",
+    "gather_plan",
+    "reduce_scatter_plan",
+    "transport_from_mesh",
 ]

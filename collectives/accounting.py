@@ -5,6 +5,7 @@ Every transport records into a :class:`CommStats`; the trainer's metrics and the
 (what its semantics require to cross, independent of the algorithm the library picks; see ``traffic.py``),
 so that numbers compare across transports. Wait time is the time a caller spent blocked in ``Handle.wait``.
 """
+
 from __future__ import annotations
 
 import threading
@@ -44,7 +45,9 @@ class CommStats:
         with self._lock:
             old = self._ops.get(name, OpStats())
             self._ops[name] = replace(
-                old, calls=old.calls + 1, bytes_sent=old.bytes_sent + sent,
+                old,
+                calls=old.calls + 1,
+                bytes_sent=old.bytes_sent + sent,
                 bytes_received=old.bytes_received + received,
             )
 

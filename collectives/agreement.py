@@ -1,4 +1,5 @@
 """Raising the same error on every rank: a problem only one rank can see must not leave the others hanging."""
+
 from __future__ import annotations
 
 import torch
@@ -7,8 +8,9 @@ from hecate.collectives.errors import CollectiveError
 from hecate.collectives.transport import Transport
 
 
-def raise_unless_all_agree(transport: Transport, name: str, problem: str | None, fingerprint: int,
-                           device: torch.device) -> None:
+def raise_unless_all_agree(
+    transport: Transport, name: str, problem: str | None, fingerprint: int, device: torch.device
+) -> None:
     """One tiny max-all-reduce before data moves: slot r holds rank r's problem flag, then the plan fingerprint
     and its negation (so max and min arrive together). Every rank then raises if any rank found a problem with
     its local inputs or the ranks compiled different plans. (An all-reduce: gloo's all-gather is far slower.)"""

@@ -5,6 +5,7 @@
 - ``all_reduce_autograd``: a sum whose backward sums the gradients over the same ranks (each rank's input
   reaches every rank's output), as data-parallel router statistics need.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -16,8 +17,14 @@ from hecate.collectives.transport import Transport
 
 class _AllToAll(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, input: torch.Tensor, send_splits: tuple[int, ...], recv_splits: tuple[int, ...],
-                transport: Transport, name: str) -> torch.Tensor:
+    def forward(
+        ctx,
+        input: torch.Tensor,
+        send_splits: tuple[int, ...],
+        recv_splits: tuple[int, ...],
+        transport: Transport,
+        name: str,
+    ) -> torch.Tensor:
         ctx.splits, ctx.transport, ctx.name = (send_splits, recv_splits), transport, name
         return _exchange(input, send_splits, recv_splits, transport, name)
 
@@ -28,15 +35,22 @@ class _AllToAll(torch.autograd.Function):
         return grad_input, None, None, None, None
 
 
-def _exchange(input: torch.Tensor, send_splits: tuple[int, ...], recv_splits: tuple[int, ...],
-              transport: Transport, name: str) -> torch.Tensor:
+def _exchange(
+    input: torch.Tensor, send_splits: tuple[int, ...], recv_splits: tuple[int, ...], transport: Transport, name: str
+) -> torch.Tensor:
     output = input.new_empty((sum(recv_splits), *input.shape[1:]))
     transport.all_to_all(output, input.contiguous(), recv_splits, send_splits, name=name).wait()
     return output
 
 
-def all_to_all_autograd(input: torch.Tensor, send_splits: Sequence[int], recv_splits: Sequence[int],
-                        transport: Transport, *, name: str = "all_to_all") -> torch.Tensor:
+def all_to_all_autograd(
+    input: torch.Tensor,
+    send_splits: Sequence[int],
+    recv_splits: Sequence[int],
+    transport: Transport,
+    *,
+    name: str = "all_to_all",
+) -> torch.Tensor:
     """Send ``send_splits[p]`` consecutive rows of ``input`` to rank p; receive ``recv_splits[p]`` rows from it."""
     return _AllToAll.apply(input, tuple(send_splits), tuple(recv_splits), transport, name)
 

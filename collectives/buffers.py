@@ -1,4 +1,5 @@
 """Reusable byte buffers for hot paths: filling fresh memory costs several times more than reusing a buffer."""
+
 from __future__ import annotations
 
 import torch

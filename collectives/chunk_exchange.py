@@ -6,6 +6,7 @@ Messages between two ranks match in the order they are issued, which both sides 
 Measured against packing everything into one variable-split all-to-all, this was faster on both gloo and
 MPI here (docs/BENCHMARKS.md): the packing copy cost more than the extra messages.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -21,8 +22,9 @@ from hecate.collectives.plan import ChunkSpec, ExchangePlan
 from hecate.collectives.transport import PeerOp, Transport
 
 
-def local_problem(local: Mapping[int, torch.Tensor], expected: tuple[int, ...], specs: tuple[ChunkSpec, ...],
-                  device: torch.device) -> str | None:
+def local_problem(
+    local: Mapping[int, torch.Tensor], expected: tuple[int, ...], specs: tuple[ChunkSpec, ...], device: torch.device
+) -> str | None:
     """What is wrong with this rank's chunks (in words), or None."""
     if sorted(local) != list(expected):
         return f"the placement puts chunks {list(expected)} here, but got chunks {sorted(local)}"
@@ -63,8 +65,7 @@ class Received:
 class ChunkExchange:
     """One plan on one transport, with a pool of receive buffers (returned through ``Received.release``)."""
 
-    def __init__(self, plan: ExchangePlan, transport: Transport, name: str, device: torch.device,
-                 validate: bool):
+    def __init__(self, plan: ExchangePlan, transport: Transport, name: str, device: torch.device, validate: bool):
         if plan.world_size != transport.world_size:
             raise CollectiveError(
                 f"{name}: the placements are over {plan.world_size} devices but the transport has "
@@ -107,6 +108,8 @@ class ChunkExchange:
         return self.transport.batch_p2p(ops, name=self.name).then(lambda _: self._received(recv))
 
     def _received(self, recv: torch.Tensor) -> Received:
-        copies = [(src, chunk, _typed(recv[offset : offset + spec.nbytes], spec))
-                  for src, chunk, spec, offset in self.incoming]
+        copies = [
+            (src, chunk, _typed(recv[offset : offset + spec.nbytes], spec))
+            for src, chunk, spec, offset in self.incoming
+        ]
         return Received(copies, recv, self.recv_pool)

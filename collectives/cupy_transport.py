@@ -4,6 +4,7 @@ It exists for GPU jobs that want NCCL without a torch NCCL process group (e.g. b
 Variable all-to-all and batched point-to-point are grouped NCCL send/recv. Operations run on a side stream
 that first waits for the caller's current stream; ``wait()`` blocks the host until they are done.
 """
+
 from __future__ import annotations
 
 import pickle
@@ -55,8 +56,15 @@ def load_cupy_nccl():
 class CupyNcclTransport:
     """NCCL through cupy on CUDA tensors of one device. All ranks must call the constructor (it rendezvous)."""
 
-    def __init__(self, store: dist.Store, rank: int, world_size: int, device: int | None = None,
-                 stats: CommStats | None = None, key: str = UNIQUE_ID_KEY):
+    def __init__(
+        self,
+        store: dist.Store,
+        rank: int,
+        world_size: int,
+        device: int | None = None,
+        stats: CommStats | None = None,
+        key: str = UNIQUE_ID_KEY,
+    ):
         self.cupy, self.nccl = load_cupy_nccl()
         self.rank = rank
         self.world_size = world_size
@@ -70,8 +78,12 @@ class CupyNcclTransport:
         self.stream = torch.cuda.Stream(self.device)
         nccl = self.nccl
         self._dtypes = {
-            torch.uint8: nccl.NCCL_UINT8, torch.int32: nccl.NCCL_INT32, torch.int64: nccl.NCCL_INT64,
-            torch.float16: nccl.NCCL_FLOAT16, torch.float32: nccl.NCCL_FLOAT32, torch.float64: nccl.NCCL_FLOAT64,
+            torch.uint8: nccl.NCCL_UINT8,
+            torch.int32: nccl.NCCL_INT32,
+            torch.int64: nccl.NCCL_INT64,
+            torch.float16: nccl.NCCL_FLOAT16,
+            torch.float32: nccl.NCCL_FLOAT32,
+            torch.float64: nccl.NCCL_FLOAT64,
             torch.bfloat16: getattr(nccl, "NCCL_BFLOAT16", NCCL_BFLOAT16),
         }
         self._reduce_ops = {"sum": nccl.NCCL_SUM, "max": nccl.NCCL_MAX, "min": nccl.NCCL_MIN}
@@ -83,8 +95,9 @@ class CupyNcclTransport:
         load_cupy_nccl()  # the clear error without a GPU comes before touching the store
         ranks = dist.get_process_group_ranks(mesh.get_group(dim))
         store = dist.distributed_c10d._get_default_store()
-        return cls(store, ranks.index(dist.get_rank()), len(ranks), stats=stats,
-                   key=f"{UNIQUE_ID_KEY}/{dim}/{min(ranks)}")
+        return cls(
+            store, ranks.index(dist.get_rank()), len(ranks), stats=stats, key=f"{UNIQUE_ID_KEY}/{dim}/{min(ranks)}"
+        )
 
     def _issue(self, name: str, tensors: Sequence[torch.Tensor], enqueue, result=None) -> Handle:
         """Run ``enqueue(stream_ptr)`` on the side stream after the caller's pending work on ``tensors``."""
@@ -97,8 +110,15 @@ class CupyNcclTransport:
             done.record(self.stream)
         return Handle(done.synchronize, lambda: result, partial(self.stats.record_wait, name))
 
-    def all_to_all(self, output: torch.Tensor, input: torch.Tensor, output_splits: Sequence[int],
-                   input_splits: Sequence[int], *, name: str = "all_to_all") -> Handle[torch.Tensor]:
+    def all_to_all(
+        self,
+        output: torch.Tensor,
+        input: torch.Tensor,
+        output_splits: Sequence[int],
+        input_splits: Sequence[int],
+        *,
+        name: str = "all_to_all",
+    ) -> Handle[torch.Tensor]:
         check_all_to_all(output, input, output_splits, input_splits, self.world_size)
         self.stats.record(name, *traffic.all_to_all(output, input, output_splits, input_splits, self.rank))
         unit = traffic.row_bytes(input)
@@ -117,8 +137,9 @@ class CupyNcclTransport:
 
         return self._issue(name, [output, input], enqueue, output)
 
-    def all_gather(self, output: torch.Tensor, input: torch.Tensor, *,
-                   name: str = "all_gather") -> Handle[torch.Tensor]:
+    def all_gather(
+        self, output: torch.Tensor, input: torch.Tensor, *, name: str = "all_gather"
+    ) -> Handle[torch.Tensor]:
         self.stats.record(name, *traffic.all_gather(input, self.world_size))
 
         def enqueue(stream: int) -> None:
@@ -126,23 +147,37 @@ class CupyNcclTransport:
 
         return self._issue(name, [output, input], enqueue, output)
 
-    def reduce_scatter(self, output: torch.Tensor, input: torch.Tensor, *,
-                       name: str = "reduce_scatter") -> Handle[torch.Tensor]:
+    def reduce_scatter(
+        self, output: torch.Tensor, input: torch.Tensor, *, name: str = "reduce_scatter"
+    ) -> Handle[torch.Tensor]:
         self.stats.record(name, *traffic.reduce_scatter(output, input, self.world_size))
 
         def enqueue(stream: int) -> None:
-            self.comm.reduceScatter(input.data_ptr(), output.data_ptr(), output.numel(),
-                                    self._dtypes[output.dtype], self.nccl.NCCL_SUM, stream)
+            self.comm.reduceScatter(
+                input.data_ptr(),
+                output.data_ptr(),
+                output.numel(),
+                self._dtypes[output.dtype],
+                self.nccl.NCCL_SUM,
+                stream,
+            )
 
         return self._issue(name, [output, input], enqueue, output)
 
-    def all_reduce(self, tensor: torch.Tensor, *, reduce: Reduction = "sum",
-                   name: str = "all_reduce") -> Handle[torch.Tensor]:
+    def all_reduce(
+        self, tensor: torch.Tensor, *, reduce: Reduction = "sum", name: str = "all_reduce"
+    ) -> Handle[torch.Tensor]:
         self.stats.record(name, *traffic.all_reduce(tensor, self.world_size))
 
         def enqueue(stream: int) -> None:
-            self.comm.allReduce(tensor.data_ptr(), tensor.data_ptr(), tensor.numel(), self._dtypes[tensor.dtype],
-                                self._reduce_ops[reduce], stream)
+            self.comm.allReduce(
+                tensor.data_ptr(),
+                tensor.data_ptr(),
+                tensor.numel(),
+                self._dtypes[tensor.dtype],
+                self._reduce_ops[reduce],
+                stream,
+            )
 
         return self._issue(name, [tensor], enqueue, tensor)
 
@@ -174,7 +209,8 @@ class CupyNcclTransport:
         token = torch.zeros(1, device=self.device)
 
         def enqueue(stream: int) -> None:
-            self.comm.allReduce(token.data_ptr(), token.data_ptr(), 1, self.nccl.NCCL_FLOAT32,
-                                self.nccl.NCCL_SUM, stream)
+            self.comm.allReduce(
+                token.data_ptr(), token.data_ptr(), 1, self.nccl.NCCL_FLOAT32, self.nccl.NCCL_SUM, stream
+            )
 
         return self._issue(name, [token], enqueue)

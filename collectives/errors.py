@@ -1,6 +1,7 @@
-"""User-facing errors. Every room raises its own subclass of :class:`HecateError`; the CLI prints the
-message without a traceback (``--debug`` shows it). They live here, in the lowest room, so that every
-room can raise them without importing upward."""
+"""User-facing errors: :class:`HecateError`, the base of every error a user can cause and fix, which the CLI prints
+as one line without a traceback (``--debug`` shows it); :class:`ConfigError`, which every room raises for its own
+config fields; and this room's errors. The other rooms keep theirs beside them (``hecate.parallel.errors``,
+``hecate.trainer.errors``, ``hecate.launch.errors``)."""
 
 
 class HecateError(Exception):
@@ -19,30 +20,5 @@ class CollectiveError(HecateError):
     """A collective was called with inconsistent arguments (placements, shapes, ranks)."""
 
 
-class LayoutError(HecateError):
-    """A parallel layout does not fit the world size or the model."""
-
-
-class DataError(HecateError):
-    """The corpus or prepared data is missing, empty, unreadable or too short for the config."""
-
-
-class CheckpointError(HecateError):
-    """A checkpoint is missing, incomplete or belongs to another model."""
-
-
-class TrainingError(HecateError):
-    """Training cannot go on (e.g. a non-finite loss); the message names the step."""
-
-
 class TransportUnavailable(CollectiveError):
     """A transport cannot run here (its library, a GPU or NCCL is missing); the message names what."""
-
-
-class WorkerFailure(HecateError):
-    """A worker process raised, died or timed out. The message names the rank(s) and carries the traceback,
-    exit code or stacks, so that the job goes down with the reason rather than hanging."""
-
-    def __init__(self, message: str, ranks: tuple[int, ...]):
-        self.ranks = ranks
-        super().__init__(message)

@@ -1,4 +1,5 @@
 """One transport per mesh dimension, of the kind the run's config names (``collectives.transport``)."""
+
 from __future__ import annotations
 
 from torch.distributed.device_mesh import DeviceMesh

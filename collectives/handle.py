@@ -1,4 +1,5 @@
 """A uniform handle for an operation in flight, whatever transport issued it."""
+
 from __future__ import annotations
 
 import time

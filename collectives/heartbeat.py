@@ -11,6 +11,7 @@ stale. A rank that is alive but behind has issued fewer operations (``ops``) tha
 Files are read by rank from one folder: ranks of one node always see each other; across nodes only where the
 folder is on a shared filesystem (the run folder usually is). ``time`` is the writer's wall clock.
 """
+
 from __future__ import annotations
 
 import json
@@ -81,8 +82,9 @@ class Heartbeat:
         self._thread.join()
 
     def beat(self) -> Beat:
-        return Beat(self.rank, os.getpid(), self.attempt, self._step_of(), _Collectives.op, _Collectives.count,
-                    time.time())
+        return Beat(
+            self.rank, os.getpid(), self.attempt, self._step_of(), _Collectives.op, _Collectives.count, time.time()
+        )
 
     def write(self) -> None:
         path = beat_path(self.folder, self.rank)

@@ -23,6 +23,7 @@ Concurrency per transport:
 
 Shapes: N rows sent, M rows received, D row width.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -75,8 +76,9 @@ class _Wait(torch.autograd.Function):
         ex = ctx.ex
         ex.keep = grad_MD.contiguous()
         ex.grad_ND = grad_MD.new_empty((sum(ex.send_splits), *grad_MD.shape[1:]))
-        ex.backward = ex.transport.all_to_all(ex.grad_ND, ex.keep, ex.send_splits, ex.recv_splits,
-                                              name=f"{ex.name}.backward")
+        ex.backward = ex.transport.all_to_all(
+            ex.grad_ND, ex.keep, ex.send_splits, ex.recv_splits, name=f"{ex.name}.backward"
+        )
         return ex.keep, None  # handed to _Start.backward, which waits for the reverse exchange
 
 
@@ -91,8 +93,14 @@ class InFlight:
         return _Wait.apply(out_MD, self._ex)
 
 
-def all_to_all_start(x_ND: torch.Tensor, send_splits: Sequence[int], recv_splits: Sequence[int],
-                     transport: Transport, *, name: str = "all_to_all") -> InFlight:
+def all_to_all_start(
+    x_ND: torch.Tensor,
+    send_splits: Sequence[int],
+    recv_splits: Sequence[int],
+    transport: Transport,
+    *,
+    name: str = "all_to_all",
+) -> InFlight:
     """Issue: send ``send_splits[p]`` consecutive rows of ``x_ND`` to rank p, receive ``recv_splits[p]`` from it.
     ``x_ND`` must not be modified until ``wait()``. Ranks must issue and wait their exchanges in the same order."""
     ex = _Exchange(tuple(send_splits), tuple(recv_splits), transport, name)

@@ -5,6 +5,7 @@ is CUDA-aware (detected with ``MPIX_Query_cuda_support``), else they are staged 
 Reductions of dtypes MPI has no type for (bf16, fp16) run on a float32 copy. Note that Open MPI progresses
 non-blocking collectives only inside MPI calls, so overlap with computation is limited to what it buffers.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -125,40 +126,54 @@ class MpiTransport:
 
         return Handle(partial(self.MPI.Request.Waitall, requests), finish, partial(self.stats.record_wait, name))
 
-    def all_to_all(self, output: torch.Tensor, input: torch.Tensor, output_splits: Sequence[int],
-                   input_splits: Sequence[int], *, name: str = "all_to_all") -> Handle[torch.Tensor]:
+    def all_to_all(
+        self,
+        output: torch.Tensor,
+        input: torch.Tensor,
+        output_splits: Sequence[int],
+        input_splits: Sequence[int],
+        *,
+        name: str = "all_to_all",
+    ) -> Handle[torch.Tensor]:
         check_all_to_all(output, input, output_splits, input_splits, self.world_size)
         self.stats.record(name, *traffic.all_to_all(output, input, output_splits, input_splits, self.rank))
         buffers = _Buffers(self.cuda_aware)
         send = [buffers.raw(input), _counts_displs(input_splits, traffic.row_bytes(input)), self.MPI.BYTE]
-        recv = [buffers.raw(output, output=True), _counts_displs(output_splits, traffic.row_bytes(output)),
-                self.MPI.BYTE]
+        recv = [
+            buffers.raw(output, output=True),
+            _counts_displs(output_splits, traffic.row_bytes(output)),
+            self.MPI.BYTE,
+        ]
         return self._handle(name, [self.comm.Ialltoallv(send, recv)], buffers, output)
 
-    def all_gather(self, output: torch.Tensor, input: torch.Tensor, *,
-                   name: str = "all_gather") -> Handle[torch.Tensor]:
+    def all_gather(
+        self, output: torch.Tensor, input: torch.Tensor, *, name: str = "all_gather"
+    ) -> Handle[torch.Tensor]:
         _check_parts("all_gather", output, input, self.world_size)
         self.stats.record(name, *traffic.all_gather(input, self.world_size))
         buffers = _Buffers(self.cuda_aware)
-        request = self.comm.Iallgather([buffers.raw(input), self.MPI.BYTE],
-                                       [buffers.raw(output, output=True), self.MPI.BYTE])
+        request = self.comm.Iallgather(
+            [buffers.raw(input), self.MPI.BYTE], [buffers.raw(output, output=True), self.MPI.BYTE]
+        )
         return self._handle(name, [request], buffers, output)
 
-    def reduce_scatter(self, output: torch.Tensor, input: torch.Tensor, *,
-                       name: str = "reduce_scatter") -> Handle[torch.Tensor]:
+    def reduce_scatter(
+        self, output: torch.Tensor, input: torch.Tensor, *, name: str = "reduce_scatter"
+    ) -> Handle[torch.Tensor]:
         _check_parts("reduce_scatter", input, output, self.world_size)
         self.stats.record(name, *traffic.reduce_scatter(output, input, self.world_size))
         buffers = _Buffers(self.cuda_aware)
-        request = self.comm.Ireduce_scatter_block(buffers.typed(input), buffers.typed(output, output=True),
-                                                  self.MPI.SUM)
+        request = self.comm.Ireduce_scatter_block(
+            buffers.typed(input), buffers.typed(output, output=True), self.MPI.SUM
+        )
         return self._handle(name, [request], buffers, output)
 
-    def all_reduce(self, tensor: torch.Tensor, *, reduce: Reduction = "sum",
-                   name: str = "all_reduce") -> Handle[torch.Tensor]:
+    def all_reduce(
+        self, tensor: torch.Tensor, *, reduce: Reduction = "sum", name: str = "all_reduce"
+    ) -> Handle[torch.Tensor]:
         self.stats.record(name, *traffic.all_reduce(tensor, self.world_size))
         buffers = _Buffers(self.cuda_aware)
-        request = self.comm.Iallreduce(self.MPI.IN_PLACE, buffers.typed(tensor, output=True),
-                                       self._reduce_ops[reduce])
+        request = self.comm.Iallreduce(self.MPI.IN_PLACE, buffers.typed(tensor, output=True), self._reduce_ops[reduce])
         return self._handle(name, [request], buffers, tensor)
 
     def broadcast(self, tensor: torch.Tensor, src: int, *, name: str = "broadcast") -> Handle[torch.Tensor]:

@@ -6,6 +6,7 @@ Both are small, immutable and hashable: planners in ``parallel/`` build them ide
 and compiled plans are cached per (owner, materialized, specs). Construction validates ranks, so a bad
 placement raises the same :class:`CollectiveError` on every rank before anything moves.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable
@@ -83,10 +84,10 @@ class MaterializedPlacement:
                 _check_device("materialized placement", chunk, device, self.world_size)
 
     @classmethod
-    def from_pairs(cls, pairs: Iterable[tuple[int, int]], num_chunks: int,
-                   world_size: int) -> MaterializedPlacement:
-        return cls(tuple(tuple(ds) for ds in _devices_per_chunk(pairs, num_chunks, "materialized placement")),
-                   world_size)
+    def from_pairs(cls, pairs: Iterable[tuple[int, int]], num_chunks: int, world_size: int) -> MaterializedPlacement:
+        return cls(
+            tuple(tuple(ds) for ds in _devices_per_chunk(pairs, num_chunks, "materialized placement")), world_size
+        )
 
     @classmethod
     def from_owner(cls, owner: OwnerPlacement, replicas: Iterable[tuple[int, int]] = ()) -> MaterializedPlacement:

@@ -3,6 +3,7 @@
 Pure and cached: the same (owner, materialized, specs) gives the same plan on every rank without any
 communication, so precondition errors are raised identically everywhere before data moves.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -106,8 +107,9 @@ def check_placements(owner: OwnerPlacement, materialized: MaterializedPlacement)
 
 
 @lru_cache(maxsize=PLAN_CACHE_SIZE)
-def gather_plan(owner: OwnerPlacement, materialized: MaterializedPlacement,
-                specs: tuple[ChunkSpec, ...]) -> ExchangePlan:
+def gather_plan(
+    owner: OwnerPlacement, materialized: MaterializedPlacement, specs: tuple[ChunkSpec, ...]
+) -> ExchangePlan:
     """SparseAllGather(P0 -> P1): each owner sends its chunk to every other device P1 lists for it."""
     check_placements(owner, materialized)
     normalize_specs(specs, owner.num_chunks)
@@ -122,7 +124,8 @@ def gather_plan(owner: OwnerPlacement, materialized: MaterializedPlacement,
 
 
 @lru_cache(maxsize=PLAN_CACHE_SIZE)
-def reduce_scatter_plan(owner: OwnerPlacement, materialized: MaterializedPlacement,
-                        specs: tuple[ChunkSpec, ...]) -> ExchangePlan:
+def reduce_scatter_plan(
+    owner: OwnerPlacement, materialized: MaterializedPlacement, specs: tuple[ChunkSpec, ...]
+) -> ExchangePlan:
     """SparseReduceScatter(P1 -> P0): every replica holder sends its copy back to the chunk's owner."""
     return gather_plan(owner, materialized, specs).transposed()

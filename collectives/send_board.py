@@ -10,6 +10,7 @@ for all of them, and a file in /dev/shm is memory they all map. The board is a r
 (sender, receiver); a slot holds the pair's operation number + 1 and the time the sender's transfer ends. Both
 ends count the operations between them in issue order, which a group's collectives share on every rank.
 """
+
 from __future__ import annotations
 
 import mmap
@@ -41,14 +42,16 @@ class SendBoard:
             fd, path = tempfile.mkstemp(prefix="hecate-simnet-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
             os.ftruncate(fd, size)
             os.close(fd)
-            path_bytes[:len(path)] = torch.tensor(list(path.encode()), dtype=torch.uint8)
+            path_bytes[: len(path)] = torch.tensor(list(path.encode()), dtype=torch.uint8)
         transport.broadcast(path_bytes, 0, name="simnet.board").wait()
         path = bytes(path_bytes.tolist()).rstrip(b"\0").decode()
         try:
             fd = os.open(path, os.O_RDWR)
         except FileNotFoundError as e:
-            raise CollectiveError(f"the simulated network needs every rank on one machine: rank {self.rank} cannot "
-                                  f"open rank 0's board {path}") from e
+            raise CollectiveError(
+                f"the simulated network needs every rank on one machine: rank {self.rank} cannot "
+                f"open rank 0's board {path}"
+            ) from e
         try:
             self._memory = mmap.mmap(fd, size)
         finally:
@@ -70,10 +73,14 @@ class SendBoard:
         deadline = time.monotonic() + TIMEOUT_S
         while slot[0] != op + 1:
             if slot[0] > op + 1:
-                raise CollectiveError(f"simulated network: rank {sender} ran more than {SLOTS} operations ahead of "
-                                      f"rank {self.rank}'s wait for their operation {op}")
+                raise CollectiveError(
+                    f"simulated network: rank {sender} ran more than {SLOTS} operations ahead of "
+                    f"rank {self.rank}'s wait for their operation {op}"
+                )
             if time.monotonic() > deadline:
-                raise CollectiveError(f"simulated network: rank {sender} did not issue its operation {op} to rank "
-                                      f"{self.rank} within {TIMEOUT_S:.0f} s")
+                raise CollectiveError(
+                    f"simulated network: rank {sender} did not issue its operation {op} to rank "
+                    f"{self.rank} within {TIMEOUT_S:.0f} s"
+                )
             time.sleep(POLL_S)
         return float(slot[1])

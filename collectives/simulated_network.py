@@ -24,6 +24,7 @@ reduce-scatter / barrier the logical payload (``traffic.py``) is split evenly ov
 waits for every remote one. Intra-node transfers run at the
 machine's real speed. The same wrapper records each operation's issue-to-wait span on a :class:`Timeline`.
 """
+
 from __future__ import annotations
 
 import threading
@@ -53,8 +54,10 @@ class SimulatedNetwork:
     def validate(self, world_size: int) -> None:
         """Raises CollectiveError naming the option (``--sim-nodes`` ...) when the settings cannot apply."""
         if self.nodes < 1 or world_size % self.nodes:
-            raise CollectiveError(f"--sim-nodes {self.nodes}: must be >= 1 and divide the {world_size} ranks "
-                                  f"(ranks are grouped into nodes of equal size)")
+            raise CollectiveError(
+                f"--sim-nodes {self.nodes}: must be >= 1 and divide the {world_size} ranks "
+                f"(ranks are grouped into nodes of equal size)"
+            )
         if not self.inter_node_gbps > 0:
             raise CollectiveError(f"--sim-inter-node-gbps {self.inter_node_gbps}: must be > 0")
         if self.latency_us < 0:
@@ -73,8 +76,9 @@ class SimulatedNetworkTransport:
     transport's rank r. With a network between nodes, every rank of the group constructs it at the same point
     (the ranks share a :class:`SendBoard`)."""
 
-    def __init__(self, inner: Transport, network: SimulatedNetwork | None, nodes: Sequence[int],
-                 timeline: Timeline | None = None):
+    def __init__(
+        self, inner: Transport, network: SimulatedNetwork | None, nodes: Sequence[int], timeline: Timeline | None = None
+    ):
         if len(nodes) != inner.world_size:
             raise CollectiveError(f"nodes lists {len(nodes)} ranks for a {inner.world_size}-rank transport")
         self.inner, self.network, self.timeline = inner, network, timeline
@@ -88,8 +92,9 @@ class SimulatedNetworkTransport:
 
     # ---- the model -------------------------------------------------------------------------------
 
-    def _model(self, issued_s: float, sent_by_peer: Sequence[int], received_by_peer: Sequence[int],
-               every_peer: bool) -> tuple[float, list[tuple[int, int]]]:
+    def _model(
+        self, issued_s: float, sent_by_peer: Sequence[int], received_by_peer: Sequence[int], every_peer: bool
+    ) -> tuple[float, list[tuple[int, int]]]:
         """This rank's NIC completion, and the (sender, operation number) pairs to read from the board at wait;
         posts this rank's send completion for its receivers. ``every_peer``: every remote rank counts as sender
         and receiver (collectives whose completion needs every rank)."""
@@ -116,8 +121,9 @@ class SimulatedNetworkTransport:
         peers = self.world_size - 1
         return [0 if p == self.rank or not peers else nbytes // peers for p in range(self.world_size)]
 
-    def _issue(self, name: str, sent_by_peer: Sequence[int], received_by_peer: Sequence[int], issue,
-               every_peer: bool = False) -> Handle:
+    def _issue(
+        self, name: str, sent_by_peer: Sequence[int], received_by_peer: Sequence[int], issue, every_peer: bool = False
+    ) -> Handle:
         """Post this operation's transfer and issue it; ``wait()`` waits for the real operation, then sleeps until
         the modeled completion (both count as wait, sleeping leaves the cores to the computation)."""
         issued_s, issued_ns = time.monotonic(), now_ns()
@@ -139,27 +145,45 @@ class SimulatedNetworkTransport:
 
     # ---- the protocol ----------------------------------------------------------------------------
 
-    def all_to_all(self, output: torch.Tensor, input: torch.Tensor, output_splits: Sequence[int],
-                   input_splits: Sequence[int], *, name: str = "all_to_all") -> Handle[torch.Tensor]:
+    def all_to_all(
+        self,
+        output: torch.Tensor,
+        input: torch.Tensor,
+        output_splits: Sequence[int],
+        input_splits: Sequence[int],
+        *,
+        name: str = "all_to_all",
+    ) -> Handle[torch.Tensor]:
         sent = [s * traffic.row_bytes(input) for s in input_splits]
         received = [s * traffic.row_bytes(output) for s in output_splits]
-        return self._issue(name, sent, received,
-                           lambda: self.inner.all_to_all(output, input, output_splits, input_splits, name=name))
+        return self._issue(
+            name, sent, received, lambda: self.inner.all_to_all(output, input, output_splits, input_splits, name=name)
+        )
 
-    def all_gather(self, output: torch.Tensor, input: torch.Tensor, *,
-                   name: str = "all_gather") -> Handle[torch.Tensor]:
-        return self._collective(name, traffic.all_gather(input, self.world_size),
-                                lambda: self.inner.all_gather(output, input, name=name))
+    def all_gather(
+        self, output: torch.Tensor, input: torch.Tensor, *, name: str = "all_gather"
+    ) -> Handle[torch.Tensor]:
+        return self._collective(
+            name, traffic.all_gather(input, self.world_size), lambda: self.inner.all_gather(output, input, name=name)
+        )
 
-    def reduce_scatter(self, output: torch.Tensor, input: torch.Tensor, *,
-                       name: str = "reduce_scatter") -> Handle[torch.Tensor]:
-        return self._collective(name, traffic.reduce_scatter(output, input, self.world_size),
-                                lambda: self.inner.reduce_scatter(output, input, name=name))
+    def reduce_scatter(
+        self, output: torch.Tensor, input: torch.Tensor, *, name: str = "reduce_scatter"
+    ) -> Handle[torch.Tensor]:
+        return self._collective(
+            name,
+            traffic.reduce_scatter(output, input, self.world_size),
+            lambda: self.inner.reduce_scatter(output, input, name=name),
+        )
 
-    def all_reduce(self, tensor: torch.Tensor, *, reduce: Reduction = "sum",
-                   name: str = "all_reduce") -> Handle[torch.Tensor]:
-        return self._collective(name, traffic.all_reduce(tensor, self.world_size),
-                                lambda: self.inner.all_reduce(tensor, reduce=reduce, name=name))
+    def all_reduce(
+        self, tensor: torch.Tensor, *, reduce: Reduction = "sum", name: str = "all_reduce"
+    ) -> Handle[torch.Tensor]:
+        return self._collective(
+            name,
+            traffic.all_reduce(tensor, self.world_size),
+            lambda: self.inner.all_reduce(tensor, reduce=reduce, name=name),
+        )
 
     def broadcast(self, tensor: torch.Tensor, src: int, *, name: str = "broadcast") -> Handle[torch.Tensor]:
         """Only the source sends: every other rank waits for the source alone."""

@@ -10,6 +10,7 @@ Both compile their plan once (cached per placements and specs) in the constructo
 :class:`CollectiveError` on every rank for bad placements; a mismatch in one rank's local chunks is raised on
 every rank after one tiny agreement all-gather (``validate=True``), before any chunk data moves.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
@@ -30,9 +31,16 @@ class SparseAllGather:
 
     name = "sparse_all_gather"
 
-    def __init__(self, owner: OwnerPlacement, materialized: MaterializedPlacement,
-                 specs: ChunkSpec | Sequence[ChunkSpec], transport: Transport, *,
-                 device: torch.device | str = "cpu", validate: bool = True):
+    def __init__(
+        self,
+        owner: OwnerPlacement,
+        materialized: MaterializedPlacement,
+        specs: ChunkSpec | Sequence[ChunkSpec],
+        transport: Transport,
+        *,
+        device: torch.device | str = "cpu",
+        validate: bool = True,
+    ):
         specs = normalize_specs(specs, owner.num_chunks)
         self.plan = gather_plan(owner, materialized, specs)
         self.owned = owner.chunks_on(transport.rank)
@@ -62,9 +70,16 @@ class SparseReduceScatter:
 
     name = "sparse_reduce_scatter"
 
-    def __init__(self, owner: OwnerPlacement, materialized: MaterializedPlacement,
-                 specs: ChunkSpec | Sequence[ChunkSpec], transport: Transport, *,
-                 device: torch.device | str = "cpu", validate: bool = True):
+    def __init__(
+        self,
+        owner: OwnerPlacement,
+        materialized: MaterializedPlacement,
+        specs: ChunkSpec | Sequence[ChunkSpec],
+        transport: Transport,
+        *,
+        device: torch.device | str = "cpu",
+        validate: bool = True,
+    ):
         specs = normalize_specs(specs, owner.num_chunks)
         self.plan = reduce_scatter_plan(owner, materialized, specs)
         self.held = materialized.chunks_on(transport.rank)

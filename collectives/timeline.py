@@ -7,6 +7,7 @@ from its issue to the end of the ``wait`` that consumed it. Where a compute span
 in time, the communication was hidden. Timestamps are ``time.monotonic_ns``, one clock for every process of a
 machine, so the ranks of a simulated cluster line up.
 """
+
 from __future__ import annotations
 
 import json
@@ -52,10 +53,21 @@ class Timeline:
         tracks = [COMPUTE] + sorted({track for track, *_ in spans} - {COMPUTE})
         tid = {track: i for i, track in enumerate(tracks)}
         events = [{"ph": "M", "name": "process_name", "pid": self.rank, "args": {"name": f"rank {self.rank}"}}]
-        events += [{"ph": "M", "name": "thread_name", "pid": self.rank, "tid": tid[t], "args": {"name": t}}
-                   for t in tracks]
-        events += [{"ph": "X", "name": name, "cat": track, "pid": self.rank, "tid": tid[track],
-                    "ts": start / 1e3, "dur": (end - start) / 1e3} for track, name, start, end in spans]
+        events += [
+            {"ph": "M", "name": "thread_name", "pid": self.rank, "tid": tid[t], "args": {"name": t}} for t in tracks
+        ]
+        events += [
+            {
+                "ph": "X",
+                "name": name,
+                "cat": track,
+                "pid": self.rank,
+                "tid": tid[track],
+                "ts": start / 1e3,
+                "dur": (end - start) / 1e3,
+            }
+            for track, name, start, end in spans
+        ]
         return events
 
     def write(self, path: Path) -> Path:

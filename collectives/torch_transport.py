@@ -1,4 +1,5 @@
 """The default transport: a torch.distributed process group (gloo on CPU, NCCL on GPU)."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -38,28 +39,39 @@ class TorchTransport:
 
         return Handle(block, lambda: result, partial(self.stats.record_wait, name))
 
-    def all_to_all(self, output: torch.Tensor, input: torch.Tensor, output_splits: Sequence[int],
-                   input_splits: Sequence[int], *, name: str = "all_to_all") -> Handle[torch.Tensor]:
+    def all_to_all(
+        self,
+        output: torch.Tensor,
+        input: torch.Tensor,
+        output_splits: Sequence[int],
+        input_splits: Sequence[int],
+        *,
+        name: str = "all_to_all",
+    ) -> Handle[torch.Tensor]:
         check_all_to_all(output, input, output_splits, input_splits, self.world_size)
         self.stats.record(name, *traffic.all_to_all(output, input, output_splits, input_splits, self.rank))
-        work = dist.all_to_all_single(output, input, list(output_splits), list(input_splits),
-                                      group=self.group, async_op=True)
+        work = dist.all_to_all_single(
+            output, input, list(output_splits), list(input_splits), group=self.group, async_op=True
+        )
         return self._handle(name, [work], output)
 
-    def all_gather(self, output: torch.Tensor, input: torch.Tensor, *,
-                   name: str = "all_gather") -> Handle[torch.Tensor]:
+    def all_gather(
+        self, output: torch.Tensor, input: torch.Tensor, *, name: str = "all_gather"
+    ) -> Handle[torch.Tensor]:
         self.stats.record(name, *traffic.all_gather(input, self.world_size))
         work = dist.all_gather_single(output, input, group=self.group, async_op=True)
         return self._handle(name, [work], output)
 
-    def reduce_scatter(self, output: torch.Tensor, input: torch.Tensor, *,
-                       name: str = "reduce_scatter") -> Handle[torch.Tensor]:
+    def reduce_scatter(
+        self, output: torch.Tensor, input: torch.Tensor, *, name: str = "reduce_scatter"
+    ) -> Handle[torch.Tensor]:
         self.stats.record(name, *traffic.reduce_scatter(output, input, self.world_size))
         work = dist.reduce_scatter_single(output, input, group=self.group, async_op=True)
         return self._handle(name, [work], output)
 
-    def all_reduce(self, tensor: torch.Tensor, *, reduce: Reduction = "sum",
-                   name: str = "all_reduce") -> Handle[torch.Tensor]:
+    def all_reduce(
+        self, tensor: torch.Tensor, *, reduce: Reduction = "sum", name: str = "all_reduce"
+    ) -> Handle[torch.Tensor]:
         self.stats.record(name, *traffic.all_reduce(tensor, self.world_size))
         work = dist.all_reduce(tensor, _REDUCE_OPS[reduce], group=self.group, async_op=True)
         return self._handle(name, [work], tensor)
@@ -76,8 +88,7 @@ class TorchTransport:
         self.stats.record(name, *traffic.point_to_point(ops, self.rank))
         copy_to_self(ops, self.rank)
         p2p = [
-            dist.P2POp(dist.isend if op.kind == "send" else dist.irecv, op.tensor, group=self.group,
-                       group_peer=op.peer)
+            dist.P2POp(dist.isend if op.kind == "send" else dist.irecv, op.tensor, group=self.group, group_peer=op.peer)
             for op in ops
             if op.peer != self.rank
         ]

@@ -3,6 +3,7 @@
 Self-traffic (a rank's own split of an all-to-all, its own share of an all-gather) is not counted: it never
 leaves the device. Reductions count each contribution that reaches another rank once.
 """
+
 from __future__ import annotations
 
 import math
@@ -18,8 +19,9 @@ def row_bytes(t: torch.Tensor) -> int:
     return t.element_size() * math.prod(t.shape[1:])
 
 
-def all_to_all(output: torch.Tensor, input: torch.Tensor, output_splits: Sequence[int],
-               input_splits: Sequence[int], rank: int) -> tuple[int, int]:
+def all_to_all(
+    output: torch.Tensor, input: torch.Tensor, output_splits: Sequence[int], input_splits: Sequence[int], rank: int
+) -> tuple[int, int]:
     sent = (sum(input_splits) - input_splits[rank]) * row_bytes(input)
     received = (sum(output_splits) - output_splits[rank]) * row_bytes(output)
     return sent, received

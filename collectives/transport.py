@@ -6,6 +6,7 @@ result (the output tensor, or ``None``). ``name`` is the accounting key, so a co
 dim-0 rows, as in ``torch.distributed.all_to_all_single``; reductions sum unless told otherwise.
 Tensors must be contiguous; ``all_gather`` / ``reduce_scatter`` concatenate ranks' parts along dim 0.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -36,17 +37,27 @@ class Transport(Protocol):
     world_size: int
     stats: CommStats
 
-    def all_to_all(self, output: torch.Tensor, input: torch.Tensor, output_splits: Sequence[int],
-                   input_splits: Sequence[int], *, name: str = "all_to_all") -> Handle[torch.Tensor]: ...
+    def all_to_all(
+        self,
+        output: torch.Tensor,
+        input: torch.Tensor,
+        output_splits: Sequence[int],
+        input_splits: Sequence[int],
+        *,
+        name: str = "all_to_all",
+    ) -> Handle[torch.Tensor]: ...
 
-    def all_gather(self, output: torch.Tensor, input: torch.Tensor, *,
-                   name: str = "all_gather") -> Handle[torch.Tensor]: ...
+    def all_gather(
+        self, output: torch.Tensor, input: torch.Tensor, *, name: str = "all_gather"
+    ) -> Handle[torch.Tensor]: ...
 
-    def reduce_scatter(self, output: torch.Tensor, input: torch.Tensor, *,
-                       name: str = "reduce_scatter") -> Handle[torch.Tensor]: ...
+    def reduce_scatter(
+        self, output: torch.Tensor, input: torch.Tensor, *, name: str = "reduce_scatter"
+    ) -> Handle[torch.Tensor]: ...
 
-    def all_reduce(self, tensor: torch.Tensor, *, reduce: Reduction = "sum",
-                   name: str = "all_reduce") -> Handle[torch.Tensor]: ...
+    def all_reduce(
+        self, tensor: torch.Tensor, *, reduce: Reduction = "sum", name: str = "all_reduce"
+    ) -> Handle[torch.Tensor]: ...
 
     def broadcast(self, tensor: torch.Tensor, src: int, *, name: str = "broadcast") -> Handle[torch.Tensor]: ...
 
@@ -55,8 +66,13 @@ class Transport(Protocol):
     def barrier(self, *, name: str = "barrier") -> Handle[None]: ...
 
 
-def check_all_to_all(output: torch.Tensor, input: torch.Tensor, output_splits: Sequence[int],
-                     input_splits: Sequence[int], world_size: int) -> None:
+def check_all_to_all(
+    output: torch.Tensor,
+    input: torch.Tensor,
+    output_splits: Sequence[int],
+    input_splits: Sequence[int],
+    world_size: int,
+) -> None:
     """Same argument rules on every transport, with messages that say what is wrong."""
     for label, splits, tensor in (("input", input_splits, input), ("output", output_splits, output)):
         if len(splits) != world_size:

@@ -1,5 +1,6 @@
 """The ``hecate`` command. Each subcommand validates its input first, then does one thing; user errors
 are printed as one line without a traceback (``--debug`` shows it)."""
+
 from __future__ import annotations
 
 import argparse
@@ -29,64 +30,132 @@ EXAMPLES = """examples:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="hecate", description="Train Mixture-of-Experts transformers with sparse expert materialization.",
-        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+        prog="hecate",
+        description="Train Mixture-of-Experts transformers with sparse expert materialization.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--debug", action="store_true", help="show Python tracebacks for errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show Python tracebacks")
 
-    train = sub.add_parser("train", parents=[common], help="train a model from a YAML config",
-                           description="Train a model. Unknown keys, wrong types and impossible values in the "
-                                       "config are rejected before anything starts.")
+    train = sub.add_parser(
+        "train",
+        parents=[common],
+        help="train a model from a YAML config",
+        description="Train a model. Unknown keys, wrong types and impossible values in the "
+        "config are rejected before anything starts.",
+    )
     train.add_argument("config", help="YAML config, e.g. examples/tiny.yaml")
-    train.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a config value, e.g. -o moe.num_experts=16 (repeatable)")
+    train.add_argument(
+        "-o",
+        "--override",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. -o moe.num_experts=16 (repeatable)",
+    )
     mode = train.add_mutually_exclusive_group()
     mode.add_argument("--resume", action="store_true", help="continue from the run folder's last complete checkpoint")
     mode.add_argument("--fresh", action="store_true", help="delete the run folder first and start over")
-    train.add_argument("--init-from", default=None, metavar="DIR",
-                       help="start from the weights of an exported model (`hecate export`); same as "
-                            "-o train.init_from=DIR")
-    train.add_argument("--simulate", type=int, default=None, metavar="N",
-                       help="run N worker processes on this machine (gloo), as N ranks of a cluster")
-    train.add_argument("--sim-nodes", type=int, default=None, metavar="K",
-                       help="with --simulate: group the ranks into K emulated nodes joined by a simulated network")
-    train.add_argument("--sim-inter-node-gbps", type=float, default=None, metavar="G",
-                       help="with --sim-nodes: inter-node link bandwidth in Gbit/s (transfers are delayed to it)")
-    train.add_argument("--sim-latency-us", type=float, default=0.0, metavar="L",
-                       help="with --sim-nodes: inter-node latency in microseconds (default 0)")
-    train.add_argument("--sim-bind-cores", action="store_true",
-                       help="with --simulate: bind each rank to cores of its own, as mpirun binds ranks (ranks "
-                            "r and r + cores share one when there are more ranks than cores)")
-    train.add_argument("--profile-step", type=int, default=None, metavar="K",
-                       help="write a Chrome/Perfetto timeline of step K (compute and each collective on its own "
-                            "track) to RUN_DIR/profile_stepK.json; same as -o logging.profile_step=K")
-    train.add_argument("--launcher", choices=("mpi", "ray"), default=None,
-                       help="start --workers workers with mpirun on this node, or as actors of the Ray cluster at "
-                            "--address (torchrun and srun start `python -m hecate.launch.worker` themselves)")
+    train.add_argument(
+        "--init-from",
+        default=None,
+        metavar="DIR",
+        help="start from the weights of an exported model (`hecate export`); same as -o train.init_from=DIR",
+    )
+    train.add_argument(
+        "--simulate",
+        type=int,
+        default=None,
+        metavar="N",
+        help="run N worker processes on this machine (gloo), as N ranks of a cluster",
+    )
+    train.add_argument(
+        "--sim-nodes",
+        type=int,
+        default=None,
+        metavar="K",
+        help="with --simulate: group the ranks into K emulated nodes joined by a simulated network",
+    )
+    train.add_argument(
+        "--sim-inter-node-gbps",
+        type=float,
+        default=None,
+        metavar="G",
+        help="with --sim-nodes: inter-node link bandwidth in Gbit/s (transfers are delayed to it)",
+    )
+    train.add_argument(
+        "--sim-latency-us",
+        type=float,
+        default=0.0,
+        metavar="L",
+        help="with --sim-nodes: inter-node latency in microseconds (default 0)",
+    )
+    train.add_argument(
+        "--sim-bind-cores",
+        action="store_true",
+        help="with --simulate: bind each rank to cores of its own, as mpirun binds ranks (ranks "
+        "r and r + cores share one when there are more ranks than cores)",
+    )
+    train.add_argument(
+        "--profile-step",
+        type=int,
+        default=None,
+        metavar="K",
+        help="write a Chrome/Perfetto timeline of step K (compute and each collective on its own "
+        "track) to RUN_DIR/profile_stepK.json; same as -o logging.profile_step=K",
+    )
+    train.add_argument(
+        "--launcher",
+        choices=("mpi", "ray"),
+        default=None,
+        help="start --workers workers with mpirun on this node, or as actors of the Ray cluster at "
+        "--address (torchrun and srun start `python -m hecate.launch.worker` themselves)",
+    )
     train.add_argument("--workers", type=int, default=None, metavar="N", help="number of workers (ranks) to launch")
     train.add_argument("--address", default=None, help="Ray: the cluster's dashboard address, e.g. http://HEAD:8265")
     train.add_argument("--gpus-per-worker", type=float, default=0.0, help="Ray: GPUs reserved per worker")
     train.add_argument("--cpus-per-worker", type=float, default=1.0, help="Ray: CPUs reserved per worker")
-    train.add_argument("--placement", choices=("pack", "spread"), default="pack",
-                       help="Ray: workers on as few nodes as possible (pack) or as many (spread)")
-    train.add_argument("--record-routing", action="store_true",
-                       help="write each step's expert counts per layer and source rank to RUN_DIR/routing_trace.bin "
-                            "(logging.record_routing; replay it with hecate simulate --trace)")
-    train.add_argument("--max-restarts", type=int, default=0, metavar="N",
-                       help="Ray: restart all workers up to N times after a failure; they resume from the last "
-                            "complete checkpoint (torchrun: pass its own --max-restarts)")
+    train.add_argument(
+        "--placement",
+        choices=("pack", "spread"),
+        default="pack",
+        help="Ray: workers on as few nodes as possible (pack) or as many (spread)",
+    )
+    train.add_argument(
+        "--record-routing",
+        action="store_true",
+        help="write each step's expert counts per layer and source rank to RUN_DIR/routing_trace.bin "
+        "(logging.record_routing; replay it with hecate simulate --trace)",
+    )
+    train.add_argument(
+        "--max-restarts",
+        type=int,
+        default=0,
+        metavar="N",
+        help="Ray: restart all workers up to N times after a failure; they resume from the last "
+        "complete checkpoint (torchrun: pass its own --max-restarts)",
+    )
 
-    batch = sub.add_parser("sbatch", parents=[common], help="write (and --submit) a SLURM batch script",
-                           description="Write a SLURM batch script that starts the workers with srun, one task per "
-                                       "worker, and with --submit hand it to sbatch.")
+    batch = sub.add_parser(
+        "sbatch",
+        parents=[common],
+        help="write (and --submit) a SLURM batch script",
+        description="Write a SLURM batch script that starts the workers with srun, one task per "
+        "worker, and with --submit hand it to sbatch.",
+    )
     batch.add_argument("config", help="YAML config")
     batch.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE")
     batch.add_argument("--nodes", type=int, required=True)
     batch.add_argument("--gpus-per-node", type=int, default=0)
-    batch.add_argument("--tasks-per-node", type=int, default=None,
-                       help="workers per node (default: --gpus-per-node, or 1 without GPUs)")
+    batch.add_argument(
+        "--tasks-per-node",
+        type=int,
+        default=None,
+        help="workers per node (default: --gpus-per-node, or 1 without GPUs)",
+    )
     batch.add_argument("--partition", default=None)
     batch.add_argument("--time", default=None, help="wall-clock limit, e.g. 02:00:00")
     batch.add_argument("--account", default=None)
@@ -95,32 +164,52 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("--resume", action="store_true", help="the job continues from the last checkpoint")
     batch.add_argument("--submit", action="store_true", help="submit it with sbatch and print the job id")
 
-    prep = sub.add_parser("prepare-data", parents=[common], help="collect text, train a BPE tokenizer, write token shards",
-                          description="Collect text files, train a byte-level BPE tokenizer on the training "
-                                      "split, write memory-mapped token shards and a manifest.")
-    prep.add_argument("--input", nargs="+", default=["stdlib"], metavar="stdlib|PATH",
-                      help="'stdlib' (the running Python's standard library .py files) and/or files or folders")
+    prep = sub.add_parser(
+        "prepare-data",
+        parents=[common],
+        help="collect text, train a BPE tokenizer, write token shards",
+        description="Collect text files, train a byte-level BPE tokenizer on the training "
+        "split, write memory-mapped token shards and a manifest.",
+    )
+    prep.add_argument(
+        "--input",
+        nargs="+",
+        default=["stdlib"],
+        metavar="stdlib|PATH",
+        help="'stdlib' (the running Python's standard library .py files) and/or files or folders",
+    )
     prep.add_argument("--out", default="data/stdlib", help="output folder (default: data/stdlib)")
     prep.add_argument("--vocab-size", type=int, default=8192, help="BPE vocabulary size (default: 8192)")
     prep.add_argument("--val-fraction", type=float, default=0.05, help="share of documents held out (default: 0.05)")
-    prep.add_argument("--tokenizer", metavar="HF_DIR_OR_TOKENIZER_JSON",
-                      help="tokenize with this pretrained tokenizer instead of training one (--vocab-size is ignored)")
+    prep.add_argument(
+        "--tokenizer",
+        metavar="HF_DIR_OR_TOKENIZER_JSON",
+        help="tokenize with this pretrained tokenizer instead of training one (--vocab-size is ignored)",
+    )
     prep.add_argument("--text-field", default="text", help="JSONL field / Parquet column of the text (default: text)")
     prep.add_argument("--workers", type=int, default=None, help="processes (default: every core)")
 
-    export = sub.add_parser("export", parents=[common], help="write a run's latest weights as safetensors",
-                            description="Write the newest complete checkpoint of a run, whatever layout trained it, "
-                                        "as one safetensors file with readable parameter names, a config.json "
-                                        "and the tokenizer; `hecate train ... --init-from DIR` starts from it.")
+    export = sub.add_parser(
+        "export",
+        parents=[common],
+        help="write a run's latest weights as safetensors",
+        description="Write the newest complete checkpoint of a run, whatever layout trained it, "
+        "as one safetensors file with readable parameter names, a config.json "
+        "and the tokenizer; `hecate train ... --init-from DIR` starts from it.",
+    )
     export.add_argument("run_dir", help="a run folder (train.run_dir), e.g. runs/tiny")
     export.add_argument("--out", required=True, help="folder to write model.safetensors and config.json into")
 
     checks = sub.add_parser("checkpoints", parents=[common], help="check a run's checkpoints")
     checks_sub = checks.add_subparsers(dest="action", required=True, metavar="ACTION")
-    verify = checks_sub.add_parser("verify", parents=[common], help="check every checkpoint against its checksums",
-                                   description="List each checkpoint of a run as ok, corrupt (naming the file) or "
-                                               "incomplete, and which one a resume would load; exit 1 when the "
-                                               "newest is not ok.")
+    verify = checks_sub.add_parser(
+        "verify",
+        parents=[common],
+        help="check every checkpoint against its checksums",
+        description="List each checkpoint of a run as ok, corrupt (naming the file) or "
+        "incomplete, and which one a resume would load; exit 1 when the "
+        "newest is not ok.",
+    )
     verify.add_argument("run_dir", help="a run folder (train.run_dir), e.g. runs/tiny")
 
     gen = sub.add_parser("generate", parents=[common], help="sample text from a run's latest checkpoint")
@@ -130,37 +219,61 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     gen.add_argument("--top-k", type=int, default=50, help="0 = no top-k filtering")
     gen.add_argument("--seed", type=int, default=0)
-    plan = sub.add_parser("plan", parents=[common], help="show the rank groups and memory per rank of a layout",
-                          description="Validate a config's parallel layout for a world size and print which "
-                                      "ranks form each group and an estimate of the memory each rank holds.")
+    plan = sub.add_parser(
+        "plan",
+        parents=[common],
+        help="show the rank groups and memory per rank of a layout",
+        description="Validate a config's parallel layout for a world size and print which "
+        "ranks form each group and an estimate of the memory each rank holds.",
+    )
     plan.add_argument("config", help="YAML config")
     plan.add_argument("--world", type=int, required=True, help="number of ranks (processes / GPUs)")
     plan.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE")
-    plan.add_argument("--vocab-size", type=int, default=None,
-                      help="vocabulary size (default: from the prepared data, else data.vocab_size)")
+    plan.add_argument(
+        "--vocab-size",
+        type=int,
+        default=None,
+        help="vocabulary size (default: from the prepared data, else data.vocab_size)",
+    )
 
-    sim = sub.add_parser("simulate", parents=[common], help="predict step time per placement policy on a GPU cluster",
-                         description="Cost model of one training iteration (trainer/scaling/, docs/SCALING.md) "
-                                     "with the training code's planner, from a routing trace or Zipf skew.")
+    sim = sub.add_parser(
+        "simulate",
+        parents=[common],
+        help="predict step time per placement policy on a GPU cluster",
+        description="Cost model of one training iteration (trainer/scaling/, docs/SCALING.md) "
+        "with the training code's planner, from a routing trace or Zipf skew.",
+    )
     sim.add_argument("--cluster", required=True, help="cluster YAML, e.g. examples/clusters/a100-400gbps.yaml")
     sim.add_argument("--model", required=True, help="run config YAML, e.g. examples/models/gpt-moe-s.yaml")
     source = sim.add_mutually_exclusive_group(required=True)
     source.add_argument("--trace", help="routing trace recorded with hecate train --record-routing")
     source.add_argument("--zipf", type=float, help="synthetic routing: Zipf exponent of expert popularity")
-    sim.add_argument("--trace-skip", type=int, default=0, metavar="N",
-                     help="replay the trace from its (N+1)-th step (leave out the routing right after initialisation)")
+    sim.add_argument(
+        "--trace-skip",
+        type=int,
+        default=0,
+        metavar="N",
+        help="replay the trace from its (N+1)-th step (leave out the routing right after initialisation)",
+    )
     sim.add_argument("--policy", nargs="+", default=["ep", "fsdp", "shadow", "fssdp"], help="policies to compare")
     sim.add_argument("--gpus", type=int, nargs="+", default=None, help="cluster sizes (default 16 32 ... 1024)")
     sim.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE")
     sim.add_argument("--tokens-per-gpu", type=int, default=8192, help="tokens per GPU per step (default 8192)")
     sim.add_argument("--steps", type=int, default=10, help="simulated steps after the load window fills")
-    sim.add_argument("--overlap-budget", type=int, default=None,
-                     help="fssdp.overlap_budget (default: derived from attention time and link bandwidth)")
+    sim.add_argument(
+        "--overlap-budget",
+        type=int,
+        default=None,
+        help="fssdp.overlap_budget (default: derived from attention time and link bandwidth)",
+    )
     sim.add_argument("--memory-budget", type=int, default=None, help="default: the config's fssdp.memory_budget")
     sim.add_argument("--reshard-every", type=int, default=None, help="default: the config's fssdp.reshard_every")
     sim.add_argument("--rematerialize", action="store_true", help="fssdp.rematerialize: gather again in backward")
-    sim.add_argument("--no-overlap-reduce-scatter", action="store_true",
-                     help="SparseReduceScatter waits instead of hiding under attention backward (the engine as built)")
+    sim.add_argument(
+        "--no-overlap-reduce-scatter",
+        action="store_true",
+        help="SparseReduceScatter waits instead of hiding under attention backward (the engine as built)",
+    )
     sim.add_argument("--seed", type=int, default=0, help="Zipf permutation and draws")
     sim.add_argument("--out", default="runs/simulate", help="folder for results.json and step_time.png")
     return parser
@@ -169,10 +282,24 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_simulate(args: argparse.Namespace) -> int:
     from hecate.trainer.scaling.report import DEFAULT_GPUS, run_simulation, table, write_outputs
 
-    results = run_simulation(args.cluster, args.model, args.policy, args.gpus or list(DEFAULT_GPUS), args.trace,
-                             args.zipf, args.override, args.tokens_per_gpu, args.steps, args.overlap_budget,
-                             args.memory_budget, args.rematerialize, args.reshard_every,
-                             not args.no_overlap_reduce_scatter, args.seed, args.trace_skip)
+    results = run_simulation(
+        args.cluster,
+        args.model,
+        args.policy,
+        args.gpus or list(DEFAULT_GPUS),
+        args.trace,
+        args.zipf,
+        args.override,
+        args.tokens_per_gpu,
+        args.steps,
+        args.overlap_budget,
+        args.memory_budget,
+        args.rematerialize,
+        args.reshard_every,
+        not args.no_overlap_reduce_scatter,
+        args.seed,
+        args.trace_skip,
+    )
     print(table(results))
     source = f"trace {args.trace}" if args.trace else f"Zipf s={args.zipf}"
     title = f"{Path(args.model).stem} on {Path(args.cluster).stem}, {source}"
@@ -222,9 +349,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         logging.getLogger("hecate").info("run folder %s; %s", trainer.run_dir, trainer.describe())
         summary = trainer.run()
     gzip = summary.get("gzip9_val_bpb")
-    print(f"done: {summary['steps']} steps in {summary['train_seconds']:.0f} s; held-out val_loss "
-          f"{summary['val_loss']:.3f} nats/token, {summary['val_bpb']:.3f} bits/byte"
-          + (f" (gzip -9 on the same files: {gzip:.3f} bits/byte)" if gzip else ""))
+    print(
+        f"done: {summary['steps']} steps in {summary['train_seconds']:.0f} s; held-out val_loss "
+        f"{summary['val_loss']:.3f} nats/token, {summary['val_bpb']:.3f} bits/byte"
+        + (f" (gzip -9 on the same files: {gzip:.3f} bits/byte)" if gzip else "")
+    )
     return 0
 
 
@@ -232,8 +361,7 @@ def _vocab_size(data) -> int:
     """The vocabulary of ``data.dir`` once prepared, else the one asked for (``data.vocab_size``)."""
     from hecate.trainer.data import MANIFEST_FILE, load_manifest
 
-    return int(load_manifest(data.dir)["vocab_size"]) if (Path(data.dir) / MANIFEST_FILE).is_file() \
-        else data.vocab_size
+    return int(load_manifest(data.dir)["vocab_size"]) if (Path(data.dir) / MANIFEST_FILE).is_file() else data.vocab_size
 
 
 def _check_init_from(cfg) -> None:
@@ -272,16 +400,24 @@ def _train_simulated(cfg, world: int, resume: bool, fresh: bool, network=None, b
 
     cores = len(usable_cores())
     if not 1 <= world <= MAX_SIMULATED_PER_CORE * cores:
-        raise HecateError(f"--simulate {world}: this machine has {cores} cores; simulate between 1 and "
-                          f"{MAX_SIMULATED_PER_CORE * cores} ranks")
+        raise HecateError(
+            f"--simulate {world}: this machine has {cores} cores; simulate between 1 and "
+            f"{MAX_SIMULATED_PER_CORE * cores} ranks"
+        )
     dims = layout_of(cfg, world)
     _check_transport(cfg, "simulate")
     _ensure_data(cfg.data)
     check_tensor_parallel(dims.tp, _vocab_size(cfg.data), cfg.model.dense_ffn_dim)
     prepare_run_dir(Path(cfg.train.run_dir), resume, fresh)
-    group = start_workers(run_from_environment, world, (cfg.to_dict(), resume),
-                          threads_per_worker=max(1, cores // world), backend=None, bind_cores=bind_cores,
-                          env=network_environment(network) if network else None)
+    group = start_workers(
+        run_from_environment,
+        world,
+        (cfg.to_dict(), resume),
+        threads_per_worker=max(1, cores // world),
+        backend=None,
+        bind_cores=bind_cores,
+        env=network_environment(network) if network else None,
+    )
     return group.join(timeout_s=SIMULATE_TIMEOUT_S)[0]
 
 
@@ -309,8 +445,16 @@ def _train_launched(args: argparse.Namespace, cfg) -> dict:
     else:
         from hecate.launch.ray_job import submit
 
-        submit(args.address, args.workers, worker_args, run_dir, gpus_per_worker=args.gpus_per_worker,
-               cpus_per_worker=args.cpus_per_worker, placement=args.placement, max_restarts=args.max_restarts)
+        submit(
+            args.address,
+            args.workers,
+            worker_args,
+            run_dir,
+            gpus_per_worker=args.gpus_per_worker,
+            cpus_per_worker=args.cpus_per_worker,
+            placement=args.placement,
+            max_restarts=args.max_restarts,
+        )
     return json.loads((run_dir / "summary.json").read_text())
 
 
@@ -320,8 +464,11 @@ def _check_transport(cfg, launcher: str) -> None:
     from hecate.collectives.errors import ConfigError
 
     if cfg.collectives.transport == "mpi" and launcher != "mpi":
-        raise ConfigError("collectives.transport", f"mpi needs workers started by mpirun, not by {launcher}: use "
-                                                   f"--launcher mpi, or collectives.transport=torch")
+        raise ConfigError(
+            "collectives.transport",
+            f"mpi needs workers started by mpirun, not by {launcher}: use "
+            f"--launcher mpi, or collectives.transport=torch",
+        )
     if cfg.collectives.transport == "cupy" and launcher == "simulate":
         load_cupy_nccl()  # simulated ranks run here: without a GPU, say so now
 
@@ -342,16 +489,27 @@ def cmd_sbatch(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.override)
     tasks = args.tasks_per_node if args.tasks_per_node is not None else (args.gpus_per_node or 1)
     if args.nodes < 1 or tasks < 1 or args.gpus_per_node < 0:
-        raise HecateError(f"--nodes {args.nodes} / --tasks-per-node {tasks} / --gpus-per-node {args.gpus_per_node}: "
-                          f"nodes and tasks must be >= 1, GPUs >= 0")
+        raise HecateError(
+            f"--nodes {args.nodes} / --tasks-per-node {tasks} / --gpus-per-node {args.gpus_per_node}: "
+            f"nodes and tasks must be >= 1, GPUs >= 0"
+        )
     layout_of(cfg, args.nodes * tasks)
     run_dir = Path(cfg.train.run_dir)
-    job = BatchJob(job_name=args.job_name or f"hecate-{run_dir.name}", nodes=args.nodes, tasks_per_node=tasks,
-                   gpus_per_node=args.gpus_per_node, workdir=Path.cwd(), output=Path(f"{run_dir}.slurm-%j.out"),
-                   worker_args=_worker_args(args.config, args.override, args.resume),
-                   partition=args.partition, time=args.time, account=args.account)
-    path = write_script(job, Path(args.out or f"{run_dir}.sbatch"), "hecate " + " ".join(
-        shlex.quote(a) for a in sys.argv[1:]))
+    job = BatchJob(
+        job_name=args.job_name or f"hecate-{run_dir.name}",
+        nodes=args.nodes,
+        tasks_per_node=tasks,
+        gpus_per_node=args.gpus_per_node,
+        workdir=Path.cwd(),
+        output=Path(f"{run_dir}.slurm-%j.out"),
+        worker_args=_worker_args(args.config, args.override, args.resume),
+        partition=args.partition,
+        time=args.time,
+        account=args.account,
+    )
+    path = write_script(
+        job, Path(args.out or f"{run_dir}.sbatch"), "hecate " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    )
     print(f"wrote {path} ({job.workers} workers: {job.nodes} node(s) x {tasks})")
     if args.submit:
         print(f"submitted job {submit(path)}; its output goes to {str(job.output).replace('%j', '<job id>')}")
@@ -364,9 +522,12 @@ def _check_data(data) -> None:
     from hecate.trainer.data import MANIFEST_FILE
 
     if not (Path(data.dir) / MANIFEST_FILE).is_file() and not data.may_prepare:
-        raise ConfigError("data.dir", f"{data.dir} holds no prepared data (no {MANIFEST_FILE}): prepare it with "
-                                      f"`hecate prepare-data --input ... --out {data.dir}`, set data.prepare=true to "
-                                      f"prepare it from data.inputs={data.inputs}, or fix the path")
+        raise ConfigError(
+            "data.dir",
+            f"{data.dir} holds no prepared data (no {MANIFEST_FILE}): prepare it with "
+            f"`hecate prepare-data --input ... --out {data.dir}`, set data.prepare=true to "
+            f"prepare it from data.inputs={data.inputs}, or fix the path",
+        )
 
 
 def _ensure_data(data) -> None:
@@ -383,11 +544,23 @@ def _ensure_data(data) -> None:
 def cmd_prepare_data(args: argparse.Namespace) -> int:
     from hecate.trainer.data import prepare_data
 
-    manifest = prepare_data(args.input, Path(args.out), vocab_size=args.vocab_size, val_fraction=args.val_fraction,
-                            tokenizer=args.tokenizer, text_field=args.text_field, workers=args.workers)
-    splits = {split: {k: entry[k] for k in ("documents", "tokens", "bytes")} for split, entry in manifest["splits"].items()}
-    print(json.dumps({"vocab_size": manifest["vocab_size"], **splits, "gzip9_val_bpb": manifest["gzip9_val_bpb"]},
-                     indent=1))
+    manifest = prepare_data(
+        args.input,
+        Path(args.out),
+        vocab_size=args.vocab_size,
+        val_fraction=args.val_fraction,
+        tokenizer=args.tokenizer,
+        text_field=args.text_field,
+        workers=args.workers,
+    )
+    splits = {
+        split: {k: entry[k] for k in ("documents", "tokens", "bytes")} for split, entry in manifest["splits"].items()
+    }
+    print(
+        json.dumps(
+            {"vocab_size": manifest["vocab_size"], **splits, "gzip9_val_bpb": manifest["gzip9_val_bpb"]}, indent=1
+        )
+    )
     return 0
 
 
@@ -396,11 +569,15 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or (out / WEIGHTS_FILE).is_file())):
-        raise HecateError(f"--out {out} exists and is not an earlier export (no {WEIGHTS_FILE}): export into a new "
-                          f"or empty folder, so that nothing else is overwritten")
+        raise HecateError(
+            f"--out {out} exists and is not an earlier export (no {WEIGHTS_FILE}): export into a new "
+            f"or empty folder, so that nothing else is overwritten"
+        )
     config = export_run(Path(args.run_dir), out)
-    print(f"wrote {out / WEIGHTS_FILE} ({len(config['parameters'])} tensors, step {config['step']}) and "
-          f"{out / CONFIG_FILE}")
+    print(
+        f"wrote {out / WEIGHTS_FILE} ({len(config['parameters'])} tensors, step {config['step']}) and "
+        f"{out / CONFIG_FILE}"
+    )
     return 0
 
 
@@ -424,19 +601,29 @@ def cmd_generate(args: argparse.Namespace) -> int:
     check_sampling(args.prompt, args.max_new_tokens, args.temperature, args.top_k)
     model, tokenizer, step = load_trained(Path(args.run_dir))
     print(f"# {args.run_dir}, checkpoint of step {step}", file=sys.stderr)
-    for text in generate_stream(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.top_k,
-                                args.seed):
+    for text in generate_stream(
+        model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed
+    ):
         print(text, end="", flush=True)
     print()
     return 0
 
 
 MAX_SIMULATED_PER_CORE = 8  # beyond this the processes only fight for the cores and memory
-SIMULATE_TIMEOUT_S = 7 * 24 * 3600.0  # a job's wall-clock limit belongs to the scheduler; hangs end by collective timeouts
+SIMULATE_TIMEOUT_S = (
+    7 * 24 * 3600.0
+)  # a job's wall-clock limit belongs to the scheduler; hangs end by collective timeouts
 
-COMMANDS = {"train": cmd_train, "prepare-data": cmd_prepare_data, "generate": cmd_generate, "plan": cmd_plan,
-            "sbatch": cmd_sbatch, "export": cmd_export, "simulate": cmd_simulate,
-            "checkpoints": cmd_checkpoints}
+COMMANDS = {
+    "train": cmd_train,
+    "prepare-data": cmd_prepare_data,
+    "generate": cmd_generate,
+    "plan": cmd_plan,
+    "sbatch": cmd_sbatch,
+    "export": cmd_export,
+    "simulate": cmd_simulate,
+    "checkpoints": cmd_checkpoints,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,6 +25,7 @@ MASTER_ADDR / MASTER_PORT (where rank 0 hosts the rendezvous store):
 A launcher's variables that are partly missing, not integers or out of range (a rank beyond the world, more
 ranks on this node than in the world) raise :class:`LaunchError` naming the variables.
 """
+
 from __future__ import annotations
 
 import ipaddress
@@ -59,8 +60,10 @@ class WorkerEnv:
     agent_store: bool = False  # torchrun's agent hosts the store; workers only connect to it
 
     def describe(self) -> str:
-        return (f"{self.launcher}: rank {self.rank} of {self.world_size}, local rank {self.local_rank} of "
-                f"{self.local_world_size}, master {self.master_addr}:{self.master_port}")
+        return (
+            f"{self.launcher}: rank {self.rank} of {self.world_size}, local rank {self.local_rank} of "
+            f"{self.local_world_size}, master {self.master_addr}:{self.master_port}"
+        )
 
 
 # (launcher, rank, world, local rank, local world) variable names, in the order they are tried
@@ -83,8 +86,10 @@ def detect(environ: Mapping[str, str] | None = None) -> WorkerEnv:
     found = [spec for spec in LAUNCHERS if spec[1] in environ and MARKERS.get(spec[0], spec[1]) in environ]
     if not found:
         names = ", ".join(spec[1] for spec in LAUNCHERS)
-        raise LaunchError(f"no launcher environment found (none of {names} is set): start workers with torchrun, "
-                          f"mpirun or srun, or use `hecate train --simulate N` / `--launcher mpi|ray`")
+        raise LaunchError(
+            f"no launcher environment found (none of {names} is set): start workers with torchrun, "
+            f"mpirun or srun, or use `hecate train --simulate N` / `--launcher mpi|ray`"
+        )
     # the innermost launcher comes first: under `srun torchrun` or an sbatch script's `mpirun`, SLURM's variables
     # describe the outer step (SLURM_PROCID is the node's task), not this worker
     launcher, rank, world, local_rank, local_world = _place(found[0], environ)
@@ -99,8 +104,10 @@ def _place(spec, environ: Mapping[str, str]) -> tuple[str, int, int, int, int]:
     if launcher == "slurm" and "SLURM_TASKS_PER_NODE" not in environ and "SLURM_STEP_TASKS_PER_NODE" not in environ:
         missing.append("SLURM_STEP_TASKS_PER_NODE")
     if missing:
-        raise LaunchError(f"{launcher} environment is incomplete: {rank_var} is set but {', '.join(missing)} "
-                          f"{'is' if len(missing) == 1 else 'are'} not")
+        raise LaunchError(
+            f"{launcher} environment is incomplete: {rank_var} is set but {', '.join(missing)} "
+            f"{'is' if len(missing) == 1 else 'are'} not"
+        )
     rank, world, local_rank = (_integer(environ, v) for v in (rank_var, world_var, local_var))
     if launcher == "slurm":
         local_world = _slurm_tasks_on_this_node(environ)
@@ -121,17 +128,21 @@ def _master(launcher: str, world: int, local_world: int, environ: Mapping[str, s
     addr = environ.get("MASTER_ADDR")
     if not addr:
         if local_world != world:
-            raise LaunchError(f"{launcher}: the job spans several nodes ({world} ranks, {local_world} on this one) and "
-                              f"MASTER_ADDR is not set: set it to the address of rank 0's node (mpirun -x "
-                              f"MASTER_ADDR=HOST; `hecate sbatch` scripts set it)")
+            raise LaunchError(
+                f"{launcher}: the job spans several nodes ({world} ranks, {local_world} on this one) and "
+                f"MASTER_ADDR is not set: set it to the address of rank 0's node (mpirun -x "
+                f"MASTER_ADDR=HOST; `hecate sbatch` scripts set it)"
+            )
         addr = LOOPBACK
     if "MASTER_PORT" in environ:
         port = _integer(environ, "MASTER_PORT")
     else:
         job = next((v for v in JOB_ID_VARIABLES if environ.get(v, "").isdigit()), None)
         if job is None:
-            raise LaunchError(f"{launcher}: MASTER_PORT is not set and no job id ({', '.join(JOB_ID_VARIABLES)}) to "
-                              f"derive it from: set MASTER_PORT to a free port on rank 0's node")
+            raise LaunchError(
+                f"{launcher}: MASTER_PORT is not set and no job id ({', '.join(JOB_ID_VARIABLES)}) to "
+                f"derive it from: set MASTER_PORT to a free port on rank 0's node"
+            )
         port = DERIVED_PORT_BASE + int(environ[job]) % DERIVED_PORT_SPAN
     if not 1 <= port <= 65535:
         raise LaunchError(f"MASTER_PORT={port} is not a TCP port (1..65535)")
@@ -177,8 +188,10 @@ def loopback_interface() -> str:
     for name in ("lo", "lo0"):
         if name in names:
             return name
-    raise LaunchError(f"no loopback interface among this machine's interfaces {names}: cannot keep a local job's "
-                      f"connections on loopback")
+    raise LaunchError(
+        f"no loopback interface among this machine's interfaces {names}: cannot keep a local job's "
+        f"connections on loopback"
+    )
 
 
 def store_listener(address: str, port: int) -> tuple[int, dict[str, int]]:

@@ -8,6 +8,7 @@ Which peers never arrived, and where they were last seen, comes from their heart
 (:mod:`hecate.collectives.heartbeat`): a rank that stopped running has a stale one, a rank stuck outside the
 collectives has issued fewer of them than the others.
 """
+
 from __future__ import annotations
 
 import functools
@@ -38,8 +39,11 @@ def waiting_in(err: BaseException, model: nn.Module | None = None) -> str | None
     if not isinstance(err, RuntimeError) or not any(s in str(err) for s in COLLECTIVE_FAILURES):
         return None
     frames = _frames(err.__traceback__)
-    c10d = [f for f in frames if f.f_code.co_filename.startswith(TORCH_DISTRIBUTED)
-            and f.f_code.co_name not in ("wrapper", "_fn")]
+    c10d = [
+        f
+        for f in frames
+        if f.f_code.co_filename.startswith(TORCH_DISTRIBUTED) and f.f_code.co_name not in ("wrapper", "_fn")
+    ]
     ours = [f for f in frames if any(room in f.f_code.co_filename for room in HECATE_ROOMS)]
     # a blocking call names itself (the c10d frame); an async one is waited on through a Handle, whose
     # on_wait callback carries the name the transport recorded it under (e.g. "moe.router_counts")
@@ -113,8 +117,11 @@ def never_arrived(folder: Path, world_size: int, me: int, attempt: int) -> str |
     parts += [f"rank {r} stopped answering [{_seen(b, now)}]" for r, b in sorted(stale.items())]
     live = {r: b for r, b in beats.items() if r not in stale}
     most = max((b.ops for b in live.values()), default=0)
-    parts += [f"rank {r} is behind [{_seen(b, now)}; others issued up to #{most}]"
-              for r, b in sorted(live.items()) if r != me and b.ops < most and not stale]
+    parts += [
+        f"rank {r} is behind [{_seen(b, now)}; others issued up to #{most}]"
+        for r, b in sorted(live.items())
+        if r != me and b.ops < most and not stale
+    ]
     return "; ".join(parts) or None
 
 

@@ -14,6 +14,7 @@ the ranks, and mpirun stops its ranks only when it is given time to. On Ctrl-C t
 rank whose mpirun is gone ends itself (:mod:`hecate.launch.parent_watch`), and mpirun ends when this launcher
 dies (``PR_SET_PDEATHSIG``). When the job fails, the error names the rank that died and where it was last seen.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -40,8 +41,14 @@ PR_SET_PDEATHSIG = 1  # prctl option from <linux/prctl.h>
 NOTICED = re.compile(r"process rank (\d+) with PID (\d+) on node (\S+) exited on signal (\d+) \(([^)]*)\)")
 
 
-def mpirun_command(mpirun: str, workers: int, worker_args: list[str], master_port: int,
-                   hosts: str | None = None, master_addr: str = LOOPBACK) -> list[str]:
+def mpirun_command(
+    mpirun: str,
+    workers: int,
+    worker_args: list[str],
+    master_port: int,
+    hosts: str | None = None,
+    master_addr: str = LOOPBACK,
+) -> list[str]:
     """The command line: ``mpirun [--allow-run-as-root] --oversubscribe --bind-to none -np N -x ... python -m
     hecate.launch.worker ARGS``. Binding is left to torch (each worker sizes its own thread pool). Without
     ``hosts`` (every rank here) the job's TCP traffic is pinned to the loopback interface."""
@@ -53,8 +60,16 @@ def mpirun_command(mpirun: str, workers: int, worker_args: list[str], master_por
         command += ["--host", hosts]
     else:
         loopback = loopback_interface()
-        command += ["--mca", "btl_tcp_if_include", loopback, "--mca", "oob_tcp_if_include", loopback,
-                    "-x", f"GLOO_SOCKET_IFNAME={loopback}"]
+        command += [
+            "--mca",
+            "btl_tcp_if_include",
+            loopback,
+            "--mca",
+            "oob_tcp_if_include",
+            loopback,
+            "-x",
+            f"GLOO_SOCKET_IFNAME={loopback}",
+        ]
     command += ["-x", f"MASTER_ADDR={master_addr}", "-x", f"MASTER_PORT={master_port}"]
     for name in FORWARDED:
         if name in os.environ:
@@ -67,12 +82,15 @@ def run_mpi(workers: int, worker_args: list[str], run_dir: Path | None = None) -
     ``run_dir`` (the run folder) is where the ranks' heartbeats are read from, to name and stop them."""
     mpirun = shutil.which("mpirun")
     if mpirun is None:
-        raise HecateError("--launcher mpi: mpirun was not found on PATH; install Open MPI (Debian: apt-get install "
-                          "openmpi-bin libopenmpi-dev) or use --simulate N / torchrun")
+        raise HecateError(
+            "--launcher mpi: mpirun was not found on PATH; install Open MPI (Debian: apt-get install "
+            "openmpi-bin libopenmpi-dev) or use --simulate N / torchrun"
+        )
     command = mpirun_command(mpirun, workers, worker_args, _free_port())
     # preexec_fn runs before this launcher starts a thread of its own here; it only calls prctl
-    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, errors="replace",
-                               preexec_fn=_die_with_parent)  # noqa: PLW1509
+    process = subprocess.Popen(
+        command, stderr=subprocess.PIPE, text=True, errors="replace", preexec_fn=_die_with_parent
+    )  # noqa: PLW1509
     noticed: list[re.Match] = []
     relay = threading.Thread(target=_relay_stderr, args=(process.stderr, noticed), daemon=True)
     relay.start()
@@ -85,8 +103,10 @@ def run_mpi(workers: int, worker_args: list[str], run_dir: Path | None = None) -
     finally:
         relay.join(timeout=STOP_GRACE_S)
     if code != 0:
-        raise HecateError(f"{_who_failed(noticed, run_dir, workers)}mpirun exited with code {code}; each rank's log "
-                          f"is in the run folder's logs/")
+        raise HecateError(
+            f"{_who_failed(noticed, run_dir, workers)}mpirun exited with code {code}; each rank's log "
+            f"is in the run folder's logs/"
+        )
 
 
 def _relay_stderr(stream, noticed: list[re.Match]) -> None:

@@ -2,6 +2,7 @@
 chance to stop their ranks (SIGKILL, a crash, an impatient Ctrl-C); the ranks are then re-parented and would train
 on, unseen. Each worker watches its parent process id and exits once it changes. The simulated cluster's workers
 also get this from the kernel (``PR_SET_PDEATHSIG``), which a launcher outside Hecate does not set."""
+
 from __future__ import annotations
 
 import os
@@ -21,8 +22,11 @@ def watch_parent(describe: str) -> threading.Thread:
         while not stop.wait(POLL_S):
             if os.getppid() != parent:
                 try:  # the launcher held the other end of stderr: the line may have nowhere to go
-                    print(f"hecate worker: error: {describe}: the launcher (pid {parent}) is gone; stopping",
-                          file=sys.stderr, flush=True)
+                    print(
+                        f"hecate worker: error: {describe}: the launcher (pid {parent}) is gone; stopping",
+                        file=sys.stderr,
+                        flush=True,
+                    )
                 finally:
                     os._exit(EXIT_ORPHANED)
 

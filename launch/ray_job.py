@@ -20,6 +20,7 @@ and :func:`submit` downloads it through the dashboard's log API and unpacks it i
 data and config paths must exist on the cluster's nodes (the workers run in this directory's path there), and
 ``python`` on the cluster is this one (``sys.executable``) unless ``--python`` says.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,9 +51,19 @@ STAYS_ON_CLUSTER = ("checkpoints",)  # run-folder entries not brought back: larg
 
 # ---- on the user's machine ------------------------------------------------------------------------------------
 
-def submit(address: str, workers: int, worker_args: list[str], run_dir: Path, *, gpus_per_worker: float = 0.0,
-           cpus_per_worker: float = 1.0, placement: str = "pack", python: str | None = None,
-           max_restarts: int = 0) -> None:
+
+def submit(
+    address: str,
+    workers: int,
+    worker_args: list[str],
+    run_dir: Path,
+    *,
+    gpus_per_worker: float = 0.0,
+    cpus_per_worker: float = 1.0,
+    placement: str = "pack",
+    python: str | None = None,
+    max_restarts: int = 0,
+) -> None:
     """Submit, stream the log until the job ends, bring the run folder back; raises HecateError when the job
     cannot be submitted or fails (after fetching what the workers wrote)."""
     try:
@@ -60,19 +71,39 @@ def submit(address: str, workers: int, worker_args: list[str], run_dir: Path, *,
     except ImportError:
         raise HecateError("--launcher ray needs Ray: pip install -e '.[ray]' (ray[default])") from None
     job = f"hecate-{uuid.uuid4().hex[:12]}"
-    driver = [python or sys.executable, "-m", "hecate.launch.ray_job", "--workers", str(workers),
-              "--cpus-per-worker", str(cpus_per_worker), "--gpus-per-worker", str(gpus_per_worker),
-              "--placement", placement, "--max-restarts", str(max_restarts), "--run-dir", str(run_dir.resolve()),
-              "--pack-as", packed_name(job), "--", *worker_args]
+    driver = [
+        python or sys.executable,
+        "-m",
+        "hecate.launch.ray_job",
+        "--workers",
+        str(workers),
+        "--cpus-per-worker",
+        str(cpus_per_worker),
+        "--gpus-per-worker",
+        str(gpus_per_worker),
+        "--placement",
+        placement,
+        "--max-restarts",
+        str(max_restarts),
+        "--run-dir",
+        str(run_dir.resolve()),
+        "--pack-as",
+        packed_name(job),
+        "--",
+        *worker_args,
+    ]
     entrypoint = f"cd {shlex.quote(os.getcwd())} && {shlex.join(driver)}"
     env_vars = {name: os.environ[name] for name in (FAULT_ENV, "PYTHONPATH") if name in os.environ}
     try:
         client = JobSubmissionClient(address)
-        client.submit_job(entrypoint=entrypoint, submission_id=job,
-                          runtime_env={"env_vars": env_vars} if env_vars else None)
+        client.submit_job(
+            entrypoint=entrypoint, submission_id=job, runtime_env={"env_vars": env_vars} if env_vars else None
+        )
     except Exception as err:  # ConnectionError, RuntimeError, ValueError from the client: all mean "cannot submit"
-        raise HecateError(f"--launcher ray: cannot submit to the Ray cluster at {address!r} (pass its dashboard "
-                          f"address, e.g. http://HEAD:8265): {str(err).splitlines()[0] if str(err) else err!r}") from None
+        raise HecateError(
+            f"--launcher ray: cannot submit to the Ray cluster at {address!r} (pass its dashboard "
+            f"address, e.g. http://HEAD:8265): {str(err).splitlines()[0] if str(err) else err!r}"
+        ) from None
     print(f"hecate: submitted Ray job {job} to {address}", file=sys.stderr, flush=True)
     shown = 0
     try:
@@ -91,8 +122,12 @@ def submit(address: str, workers: int, worker_args: list[str], run_dir: Path, *,
     info = client.get_job_info(job)
     try:
         files = fetch_run_folder(address, info.driver_node_id, packed_name(job), run_dir)
-        print(f"hecate: {files} files of the run folder came back from the cluster into {run_dir} "
-              f"({', '.join(STAYS_ON_CLUSTER)} stays there)", file=sys.stderr, flush=True)
+        print(
+            f"hecate: {files} files of the run folder came back from the cluster into {run_dir} "
+            f"({', '.join(STAYS_ON_CLUSTER)} stays there)",
+            file=sys.stderr,
+            flush=True,
+        )
     except HecateError as err:
         if status == JobStatus.SUCCEEDED:
             raise
@@ -113,12 +148,14 @@ def fetch_run_folder(address: str, node_id: str | None, name: str, run_dir: Path
         raise HecateError("the Ray job ended before its driver started: no run folder to bring back")
     query = urllib.parse.urlencode({"node_id": node_id, "filename": name, "lines": -1})
     try:
-        with urllib.request.urlopen(f"{address.rstrip('/')}/api/v0/logs/file?{query}",
-                                    timeout=FETCH_TIMEOUT_S) as answer:
+        with urllib.request.urlopen(
+            f"{address.rstrip('/')}/api/v0/logs/file?{query}", timeout=FETCH_TIMEOUT_S
+        ) as answer:
             packed = base64.b64decode(answer.read())
     except (OSError, ValueError) as err:
-        raise HecateError(f"cannot bring the run folder back from the Ray cluster at {address!r} "
-                          f"({name} on node {node_id}): {err}") from None
+        raise HecateError(
+            f"cannot bring the run folder back from the Ray cluster at {address!r} ({name} on node {node_id}): {err}"
+        ) from None
     with tarfile.open(fileobj=io.BytesIO(packed)) as tar:
         members = [m for m in tar.getmembers() if m.isfile()]
         tar.extractall(run_dir, members=members, filter="data")
@@ -126,6 +163,7 @@ def fetch_run_folder(address: str, node_id: str | None, name: str, run_dir: Path
 
 
 # ---- the job's driver, on the cluster --------------------------------------------------------------------------
+
 
 class WorkerActor:
     """One rank: runs the ordinary worker with the variables torchrun would set."""
@@ -171,9 +209,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         ready, _ = ray.wait([group.ready()], timeout=PLACEMENT_TIMEOUT_S)
         if not ready:
-            print(f"hecate: error: the cluster cannot place {args.workers} workers of {bundle} "
-                  f"({args.placement}) within {PLACEMENT_TIMEOUT_S:.0f} s: {ray.cluster_resources()}",
-                  file=sys.stderr)
+            print(
+                f"hecate: error: the cluster cannot place {args.workers} workers of {bundle} "
+                f"({args.placement}) within {PLACEMENT_TIMEOUT_S:.0f} s: {ray.cluster_resources()}",
+                file=sys.stderr,
+            )
             return 2
         try:
             for attempt in range(args.max_restarts + 1):
@@ -186,15 +226,18 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"hecate: error: rank {rank} of {args.workers} failed:\n{err}", file=sys.stderr, flush=True)
                 kill_actors(actors)
                 if attempt < args.max_restarts:
-                    print(f"hecate: restarting the workers ({attempt + 1} of {args.max_restarts}); they resume from "
-                          f"the last complete checkpoint", file=sys.stderr, flush=True)
+                    print(
+                        f"hecate: restarting the workers ({attempt + 1} of {args.max_restarts}); they resume from "
+                        f"the last complete checkpoint",
+                        file=sys.stderr,
+                        flush=True,
+                    )
             return 1
         finally:
             try:
                 pack_run_folders(group, args.run_dir, args.pack_as)
             except Exception as err:  # reported; the user's side then says the run folder did not come back
-                print(f"hecate: error: cannot pack the run folder {args.run_dir}: {err!r}", file=sys.stderr,
-                      flush=True)
+                print(f"hecate: error: cannot pack the run folder {args.run_dir}: {err!r}", file=sys.stderr, flush=True)
     finally:
         kill_actors(actors)
         remove_placement_group(group)
@@ -206,9 +249,14 @@ def start_actors(group, workers: int, bundle: dict[str, float]) -> list:
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     remote = ray.remote(WorkerActor)
-    return [remote.options(num_cpus=bundle["CPU"], num_gpus=bundle.get("GPU", 0),
-                           scheduling_strategy=PlacementGroupSchedulingStrategy(group, i)).remote()
-            for i in range(workers)]
+    return [
+        remote.options(
+            num_cpus=bundle["CPU"],
+            num_gpus=bundle.get("GPU", 0),
+            scheduling_strategy=PlacementGroupSchedulingStrategy(group, i),
+        ).remote()
+        for i in range(workers)
+    ]
 
 
 def run_attempt(actors: list, worker_args: list[str], attempt: int) -> tuple[int, Exception] | None:
@@ -221,10 +269,15 @@ def run_attempt(actors: list, worker_args: list[str], attempt: int) -> tuple[int
     nodes = [ip for ip, _ in addresses]
     runs = {}
     for rank, actor in enumerate(actors):
-        environ = {"RANK": str(rank), "WORLD_SIZE": str(len(actors)),
-                   "LOCAL_RANK": str(nodes[:rank].count(nodes[rank])),
-                   "LOCAL_WORLD_SIZE": str(nodes.count(nodes[rank])),
-                   "MASTER_ADDR": master_addr, "MASTER_PORT": str(master_port), RESTART_ENV: str(attempt)}
+        environ = {
+            "RANK": str(rank),
+            "WORLD_SIZE": str(len(actors)),
+            "LOCAL_RANK": str(nodes[:rank].count(nodes[rank])),
+            "LOCAL_WORLD_SIZE": str(nodes.count(nodes[rank])),
+            "MASTER_ADDR": master_addr,
+            "MASTER_PORT": str(master_port),
+            RESTART_ENV: str(attempt),
+        }
         runs[actor.run.remote(os.getcwd(), environ, worker_args)] = rank
     pending = list(runs)
     while pending:
@@ -245,8 +298,12 @@ def pack_run_folders(group, run_dir: Path, name: str) -> None:
 
     nodes = sorted(set(placement_group_table(group)["bundles_to_node_id"].values()))
     pack = ray.remote(num_cpus=0)(pack_run_folder)
-    parts = ray.get([pack.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False))
-                     .remote(str(run_dir)) for node in nodes])
+    parts = ray.get(
+        [
+            pack.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(str(run_dir))
+            for node in nodes
+        ]
+    )
     merged, seen = io.BytesIO(), set()
     with tarfile.open(fileobj=merged, mode="w") as out:
         for part in parts:

@@ -11,6 +11,7 @@ the kernel moves ranks between cores and lets one run ahead of another that shar
 finish a phase first wait in the next collective for the others - waiting that a single-rank-per-device cluster
 does not have.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -32,9 +33,10 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
-from hecate.collectives.errors import HecateError, WorkerFailure
+from hecate.collectives.errors import HecateError
 from hecate.collectives.simulated_network import SimulatedNetwork
 from hecate.launch.environment import loopback_interface, store_listener, usable_cores
+from hecate.launch.errors import WorkerFailure
 
 T = TypeVar("T")
 
@@ -46,8 +48,16 @@ ROOT_CAUSE_WAIT_S = 2.0  # after a rank raises, how long to look for a peer whos
 
 SIM_NETWORK_ENV = "HECATE_SIM_NETWORK"  # "nodes,gbps,latency_us" for the workers of a simulated network
 
-__all__ = ["WorkerFailure", "WorkerGroup", "core_sets", "network_environment", "network_from_environment",
-           "run_workers", "start_workers", "worker_environment"]
+__all__ = [
+    "WorkerFailure",
+    "WorkerGroup",
+    "core_sets",
+    "network_environment",
+    "network_from_environment",
+    "run_workers",
+    "start_workers",
+    "worker_environment",
+]
 
 
 def worker_environment(rank: int, world_size: int, master_port: int) -> dict[str, str]:
@@ -83,7 +93,7 @@ def core_sets(world_size: int, cores: list[int]) -> list[list[int]]:
     core each, dealt round-robin (rank r on ``cores[r % len(cores)]``)."""
     per_rank = len(cores) // world_size
     if per_rank >= 1:
-        return [cores[r * per_rank:(r + 1) * per_rank] for r in range(world_size)]
+        return [cores[r * per_rank : (r + 1) * per_rank] for r in range(world_size)]
     return [[cores[r % len(cores)]] for r in range(world_size)]
 
 
@@ -285,8 +295,7 @@ def start_workers(
             environ = worker_environment(rank, world_size, store.port) | (env or {})
             process = context.Process(
                 target=_worker_main,
-                args=(child_conn, fn, args, environ, threads_per_worker, backend, group._stack_path(rank),
-                      cores[rank]),
+                args=(child_conn, fn, args, environ, threads_per_worker, backend, group._stack_path(rank), cores[rank]),
                 name=f"hecate-worker-{rank}",
             )
             process.start()
@@ -309,6 +318,5 @@ def run_workers(
     bind_cores: bool = False,
 ) -> list[T]:
     """Run ``fn(*args)`` on ``world_size`` fresh processes joined in one gloo group; return results by rank."""
-    group = start_workers(fn, world_size, args, env=env, threads_per_worker=threads_per_worker,
-                          bind_cores=bind_cores)
+    group = start_workers(fn, world_size, args, env=env, threads_per_worker=threads_per_worker, bind_cores=bind_cores)
     return group.join(timeout_s)

@@ -3,6 +3,7 @@ worker; each finds its rank in ``SLURM_PROCID`` / ``SLURM_NTASKS`` / ``SLURM_LOC
 hand it to ``sbatch``. The script is meant to be read and edited: ``#SBATCH`` lines, then where rank 0's
 rendezvous store lives, then one ``srun`` line with every argument shell-quoted.
 """
+
 from __future__ import annotations
 
 import re
@@ -40,8 +41,11 @@ class BatchJob:
         return self.nodes * self.tasks_per_node
 
     def sbatch_options(self) -> list[tuple[str, str]]:
-        options = [("job-name", self.job_name), ("nodes", str(self.nodes)),
-                   ("ntasks-per-node", str(self.tasks_per_node))]
+        options = [
+            ("job-name", self.job_name),
+            ("nodes", str(self.nodes)),
+            ("ntasks-per-node", str(self.tasks_per_node)),
+        ]
         if self.gpus_per_node:
             options.append(("gpus-per-node", str(self.gpus_per_node)))
         for name in ("partition", "time", "account"):
@@ -50,15 +54,20 @@ class BatchJob:
         options += [("chdir", str(self.workdir)), ("output", str(self.output))]
         for name, value in options:
             if not SBATCH_VALUE.fullmatch(value):
-                raise HecateError(f"sbatch --{name}={value!r}: only letters, digits and _.:,@+/%=- are allowed in "
-                                  f"#SBATCH values (sbatch reads them without a shell)")
+                raise HecateError(
+                    f"sbatch --{name}={value!r}: only letters, digits and _.:,@+/%=- are allowed in "
+                    f"#SBATCH values (sbatch reads them without a shell)"
+                )
         return options
 
 
 def batch_script(job: BatchJob, command_line: str) -> str:
     """The script's text."""
-    lines = ["#!/bin/bash", f"# Written by: {command_line}",
-             f"# {job.workers} workers: {job.nodes} node(s) x {job.tasks_per_node} task(s)"]
+    lines = [
+        "#!/bin/bash",
+        f"# Written by: {command_line}",
+        f"# {job.workers} workers: {job.nodes} node(s) x {job.tasks_per_node} task(s)",
+    ]
     lines += [f"#SBATCH --{name}={value}" for name, value in job.sbatch_options()]
     worker = [sys.executable, "-m", "hecate.launch.worker", *job.worker_args]
     srun = "srun --kill-on-bad-exit=1 " + " \\\n    ".join(_pairs(worker))
@@ -102,8 +111,10 @@ def submit(path: Path) -> str:
     """``sbatch --parsable SCRIPT``; returns the job id."""
     sbatch = shutil.which("sbatch")
     if sbatch is None:
-        raise HecateError(f"sbatch was not found on PATH: SLURM is not installed here. The script is written to "
-                          f"{path}; submit it from a login node with `sbatch {path}`")
+        raise HecateError(
+            f"sbatch was not found on PATH: SLURM is not installed here. The script is written to "
+            f"{path}; submit it from a login node with `sbatch {path}`"
+        )
     result = subprocess.run([sbatch, "--parsable", str(path)], capture_output=True, text=True)
     if result.returncode != 0:
         raise HecateError(f"sbatch refused {path}: {result.stderr.strip() or result.stdout.strip()}")

@@ -3,6 +3,7 @@ in processes it started, and torchrun / mpirun / srun / the Ray launcher's actor
 ``python -m hecate.launch.worker CONFIG``, which finds its place from the environment they set
 (:mod:`hecate.launch.environment`), joins the process group and calls the same function.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,14 +39,28 @@ def train_worker(cfg_dict: dict[str, Any], resume: bool, env: WorkerEnv | None =
     rank = dist.get_rank()
     setup_logging(None, rank=rank, level=cfg.logging.level)
     layout_of(cfg, dist.get_world_size())
-    parallel = Parallel.from_world(cfg.parallel, cfg.moe, cfg.model.n_layers, cfg.model.n_heads,
-                                   cfg.fssdp, transport=cfg.collectives.transport,
-                                   network=network_from_environment(),
-                                   timeline=Timeline(rank) if cfg.logging.profile_step else None)
+    parallel = Parallel.from_world(
+        cfg.parallel,
+        cfg.moe,
+        cfg.model.n_layers,
+        cfg.model.n_heads,
+        cfg.fssdp,
+        transport=cfg.collectives.transport,
+        network=network_from_environment(),
+        timeline=Timeline(rank) if cfg.logging.profile_step else None,
+    )
     trainer = Trainer(cfg, resume=resume, parallel=parallel)
     setup_logging(trainer.run_dir, rank=rank, level=cfg.logging.level)
-    log.info("rank %d of %d (pid %d) on cores %s with %d threads; run folder %s; %s", rank, dist.get_world_size(),
-             os.getpid(), usable_cores(), torch.get_num_threads(), trainer.run_dir, trainer.describe())
+    log.info(
+        "rank %d of %d (pid %d) on cores %s with %d threads; run folder %s; %s",
+        rank,
+        dist.get_world_size(),
+        os.getpid(),
+        usable_cores(),
+        torch.get_num_threads(),
+        trainer.run_dir,
+        trainer.describe(),
+    )
     if env is not None:
         log.info("started by %s", env.describe())
     log.info("MoE collectives over %s", type(parallel.ep).__name__)
@@ -58,9 +73,11 @@ def train_worker(cfg_dict: dict[str, Any], resume: bool, env: WorkerEnv | None =
         if where is None:
             raise
         laggards = never_arrived(beats, dist.get_world_size(), rank, restart_count())
-        message = (f"rank {rank} of {dist.get_world_size()}: collective failed in step {trainer.step + 1} after "
-                   f"waiting in {where}: {str(err).splitlines()[0]} (train.collective_timeout_s="
-                   f"{cfg.train.collective_timeout_s:g})" + (f"; never arrived: {laggards}" if laggards else ""))
+        message = (
+            f"rank {rank} of {dist.get_world_size()}: collective failed in step {trainer.step + 1} after "
+            f"waiting in {where}: {str(err).splitlines()[0]} (train.collective_timeout_s="
+            f"{cfg.train.collective_timeout_s:g})" + (f"; never arrived: {laggards}" if laggards else "")
+        )
         log.error("%s", message)
         raise CollectiveTimeout(message) from err
     finally:
@@ -80,14 +97,17 @@ def init_distributed(env: WorkerEnv, timeout_s: float) -> None:
             dist.init_process_group("gloo", store=store, rank=env.rank, world_size=env.world_size, timeout=timeout)
             return
         listener = store_listener(env.master_addr, env.master_port)[1] if env.rank == 0 else {}
-        store = dist.TCPStore(env.master_addr, env.master_port, env.world_size, env.rank == 0, timeout=timeout,
-                              **listener)
+        store = dist.TCPStore(
+            env.master_addr, env.master_port, env.world_size, env.rank == 0, timeout=timeout, **listener
+        )
         dist.init_process_group("gloo", store=store, rank=env.rank, world_size=env.world_size, timeout=timeout)
     except (RuntimeError, OSError) as err:  # DistStoreError, DistNetworkError; TimeoutError, a busy port
-        raise LaunchError(f"rank {env.rank} of {env.world_size} ({env.launcher}) could not join the job at "
-                          f"{env.master_addr}:{env.master_port} within train.collective_timeout_s={timeout_s:g} s "
-                          f"(a node that never joined, or a wrong MASTER_ADDR/MASTER_PORT): "
-                          f"{str(err).splitlines()[0]}") from err
+        raise LaunchError(
+            f"rank {env.rank} of {env.world_size} ({env.launcher}) could not join the job at "
+            f"{env.master_addr}:{env.master_port} within train.collective_timeout_s={timeout_s:g} s "
+            f"(a node that never joined, or a wrong MASTER_ADDR/MASTER_PORT): "
+            f"{str(err).splitlines()[0]}"
+        ) from err
 
 
 def subgroups_time_out_after(timeout: timedelta) -> None:
@@ -134,8 +154,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("config")
     parser.add_argument("-o", "--override", action="append", default=[])
     parser.add_argument("--resume", action="store_true")
-    parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
-                        help=argparse.SUPPRESS)  # appended by DeepSpeed's launcher; LOCAL_RANK carries the same
+    parser.add_argument(
+        "--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS
+    )  # appended by DeepSpeed's launcher; LOCAL_RANK carries the same
     parser.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
     return parser.parse_args(argv)
 

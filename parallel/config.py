@@ -1,5 +1,6 @@
 """The parts of the run config that ``parallel/`` reads. They are plain dataclasses so that the trainer's
 config (``hecate.trainer.config``) can nest them and validate them with the rest, before any worker starts."""
+
 from __future__ import annotations
 
 import math
@@ -56,12 +57,16 @@ class MoEConfig:
         if self.overlap_chunks < 1:
             raise ConfigError(f"{prefix}.overlap_chunks", f"must be >= 1 (1 = no overlap), got {self.overlap_chunks}")
         if self.overlap_sub_batches < 1:
-            raise ConfigError(f"{prefix}.overlap_sub_batches",
-                              f"must be >= 1 (1 = off), got {self.overlap_sub_batches}")
+            raise ConfigError(
+                f"{prefix}.overlap_sub_batches", f"must be >= 1 (1 = off), got {self.overlap_sub_batches}"
+            )
         if self.overlap_sub_batches > 1 and self.capacity_factor > 0:
-            raise ConfigError(f"{prefix}.overlap_sub_batches", f"needs dropless routing ({prefix}.capacity_factor=0): "
-                              f"capacity drops pairs by their rank in the whole batch, got capacity_factor="
-                              f"{self.capacity_factor}")
+            raise ConfigError(
+                f"{prefix}.overlap_sub_batches",
+                f"needs dropless routing ({prefix}.capacity_factor=0): "
+                f"capacity drops pairs by their rank in the whole batch, got capacity_factor="
+                f"{self.capacity_factor}",
+            )
         for name in ("aux_loss_coef", "z_loss_coef", "bias_update_rate", "capacity_factor"):
             require_finite(f"{prefix}.{name}", getattr(self, name))
             if getattr(self, name) < 0:
@@ -122,15 +127,18 @@ class FssdpConfig:
         for name in ("overlap_budget", "memory_budget"):
             value = getattr(self, name)
             if value != AUTO and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-                raise ConfigError(f"{prefix}.{name}", f"must be an integer >= 0 or {AUTO!r} (derived from "
-                                                      f"measurements), got {value!r}")
+                raise ConfigError(
+                    f"{prefix}.{name}",
+                    f"must be an integer >= 0 or {AUTO!r} (derived from measurements), got {value!r}",
+                )
         for name in ("reshard_every", "devices_per_node"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{prefix}.{name}", f"must be >= 0, got {getattr(self, name)}")
         require_finite(f"{prefix}.min_imbalance", self.min_imbalance)
         if self.min_imbalance < 1:
-            raise ConfigError(f"{prefix}.min_imbalance", f"must be >= 1 (a max / mean load ratio), got "
-                                                         f"{self.min_imbalance}")
+            raise ConfigError(
+                f"{prefix}.min_imbalance", f"must be >= 1 (a max / mean load ratio), got {self.min_imbalance}"
+            )
 
     @property
     def enabled(self) -> bool:

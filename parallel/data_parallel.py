@@ -13,6 +13,7 @@ Two groups carry gradients:
   brought every EP peer's contribution home, so they are summed over ``edp`` and divided by the same ``dp``.
 Each rank's loss is the mean over its own tokens, so the average over ``dp`` ranks is the global-batch mean.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable
@@ -36,11 +37,16 @@ def router_sums_reduce(transport: Transport) -> Reduce:
         counts_RE = local_counts.new_empty(ranks * (experts + 1))
         transport.all_gather(counts_RE, local_counts, name="moe.router_counts").wait()
         counts_RE = counts_RE.view(ranks, experts + 1)
-        summed = all_reduce_autograd(torch.cat([sums.prob_sum_E, sums.lse_sq_sum.view(1)]), transport,
-                                     name="moe.router_sums")
-        return RouterSums(counts_E=counts_RE[:, :experts].sum(0), prob_sum_E=summed[:experts],
-                          lse_sq_sum=summed[experts], tokens=int(counts_RE[:, experts].sum()),
-                          offset_E=counts_RE[: transport.rank, :experts].sum(0))
+        summed = all_reduce_autograd(
+            torch.cat([sums.prob_sum_E, sums.lse_sq_sum.view(1)]), transport, name="moe.router_sums"
+        )
+        return RouterSums(
+            counts_E=counts_RE[:, :experts].sum(0),
+            prob_sum_E=summed[:experts],
+            lse_sq_sum=summed[experts],
+            tokens=int(counts_RE[:, experts].sum()),
+            offset_E=counts_RE[: transport.rank, :experts].sum(0),
+        )
 
     return reduce
 
@@ -49,8 +55,14 @@ class GradientAverager:
     """After backward: average dense gradients over ``dense_dp`` and expert gradients over ``expert_dp``, each
     group in one flat all-reduce. ``dp`` is the number of ranks that split the global batch."""
 
-    def __init__(self, dense: list[nn.Parameter], experts: list[nn.Parameter], dense_dp: Transport,
-                 expert_dp: Transport | None, dp: int):
+    def __init__(
+        self,
+        dense: list[nn.Parameter],
+        experts: list[nn.Parameter],
+        dense_dp: Transport,
+        expert_dp: Transport | None,
+        dp: int,
+    ):
         self.buckets = [(dense, dense_dp, "grad.dense"), (experts, expert_dp, "grad.experts")]
         self.dp = dp
 
@@ -69,8 +81,9 @@ class GradientAverager:
                 param.grad = grad.div_(self.dp) if self.dp > 1 else grad
 
 
-def global_grad_norm(dense: Iterable[nn.Parameter], experts: Iterable[nn.Parameter],
-                     expert_shards: Transport | None) -> torch.Tensor:
+def global_grad_norm(
+    dense: Iterable[nn.Parameter], experts: Iterable[nn.Parameter], expert_shards: Transport | None
+) -> torch.Tensor:
     """L2 norm (fp64) of all gradients of the model: dense ones are the same on every rank, expert ones are split
     over ``expert_shards`` (the EP group; None on one device), whose squared norms are summed."""
     dense_sq = _squared_norm(dense)

@@ -13,10 +13,12 @@ Three ways, one small class each, all with the same face (:class:`ExpertSharding
 
 Each gives: ``wrap`` (the one place that swaps a layer's experts and dispatcher), the gradient groups, ``full`` /
 ``local`` views of one expert tensor, and the form a checkpoint saves (``to_saved`` / ``from_saved``), so that a
-checkpoint written under one way loads under another. :func:`build_expert_sharding` is the one place that picks.
+checkpoint written under one way loads under another. ``Parallel._expert_sharding``
+(:mod:`hecate.parallel.parallelize`) is the one place that picks.
 
 Shapes: E experts, L local experts of this rank.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -89,11 +91,17 @@ def named_moe_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module, MoE]]:
                 yield (f"{name}.{child_name}" if name else child_name), module, child
 
 
-def expert_dispatcher(num_experts: int, transport: Transport, overlap_chunks: int,
-                      holders: Holders | None = None, ranks_per_node: int | None = None) -> ExpertParallelDispatcher:
+def expert_dispatcher(
+    num_experts: int,
+    transport: Transport,
+    overlap_chunks: int,
+    holders: Holders | None = None,
+    ranks_per_node: int | None = None,
+) -> ExpertParallelDispatcher:
     """The dispatcher that takes tokens to the ranks holding their experts (built here only)."""
-    return ExpertParallelDispatcher(num_experts, transport, holders=holders, ranks_per_node=ranks_per_node,
-                                    overlap_chunks=overlap_chunks)
+    return ExpertParallelDispatcher(
+        num_experts, transport, holders=holders, ranks_per_node=ranks_per_node, overlap_chunks=overlap_chunks
+    )
 
 
 class Replicated:
@@ -170,8 +178,9 @@ class FullySharded:
     grad_sum = None  # owners already hold the sum over every rank's tokens
     copies = 1
 
-    def __init__(self, transport: Transport, cfg: FssdpConfig, token_transport: Transport | None = None,
-                 overlap_chunks: int = 1):
+    def __init__(
+        self, transport: Transport, cfg: FssdpConfig, token_transport: Transport | None = None, overlap_chunks: int = 1
+    ):
         self.norm_group, self.cfg = transport, cfg
         self.token_transport = token_transport or transport
         self.overlap_chunks = overlap_chunks
@@ -185,9 +194,13 @@ class FullySharded:
         for name, block, layer in named_moe_layers(model):
             fl = engine.add_layer(name, layer)
             layer.experts = fl.shard(layer.experts)
-            layer.dispatcher = expert_dispatcher(layer.cfg.num_experts, self.token_transport, self.overlap_chunks,
-                                                 holders=lambda fl=fl: fl.materialized.devices_C,
-                                                 ranks_per_node=self.cfg.devices_per_node or None)
+            layer.dispatcher = expert_dispatcher(
+                layer.cfg.num_experts,
+                self.token_transport,
+                self.overlap_chunks,
+                holders=lambda fl=fl: fl.materialized.devices_C,
+                ranks_per_node=self.cfg.devices_per_node or None,
+            )
             block.register_forward_pre_hook(lambda _m, _args, fl=fl: fl.start_gather())
             block.register_forward_hook(lambda _m, _args, out, fl=fl: engine.after_forward(fl, out))
         engine.plan()
@@ -215,8 +228,13 @@ class FullySharded:
             return
         saved = state["fssdp"]
         if state.get("dp", self.norm_group.world_size) != self.norm_group.world_size:
-            saved = {**saved, "layers": {name: {**layer, "owner": list(self.engine.layers[name].owner.owner_C)}
-                                         for name, layer in saved["layers"].items()}}
+            saved = {
+                **saved,
+                "layers": {
+                    name: {**layer, "owner": list(self.engine.layers[name].owner.owner_C)}
+                    for name, layer in saved["layers"].items()
+                },
+            }
         self.engine.load_state_dict(saved)
 
     def metrics(self) -> dict[str, Any]:
@@ -225,8 +243,10 @@ class FullySharded:
         rows = torch.zeros(group.world_size, dtype=torch.float64)
         rows[group.rank] = sum(fl.last_rows for fl in self.engine.layers.values())
         rows = group.all_reduce(rows, name="metrics").wait()
-        return {"replicas": self.engine.last_replicas,
-                "expert_rows_max_over_mean": (rows.max() / rows.mean().clamp(min=1)).item()}
+        return {
+            "replicas": self.engine.last_replicas,
+            "expert_rows_max_over_mean": (rows.max() / rows.mean().clamp(min=1)).item(),
+        }
 
 
 def keep_local_experts(layer: MoE, ep_rank: int, ep: int) -> None:
@@ -235,4 +255,4 @@ def keep_local_experts(layer: MoE, ep_rank: int, ep: int) -> None:
     for name in EXPERT_WEIGHTS:
         weight = getattr(layer.experts, name)
         if weight is not None:
-            setattr(layer.experts, name, nn.Parameter(weight.detach()[ep_rank * local:(ep_rank + 1) * local].clone()))
+            setattr(layer.experts, name, nn.Parameter(weight.detach()[ep_rank * local : (ep_rank + 1) * local].clone()))

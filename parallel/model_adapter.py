@@ -6,6 +6,7 @@ The model itself must accept what pipeline parallelism does to it: its forward s
 head set to None (a stage's input is then activations, its output activations), and ``blocks`` is a ModuleDict
 keyed by the global block index, so a stage keeps a slice of it with unchanged parameter names.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -38,8 +39,11 @@ class ModelAdapter:
 
     def moe_layers(self, model: nn.Module) -> dict[int, MoE]:
         """The MoE layers by global block index."""
-        return {int(i): getattr(b, self.ffn) for i, b in self.block_dict(model).items()
-                if isinstance(getattr(b, self.ffn), MoE)}
+        return {
+            int(i): getattr(b, self.ffn)
+            for i, b in self.block_dict(model).items()
+            if isinstance(getattr(b, self.ffn), MoE)
+        }
 
     def tied(self, model: nn.Module) -> bool:
         """Whether the head's weight is the embedding's (read on the whole model, before any split)."""

@@ -1,5 +1,5 @@
 """Tensor, expert-tensor and pipeline parallelism of one run, folded over the ranks that data and expert
-parallelism already use (DESIGN.md section 3): the groups they need, what they change in a built model, and the
+parallelism already use: the groups they need, what they change in a built model, and the
 gradient bookkeeping that follows. :class:`~hecate.parallel.parallelize.Parallel` holds one and asks it at the
 points where a layout with tp, pp or etp > 1 differs from DP x EP.
 
@@ -17,6 +17,7 @@ Gradients, after the last backward of a step (each divided by dp, the ranks that
 The global norm counts every weight once: each rank's squared norms divided by the number of ranks holding the
 same values, summed over the world.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -28,17 +29,23 @@ import torch.distributed as dist
 from torch import nn
 
 from hecate.collectives import CommStats, TorchTransport, Transport
-from hecate.collectives.errors import LayoutError
 from hecate.parallel.config import ParallelConfig
 from hecate.parallel.data_parallel import GradientAverager, router_sums_reduce
+from hecate.parallel.errors import LayoutError
 from hecate.parallel.model_adapter import ModelAdapter
 from hecate.parallel.moe import MoE
 from hecate.parallel.moe.expert_tensor_parallel import HIDDEN_DIM, ExpertTensorParallel
 from hecate.parallel.moe.losses import Reduce, RouterSums
 from hecate.parallel.pipeline import MicroBatch, Pipeline, keep_stages, split_stages
-from hecate.parallel.tensor_parallel import (check_tensor_parallel, parallelize_embeddings, parallelize_ffn,
-                                             scale_grad, split_for, unsplit,
-                                             vocab_parallel_cross_entropy)
+from hecate.parallel.tensor_parallel import (
+    check_tensor_parallel,
+    parallelize_embeddings,
+    parallelize_ffn,
+    scale_grad,
+    split_for,
+    unsplit,
+    vocab_parallel_cross_entropy,
+)
 from hecate.parallel.topology import Meshes, ParallelDims
 
 
@@ -75,14 +82,16 @@ class ModelParallel:
     dim: int = 0
 
     @classmethod
-    def build(cls, dims: ParallelDims, meshes: Meshes, cfg: ParallelConfig, dp: Transport,
-              stats: CommStats) -> ModelParallel:
+    def build(
+        cls, dims: ParallelDims, meshes: Meshes, cfg: ParallelConfig, dp: Transport, stats: CommStats
+    ) -> ModelParallel:
         """The groups (collective: every rank calls this in the same order)."""
         out = cls(dims, cfg.pp_virtual, list(cfg.pp_stage_blocks), stats, world=TorchTransport(None, stats), stage=dp)
         if dims.tp > 1:
             out.tp = TorchTransport.from_mesh(meshes.dense, "tp", stats)
-            out.stage = _subgroup([list(range(p * dims.world // dims.pp, (p + 1) * dims.world // dims.pp))
-                                   for p in range(dims.pp)], stats)
+            out.stage = _subgroup(
+                [list(range(p * dims.world // dims.pp, (p + 1) * dims.world // dims.pp)) for p in range(dims.pp)], stats
+            )
         if dims.etp > 1:
             out.etp = TorchTransport.from_mesh(meshes.moe, "etp", stats)
         if dims.pp > 1:
@@ -102,12 +111,20 @@ class ModelParallel:
         if dims.pp > 1:
             self.stage_split = split_stages(model, adapter, dims.pp * self.virtual, self.stage_sizes)
             mine = [s for s in range(len(self.stage_split)) if s % dims.pp == self.pp_rank]
-            keep_stages(model, adapter, [b for s in mine for b in self.stage_split[s]], first=0 in mine,
-                        last=len(self.stage_split) - 1 in mine, tied=self.tied_embeddings)
+            keep_stages(
+                model,
+                adapter,
+                [b for s in mine for b in self.stage_split[s]],
+                first=0 in mine,
+                last=len(self.stage_split) - 1 in mine,
+                tied=self.tied_embeddings,
+            )
             if self.tied_embeddings:
                 grid = dims.dense_grid()
-                self.tied = _subgroup([[int(grid[0, d, t]), int(grid[-1, d, t])] for d in range(dims.dp)
-                                       for t in range(dims.tp)], self.stats)
+                self.tied = _subgroup(
+                    [[int(grid[0, d, t]), int(grid[-1, d, t])] for d in range(dims.dp) for t in range(dims.tp)],
+                    self.stats,
+                )
         if dims.tp > 1:
             blocks = adapter.block_dict(model).values()
             dense = [getattr(b, adapter.ffn) for b in blocks if not isinstance(getattr(b, adapter.ffn), MoE)]
@@ -119,8 +136,11 @@ class ModelParallel:
                 split |= parallelize_ffn(ffn, self.tp)
             names = {id(p): n for n, p in model.named_parameters()}
             self.tp_split = {names[id(p)]: how for p, how in split.items() if id(p) in names}
-            self.tp_alias = {n: names[id(p)] for n, p in model.named_parameters(remove_duplicate=False)
-                             if names.get(id(p), n) != n and names[id(p)] in self.tp_split}
+            self.tp_alias = {
+                n: names[id(p)]
+                for n, p in model.named_parameters(remove_duplicate=False)
+                if names.get(id(p), n) != n and names[id(p)] in self.tp_split
+            }
             self.vocab_start = self.tp.rank * (model.vocab_size // dims.tp)
 
     @property
@@ -136,8 +156,11 @@ class ModelParallel:
             return base
 
         def reduce(sums: RouterSums) -> RouterSums:
-            return base(dataclasses.replace(sums, prob_sum_E=scale_grad(sums.prob_sum_E, scale),
-                                            lse_sq_sum=scale_grad(sums.lse_sq_sum, scale)))
+            return base(
+                dataclasses.replace(
+                    sums, prob_sum_E=scale_grad(sums.prob_sum_E, scale), lse_sq_sum=scale_grad(sums.lse_sq_sum, scale)
+                )
+            )
 
         return reduce
 
@@ -148,26 +171,39 @@ class ModelParallel:
                 raise LayoutError(f"parallel.etp={self.dims.etp} must divide moe.ffn_dim={layer.cfg.ffn_dim}")
             layer.experts = ExpertTensorParallel(layer.experts, self.etp)
 
-    def build_pipeline(self, model: nn.Module, micro: MicroBatch | None,
-                       loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
+    def build_pipeline(
+        self, model: nn.Module, micro: MicroBatch | None, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    ) -> None:
         if self.dims.pp > 1:
             if micro is None:
                 raise ValueError("pipeline parallelism needs the step's micro-batch shape (Parallel.apply(micro=))")
             shape = (micro.rows // self.dims.tp, self.dim, self.vocab_size // self.dims.tp)
-            self.pipeline = Pipeline(model, self.adapter, self.stage_split, self.pp_group, micro, shape, loss_fn,
-                                     self.moe_blocks, self.num_experts)
+            self.pipeline = Pipeline(
+                model,
+                self.adapter,
+                self.stage_split,
+                self.pp_group,
+                micro,
+                shape,
+                loss_fn,
+                self.moe_blocks,
+                self.num_experts,
+            )
 
     # ---- gradients -----------------------------------------------------------------------------
 
-    def averager(self, model: nn.Module, experts: list[nn.Parameter], dp: Transport,
-                 expert_dp: Transport | None) -> Callable[[], None]:
+    def averager(
+        self, model: nn.Module, experts: list[nn.Parameter], dp: Transport, expert_dp: Transport | None
+    ) -> Callable[[], None]:
         """What averages the gradients after the last backward of a step (see the module docstring)."""
         names = dict(model.named_parameters())
         expert_ids = {id(p) for p in experts}
         split = [names[n] for n in self.tp_split]
         replicated = [p for n, p in names.items() if id(p) not in expert_ids and n not in self.tp_split]
-        by_groups = [GradientAverager(split, experts, dp, expert_dp, self.dims.dp),
-                     GradientAverager(replicated, [], self.stage, None, self.dims.dp)]
+        by_groups = [
+            GradientAverager(split, experts, dp, expert_dp, self.dims.dp),
+            GradientAverager(replicated, [], self.stage, None, self.dims.dp),
+        ]
         tied = None
         if self.tied is not None:
             holder = getattr(model, self.adapter.embedding) or getattr(model, self.adapter.head)
@@ -197,16 +233,18 @@ class ModelParallel:
     def _is_tied_copy(self, model: nn.Module, name: str) -> bool:
         """The last stage's copy of the tied embedding (the first stage's counts)."""
         adapter = self.adapter
-        return (self.tied is not None and name == adapter.head_weight_name()
-                and getattr(model, adapter.embedding) is None)
+        return (
+            self.tied is not None and name == adapter.head_weight_name() and getattr(model, adapter.embedding) is None
+        )
 
     # ---- loss and whole-model views ------------------------------------------------------------
 
     def cross_entropy(self, logits_NV: torch.Tensor, targets_N: torch.Tensor, reduction: str) -> torch.Tensor:
         return vocab_parallel_cross_entropy(logits_NV, targets_N, self.tp, self.vocab_start, reduction)
 
-    def gather_shards(self, model: nn.Module, tensors: dict[str, torch.Tensor],
-                      gather_experts: Callable[[nn.Module, dict], dict]) -> dict[str, torch.Tensor]:
+    def gather_shards(
+        self, model: nn.Module, tensors: dict[str, torch.Tensor], gather_experts: Callable[[nn.Module, dict], dict]
+    ) -> dict[str, torch.Tensor]:
         """This stage's parameter-shaped tensors by name, whole: etp shards, then ep (``gather_experts``), then tp
         shards joined. Collective over the stage."""
         full = {name: t.detach().clone() for name, t in tensors.items()}
@@ -225,8 +263,9 @@ class ModelParallel:
         """How ``name`` is split over tp (its tied alias's split for ``lm_head.weight``), or None."""
         return self.tp_split.get(self.tp_alias.get(name, name))
 
-    def local(self, name: str, full: torch.Tensor, local_experts: Callable[[str, torch.Tensor], torch.Tensor]
-              ) -> torch.Tensor:
+    def local(
+        self, name: str, full: torch.Tensor, local_experts: Callable[[str, torch.Tensor], torch.Tensor]
+    ) -> torch.Tensor:
         """Undo :meth:`gather_shards` for one tensor: this rank's shard (``local_experts`` picks its experts)."""
         if how := self._tp_how(name):
             full = split_for(full, how, self.tp.rank, self.dims.tp)
@@ -236,13 +275,16 @@ class ModelParallel:
                 full = full.chunk(self.dims.etp, dim=HIDDEN_DIM[_expert_weight(name)])[self.etp.rank]
         return full.clone()
 
-    def to_checkpoint(self, model: nn.Module, state: dict[str, Any],
-                      gather_experts: Callable[[nn.Module, dict], dict]) -> dict[str, Any]:
+    def to_checkpoint(
+        self, model: nn.Module, state: dict[str, Any], gather_experts: Callable[[nn.Module, dict], dict]
+    ) -> dict[str, Any]:
         """A ``get_state_dict`` pair with every split tensor (weights and AdamW moments) whole, so that it is saved
         once and loads into any layout; under pp each stage saves its own names. Collective over the stage."""
         names = [n for n in state["model"] if self._tp_how(n) or _expert_weight(n)]
-        model_sd = {**state["model"], **self.gather_shards(model, {n: state["model"][n] for n in names},
-                                                             gather_experts)}
+        model_sd = {
+            **state["model"],
+            **self.gather_shards(model, {n: state["model"][n] for n in names}, gather_experts),
+        }
         optim_state = {name: dict(values) for name, values in state["optim"]["state"].items()}
         for key in ("exp_avg", "exp_avg_sq"):
             moments = {n: optim_state[n][key] for n in names if key in optim_state.get(n, {})}
@@ -250,8 +292,9 @@ class ModelParallel:
                 optim_state[name][key] = whole
         groups = [dict(group) for group in state["optim"]["param_groups"]]
         if self.pp_group is not None:
-            self._rename_tied_copy(model, optim_state, groups, self.adapter.head_weight_name(),
-                                   self.adapter.embedding_weight_name())
+            self._rename_tied_copy(
+                model, optim_state, groups, self.adapter.head_weight_name(), self.adapter.embedding_weight_name()
+            )
             stages: list[list[list[str]]] = [None] * self.dims.pp
             dist.all_gather_object(stages, [group["params"] for group in groups], group=self.pp_group)
             for i, group in enumerate(groups):  # every stage saves the same (whole-model) groups
@@ -268,14 +311,23 @@ class ModelParallel:
         for group in groups:
             group["params"] = [new if fqn == old else fqn for fqn in group["params"]]
 
-    def from_checkpoint(self, model: nn.Module, state: dict[str, Any],
-                        local_experts: Callable[[str, torch.Tensor], torch.Tensor]) -> dict[str, Any]:
+    def from_checkpoint(
+        self, model: nn.Module, state: dict[str, Any], local_experts: Callable[[str, torch.Tensor], torch.Tensor]
+    ) -> dict[str, Any]:
         """Undo :meth:`to_checkpoint` on loaded tensors."""
-        model_sd = {n: self.local(n, t, local_experts) if self._tp_how(n) or _expert_weight(n) else t
-                    for n, t in state["model"].items()}
-        optim_state = {name: {k: self.local(name, v, local_experts) if v.dim() > 0 and (
-            self._tp_how(name) or _expert_weight(name)) else v for k, v in values.items()}
-            for name, values in state["optim"]["state"].items()}
+        model_sd = {
+            n: self.local(n, t, local_experts) if self._tp_how(n) or _expert_weight(n) else t
+            for n, t in state["model"].items()
+        }
+        optim_state = {
+            name: {
+                k: self.local(name, v, local_experts)
+                if v.dim() > 0 and (self._tp_how(name) or _expert_weight(name))
+                else v
+                for k, v in values.items()
+            }
+            for name, values in state["optim"]["state"].items()
+        }
         groups = [dict(group) for group in state["optim"]["param_groups"]]
         if self.pp_group is not None:
             head, embedding = self.adapter.head_weight_name(), self.adapter.embedding_weight_name()
@@ -285,8 +337,9 @@ class ModelParallel:
             self._rename_tied_copy(model, optim_state, groups, embedding, head)
         return {"model": model_sd, "optim": {**state["optim"], "state": optim_state, "param_groups": groups}}
 
-    def gather_full(self, model: nn.Module, tensors: dict[str, torch.Tensor],
-                    gather_experts: Callable[[nn.Module, dict], dict]) -> dict[str, torch.Tensor]:
+    def gather_full(
+        self, model: nn.Module, tensors: dict[str, torch.Tensor], gather_experts: Callable[[nn.Module, dict], dict]
+    ) -> dict[str, torch.Tensor]:
         """Parameter-shaped tensors by name as one process holds the whole model: :meth:`gather_shards`, then
         every pipeline stage's names merged. Collective over the world."""
         full = self.gather_shards(model, tensors, gather_experts)

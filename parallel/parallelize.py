@@ -9,6 +9,7 @@ stays as it is: how experts are held (replicated, expert-parallel, FSSDP) is one
 data parallelism swaps the layer's ``reduce`` hook (:mod:`hecate.parallel.moe.layer`); tensor and pipeline
 parallelism are :class:`~hecate.parallel.model_parallel.ModelParallel`.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -18,13 +19,12 @@ import torch
 from torch import nn
 
 from hecate.collectives import CommStats, OpStats, TorchTransport, Transport, delta, transport_from_mesh
-from hecate.collectives.errors import LayoutError
 from hecate.collectives.simulated_network import SimulatedNetwork, SimulatedNetworkTransport
 from hecate.collectives.timeline import Timeline
 from hecate.parallel.config import FssdpConfig, MoEConfig, ParallelConfig
 from hecate.parallel.data_parallel import GradientAverager, global_grad_norm, router_sums_reduce
-from hecate.parallel.expert_sharding import (ExpertParallel, ExpertSharding, FullySharded, Replicated,
-                                             moe_layers)
+from hecate.parallel.errors import LayoutError
+from hecate.parallel.expert_sharding import ExpertParallel, ExpertSharding, FullySharded, Replicated, moe_layers
 from hecate.parallel.fssdp.engine import FssdpEngine
 from hecate.parallel.model_adapter import ModelAdapter
 from hecate.parallel.model_parallel import ModelParallel
@@ -54,9 +54,17 @@ class Parallel:
         return cls(ParallelDims(world=1, dp=1, tp=1, pp=1, ep=1, etp=1))
 
     @classmethod
-    def from_world(cls, cfg: ParallelConfig, moe: MoEConfig, n_layers: int, n_heads: int,
-                   fssdp: FssdpConfig | None = None, transport: str = "torch",
-                   network: SimulatedNetwork | None = None, timeline: Timeline | None = None) -> Parallel:
+    def from_world(
+        cls,
+        cfg: ParallelConfig,
+        moe: MoEConfig,
+        n_layers: int,
+        n_heads: int,
+        fssdp: FssdpConfig | None = None,
+        transport: str = "torch",
+        network: SimulatedNetwork | None = None,
+        timeline: Timeline | None = None,
+    ) -> Parallel:
         """Inside a worker whose default process group is initialised: validate, build meshes and transports.
         ``transport`` (``collectives.transport``) carries the MoE collectives; dense gradients stay on
         torch.distributed. With ``network`` the transports delay inter-node transfers (simulated cluster); with
@@ -68,10 +76,16 @@ class Parallel:
         meshes = build_meshes(dims)
         stats = CommStats()
         observe = lambda t, mesh, dim: observed(t, mesh, dim, dims.world, network, timeline)  # noqa: E731
-        parallel = cls(dims, rank=dist.get_rank(), meshes=meshes, stats=stats, timeline=timeline,
-                       dp=observe(TorchTransport.from_mesh(meshes.dense, "dp", stats), meshes.dense, "dp"),
-                       ep=observe(transport_from_mesh(transport, meshes.moe, "ep", stats), meshes.moe, "ep"),
-                       edp=observe(transport_from_mesh(transport, meshes.moe, "edp", stats), meshes.moe, "edp"))
+        parallel = cls(
+            dims,
+            rank=dist.get_rank(),
+            meshes=meshes,
+            stats=stats,
+            timeline=timeline,
+            dp=observe(TorchTransport.from_mesh(meshes.dense, "dp", stats), meshes.dense, "dp"),
+            ep=observe(transport_from_mesh(transport, meshes.moe, "ep", stats), meshes.moe, "ep"),
+            edp=observe(transport_from_mesh(transport, meshes.moe, "edp", stats), meshes.moe, "edp"),
+        )
         if max(dims.tp, dims.pp, dims.etp) > 1:
             parallel.model_parallel = ModelParallel.build(dims, meshes, cfg, parallel.dp, stats)
         parallel.experts = parallel._expert_sharding(fssdp, moe.overlap_chunks)
@@ -123,8 +137,11 @@ class Parallel:
                 layer.reduce = mp.router_reduce() if mp is not None else router_sums_reduce(self.dp)
         if self.dims.world > 1:
             dense, experts = split_parameters(model)
-            self._averager = (GradientAverager(dense, experts, self.dp, self.experts.grad_sum, self.dims.dp)
-                              if mp is None else mp.averager(model, experts, self.dp, self.experts.grad_sum))
+            self._averager = (
+                GradientAverager(dense, experts, self.dp, self.experts.grad_sum, self.dims.dp)
+                if mp is None
+                else mp.averager(model, experts, self.dp, self.experts.grad_sum)
+            )
         if mp is not None:
             mp.build_pipeline(model, micro, self.cross_entropy)
 
@@ -172,8 +189,9 @@ class Parallel:
             return tensor
         return self.dp.all_reduce(tensor.clone(), name="metrics").wait()
 
-    def cross_entropy(self, logits_BSV: torch.Tensor, targets_BS: torch.Tensor,
-                      reduction: str = "mean") -> torch.Tensor:
+    def cross_entropy(
+        self, logits_BSV: torch.Tensor, targets_BS: torch.Tensor, reduction: str = "mean"
+    ) -> torch.Tensor:
         """fp32 cross-entropy of the model's logits (split over the vocabulary under tp)."""
         logits_NV, targets_N = logits_BSV.float().flatten(0, 1), targets_BS.flatten()
         if self.model_parallel is not None and self.model_parallel.tp is not None:
@@ -240,8 +258,13 @@ class Parallel:
         now = self.stats.snapshot()
         moved = delta(now, self._last_stats)
         self._last_stats = now
-        out: dict[str, Any] = {"comm": {name: {"bytes": s.bytes_sent + s.bytes_received, "wait_s": s.wait_s}
-                                        for name, s in sorted(moved.items()) if s.calls}}
+        out: dict[str, Any] = {
+            "comm": {
+                name: {"bytes": s.bytes_sent + s.bytes_received, "wait_s": s.wait_s}
+                for name, s in sorted(moved.items())
+                if s.calls
+            }
+        }
         out.update(self.experts.metrics())
         return out
 
@@ -252,43 +275,57 @@ class Parallel:
             dist.barrier()
 
 
-def check_layout(cfg: ParallelConfig, world: int, num_experts: int, n_layers: int, n_heads: int,
-                 fssdp: FssdpConfig | None = None) -> ParallelDims:
+def check_layout(
+    cfg: ParallelConfig, world: int, num_experts: int, n_layers: int, n_heads: int, fssdp: FssdpConfig | None = None
+) -> ParallelDims:
     """The validated degrees; layouts this version cannot run yet are refused, naming the field."""
     dims = ParallelDims.from_config(cfg, world, num_experts, n_layers, n_heads)
     if fssdp is not None and fssdp.enabled:
         if dims.ep > 1:
-            raise LayoutError(f"fssdp.policy={fssdp.policy} places the experts itself over the data-parallel ranks; "
-                              f"leave parallel.ep=1 (got {dims.ep})")
+            raise LayoutError(
+                f"fssdp.policy={fssdp.policy} places the experts itself over the data-parallel ranks; "
+                f"leave parallel.ep=1 (got {dims.ep})"
+            )
         if num_experts % (dims.dp * dims.tp):
-            raise LayoutError(f"fssdp.policy={fssdp.policy}: moe.num_experts={num_experts} must be divisible by the "
-                              f"{dims.dp * dims.tp} ranks of a pipeline stage (dp x tp) that own them")
+            raise LayoutError(
+                f"fssdp.policy={fssdp.policy}: moe.num_experts={num_experts} must be divisible by the "
+                f"{dims.dp * dims.tp} ranks of a pipeline stage (dp x tp) that own them"
+            )
         if dims.etp > 1:
-            raise LayoutError(f"fssdp.policy={fssdp.policy} materializes whole experts; it cannot be combined with "
-                              f"expert tensor parallelism (parallel.etp={dims.etp}): set parallel.etp=1")
+            raise LayoutError(
+                f"fssdp.policy={fssdp.policy} materializes whole experts; it cannot be combined with "
+                f"expert tensor parallelism (parallel.etp={dims.etp}): set parallel.etp=1"
+            )
     stages = dims.pp * cfg.pp_virtual
     if cfg.pp_virtual > 1 and dims.pp == 1:
-        raise LayoutError(f"parallel.pp_virtual={cfg.pp_virtual} interleaves stages over pipeline ranks: it needs "
-                          f"parallel.pp > 1")
+        raise LayoutError(
+            f"parallel.pp_virtual={cfg.pp_virtual} interleaves stages over pipeline ranks: it needs parallel.pp > 1"
+        )
     if n_layers < stages:
-        raise LayoutError(f"parallel.pp={dims.pp} x parallel.pp_virtual={cfg.pp_virtual} = {stages} stages need "
-                          f"model.n_layers >= {stages}, got {n_layers}")
+        raise LayoutError(
+            f"parallel.pp={dims.pp} x parallel.pp_virtual={cfg.pp_virtual} = {stages} stages need "
+            f"model.n_layers >= {stages}, got {n_layers}"
+        )
     if cfg.pp_stage_blocks and (len(cfg.pp_stage_blocks) != stages or sum(cfg.pp_stage_blocks) != n_layers):
-        raise LayoutError(f"parallel.pp_stage_blocks={list(cfg.pp_stage_blocks)} must give the blocks of each of the "
-                          f"{stages} stages (parallel.pp x parallel.pp_virtual), summing to model.n_layers={n_layers}")
+        raise LayoutError(
+            f"parallel.pp_stage_blocks={list(cfg.pp_stage_blocks)} must give the blocks of each of the "
+            f"{stages} stages (parallel.pp x parallel.pp_virtual), summing to model.n_layers={n_layers}"
+        )
     return dims
 
 
-def observed(inner: Transport, mesh, dim: str, world: int, network: SimulatedNetwork | None,
-             timeline: Timeline | None) -> Transport:
+def observed(
+    inner: Transport, mesh, dim: str, world: int, network: SimulatedNetwork | None, timeline: Timeline | None
+) -> Transport:
     """``inner`` behind the simulated network and/or the timeline, when either is asked for."""
     if network is None and timeline is None:
         return inner
     import torch.distributed as dist
 
     ranks = dist.get_process_group_ranks(mesh.get_group(dim))
-    return SimulatedNetworkTransport(inner, network, [network.node_of(r, world) if network else 0 for r in ranks],
-                                     timeline)
+    return SimulatedNetworkTransport(
+        inner, network, [network.node_of(r, world) if network else 0 for r in ranks], timeline
+    )
 
 
 def split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:

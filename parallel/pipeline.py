@@ -20,6 +20,7 @@ Evaluation runs the stages forward in order with plain send/recv (:meth:`Pipelin
 Shapes: B rows of a micro-batch on this data-parallel rank, b = rows held by a stage's activations (B / tp),
 S sequence, D model dim, E experts, L blocks.
 """
+
 from __future__ import annotations
 
 import copy
@@ -33,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleInterleaved1F1B
 
-from hecate.collectives.errors import LayoutError
+from hecate.parallel.errors import LayoutError
 from hecate.parallel.model_adapter import ModelAdapter
 from hecate.parallel.moe import MoE
 
@@ -100,11 +101,13 @@ class TiedHead(nn.Embedding):
         return F.linear(x_BSD, self.weight)
 
 
-def keep_stages(model: nn.Module, adapter: ModelAdapter, blocks: list[int], first: bool, last: bool,
-                tied: bool) -> None:
+def keep_stages(
+    model: nn.Module, adapter: ModelAdapter, blocks: list[int], first: bool, last: bool, tied: bool
+) -> None:
     """Prune the rank's model in place to what its stages hold (parameter names unchanged)."""
-    tied_copy = (TiedHead(getattr(model, adapter.embedding).weight.detach().clone())
-                 if last and not first and tied else None)
+    tied_copy = (
+        TiedHead(getattr(model, adapter.embedding).weight.detach().clone()) if last and not first and tied else None
+    )
     _select(model, model, adapter, blocks, first, last)
     if tied_copy is not None:
         setattr(model, adapter.head, tied_copy)
@@ -118,8 +121,9 @@ def stage_view(model: nn.Module, adapter: ModelAdapter, blocks: list[int], first
     return view
 
 
-def _select(target: nn.Module, model: nn.Module, adapter: ModelAdapter, blocks: list[int], first: bool,
-            last: bool) -> None:
+def _select(
+    target: nn.Module, model: nn.Module, adapter: ModelAdapter, blocks: list[int], first: bool, last: bool
+) -> None:
     """Set ``target``'s blocks to ``blocks`` of ``model``, and its ends to ``model``'s where the stages hold them."""
     setattr(target, adapter.blocks, nn.ModuleDict({str(i): adapter.block_dict(model)[str(i)] for i in blocks}))
     setattr(target, adapter.embedding, getattr(model, adapter.embedding) if first else None)
@@ -165,9 +169,18 @@ class PipelineLosses:
 class Pipeline:
     """This rank's stages of the model and the schedule that runs them (built by :meth:`Parallel.apply`)."""
 
-    def __init__(self, model: nn.Module, adapter: ModelAdapter, split: list[list[int]], group: dist.ProcessGroup,
-                 micro: MicroBatch, shape: tuple[int, int, int], loss_fn: Callable[[torch.Tensor, torch.Tensor],
-                 torch.Tensor], moe_blocks: list[int], num_experts: int):
+    def __init__(
+        self,
+        model: nn.Module,
+        adapter: ModelAdapter,
+        split: list[list[int]],
+        group: dist.ProcessGroup,
+        micro: MicroBatch,
+        shape: tuple[int, int, int],
+        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        moe_blocks: list[int],
+        num_experts: int,
+    ):
         """``shape`` is (rows a stage's activations hold, model dim, vocabulary columns of the logits)."""
         self.group = group
         self.pp, self.pp_rank = dist.get_world_size(group), dist.get_rank(group)
@@ -179,12 +192,21 @@ class Pipeline:
         rows, dim, vocab = shape
         activations = torch.empty(rows, micro.seq_len, dim, device="meta", requires_grad=True)
         tokens = torch.empty(micro.rows, micro.seq_len, dtype=torch.long, device="meta")
-        logits = torch.empty(micro.rows, micro.seq_len, vocab, dtype=micro.logits_dtype, device="meta",
-                             requires_grad=True)
-        stages = [PipelineStage(self.chunks[s], s, self.num_stages, torch.device("cpu"), group=group,
-                                input_args=tokens if s == 0 else activations,
-                                output_args=logits if s == self.num_stages - 1 else activations)
-                  for s in self.mine]
+        logits = torch.empty(
+            micro.rows, micro.seq_len, vocab, dtype=micro.logits_dtype, device="meta", requires_grad=True
+        )
+        stages = [
+            PipelineStage(
+                self.chunks[s],
+                s,
+                self.num_stages,
+                torch.device("cpu"),
+                group=group,
+                input_args=tokens if s == 0 else activations,
+                output_args=logits if s == self.num_stages - 1 else activations,
+            )
+            for s in self.mine
+        ]
         self.stages = stages
         if len(stages) == 1:
             self.schedule = Schedule1F1B(stages[0], micro.count, loss_fn=loss_fn)
@@ -209,15 +231,25 @@ class Pipeline:
     def step(self, inputs_BS: torch.Tensor, targets_BS: torch.Tensor) -> PipelineLosses:
         """Forward and backward of all micro-batches (the rows of ``inputs_BS``, in order); gradients are those
         of the mean loss over micro-batches. Collective over the pipeline group."""
-        self._record = {"aux": torch.zeros((), dtype=torch.float64), "z": torch.zeros((), dtype=torch.float64),
-                        "dropped": torch.zeros((), dtype=torch.float64),
-                        "counts": torch.zeros(len(self.moe_blocks), self.num_experts, dtype=torch.float64)}
+        self._record = {
+            "aux": torch.zeros((), dtype=torch.float64),
+            "z": torch.zeros((), dtype=torch.float64),
+            "dropped": torch.zeros((), dtype=torch.float64),
+            "counts": torch.zeros(len(self.moe_blocks), self.num_experts, dtype=torch.float64),
+        }
         lm_losses: list[torch.Tensor] = []
         self.schedule.step(inputs_BS, target=targets_BS, losses=lm_losses)
-        lm = torch.stack([loss.detach().double() for loss in lm_losses]).sum() if self.is_last else torch.zeros(
-            (), dtype=torch.float64)
-        packed = torch.cat([torch.stack([lm, self._record["aux"], self._record["z"], self._record["dropped"]]),
-                            self._record["counts"].flatten()])
+        lm = (
+            torch.stack([loss.detach().double() for loss in lm_losses]).sum()
+            if self.is_last
+            else torch.zeros((), dtype=torch.float64)
+        )
+        packed = torch.cat(
+            [
+                torch.stack([lm, self._record["aux"], self._record["z"], self._record["dropped"]]),
+                self._record["counts"].flatten(),
+            ]
+        )
         dist.all_reduce(packed, group=self.group)  # every stage contributes its own layers (and the last the LM)
         lm, aux, z, dropped = (packed[:4] / torch.tensor([self.micro_batches] * 3 + [1])).tolist()
         counts_LE = packed[4:].view(len(self.moe_blocks), -1).long()

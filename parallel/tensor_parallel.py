@@ -28,6 +28,7 @@ conjugate collective in backward.
 Shapes: B micro-batch rows on this data-parallel rank, b = B / tp rows held in the sequence-parallel region,
 S sequence, D model dim, H heads, Dh head dim, F FFN hidden dim, V vocabulary, v = V / tp.
 """
+
 from __future__ import annotations
 
 import torch
@@ -35,9 +36,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from hecate.collectives import Transport
-from hecate.collectives.errors import LayoutError
+from hecate.parallel.errors import LayoutError
 from hecate.parallel.model_adapter import ModelAdapter
-
 
 # ---- autograd-aware collectives over the tp group ---------------------------------------------------
 
@@ -123,8 +123,9 @@ class VocabParallelEmbedding(nn.Embedding):
         return reduce_scatter_rows(x_BSD, self.tp)
 
 
-def vocab_parallel_cross_entropy(logits_NV: torch.Tensor, targets_N: torch.Tensor, tp: Transport, start: int,
-                                 reduction: str = "mean") -> torch.Tensor:
+def vocab_parallel_cross_entropy(
+    logits_NV: torch.Tensor, targets_N: torch.Tensor, tp: Transport, start: int, reduction: str = "mean"
+) -> torch.Tensor:
     """Cross-entropy of logits split over the vocabulary (this rank holds columns [start, start + v)), equal on
     every rank. fp32, as ``F.cross_entropy`` on the gathered logits would be."""
     logits_NV = logits_NV.float()
@@ -201,8 +202,9 @@ def parallelize_ffn(ffn: nn.Module, tp: Transport) -> dict[nn.Parameter, str]:
     return {w: how for w, how in ((ffn.w1, COLUMNS), (ffn.w2, ROWS), (ffn.w3, COLUMNS)) if w is not None}
 
 
-def parallelize_embeddings(model: nn.Module, adapter: ModelAdapter, tp: Transport, vocab_size: int,
-                           tied: bool) -> dict[nn.Parameter, str]:
+def parallelize_embeddings(
+    model: nn.Module, adapter: ModelAdapter, tp: Transport, vocab_size: int, tied: bool
+) -> dict[nn.Parameter, str]:
     """Vocabulary-parallel embedding and LM head (whichever of them this pipeline stage holds)."""
     rank, parts = tp.rank, tp.world_size
     split = {}

@@ -1,18 +1,19 @@
 """The parallel layout of a run: validated degrees, the rank groups they imply, and the DeviceMesh views.
 
 World = PP x (dense: DP x TP) and, folded over the same ranks of each pipeline stage, PP x (MoE: EDP x EP x ETP)
-(DESIGN.md section 3). Ranks are laid out with the pipeline stage outermost and tensor parallelism innermost,
-so the TP and EP x ETP groups of a stage are contiguous ranks. Everything here is a pure function of the degrees
-except :func:`build_meshes`, which creates the process groups once.
+(docs/ARCHITECTURE.md, "Folding"). Ranks are laid out with the pipeline stage outermost and tensor parallelism
+innermost, so the TP and EP x ETP groups of a stage are contiguous ranks. Everything here is a pure function of the
+degrees except :func:`build_meshes`, which creates the process groups once.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import numpy as np
 
-from hecate.collectives.errors import LayoutError
 from hecate.parallel.config import ParallelConfig
+from hecate.parallel.errors import LayoutError
 
 DENSE_DIMS = ("pp", "dp", "tp")
 MOE_DIMS = ("pp", "edp", "ep", "etp")
@@ -34,21 +35,28 @@ class ParallelDims:
         return self.dp * self.tp // (self.ep * self.etp)
 
     @classmethod
-    def from_config(cls, cfg: ParallelConfig, world: int, num_experts: int, n_layers: int,
-                    n_heads: int) -> "ParallelDims":
+    def from_config(
+        cls, cfg: ParallelConfig, world: int, num_experts: int, n_layers: int, n_heads: int
+    ) -> ParallelDims:
         """Check that the layout fits the world and the model; every error names the fields involved."""
         if world < 1:
             raise LayoutError(f"world size must be >= 1, got {world}")
         stage = cfg.pp * cfg.tp
         if world % stage:
-            raise LayoutError(f"parallel.pp={cfg.pp} x parallel.tp={cfg.tp} = {stage} must divide the world size {world}")
+            raise LayoutError(
+                f"parallel.pp={cfg.pp} x parallel.tp={cfg.tp} = {stage} must divide the world size {world}"
+            )
         dp = world // stage if cfg.dp == -1 else cfg.dp
         if cfg.pp * dp * cfg.tp != world:
-            raise LayoutError(f"parallel.pp={cfg.pp} x parallel.dp={dp} x parallel.tp={cfg.tp} = "
-                              f"{cfg.pp * dp * cfg.tp}, but the world size is {world} (set parallel.dp=-1 to derive it)")
+            raise LayoutError(
+                f"parallel.pp={cfg.pp} x parallel.dp={dp} x parallel.tp={cfg.tp} = "
+                f"{cfg.pp * dp * cfg.tp}, but the world size is {world} (set parallel.dp=-1 to derive it)"
+            )
         if (dp * cfg.tp) % (cfg.ep * cfg.etp):
-            raise LayoutError(f"parallel.ep={cfg.ep} x parallel.etp={cfg.etp} must divide the ranks of a pipeline "
-                              f"stage (dp x tp = {dp * cfg.tp})")
+            raise LayoutError(
+                f"parallel.ep={cfg.ep} x parallel.etp={cfg.etp} must divide the ranks of a pipeline "
+                f"stage (dp x tp = {dp * cfg.tp})"
+            )
         if num_experts % cfg.ep:
             raise LayoutError(f"moe.num_experts={num_experts} must be divisible by parallel.ep={cfg.ep}")
         if n_layers < cfg.pp:
@@ -89,8 +97,8 @@ class Meshes:
     (pp, edp, ep, etp). Modules receive these, never raw rank arithmetic."""
 
     dims: ParallelDims
-    dense: "object"
-    moe: "object"
+    dense: object
+    moe: object
 
 
 def build_meshes(dims: ParallelDims, device_type: str = "cpu") -> Meshes:

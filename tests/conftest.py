@@ -1,4 +1,5 @@
 """Shared fixtures: a small real corpus (a few folders of the Python standard library), prepared once."""
+
 import sysconfig
 from pathlib import Path
 

@@ -1,5 +1,6 @@
 """Shared by the parity tests: a small config, a training function that runs on one process or as one rank of
 simulated workers, and the comparison against the single-process reference."""
+
 from __future__ import annotations
 
 import json
@@ -31,16 +32,39 @@ SKEW = [2.0, 1.2, 0.6, 0.0, -0.4, -0.8, -1.2, -1.6]
 
 
 def small_config(data_dir, run_dir, extra: list[str], steps: int) -> RunConfig:
-    return load_config(None, [
-        f"data.dir={data_dir}", f"train.run_dir={run_dir}", "model.dim=64", "model.n_layers=2", "model.n_heads=4",
-        "model.seq_len=32", "moe.num_experts=4", "moe.top_k=2", "moe.ffn_dim=64", "moe.aux_loss_coef=0.01",
-        "moe.z_loss_coef=0.001", "train.global_batch=8", "train.grad_accum=2", f"train.steps={steps}",
-        "train.dtype=fp32", "train.eval_every=0", "checkpoint.every=0", "logging.progress=false",
-        "logging.tensorboard=false", "logging.plots=false", "optim.warmup_steps=1", "optim.lr=0.003", *extra])
+    return load_config(
+        None,
+        [
+            f"data.dir={data_dir}",
+            f"train.run_dir={run_dir}",
+            "model.dim=64",
+            "model.n_layers=2",
+            "model.n_heads=4",
+            "model.seq_len=32",
+            "moe.num_experts=4",
+            "moe.top_k=2",
+            "moe.ffn_dim=64",
+            "moe.aux_loss_coef=0.01",
+            "moe.z_loss_coef=0.001",
+            "train.global_batch=8",
+            "train.grad_accum=2",
+            f"train.steps={steps}",
+            "train.dtype=fp32",
+            "train.eval_every=0",
+            "checkpoint.every=0",
+            "logging.progress=false",
+            "logging.tensorboard=false",
+            "logging.plots=false",
+            "optim.warmup_steps=1",
+            "optim.lr=0.003",
+            *extra,
+        ],
+    )
 
 
-def train(cfg_dicts: list[dict], distributed: bool, skew: bool | list[bool] = False,
-          save: list[bool] | None = None) -> list[dict] | None:
+def train(
+    cfg_dicts: list[dict], distributed: bool, skew: bool | list[bool] = False, save: list[bool] | None = None
+) -> list[dict] | None:
     """Train each config for its steps (:func:`train_one`), skewed and saved as told (one flag for all or one a
     config); rank 0 returns the records."""
     skews = skew if isinstance(skew, list) else [skew] * len(cfg_dicts)
@@ -49,18 +73,22 @@ def train(cfg_dicts: list[dict], distributed: bool, skew: bool | list[bool] = Fa
     return results if not distributed or dist.get_rank() == 0 else None
 
 
-def train_one(cfg_dict: dict, distributed: bool, skew: bool = False, save: bool = False, profile_step: int = 0,
-              **parallel_options) -> dict:
+def train_one(
+    cfg_dict: dict, distributed: bool, skew: bool = False, save: bool = False, profile_step: int = 0, **parallel_options
+) -> dict:
     """Train one config: losses, dropped pairs, replicas per step, every step's gradients and the final weights,
     whole-model (expert, tensor and pipeline shards gathered); with ``save``, a checkpoint and AdamW's first
     moments; with ``profile_step``, that step's trace. ``parallel_options`` go to ``Parallel.from_world``."""
     cfg = config_from_dict(cfg_dict)
-    parallel = (Parallel.from_world(cfg.parallel, cfg.moe, cfg.model.n_layers, cfg.model.n_heads,
-                                    cfg.fssdp, **parallel_options) if distributed else Parallel.single())
+    parallel = (
+        Parallel.from_world(cfg.parallel, cfg.moe, cfg.model.n_layers, cfg.model.n_heads, cfg.fssdp, **parallel_options)
+        if distributed
+        else Parallel.single()
+    )
     trainer = Trainer(cfg, parallel=parallel)
     if skew:
         for layer in trainer.model.moe_layers().values():
-            layer.router.expert_bias.copy_(torch.tensor(SKEW[:cfg.moe.num_experts]))
+            layer.router.expert_bias.copy_(torch.tensor(SKEW[: cfg.moe.num_experts]))
     out = {"losses": [], "dropped": [], "replicas": [], "grads": []}
     for step in range(cfg.train.steps):
         if parallel.engine is not None:
@@ -69,15 +97,17 @@ def train_one(cfg_dict: dict, distributed: bool, skew: bool = False, save: bool 
             losses = trainer.train_step(step)
         out["losses"].append(losses.loss)
         out["dropped"].append(losses.dropped)
-        out["grads"].append(parallel.gather_full(trainer.model,
-                                                 {n: p.grad for n, p in trainer.model.named_parameters()}))
+        out["grads"].append(
+            parallel.gather_full(trainer.model, {n: p.grad for n, p in trainer.model.named_parameters()})
+        )
     named = dict(trainer.model.named_parameters())
     out["params"] = parallel.gather_full(trainer.model, named)
     if save:
         trainer.step = cfg.train.steps
         trainer.save()
         out["exp_avg"] = parallel.gather_full(
-            trainer.model, {n: trainer.optimizer.state[p]["exp_avg"] for n, p in named.items()})
+            trainer.model, {n: trainer.optimizer.state[p]["exp_avg"] for n, p in named.items()}
+        )
     if profile_step:
         out["trace"] = json.loads((trainer.run_dir / f"profile_step{profile_step}.json").read_text())
     return out
@@ -97,8 +127,13 @@ def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
     return (got - want).norm().item() / max(want.norm().item(), 1e-30)
 
 
-def _assert_close(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], what: str,
-                  one_tensor: float = RTOL_ONE_TENSOR, whole: float = RTOL) -> None:
+def _assert_close(
+    got: dict[str, torch.Tensor],
+    want: dict[str, torch.Tensor],
+    what: str,
+    one_tensor: float = RTOL_ONE_TENSOR,
+    whole: float = RTOL,
+) -> None:
     assert got.keys() == want.keys(), what
     for name in want:
         error = _relative_error(got[name], want[name])

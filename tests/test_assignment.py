@@ -1,6 +1,7 @@
 """The group-wide assignment of (token, expert) pairs to expert copies: every pair placed exactly once, device
 totals levelled where copies allow it, local copies used before remote ones, and replicas that can only hurt
 balance left idle."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -33,8 +34,10 @@ def test_every_pair_is_placed_once_on_a_holder(ranks_per_node):
         ranks = 4
         experts = 8
         counts_PE = rng.integers(0, 60, (ranks, experts))
-        holders = [tuple(sorted({e // 2} | set(rng.choice(ranks, rng.integers(0, ranks + 1)).tolist())))
-                   for e in range(experts)]
+        holders = [
+            tuple(sorted({e // 2} | set(rng.choice(ranks, rng.integers(0, ranks + 1)).tolist())))
+            for e in range(experts)
+        ]
         rows = assign_pairs(counts_PE, holders, ranks_per_node)
         for e, rows_PH in enumerate(rows):
             assert rows_PH.shape == (ranks, len(holders[e])) and (rows_PH >= 0).all()

@@ -1,5 +1,6 @@
 """The benchmarks' FLOPs models (benchmarks/floor.py, benchmarks/end_to_end.py) against the GEMM FLOPs that
 torch's own counter sees in a real forward + backward: the floor and the MFU are only as right as these."""
+
 from __future__ import annotations
 
 import sys
@@ -22,8 +23,7 @@ GEMMS = {"mm", "addmm", "bmm", "matmul"}
 
 def gemm_flops(counter: FlopCounterMode) -> int:
     """FLOPs of the matrix products only (attention kernels are counted apart in the models)."""
-    return sum(flops for op, flops in counter.get_flop_counts()["Global"].items()
-               if op.__name__.split(".")[0] in GEMMS)
+    return sum(flops for op, flops in counter.get_flop_counts()["Global"].items() if op.__name__.split(".")[0] in GEMMS)
 
 
 def test_layer_flops_match_counted_gemms():

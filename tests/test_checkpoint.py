@@ -7,6 +7,7 @@ naming the layer; same seed, same losses.
 Every run here trains the same small model on the same data (``SMALL``), so every layout's losses are those of
 the single-process reference run.
 """
+
 from __future__ import annotations
 
 import json
@@ -21,22 +22,24 @@ from pathlib import Path
 
 import pytest
 import torch
+from parity import RTOL
 from safetensors.torch import load_file
+from test_launch_cluster import ray_head  # noqa: F401  (a Ray head on loopback, stopped by process id)
+from test_simulate_cli import EXAMPLE, SMALL, hecate, losses, train_args
 
-from hecate.collectives.errors import CheckpointError, TrainingError, WorkerFailure
 from hecate.launch.cli import main
+from hecate.launch.errors import WorkerFailure
 from hecate.launch.simulate import run_workers, start_workers
 from hecate.launch.worker import run_from_environment
+from hecate.parallel.errors import CheckpointError
 from hecate.parallel.parallelize import Parallel
 from hecate.trainer import checkpoint as ckpt
 from hecate.trainer.config import config_from_dict, load_config
+from hecate.trainer.errors import TrainingError
 from hecate.trainer.export import WEIGHTS_FILE
 from hecate.trainer.faults import ENV as FAULT_ENV
 from hecate.trainer.metrics import read_metrics
 from hecate.trainer.train import RUN_MARKER, Trainer
-from parity import RTOL
-from test_launch_cluster import ray_head  # noqa: F401  (a Ray head on loopback, stopped by process id)
-from test_simulate_cli import EXAMPLE, SMALL, hecate, losses, train_args
 
 BASE = ["train.grad_accum=2"]  # two micro-batches: pipeline parallelism needs at least pp of them
 FSSDP2 = ["fssdp.policy=fssdp", "fssdp.reshard_every=2"]  # owners move after step 2: heterogeneous owners
@@ -63,8 +66,9 @@ def assert_continues(run: Path, reference: dict[int, float], steps: range) -> No
 def simulate_2(cfg, resume: bool = False, fault: str | None = None) -> None:
     """What ``hecate train --simulate 2`` runs, started from this process: the same two workers, without the cost
     of a CLI process (tests/test_simulate_cli.py tests the CLI itself)."""
-    start_workers(run_from_environment, 2, (cfg.to_dict(), resume), backend=None,
-                  env={FAULT_ENV: fault} if fault else None).join(JOB_DEADLINE_S)
+    start_workers(
+        run_from_environment, 2, (cfg.to_dict(), resume), backend=None, env={FAULT_ENV: fault} if fault else None
+    ).join(JOB_DEADLINE_S)
 
 
 @pytest.fixture(scope="module")
@@ -85,12 +89,12 @@ def fssdp_straight(small_data, tmp_path_factory) -> Path:
 
 # ---- resharding ------------------------------------------------------------------------------------------------
 
+
 def train_hops(hops: list[tuple[dict, bool]]) -> None:
     """One rank of a simulated job that trains several layouts in turn, each resuming the run folder it names."""
     for cfg_dict, resume in hops:
         cfg = config_from_dict(cfg_dict)
-        parallel = Parallel.from_world(cfg.parallel, cfg.moe, cfg.model.n_layers, cfg.model.n_heads,
-                                       cfg.fssdp)
+        parallel = Parallel.from_world(cfg.parallel, cfg.moe, cfg.model.n_layers, cfg.model.n_heads, cfg.fssdp)
         Trainer(cfg, resume=resume, parallel=parallel).run()
 
 
@@ -100,8 +104,7 @@ def copy_checkpoint(source: Path, step: int, run: Path) -> None:
     (run / RUN_MARKER).touch()  # a run folder Hecate may resume into
 
 
-def test_checkpoints_reshard_across_layouts_and_continue_the_reference(small_data, tmp_path, reference,
-                                                                       fssdp_straight):
+def test_checkpoints_reshard_across_layouts_and_continue_the_reference(small_data, tmp_path, reference, fssdp_straight):
     """One 4-rank job trains every hop; a hop that only passes its state on runs one step (the next hop's losses
     check it: the loss after a step shows the update made with the loaded optimizer moments), a last hop two."""
     ref = step_losses(reference)
@@ -112,14 +115,20 @@ def test_checkpoints_reshard_across_layouts_and_continue_the_reference(small_dat
     def hop(run: Path, steps: int, *layout: str, resume: bool = True) -> tuple[dict, bool]:
         return config(small_data, run, *layout, f"train.steps={steps}", *EVERY_1).to_dict(), resume
 
-    run_workers(train_hops, 4, [hop(chain, 3, "parallel.ep=4"),  # one process -> EP4
-                                hop(chain, 4, "parallel.ep=2"),  # EP4 -> EP2
-                                hop(from_fssdp, 3, "parallel.ep=4"),  # FSSDP2 (moved owners) -> EP4
-                                hop(pp_ep, 1, "parallel.pp=2", "parallel.ep=2", resume=False),
-                                hop(pp_ep, 3, "parallel.ep=4"),  # PP2xEP2 -> EP4
-                                hop(tp_ep, 1, "parallel.tp=2", "parallel.ep=2", resume=False),
-                                hop(tp_ep, 3)],  # TP2xEP2 -> DP4
-                timeout_s=JOB_DEADLINE_S)
+    run_workers(
+        train_hops,
+        4,
+        [
+            hop(chain, 3, "parallel.ep=4"),  # one process -> EP4
+            hop(chain, 4, "parallel.ep=2"),  # EP4 -> EP2
+            hop(from_fssdp, 3, "parallel.ep=4"),  # FSSDP2 (moved owners) -> EP4
+            hop(pp_ep, 1, "parallel.pp=2", "parallel.ep=2", resume=False),
+            hop(pp_ep, 3, "parallel.ep=4"),  # PP2xEP2 -> EP4
+            hop(tp_ep, 1, "parallel.tp=2", "parallel.ep=2", resume=False),
+            hop(tp_ep, 3),
+        ],  # TP2xEP2 -> DP4
+        timeout_s=JOB_DEADLINE_S,
+    )
     assert_continues(chain, ref, range(3, 5))
     assert_continues(from_fssdp, ref, range(3, 4))
     assert_continues(pp_ep, ref, range(1, 4))
@@ -143,8 +152,10 @@ def test_checkpoints_reshard_across_layouts_and_continue_the_reference(small_dat
 
 # ---- faults ----------------------------------------------------------------------------------------------------
 
-def test_kill_during_save_keeps_previous_checkpoint_and_resume_matches_uninterrupted(small_data, tmp_path,
-                                                                                     fssdp_straight, caplog, capfd):
+
+def test_kill_during_save_keeps_previous_checkpoint_and_resume_matches_uninterrupted(
+    small_data, tmp_path, fssdp_straight, caplog, capfd
+):
     run = tmp_path / "run"
     cfg = config(small_data, run, *FSSDP2, *EVERY_2, "train.steps=4")
     with pytest.raises(WorkerFailure, match="rank 1 of 2 was killed by signal SIGKILL"):
@@ -167,11 +178,23 @@ def test_kill_during_save_keeps_previous_checkpoint_and_resume_matches_uninterru
 def test_torchrun_max_restarts_resumes_from_last_checkpoint(small_data, tmp_path, fssdp_straight):
     torchrun = Path(sys.executable).parent / "torchrun"
     run = tmp_path / "run"
-    done = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node", "2", "--max-restarts", "1",
-                           "-m", "hecate.launch.worker",
-                           *train_args(small_data, run, *BASE, *FSSDP2, *EVERY_2, "train.steps=4")[1:]],
-                          capture_output=True, text=True, timeout=JOB_DEADLINE_S,
-                          env={**os.environ, FAULT_ENV: "kill@1:3"})  # dies mid-step 3 in the first attempt only
+    done = subprocess.run(
+        [
+            str(torchrun),
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "--max-restarts",
+            "1",
+            "-m",
+            "hecate.launch.worker",
+            *train_args(small_data, run, *BASE, *FSSDP2, *EVERY_2, "train.steps=4")[1:],
+        ],
+        capture_output=True,
+        text=True,
+        timeout=JOB_DEADLINE_S,
+        env={**os.environ, FAULT_ENV: "kill@1:3"},
+    )  # dies mid-step 3 in the first attempt only
     assert done.returncode == 0, done.stdout + done.stderr
     assert "step_00000002 (step 2)" in done.stdout + done.stderr  # the restarted rank 0: "resumed from ..."
     assert losses(run) == losses(fssdp_straight)
@@ -179,9 +202,19 @@ def test_torchrun_max_restarts_resumes_from_last_checkpoint(small_data, tmp_path
 
 def test_ray_max_restarts_resumes_from_last_checkpoint(small_data, tmp_path, fssdp_straight, ray_head):  # noqa: F811
     run = tmp_path / "run"
-    done = hecate(*train_args(small_data, run, *BASE, *FSSDP2, *EVERY_2, "train.steps=4"), "--launcher", "ray",
-                  "--address", ray_head, "--workers", "2", "--max-restarts", "1", env={FAULT_ENV: "kill@1:3"},
-                  timeout=JOB_DEADLINE_S)
+    done = hecate(
+        *train_args(small_data, run, *BASE, *FSSDP2, *EVERY_2, "train.steps=4"),
+        "--launcher",
+        "ray",
+        "--address",
+        ray_head,
+        "--workers",
+        "2",
+        "--max-restarts",
+        "1",
+        env={FAULT_ENV: "kill@1:3"},
+        timeout=JOB_DEADLINE_S,
+    )
     assert done.returncode == 0, done.stderr + done.stdout
     assert "rank 1 of 2 failed" in done.stdout + done.stderr
     assert "restarting the workers (1 of 1)" in done.stdout + done.stderr
@@ -190,13 +223,16 @@ def test_ray_max_restarts_resumes_from_last_checkpoint(small_data, tmp_path, fss
 
 # ---- what a checkpoint must be to load ------------------------------------------------------------------------
 
+
 @pytest.fixture()
 def fresh(small_data, tmp_path):
     """A model and optimizer of the reference's config, and a copy of the reference's step-2 checkpoint."""
+
     def make(reference: Path, *overrides: str) -> tuple[Trainer, Path]:
         copy_checkpoint(reference, 2, tmp_path / "copy")
         trainer = Trainer(config(small_data, tmp_path / "new", *overrides))
         return trainer, tmp_path / "copy" / "checkpoints" / "step_00000002"
+
     return make
 
 
@@ -217,8 +253,11 @@ def test_checkpoint_with_other_shapes_is_refused_naming_the_tensor(reference, fr
     state = json.loads((path / ckpt.STATE_FILE).read_text())
     state["moe"]["ffn_dim"] = 32  # a checkpoint whose label says one shape and whose tensors hold another
     (path / ckpt.STATE_FILE).write_text(json.dumps(state))
-    with pytest.raises(CheckpointError, match=r"model.blocks.0.ffn.experts.w1 has shape \[4, 64, 64\], this model "
-                                              r"needs \[4, 64, 32\]"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"model.blocks.0.ffn.experts.w1 has shape \[4, 64, 64\], this model "
+        r"needs \[4, 64, 32\]",
+    ):
         load_into(trainer, path)
 
 
@@ -236,8 +275,11 @@ def test_load_that_misses_experts_fails_loudly(reference, fresh):
     chunk = entry.chunks[0]
     entry.chunks = [type(chunk)(offsets=chunk.offsets, sizes=torch.Size([2, *chunk.sizes[1:]]))]  # experts 0, 1
     index.write_bytes(pickle.dumps(metadata))
-    with pytest.raises(CheckpointError, match=r"does not cover every expert .*blocks.1.ffn.experts.w2 lacks "
-                                              r"experts \[2, 3\]"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"does not cover every expert .*blocks.1.ffn.experts.w2 lacks "
+        r"experts \[2, 3\]",
+    ):
         load_into(trainer, path)
 
 
@@ -256,6 +298,7 @@ def test_checkpoint_index_is_not_unpickled_beyond_plain_data(reference, fresh, t
 
 
 # ---- export / import -------------------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def exported(reference, tmp_path_factory) -> Path:
@@ -277,8 +320,9 @@ def test_export_then_init_from_starts_with_the_exported_weights(small_data, tmp_
     for name, tensor in started.model.state_dict().items():
         if name in weights:
             assert torch.equal(tensor, weights[name]), name
-    assert started.run()["val_loss"] < Trainer(config(small_data, tmp_path / "scratch", "train.steps=1")).run()[
-        "val_loss"]
+    assert (
+        started.run()["val_loss"] < Trainer(config(small_data, tmp_path / "scratch", "train.steps=1")).run()["val_loss"]
+    )
 
     with pytest.raises(CheckpointError, match="model.dim: saved 64, now 32"):
         Trainer(config(small_data, tmp_path / "other", f"train.init_from={out}", "model.dim=32"))
@@ -288,17 +332,21 @@ def test_init_from_another_model_is_refused_before_any_worker_starts(small_data,
     run = tmp_path / "run"
     init_from = ["--init-from", str(exported)]
     for source, overrides, message in [
-            (init_from, ["model.dim=32", "moe.num_experts=8"],
-             "written for another model: model.dim: saved 64, now 32; moe.num_experts: saved 4, now 8"),
-            (init_from, ["moe.num_experts=8"], "written for another model: moe.num_experts: saved 4, now 8"),
-            ([], [f"train.init_from={tmp_path / 'nothing'}"],
-             "not an exported model (no config.json or model.safetensors")]:
+        (
+            init_from,
+            ["model.dim=32", "moe.num_experts=8"],
+            "written for another model: model.dim: saved 64, now 32; moe.num_experts: saved 4, now 8",
+        ),
+        (init_from, ["moe.num_experts=8"], "written for another model: moe.num_experts: saved 4, now 8"),
+        ([], [f"train.init_from={tmp_path / 'nothing'}"], "not an exported model (no config.json or model.safetensors"),
+    ]:
         assert main([*train_args(small_data, run, *overrides), *source, "--simulate", "2"]) == 2
         assert message in capsys.readouterr().err
         assert not run.exists()  # refused before the run folder (and any worker) was made
 
 
 # ---- non-finite values -----------------------------------------------------------------------------------------
+
 
 class NanInBackward(torch.autograd.Function):
     """Identity forward, NaN gradient backward."""
@@ -323,21 +371,25 @@ def poison(trainer: Trainer, at_step: int, where: str) -> None:
     trainer.model.get_submodule("blocks.1.attn.proj").register_forward_hook(hook, prepend=True)
 
 
-@pytest.mark.parametrize("where, names", [("output", "blocks.1.attn.proj"),
-                                          ("gradient", "the gradient of blocks.1.attn.proj.weight")])
+@pytest.mark.parametrize(
+    "where, names", [("output", "blocks.1.attn.proj"), ("gradient", "the gradient of blocks.1.attn.proj.weight")]
+)
 def test_nonfinite_stop_names_step_and_layer_and_saves_nothing_after(small_data, tmp_path, where, names):
     trainer = Trainer(config(small_data, tmp_path / "run", "train.steps=4", "checkpoint.every=1"))
     poison(trainer, 3, where)
     with pytest.raises(TrainingError, match=rf"non-finite .* at step 3.*first non-finite value in {names};"):
         trainer.run()
-    assert [p.name for p in ckpt.checkpoint_dirs(tmp_path / "run" / "checkpoints")] == \
-        ["step_00000001", "step_00000002"]
+    assert [p.name for p in ckpt.checkpoint_dirs(tmp_path / "run" / "checkpoints")] == [
+        "step_00000001",
+        "step_00000002",
+    ]
 
 
 def test_nonfinite_skip_drops_the_update_and_goes_on(small_data, tmp_path, reference):
     run = tmp_path / "run"
-    trainer = Trainer(config(small_data, run, "train.steps=4", "checkpoint.every=1", "checkpoint.keep=5",
-                             "train.nonfinite=skip"))
+    trainer = Trainer(
+        config(small_data, run, "train.steps=4", "checkpoint.every=1", "checkpoint.keep=5", "train.nonfinite=skip")
+    )
     poison(trainer, 3, "output")
     trainer.run()
     records = {r["step"]: r for r in read_metrics(run) if "loss" in r}
@@ -352,6 +404,7 @@ def test_nonfinite_skip_drops_the_update_and_goes_on(small_data, tmp_path, refer
 
 
 # ---- determinism and keeping the last K ------------------------------------------------------------------------
+
 
 def test_same_seed_same_layout_gives_identical_losses_and_keeps_last_k(small_data, tmp_path, reference):
     run = tmp_path / "run"

@@ -6,6 +6,7 @@ cannot write fails with one error and leaves the older checkpoints as they were.
 
 Every run here is the small model of ``test_checkpoint.py``, trained for real: 4 steps, checkpoints after 2 and 4.
 """
+
 from __future__ import annotations
 
 import io
@@ -22,18 +23,17 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
+from test_checkpoint import JOB_DEADLINE_S, config, load_into, simulate_2, step_losses
+from test_simulate_cli import train_args
 from torch.distributed.checkpoint.metadata import Metadata
 
-from hecate.collectives.errors import CheckpointError
 from hecate.launch.cli import main
+from hecate.parallel.errors import CheckpointError
 from hecate.trainer import checkpoint as ckpt
 from hecate.trainer import integrity
 from hecate.trainer.faults import ENV as FAULT_ENV
 from hecate.trainer.integrity import CorruptCheckpoint
 from hecate.trainer.train import Trainer
-from test_checkpoint import JOB_DEADLINE_S, config, load_into, simulate_2, step_losses
-from test_simulate_cli import train_args
 
 DATA = "__0_0.distcp"  # the tensors a one-process run writes
 STEP_2, STEP_4 = "step_00000002", "step_00000004"
@@ -85,7 +85,7 @@ def weights_offset(path: Path) -> int:
 
 def flip(path: Path, offset: int, count: int = 64) -> None:
     data = bytearray(path.read_bytes())
-    data[offset:offset + count] = bytes(b ^ 0xFF for b in data[offset:offset + count])
+    data[offset : offset + count] = bytes(b ^ 0xFF for b in data[offset : offset + count])
     path.write_bytes(bytes(data))
 
 
@@ -119,6 +119,7 @@ DAMAGE = {  # name -> (what is done to the step-4 checkpoint, the file the warni
 
 
 # ---- damage: found by the checksums, the previous checkpoint resumed -----------------------------------------
+
 
 @pytest.mark.parametrize("damage", DAMAGE)
 def test_damaged_newest_checkpoint_is_named_and_the_previous_one_resumed(small_data, run, damage, caplog):
@@ -156,8 +157,11 @@ def test_resumed_fallback_continues_like_the_uninterrupted_run(small_data, run, 
 def test_no_usable_checkpoint_is_one_error_naming_each_damaged_file(small_data, run, capsys):
     flip(checkpoint(run, STEP_2) / ckpt.METADATA_FILE, 10)
     (checkpoint(run) / DATA).unlink()
-    with pytest.raises(CheckpointError, match=rf"no usable checkpoint in .*{STEP_4} is corrupt: {DATA} is missing; "
-                                              rf".*{STEP_2} is corrupt: \.metadata does not match its checksum"):
+    with pytest.raises(
+        CheckpointError,
+        match=rf"no usable checkpoint in .*{STEP_4} is corrupt: {DATA} is missing; "
+        rf".*{STEP_2} is corrupt: \.metadata does not match its checksum",
+    ):
         resume(small_data, run)
     assert main([*train_args(small_data, run, "train.steps=6", *SAVE_EVERY_2), "--resume"]) == 2
     err = capsys.readouterr().err
@@ -167,6 +171,7 @@ def test_no_usable_checkpoint_is_one_error_naming_each_damaged_file(small_data, 
 
 
 # ---- forgery: damage with matching checksums, refused by the reader ------------------------------------------
+
 
 @pytest.mark.parametrize("relative", ["../step_00000002/__0_0.distcp", "/etc/hostname", "sub/__0_0.distcp", ".."])
 def test_index_paths_outside_the_checkpoint_folder_are_refused(small_data, run, relative, caplog):
@@ -204,16 +209,21 @@ def test_forged_pickle_in_a_data_file_is_refused_without_running_it(small_data, 
     passes verification and is refused by the loader (DCP's CheckpointException caught, not a traceback)."""
     path = checkpoint(run)
     payload = pickle.dumps(_Payload())
-    key, info = max(((k, v) for k, v in index_of(path).storage_data.items() if k.fqn.startswith("optim.param_groups")),
-                    key=lambda item: item[1].length)
+    key, info = max(
+        ((k, v) for k, v in index_of(path).storage_data.items() if k.fqn.startswith("optim.param_groups")),
+        key=lambda item: item[1].length,
+    )
     assert info.length >= len(payload)
     data = bytearray((path / DATA).read_bytes())
-    data[info.offset:info.offset + info.length] = payload.ljust(info.length, b"\0")
+    data[info.offset : info.offset + info.length] = payload.ljust(info.length, b"\0")
     (path / DATA).write_bytes(bytes(data))
     reseal(path)
     ckpt.verify_checkpoint(path)
-    with pytest.raises(CheckpointError, match=rf"cannot load checkpoint .*{STEP_4}: checkpoint value {key.fqn} is "
-                                              r"not plain data"):
+    with pytest.raises(
+        CheckpointError,
+        match=rf"cannot load checkpoint .*{STEP_4}: checkpoint value {key.fqn} is "
+        r"not plain data",
+    ):
         resume(small_data, run)
     assert not PWNED.exists()
 
@@ -227,8 +237,10 @@ def test_forged_data_file_header_is_one_error(small_data, run):
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(flips=st.lists(st.tuples(st.integers(0, 1 << 20), st.integers(1, 255)), min_size=1, max_size=8),
-       cut=st.one_of(st.none(), st.integers(0, 1 << 20)))
+@given(
+    flips=st.lists(st.tuples(st.integers(0, 1 << 20), st.integers(1, 255)), min_size=1, max_size=8),
+    cut=st.one_of(st.none(), st.integers(0, 1 << 20)),
+)
 def test_damaged_index_bytes_are_a_corrupt_checkpoint_or_a_checked_index(trained, tmp_path, flips, cut):
     """Whatever bytes the index holds, the restricted reader returns an index it checked or raises
     CorruptCheckpoint naming it: never another exception (the red team's OverflowError), never a traceback."""
@@ -243,6 +255,7 @@ def test_damaged_index_bytes_are_a_corrupt_checkpoint_or_a_checked_index(trained
 
 
 # ---- hecate checkpoints verify --------------------------------------------------------------------------------
+
 
 def test_verify_lists_each_checkpoint_and_fails_when_the_newest_is_not_ok(run, capsys):
     assert main(["checkpoints", "verify", str(run)]) == 0
@@ -266,9 +279,16 @@ def test_verify_lists_each_checkpoint_and_fails_when_the_newest_is_not_ok(run, c
 
 # ---- saves that cannot write ----------------------------------------------------------------------------------
 
+
 def hecate_limited(args: list[str], preexec=None, prefix: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
-    return subprocess.run([*prefix, sys.executable, "-m", "hecate.launch.cli", *args], capture_output=True,
-                          text=True, timeout=JOB_DEADLINE_S, preexec_fn=preexec, check=False)
+    return subprocess.run(
+        [*prefix, sys.executable, "-m", "hecate.launch.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=JOB_DEADLINE_S,
+        preexec_fn=preexec,
+        check=False,
+    )
 
 
 def without_root_powers() -> tuple[str, ...]:
@@ -285,8 +305,7 @@ def assert_failed_cleanly(done: subprocess.CompletedProcess, run: Path, cause: s
     assert done.returncode == 2, done.stderr
     assert "Traceback" not in done.stderr
     errors = [line for line in done.stderr.splitlines() if line.startswith("hecate: error:")]
-    assert len(errors) == 1 and "cannot write the checkpoint of step 6" in errors[0] and cause in errors[0], \
-        done.stderr
+    assert len(errors) == 1 and "cannot write the checkpoint of step 6" in errors[0] and cause in errors[0], done.stderr
     assert "the older checkpoints are kept" in errors[0]
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [STEP_2, STEP_4]
     for name in (STEP_2, STEP_4):
@@ -297,8 +316,9 @@ def test_save_into_a_read_only_folder_fails_the_step_cleanly(small_data, run):
     folder = run / "checkpoints"
     folder.chmod(0o555)
     try:
-        done = hecate_limited([*train_args(small_data, run, "train.steps=6", *SAVE_EVERY_2), "--resume"],
-                              prefix=without_root_powers())
+        done = hecate_limited(
+            [*train_args(small_data, run, "train.steps=6", *SAVE_EVERY_2), "--resume"], prefix=without_root_powers()
+        )
     finally:
         folder.chmod(0o755)
     assert_failed_cleanly(done, run, "Permission denied")
@@ -307,24 +327,42 @@ def test_save_into_a_read_only_folder_fails_the_step_cleanly(small_data, run):
 def test_save_onto_a_full_disk_fails_the_step_and_removes_what_it_wrote(small_data, run):
     """A file size limit (RLIMIT_FSIZE) makes the checkpoint's data file fail to write as a full disk does,
     after its folder and first files were made."""
+
     def limit_files() -> None:
         resource.setrlimit(resource.RLIMIT_FSIZE, (FILE_LIMIT, FILE_LIMIT))
 
-    done = hecate_limited([*train_args(small_data, run, "train.steps=6", *SAVE_EVERY_2), "--resume"],
-                          preexec=limit_files)
+    done = hecate_limited(
+        [*train_args(small_data, run, "train.steps=6", *SAVE_EVERY_2), "--resume"], preexec=limit_files
+    )
     assert_failed_cleanly(done, run, "")  # the cause is torch's zip writer's, which does not pass on the errno
 
 
-def test_async_save_killed_in_flight_leaves_an_incomplete_folder_that_resume_skips(small_data, tmp_path, caplog,
-                                                                                  capsys):
+def test_async_save_killed_in_flight_leaves_an_incomplete_folder_that_resume_skips(
+    small_data, tmp_path, caplog, capsys
+):
     """A background save completes (checksums, marker, rename) only once the next save or the end of training
     waits for it: killed before, its folder has no marker."""
     run = tmp_path / "run"
-    done = subprocess.run([sys.executable, "-m", "hecate.launch.cli",
-                           *train_args(small_data, run, "train.steps=4", "checkpoint.every=1", "checkpoint.keep=10",
-                                       "checkpoint.async_save=true")],
-                          capture_output=True, text=True, timeout=JOB_DEADLINE_S, check=False,
-                          env={**os.environ, FAULT_ENV: "kill@0:3"})
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "hecate.launch.cli",
+            *train_args(
+                small_data,
+                run,
+                "train.steps=4",
+                "checkpoint.every=1",
+                "checkpoint.keep=10",
+                "checkpoint.async_save=true",
+            ),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=JOB_DEADLINE_S,
+        check=False,
+        env={**os.environ, FAULT_ENV: "kill@0:3"},
+    )
     assert done.returncode == -9, done.stderr
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [".tmp-step_00000002", "step_00000001"]
     assert not (run / "checkpoints" / ".tmp-step_00000002" / ckpt.COMPLETE).exists()
@@ -333,13 +371,15 @@ def test_async_save_killed_in_flight_leaves_an_incomplete_folder_that_resume_ski
     assert capsys.readouterr().out.splitlines() == [
         "step_00000001  ok",
         ".tmp-step_00000002  incomplete: no COMPLETE marker (a save that was interrupted or is running)",
-        "a resume would load step_00000001"]
+        "a resume would load step_00000001",
+    ]
     with caplog.at_level(logging.WARNING, logger=LOGGER):
         assert resume(small_data, run).step == 1
     assert "ignoring incomplete checkpoint" in caplog.text and ".tmp-step_00000002" in caplog.text
 
 
 # ---- several ranks --------------------------------------------------------------------------------------------
+
 
 def test_two_ranks_share_the_checksums_and_fall_back_together(small_data, tmp_path, capfd):
     """Each rank hashes a share of the files when saving and when resuming; damage in rank 1's data file is found

@@ -1,4 +1,5 @@
 """Config loading: YAML + overrides into typed dataclasses; bad input named by field before anything runs."""
+
 import pytest
 
 from hecate.collectives.errors import ConfigError
@@ -23,38 +24,41 @@ def test_round_trip_through_dict():
     assert config_from_dict(cfg.to_dict()) == cfg
 
 
-@pytest.mark.parametrize("override, field, says", [
-    (["moe.num_expert=3"], "moe.num_expert", "allowed here: num_experts"),
-    (["trian.steps=3"], "trian", "allowed here: model, moe"),
-    (["moe.num_experts=abc"], "moe.num_experts", "could not be converted"),
-    (["train.steps=1.5"], "train.steps", "could not be converted"),
-    (["moe.top_k=9"], "moe.top_k", "[1, num_experts=8]"),
-    (["moe.activation=relu"], "moe.activation", "gelu"),
-    (["moe.capacity_factor=-1"], "moe.capacity_factor", ">= 0"),
-    (["model.n_heads=3"], "model.n_heads", "must divide model.dim=256"),
-    (["train.dtype=fp16"], "train.dtype", "fp32"),
-    (["train.grad_accum=3"], "train.grad_accum", "must divide train.global_batch=16"),
-    (["optim.no_decay=[weights]"], "optim.no_decay", "norm"),
-    (["parallel.dp=0"], "parallel.dp", "-1"),
-    (["moe.num_experts"], "moe.num_experts", "key=value"),
-    (["moe[0]=1"], "moe[0]=1", "dotted field name"),
-    # NaN passes every comparison-based range check and inf every lower bound: each float field refuses both
-    (["optim.lr=nan"], "optim.lr", "finite"),
-    (["optim.grad_clip=nan"], "optim.grad_clip", "finite"),
-    (["train.collective_timeout_s=inf"], "train.collective_timeout_s", "finite"),
-    (["train.collective_timeout_s=1e12"], "train.collective_timeout_s", "at most"),
-    (["fssdp.min_imbalance=nan"], "fssdp.min_imbalance", "finite"),
-    (["moe.aux_loss_coef=inf"], "moe.aux_loss_coef", "finite"),
-    (["model.norm_eps=nan"], "model.norm_eps", "finite"),
-    (["train.seed=18446744073709551616"], "train.seed", "must be in [0,"),
-    (["data.inputs={a: 1}"], "data.inputs", "list of single values"),
-    (["model.dim=[64]"], "model.dim", "single value"),
-    # the run folder is written into and --fresh deletes it: never the data, inside it or around it
-    (["train.run_dir=data/stdlib"], "train.run_dir", "overlaps data.dir='data/stdlib'"),
-    (["train.run_dir=data"], "train.run_dir", "overlaps data.dir"),
-    (["train.run_dir=data/stdlib/run"], "train.run_dir", "overlaps data.dir"),
-    (["train.run_dir=runs/x", "data.dir=runs/x/../x/data"], "train.run_dir", "overlaps data.dir"),
-])
+@pytest.mark.parametrize(
+    "override, field, says",
+    [
+        (["moe.num_expert=3"], "moe.num_expert", "allowed here: num_experts"),
+        (["trian.steps=3"], "trian", "allowed here: model, moe"),
+        (["moe.num_experts=abc"], "moe.num_experts", "could not be converted"),
+        (["train.steps=1.5"], "train.steps", "could not be converted"),
+        (["moe.top_k=9"], "moe.top_k", "[1, num_experts=8]"),
+        (["moe.activation=relu"], "moe.activation", "gelu"),
+        (["moe.capacity_factor=-1"], "moe.capacity_factor", ">= 0"),
+        (["model.n_heads=3"], "model.n_heads", "must divide model.dim=256"),
+        (["train.dtype=fp16"], "train.dtype", "fp32"),
+        (["train.grad_accum=3"], "train.grad_accum", "must divide train.global_batch=16"),
+        (["optim.no_decay=[weights]"], "optim.no_decay", "norm"),
+        (["parallel.dp=0"], "parallel.dp", "-1"),
+        (["moe.num_experts"], "moe.num_experts", "key=value"),
+        (["moe[0]=1"], "moe[0]=1", "dotted field name"),
+        # NaN passes every comparison-based range check and inf every lower bound: each float field refuses both
+        (["optim.lr=nan"], "optim.lr", "finite"),
+        (["optim.grad_clip=nan"], "optim.grad_clip", "finite"),
+        (["train.collective_timeout_s=inf"], "train.collective_timeout_s", "finite"),
+        (["train.collective_timeout_s=1e12"], "train.collective_timeout_s", "at most"),
+        (["fssdp.min_imbalance=nan"], "fssdp.min_imbalance", "finite"),
+        (["moe.aux_loss_coef=inf"], "moe.aux_loss_coef", "finite"),
+        (["model.norm_eps=nan"], "model.norm_eps", "finite"),
+        (["train.seed=18446744073709551616"], "train.seed", "must be in [0,"),
+        (["data.inputs={a: 1}"], "data.inputs", "list of single values"),
+        (["model.dim=[64]"], "model.dim", "single value"),
+        # the run folder is written into and --fresh deletes it: never the data, inside it or around it
+        (["train.run_dir=data/stdlib"], "train.run_dir", "overlaps data.dir='data/stdlib'"),
+        (["train.run_dir=data"], "train.run_dir", "overlaps data.dir"),
+        (["train.run_dir=data/stdlib/run"], "train.run_dir", "overlaps data.dir"),
+        (["train.run_dir=runs/x", "data.dir=runs/x/../x/data"], "train.run_dir", "overlaps data.dir"),
+    ],
+)
 def test_bad_values_name_the_field(override, field, says):
     with pytest.raises(ConfigError) as info:
         load_config(EXAMPLE, override)
@@ -75,14 +79,17 @@ def test_missing_and_broken_files(tmp_path):
         load_config(typo)
 
 
-@pytest.mark.parametrize("text, says", [
-    ("- model\n- moe\n", "must be a mapping of sections (model, moe"),
-    ("", "holds no settings"),
-    ("# only a comment\n", "holds no settings"),
-    ("model: [1, 2]\n", "'model': must be a mapping of model fields"),
-    ("data:\n  inputs: {a: 1}\n", "'data.inputs': must be a list of single values"),
-    ("42\n", "cannot be parsed"),
-])
+@pytest.mark.parametrize(
+    "text, says",
+    [
+        ("- model\n- moe\n", "must be a mapping of sections (model, moe"),
+        ("", "holds no settings"),
+        ("# only a comment\n", "holds no settings"),
+        ("model: [1, 2]\n", "'model': must be a mapping of model fields"),
+        ("data:\n  inputs: {a: 1}\n", "'data.inputs': must be a list of single values"),
+        ("42\n", "cannot be parsed"),
+    ],
+)
 def test_config_file_of_the_wrong_shape_is_named(tmp_path, text, says):
     path = tmp_path / "shape.yaml"
     path.write_text(text)

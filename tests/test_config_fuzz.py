@@ -1,6 +1,7 @@
 """The config reader against hostile input: random YAML values and structures for random fields, random
 overrides. It either returns a validated config or raises one ConfigError line naming where; never another
 exception, never a hang."""
+
 import dataclasses
 
 import pytest
@@ -14,16 +15,48 @@ from hecate.trainer.config import RunConfig, load_config
 SECTIONS = {f.name: [g.name for g in dataclasses.fields(f.default_factory)] for f in dataclasses.fields(RunConfig)}
 FIELD_PATHS = [(section, name) for section, names in SECTIONS.items() for name in names]
 # strings OmegaConf gives a meaning to (interpolations, resolvers, MISSING) or that paths choke on
-NASTY_TEXT = ["${model.dim}", "${oc.env:HOME}", "${oc.decode:'[1]'}", "${nope}", "${", "???", "a\0b", "", " ",
-              "..", "/", "1e400", "nan", ".inf", "-.inf", "0x10", "true", "null", "~", "[1", "{a: 1}", "é\udcff"]
+NASTY_TEXT = [
+    "${model.dim}",
+    "${oc.env:HOME}",
+    "${oc.decode:'[1]'}",
+    "${nope}",
+    "${",
+    "???",
+    "a\0b",
+    "",
+    " ",
+    "..",
+    "/",
+    "1e400",
+    "nan",
+    ".inf",
+    "-.inf",
+    "0x10",
+    "true",
+    "null",
+    "~",
+    "[1",
+    "{a: 1}",
+    "é\udcff",
+]
 EXAMPLES = 300  # each one is a config load of ~10 ms; a few hundred cover every field with several shapes
 
 scalars = st.one_of(
-    st.none(), st.booleans(), st.integers(), st.integers(min_value=-(2**200), max_value=2**200),
-    st.floats(allow_nan=True, allow_infinity=True), st.sampled_from(NASTY_TEXT), st.text(max_size=20))
-values = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=3),
-                                                       st.dictionaries(st.text(max_size=8) | st.integers(), inner,
-                                                                       max_size=3)), max_leaves=8)
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.integers(min_value=-(2**200), max_value=2**200),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.sampled_from(NASTY_TEXT),
+    st.text(max_size=20),
+)
+values = st.recursive(
+    scalars,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=8) | st.integers(), inner, max_size=3)
+    ),
+    max_leaves=8,
+)
 keys = st.one_of(st.sampled_from(list(SECTIONS)), st.text(max_size=8), st.integers())
 
 
@@ -73,8 +106,10 @@ def test_random_file_bytes_give_a_config_or_one_line(tmp_path, text):
 
 
 @settings(max_examples=EXAMPLES, deadline=None)
-@given(field=st.sampled_from(FIELD_PATHS) | st.tuples(keys, st.text(max_size=8)),
-       value=st.sampled_from(NASTY_TEXT) | st.text(max_size=20) | st.floats().map(str) | st.integers().map(str))
+@given(
+    field=st.sampled_from(FIELD_PATHS) | st.tuples(keys, st.text(max_size=8)),
+    value=st.sampled_from(NASTY_TEXT) | st.text(max_size=20) | st.floats().map(str) | st.integers().map(str),
+)
 @pytest.mark.timeout(600)
 def test_random_overrides_give_a_config_or_one_line(field, value):
     check_one_line(lambda: load_config(None, [f"{field[0]}.{field[1]}={value}"]))

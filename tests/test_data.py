@@ -3,6 +3,7 @@
 Most tests use a small synthetic corpus (python-ish files written to a tmp folder, vocab 400) prepared
 once per module; one uses the stdlib slice from conftest, one lists the whole stdlib without tokenizing.
 """
+
 import hashlib
 import json
 import os
@@ -15,7 +16,7 @@ import pytest
 import torch
 from tokenizers import Tokenizer
 
-from hecate.collectives.errors import ConfigError, DataError
+from hecate.collectives.errors import ConfigError
 from hecate.trainer.data import (
     EOT,
     TrainLoader,
@@ -28,6 +29,7 @@ from hecate.trainer.data import (
     token_bytes,
 )
 from hecate.trainer.data.corpus import list_units
+from hecate.trainer.errors import DataError
 
 VOCAB = 400
 N_FILES = 30
@@ -80,6 +82,7 @@ def _data_files(data: Path) -> list[str]:
 
 
 # --- prepare: determinism, split, manifest ---
+
 
 def test_preparing_twice_gives_identical_bytes(data, corpus, tmp_path):
     again = tmp_path / "again"
@@ -191,6 +194,7 @@ def test_stdlib_input_lists_its_py_files():
 
 # --- loaders ---
 
+
 def test_train_batch_depends_only_on_seed_and_step(data):
     loader = TrainLoader(data, seq_len=16, global_batch=8, seed=3)
     inputs_BS, targets_BS = loader.batch(5, 0)
@@ -236,6 +240,7 @@ def test_val_windows_are_disjoint_and_the_same_for_every_layout(data):
 
 
 # --- errors: one DataError (or ConfigError) naming the thing to fix ---
+
 
 def _corpus_of(root: Path, files: dict[str, bytes]) -> Path:
     root.mkdir()
@@ -332,6 +337,15 @@ def test_global_batch_not_divisible_by_the_layout_names_the_field(data):
 
 def test_manifest_is_plain_json_with_the_documented_fields(data):
     manifest = json.loads((data / "manifest.json").read_text())
-    assert {"format_version", "inputs", "vocab_size", "eot_id", "dtype", "tokenizer_sha256",
-            "gzip9_val_bpb", "skipped_files", "splits"} <= manifest.keys()
+    assert {
+        "format_version",
+        "inputs",
+        "vocab_size",
+        "eot_id",
+        "dtype",
+        "tokenizer_sha256",
+        "gzip9_val_bpb",
+        "skipped_files",
+        "splits",
+    } <= manifest.keys()
     assert manifest["eot_id"] == Tokenizer.from_file(str(data / "tokenizer.json")).token_to_id(EOT)

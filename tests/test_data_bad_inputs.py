@@ -1,6 +1,7 @@
 """Inputs that used to hang, blow up memory or fail with a traceback: each is now bounded, skipped and reported,
 or one line naming the file (``hecate prepare-data`` and the loaders).
 """
+
 import gzip
 import hashlib
 import json
@@ -12,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hecate.collectives.errors import DataError
 from hecate.trainer.data import TrainLoader, ValLoader, load_manifest, prepare_data
+from hecate.trainer.errors import DataError
 
 QUIET = lambda _: None  # noqa: E731
 LONG_LINE_CHARS = 10_000_000
@@ -29,8 +30,12 @@ def _prose(root: Path, n: int = 4) -> Path:
 
 
 def _prepare_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "hecate.launch.cli", "prepare-data", *args],
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "hecate.launch.cli", "prepare-data", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def _one_line_error(proc: subprocess.CompletedProcess) -> str:
@@ -42,16 +47,38 @@ def _one_line_error(proc: subprocess.CompletedProcess) -> str:
 
 # --- prepare-data ---
 
+
 def test_a_long_line_without_separators_prepares_in_bounded_time_and_memory(tmp_path):
     corpus = _prose(tmp_path / "c")
     rng = np.random.default_rng(0)
     letters = np.frombuffer(b"abcdefghijklmnopqrstuvwxyz", dtype=np.uint8)
     (corpus / "big.txt").write_bytes(rng.choice(letters, LONG_LINE_CHARS).tobytes())  # in train (name hash)
-    wrapper = ("import resource, subprocess, sys; rc = subprocess.run(sys.argv[1:]).returncode; "
-               "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss // 1024); sys.exit(rc)")
-    proc = subprocess.run([sys.executable, "-c", wrapper, sys.executable, "-m", "hecate.launch.cli", "prepare-data",
-                           "--input", str(corpus), "--out", str(tmp_path / "data"), "--vocab-size", "1000",
-                           "--val-fraction", "0.2"], capture_output=True, text=True, timeout=LONG_LINE_SECONDS)
+    wrapper = (
+        "import resource, subprocess, sys; rc = subprocess.run(sys.argv[1:]).returncode; "
+        "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss // 1024); sys.exit(rc)"
+    )
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            wrapper,
+            sys.executable,
+            "-m",
+            "hecate.launch.cli",
+            "prepare-data",
+            "--input",
+            str(corpus),
+            "--out",
+            str(tmp_path / "data"),
+            "--vocab-size",
+            "1000",
+            "--val-fraction",
+            "0.2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=LONG_LINE_SECONDS,
+    )
     assert proc.returncode == 0, proc.stderr
     assert int(proc.stdout.splitlines()[-1]) < LONG_LINE_PEAK_RSS_MB
     train = load_manifest(tmp_path / "data")["splits"]["train"]
@@ -81,8 +108,9 @@ def test_jsonl_without_the_text_field_is_one_line_naming_the_field(tmp_path):
     (corpus / "a.jsonl").write_text("\n".join(json.dumps({"content": f"text {i}"}) for i in range(5)) + "\n")
     line = _one_line_error(_prepare_cli("--input", str(corpus), "--out", str(tmp_path / "data")))
     assert "is empty" in line and "c/a.jsonl: 5 no string field 'text'" in line
-    proc = _prepare_cli("--input", str(corpus), "--out", str(tmp_path / "data"), "--text-field", "content",
-                        "--vocab-size", "300")
+    proc = _prepare_cli(
+        "--input", str(corpus), "--out", str(tmp_path / "data"), "--text-field", "content", "--vocab-size", "300"
+    )
     assert proc.returncode == 0, proc.stderr
 
 
@@ -97,6 +125,7 @@ def test_a_truncated_gzip_file_is_skipped_and_reported(tmp_path):
 
 
 # --- loading: shards are checked against the manifest ---
+
 
 @pytest.fixture
 def data(tmp_path) -> Path:
@@ -123,6 +152,9 @@ def test_a_shard_of_out_of_vocabulary_ids_is_one_line_naming_it(data):
     (data / "val-00000.bin").write_bytes(bad)
     entry["shards"][0]["sha256"] = entry["sha256"] = hashlib.sha256(bad).hexdigest()
     (data / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(DataError, match=rf"val-00000.bin holds token id {manifest['vocab_size'] + 7}, outside "
-                                        rf"the vocabulary of {manifest['vocab_size']} tokens"):
+    with pytest.raises(
+        DataError,
+        match=rf"val-00000.bin holds token id {manifest['vocab_size'] + 7}, outside "
+        rf"the vocabulary of {manifest['vocab_size']} tokens",
+    ):
         ValLoader(data, seq_len=8, batch_size=1, max_batches=1)

@@ -3,6 +3,7 @@ Parquet, `datasets` folders, text found by content, duplicates, several shards, 
 
 Every tokenizer and corpus is built here; nothing is downloaded.
 """
+
 import gzip
 import json
 import os
@@ -67,6 +68,7 @@ def _corpus(root: Path, texts: list[str]) -> Path:
 
 # --- pretrained tokenizers ---
 
+
 def test_150k_vocabulary_tokenizer_stores_uint32_ids_and_trains(tmp_path):
     tokenizer_json = tmp_path / "big" / "tokenizer.json"
     tokenizer_json.parent.mkdir()
@@ -83,11 +85,25 @@ def test_150k_vocabulary_tokenizer_stores_uint32_ids_and_trains(tmp_path):
     bytes_V = token_bytes(data / "tokenizer.json")
     assert bytes_V[train_N].sum() == manifest["splits"]["train"]["bytes"]
 
-    cfg = load_config("examples/tiny.yaml", [
-        f"data.dir={data}", f"train.run_dir={tmp_path / 'run'}", "train.steps=2", "train.eval_every=2",
-        "checkpoint.every=2", "model.dim=32", "model.n_layers=1", "model.n_heads=2", "model.seq_len=32",
-        "moe.ffn_dim=32", "model.dense_ffn_dim=64", "train.global_batch=4", "train.eval_batches=1",
-        "logging.progress=false"])
+    cfg = load_config(
+        "examples/tiny.yaml",
+        [
+            f"data.dir={data}",
+            f"train.run_dir={tmp_path / 'run'}",
+            "train.steps=2",
+            "train.eval_every=2",
+            "checkpoint.every=2",
+            "model.dim=32",
+            "model.n_layers=1",
+            "model.n_heads=2",
+            "model.seq_len=32",
+            "moe.ffn_dim=32",
+            "model.dense_ffn_dim=64",
+            "train.global_batch=4",
+            "train.eval_batches=1",
+            "logging.progress=false",
+        ],
+    )
     summary = Trainer(cfg).run()
     assert np.isfinite(summary["val_bpb"]) and summary["val_bpb"] > 0
 
@@ -99,8 +115,7 @@ def test_hugging_face_folder_ends_documents_with_its_eos_token(tmp_path):
     tokenizer.save(str(folder / "tokenizer.json"))
     (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": {"content": "</s>"}}))
     texts = _documents(10)
-    manifest = prepare_data([str(_corpus(tmp_path / "c", texts))], tmp_path / "data", log=QUIET,
-                            tokenizer=str(folder))
+    manifest = prepare_data([str(_corpus(tmp_path / "c", texts))], tmp_path / "data", log=QUIET, tokenizer=str(folder))
     assert manifest["dtype"] == "<u2" and manifest["eot_id"] == tokenizer.token_to_id("</s>") == 599
     assert sorted(_split_texts(tmp_path / "data", "train") + _split_texts(tmp_path / "data", "val")) == sorted(texts)
 
@@ -115,8 +130,7 @@ def test_folder_without_tokenizer_json_is_converted_by_transformers(tmp_path):
     (folder / "merges.txt").write_text("#version: 0.2\nd e\n")
     (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "GPT2Tokenizer", "eos_token": EOT}))
     texts = _documents(6)
-    manifest = prepare_data([str(_corpus(tmp_path / "c", texts))], tmp_path / "data", log=QUIET,
-                            tokenizer=str(folder))
+    manifest = prepare_data([str(_corpus(tmp_path / "c", texts))], tmp_path / "data", log=QUIET, tokenizer=str(folder))
     assert manifest["eot_id"] == 257 and manifest["vocab_size"] == 258
     assert load_tokenizer(tmp_path / "data").encode("dede").ids == [256, 256]
     assert sorted(_split_texts(tmp_path / "data", "train") + _split_texts(tmp_path / "data", "val")) == sorted(texts)
@@ -126,12 +140,12 @@ def test_tokenizer_without_an_end_of_text_token_is_refused(tmp_path):
     path = tmp_path / "tokenizer.json"
     _byte_level_tokenizer(300, eot=None).save(str(path))
     with pytest.raises(Exception, match=r"tokenizer.json has no end-of-text token.*<\|endoftext\|>"):
-        prepare_data([str(_corpus(tmp_path / "c", _documents(3)))], tmp_path / "data", log=QUIET,
-                     tokenizer=str(path))
+        prepare_data([str(_corpus(tmp_path / "c", _documents(3)))], tmp_path / "data", log=QUIET, tokenizer=str(path))
     assert not (tmp_path / "data").exists()
 
 
 # --- inputs: JSONL, Parquet, datasets, text by content ---
+
 
 def test_jsonl_and_gzipped_jsonl_take_the_text_field_and_count_bad_lines(tmp_path):
     corpus = tmp_path / "c"
@@ -143,8 +157,9 @@ def test_jsonl_and_gzipped_jsonl_take_the_text_field_and_count_bad_lines(tmp_pat
     with gzip.open(corpus / "b.jsonl.gz", "wt", encoding="utf-8") as file:
         file.writelines(json.dumps({"body": t}) + "\n" for t in texts[4:])
     logged = []
-    manifest = prepare_data([str(corpus)], tmp_path / "data", vocab_size=300, val_fraction=0.25, log=logged.append,
-                            text_field="body")
+    manifest = prepare_data(
+        [str(corpus)], tmp_path / "data", vocab_size=300, val_fraction=0.25, log=logged.append, text_field="body"
+    )
     assert manifest["skipped_records"] == {"c/a.jsonl": {"no string field 'body'": 3, "not JSON": 1}}
     assert "4 records skipped" in logged[0]
     assert sum(entry["documents"] for entry in manifest["splits"].values()) == 8
@@ -159,11 +174,13 @@ def test_parquet_row_groups_and_datasets_folders_are_read_in_order(tmp_path):
     corpus.mkdir()
     pq.write_table(pa.table({"text": texts[:10], "n": list(range(10))}), corpus / "t.parquet", row_group_size=3)
     Dataset.from_dict({"text": texts[10:20]}).save_to_disk(str(tmp_path / "ds"))
-    DatasetDict({"a": Dataset.from_dict({"text": texts[20:25]}),
-                 "b": Dataset.from_dict({"text": texts[25:]})}).save_to_disk(str(tmp_path / "dd"))
+    DatasetDict(
+        {"a": Dataset.from_dict({"text": texts[20:25]}), "b": Dataset.from_dict({"text": texts[25:]})}
+    ).save_to_disk(str(tmp_path / "dd"))
     data = tmp_path / "data"
-    manifest = prepare_data([str(corpus), str(tmp_path / "ds"), str(tmp_path / "dd")], data, vocab_size=300,
-                            val_fraction=0.2, log=QUIET)
+    manifest = prepare_data(
+        [str(corpus), str(tmp_path / "ds"), str(tmp_path / "dd")], data, vocab_size=300, val_fraction=0.2, log=QUIET
+    )
     assert manifest["splits"]["train"]["documents"] + manifest["splits"]["val"]["documents"] == 30
     assert set(manifest["splits"]["train"]["files"]) == {"c/t.parquet", "ds", "dd/a", "dd/b"}
     train = _split_texts(data, "train")
@@ -183,8 +200,11 @@ def test_text_is_recognized_by_content_not_by_name(tmp_path):
     manifest = prepare_data([str(corpus)], tmp_path / "data", vocab_size=300, val_fraction=0.5, log=QUIET)
     files = manifest["splits"]["train"]["files"] + manifest["splits"]["val"]["files"]
     assert sorted(files) == ["c/LICENSE", "c/notes.weird"]
-    assert manifest["skipped_files"] == {"c/blob.txt": "binary", "c/gone.txt": "unreadable (No such file or directory)",
-                                         "c/latin.txt": "not UTF-8"}
+    assert manifest["skipped_files"] == {
+        "c/blob.txt": "binary",
+        "c/gone.txt": "unreadable (No such file or directory)",
+        "c/latin.txt": "not UTF-8",
+    }
 
 
 def test_exact_duplicates_are_dropped_before_the_split(tmp_path):
@@ -203,17 +223,22 @@ def test_exact_duplicates_are_dropped_before_the_split(tmp_path):
 
 # --- shards and workers ---
 
+
 def test_several_workers_and_several_shards_give_the_same_tokens(tmp_path):
     corpus = _corpus(tmp_path / "c", _documents(60, words=200))
     one = tmp_path / "one"
     prepare_data([str(corpus)], one, vocab_size=400, val_fraction=0.1, log=QUIET, workers=1, progress=False)
     two = tmp_path / "two"
-    manifest = prepare_data([str(corpus)], two, vocab_size=400, val_fraction=0.1, log=QUIET, workers=2,
-                            shard_tokens=1000, progress=False)
+    manifest = prepare_data(
+        [str(corpus)], two, vocab_size=400, val_fraction=0.1, log=QUIET, workers=2, shard_tokens=1000, progress=False
+    )
     shards = manifest["splits"]["train"]["shards"]
     assert len(shards) > 3 and all(s["tokens"] == 1000 for s in shards[:-1])
-    assert sorted(os.listdir(two)) == sorted(["manifest.json", "tokenizer.json"] + [s["file"] for s in shards]
-                                             + [s["file"] for s in manifest["splits"]["val"]["shards"]])
+    assert sorted(os.listdir(two)) == sorted(
+        ["manifest.json", "tokenizer.json"]
+        + [s["file"] for s in shards]
+        + [s["file"] for s in manifest["splits"]["val"]["shards"]]
+    )
     for split in ("train", "val"):
         reference_N = open_tokens(one, load_manifest(one), split).to_numpy()
         assert np.array_equal(open_tokens(two, manifest, split).to_numpy(), reference_N)

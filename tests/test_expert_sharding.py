@@ -1,5 +1,6 @@
 """The expert-holding seam on 2 real processes: every way of holding experts gives back the whole tensors it was
 given, and an FSSDP ownership move carries the whole per-expert optimizer state, whatever the optimizer keeps."""
+
 import pytest
 import torch
 
@@ -29,17 +30,23 @@ def round_trips() -> dict[str, bool]:
     dims = ParallelDims(world=2, dp=2, tp=1, pp=1, ep=2, etp=1)
     mesh = build_meshes(dims).moe["edp", "ep"]
     out = {}
-    for name, sharding in {"replicated": Replicated(None, 2),
-                           "ep": ExpertParallel(transport, None, 1, mesh=mesh),
-                           "fssdp": FullySharded(transport, FssdpConfig(policy="ep"))}.items():
+    for name, sharding in {
+        "replicated": Replicated(None, 2),
+        "ep": ExpertParallel(transport, None, 1, mesh=mesh),
+        "fssdp": FullySharded(transport, FssdpConfig(policy="ep")),
+    }.items():
         model = _layer()
         whole_E = model[0].experts.w1.detach().clone()
         sharding.wrap(model)
         local = model[0].experts.w1.detach()
         full = sharding.full("0.experts.w1", local)
         back = sharding.from_saved("0.experts.w1", sharding.to_saved("0.experts.w1", local))
-        out[name] = (torch.equal(full, whole_E) and torch.equal(sharding.local("0.experts.w1", whole_E), local)
-                     and torch.equal(back, local) and local.shape[0] == (4 if name == "replicated" else 2))
+        out[name] = (
+            torch.equal(full, whole_E)
+            and torch.equal(sharding.local("0.experts.w1", whole_E), local)
+            and torch.equal(back, local)
+            and local.shape[0] == (4 if name == "replicated" else 2)
+        )
     dist.barrier()
     return out
 
@@ -57,8 +64,9 @@ def move_keeps_optimizer_state(optimizer_name: str) -> bool:
     sharding = FullySharded(transport, FssdpConfig(policy="fssdp", min_imbalance=1.0))
     sharding.wrap(model)
     params = list(model[0].experts.parameters())
-    optimizer = (torch.optim.SGD(params, lr=0.1, momentum=0.9) if optimizer_name == "sgd"
-                 else torch.optim.AdamW(params, lr=0.1))
+    optimizer = (
+        torch.optim.SGD(params, lr=0.1, momentum=0.9) if optimizer_name == "sgd" else torch.optim.AdamW(params, lr=0.1)
+    )
     torch.manual_seed(1 + transport.rank)
     model(torch.randn(2, 8, 8)).square().mean().backward()
     optimizer.step()
@@ -76,8 +84,11 @@ def move_keeps_optimizer_state(optimizer_name: str) -> bool:
     fl.move_ownership(OwnerPlacement((1, 0, 1, 0), 2), optimizer)
     after = whole()
     per_weight = {"sgd": 2, "adamw": 3}[optimizer_name]  # the weight, then momentum_buffer / exp_avg, exp_avg_sq
-    return fl.owner.owner_C == (1, 0, 1, 0) and len(before) == 3 * per_weight and all(
-        torch.equal(a, b) for a, b in zip(before, after))
+    return (
+        fl.owner.owner_C == (1, 0, 1, 0)
+        and len(before) == 3 * per_weight
+        and all(torch.equal(a, b) for a, b in zip(before, after))
+    )
 
 
 def test_every_expert_sharding_round_trips_whole_tensors():

@@ -1,4 +1,5 @@
 """Budgets derived from measurements (fssdp.overlap_budget / memory_budget = auto) and the config that allows them."""
+
 import pytest
 
 from hecate.collectives.errors import ConfigError

@@ -1,4 +1,5 @@
 """Calibration: the plan corrected with the router's real counts only when the saving beats the extra gather."""
+
 import pytest
 
 from hecate.collectives import MaterializedPlacement, OwnerPlacement
@@ -27,16 +28,18 @@ def test_the_candidate_and_its_cost_are_as_computed_by_hand():
 
 
 def test_a_saving_larger_than_the_extra_gather_corrects_the_plan():
-    result = calibrate(POLICY, FOUR, planned(), COUNTS_E, row_seconds=1e-4, expert_bytes=EXPERT_BYTES,
-                       gather_bytes_per_s=BANDWIDTH)
+    result = calibrate(
+        POLICY, FOUR, planned(), COUNTS_E, row_seconds=1e-4, expert_bytes=EXPERT_BYTES, gather_bytes_per_s=BANDWIDTH
+    )
     assert result.corrected and result.placement == POLICY.materialize(FOUR, COUNTS_E)
     assert result.saving_s == pytest.approx(SAVED_ROWS * 1e-4)
     assert result.cost_s == pytest.approx(NEW_COPIES * EXPERT_BYTES / BANDWIDTH)
 
 
 def test_a_saving_smaller_than_the_extra_gather_keeps_the_plan():
-    result = calibrate(POLICY, FOUR, planned(), COUNTS_E, row_seconds=1e-6, expert_bytes=EXPERT_BYTES,
-                       gather_bytes_per_s=BANDWIDTH)
+    result = calibrate(
+        POLICY, FOUR, planned(), COUNTS_E, row_seconds=1e-6, expert_bytes=EXPERT_BYTES, gather_bytes_per_s=BANDWIDTH
+    )
     assert not result.corrected and result.placement == planned()
     assert result.saving_s == pytest.approx(SAVED_ROWS * 1e-6) and result.saving_s < result.cost_s
 
@@ -45,12 +48,21 @@ def test_an_accurate_estimate_or_a_policy_without_replicas_keeps_the_plan():
     exact = calibrate(POLICY, FOUR, planned(), ESTIMATE_E, row_seconds=1.0, expert_bytes=1, gather_bytes_per_s=1e9)
     assert not exact.corrected and exact.saving_s == 0 and exact.cost_s == 0
     ep = EpPolicy().materialize(FOUR, ESTIMATE_E)
-    assert calibrate(EpPolicy(), FOUR, ep, COUNTS_E, row_seconds=1.0, expert_bytes=1,
-                     gather_bytes_per_s=1e9).placement == ep
+    assert (
+        calibrate(EpPolicy(), FOUR, ep, COUNTS_E, row_seconds=1.0, expert_bytes=1, gather_bytes_per_s=1e9).placement
+        == ep
+    )
 
 
 @pytest.mark.parametrize("row_seconds, expert_bytes, bandwidth", [(-1.0, 1, 1.0), (1.0, 0, 1.0), (1.0, 1, 0.0)])
 def test_impossible_costs_are_rejected(row_seconds, expert_bytes, bandwidth):
     with pytest.raises(ValueError, match="calibration needs"):
-        calibrate(POLICY, FOUR, planned(), COUNTS_E, row_seconds=row_seconds, expert_bytes=expert_bytes,
-                  gather_bytes_per_s=bandwidth)
+        calibrate(
+            POLICY,
+            FOUR,
+            planned(),
+            COUNTS_E,
+            row_seconds=row_seconds,
+            expert_bytes=expert_bytes,
+            gather_bytes_per_s=bandwidth,
+        )

@@ -2,12 +2,13 @@
 off, and with heterogeneous re-sharding inside the run: 10 steps on 2 and 4 simulated ranks, with skewed routing
 (replicas really exist) and with natural routing. Losses and final weights to 1e-5; gradients of every step to
 1e-4 (tests/parity.py says why)."""
+
 from __future__ import annotations
 
 import pytest
+from parity import GRAD_RTOL_LONG, assert_matches, small_config, train
 
 from hecate.launch.simulate import run_workers
-from parity import GRAD_RTOL_LONG, assert_matches, small_config, train
 
 STEPS = 10
 EXPERTS = 8  # 4 per rank on 2 ranks, 2 per rank on 4
@@ -22,8 +23,10 @@ CASES = {  # name: (fssdp overrides, skewed routing)
     "fssdp-proportional": (["fssdp.policy=fssdp", "fssdp.overlap_budget=4", "fssdp.memory_budget=1"], True),
     "fssdp-rm": (["fssdp.policy=fssdp", "fssdp.rematerialize=true"], True),
     "fssdp-reshard": (["fssdp.policy=fssdp", "fssdp.reshard_every=3"], True),
-    "fssdp-nodes": (["fssdp.policy=fssdp", "fssdp.devices_per_node=2", "fssdp.overlap_budget=4",
-                     "fssdp.memory_budget=1"], True),
+    "fssdp-nodes": (
+        ["fssdp.policy=fssdp", "fssdp.devices_per_node=2", "fssdp.overlap_budget=4", "fssdp.memory_budget=1"],
+        True,
+    ),
     "fssdp-rm-reshard-natural": (["fssdp.policy=fssdp", "fssdp.rematerialize=true", "fssdp.reshard_every=4"], False),
 }
 COMMON = [f"moe.num_experts={EXPERTS}"]

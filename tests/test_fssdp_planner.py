@@ -1,5 +1,6 @@
 """FSSDP planning: load estimate, replica planner, policies and heterogeneous re-sharding. Pure functions, no
 processes; the expected plans below are computed by hand from the rules in the module docstrings."""
+
 from __future__ import annotations
 
 import pytest
@@ -8,7 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hecate.collectives import MaterializedPlacement, OwnerPlacement
-from hecate.collectives.errors import CheckpointError, ConfigError, LayoutError
+from hecate.collectives.errors import ConfigError
+from hecate.parallel.errors import CheckpointError, LayoutError
 from hecate.parallel.fssdp import (
     POLICIES,
     EpPolicy,
@@ -153,8 +155,9 @@ def test_guard_drops_copies_that_the_dispatcher_would_split_worse_than_ep():
     # dispatcher water-fills hottest first: 12 -> devices 1, 2 at 6; 11 -> devices 0, 2 at 8.5; 10 -> devices 0, 1
     # at 12.25 > 12 (expert parallelism's maximum). Without the last copy it is 11 everywhere.
     owner, load_E = OwnerPlacement((2, 1, 0, 0, 1, 1), 3), [12, 10, 0, 11, 0, 0]
-    assert max(predicted_device_load(MaterializedPlacement.from_owner(owner, [(0, 1), (3, 2), (1, 0)]),
-                                     load_E)) == 12.25
+    assert (
+        max(predicted_device_load(MaterializedPlacement.from_owner(owner, [(0, 1), (3, 2), (1, 0)]), load_E)) == 12.25
+    )
     plan = plan_replicas(owner, load_E, overlap_budget=3, memory_budget=1)
     assert plan == MaterializedPlacement.from_owner(owner, [(0, 1), (3, 2)])
     assert predicted_device_load(plan, load_E) == [11.0, 11.0, 11.0]
@@ -167,8 +170,10 @@ def test_overlap_budget_is_clipped_to_the_number_of_experts():
     assert max(extras_per_device(FOUR, plan_replicas(FOUR, [1, 1, 1, 1], overlap_budget=100, memory_budget=3))) <= 3
 
 
-@pytest.mark.parametrize("field, budgets", [("fssdp.overlap_budget", (-1, 2)), ("fssdp.memory_budget", (2, -1)),
-                                            ("fssdp.overlap_budget", (1.5, 2))])
+@pytest.mark.parametrize(
+    "field, budgets",
+    [("fssdp.overlap_budget", (-1, 2)), ("fssdp.memory_budget", (2, -1)), ("fssdp.overlap_budget", (1.5, 2))],
+)
 def test_bad_budgets_name_their_field(field, budgets):
     with pytest.raises(ConfigError) as error:
         plan_replicas(FOUR, [1, 1, 1, 1], *budgets)
@@ -198,12 +203,23 @@ def test_check_materialized_rejects_a_dropped_owner_and_an_overfull_device():
 def planning_cases(draw):
     world = draw(st.integers(1, 8))
     num_experts = draw(st.integers(1, 16))
-    owner = OwnerPlacement(tuple(draw(st.lists(st.integers(0, world - 1), min_size=num_experts,
-                                                 max_size=num_experts))), world)
-    load_E = draw(st.lists(st.one_of(st.just(0.0), st.integers(0, 50).map(float), st.floats(0, 1e6)),
-                           min_size=num_experts, max_size=num_experts))
-    return (owner, load_E, draw(st.integers(0, 12)), draw(st.integers(0, 12)),
-            draw(st.one_of(st.none(), st.integers(1, 4))))
+    owner = OwnerPlacement(
+        tuple(draw(st.lists(st.integers(0, world - 1), min_size=num_experts, max_size=num_experts))), world
+    )
+    load_E = draw(
+        st.lists(
+            st.one_of(st.just(0.0), st.integers(0, 50).map(float), st.floats(0, 1e6)),
+            min_size=num_experts,
+            max_size=num_experts,
+        )
+    )
+    return (
+        owner,
+        load_E,
+        draw(st.integers(0, 12)),
+        draw(st.integers(0, 12)),
+        draw(st.one_of(st.none(), st.integers(1, 4))),
+    )
 
 
 @settings(max_examples=500, deadline=None)
@@ -289,8 +305,11 @@ def test_resharding_balances_nodes_before_devices():
 @given(st.integers(1, 4), st.integers(1, 4), st.integers(1, 6), st.data())
 def test_resharding_keeps_e_over_d_experts_per_device_in_every_layer(world, per_device, layers, data):
     num_experts = world * per_device
-    loads_LE = data.draw(st.lists(st.lists(st.floats(0, 1e3), min_size=num_experts, max_size=num_experts),
-                                  min_size=layers, max_size=layers))
+    loads_LE = data.draw(
+        st.lists(
+            st.lists(st.floats(0, 1e3), min_size=num_experts, max_size=num_experts), min_size=layers, max_size=layers
+        )
+    )
     for owner in reshard_owners(loads_LE, world):
         assert [len(owner.chunks_on(d)) for d in range(world)] == [per_device] * world
 

@@ -4,6 +4,7 @@ Each test starts the real launcher (``--simulate``, mpirun, torchrun, a Ray head
 waits until the ranks train (their heartbeats say so), interrupts it the way a user or a scheduler would, and
 checks by the pids it saw - the launcher's process tree and the ranks' heartbeats - that every process ended and
 that the launcher's temporary folder is empty. Ranks are also checked to listen on loopback only."""
+
 from __future__ import annotations
 
 import os
@@ -14,10 +15,10 @@ import time
 from pathlib import Path
 
 import pytest
-
-from hecate.collectives.heartbeat import RUN_SUBFOLDER, read_beats
 from test_launch_cluster import free_port, job_state, ray_head, require, slurm_cluster, worker_command  # noqa: F401
 from test_simulate_cli import train_args
+
+from hecate.collectives.heartbeat import RUN_SUBFOLDER, read_beats
 
 START_DEADLINE_S = 180  # workers of a loaded 2-core machine reach their second step within this
 STOP_DEADLINE_S = 30  # a launcher's grace (10 s) plus the ranks' own exit
@@ -25,6 +26,7 @@ ENDLESS = ["train.steps=100000", "checkpoint.every=0"]
 
 
 # ---- what the tests look at: processes, sockets, heartbeats ------------------------------------------------
+
 
 def children_of() -> dict[int, list[int]]:
     tree: dict[int, list[int]] = {}
@@ -94,16 +96,19 @@ def _address(hex_address: str) -> str:
     raw = bytes.fromhex(host)
     if len(raw) == 4:
         return f"{'.'.join(str(b) for b in reversed(raw))}:{int(port, 16)}"
-    words = [raw[i:i + 4][::-1].hex() for i in range(0, 16, 4)]
+    words = [raw[i : i + 4][::-1].hex() for i in range(0, 16, 4)]
     return f"[{':'.join(words)}]:{int(port, 16)}"
 
 
 def is_loopback(address: str) -> bool:
-    return address.startswith(("127.", "[00000000:00000000:00000000:00000001]", "[00000000:00000000:ffff0000:0100007f]"))
+    return address.startswith(
+        ("127.", "[00000000:00000000:00000000:00000001]", "[00000000:00000000:ffff0000:0100007f]")
+    )
 
 
-def wait_for_step(run: Path, world: int, step: int, process: subprocess.Popen | None = None,
-                  deadline_s: float = START_DEADLINE_S) -> dict:
+def wait_for_step(
+    run: Path, world: int, step: int, process: subprocess.Popen | None = None, deadline_s: float = START_DEADLINE_S
+) -> dict:
     """The ranks' heartbeats once every rank runs step ``step`` or later."""
     deadline = time.monotonic() + deadline_s
     while True:
@@ -111,8 +116,9 @@ def wait_for_step(run: Path, world: int, step: int, process: subprocess.Popen | 
         if len(beats) == world and min(b.step for b in beats.values()) >= step:
             return beats
         if process is not None and process.poll() is not None:
-            pytest.fail(f"the job ended (exit code {process.returncode}) before step {step}: "
-                        f"{process.communicate()[1][-3000:]}")
+            pytest.fail(
+                f"the job ended (exit code {process.returncode}) before step {step}: {process.communicate()[1][-3000:]}"
+            )
         assert time.monotonic() < deadline, f"the ranks did not reach step {step}: {beats}"
         time.sleep(0.3)
 
@@ -120,8 +126,14 @@ def wait_for_step(run: Path, world: int, step: int, process: subprocess.Popen | 
 def start(args: list[str], tmp: Path, env: dict | None = None) -> subprocess.Popen:
     """A launcher in a session of its own (as ``setsid hecate ... &``), with a private temporary folder."""
     tmp.mkdir()
-    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            env={**os.environ, "TMPDIR": str(tmp), **(env or {})})
+    return subprocess.Popen(
+        args,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        env={**os.environ, "TMPDIR": str(tmp), **(env or {})},
+    )
 
 
 def hecate_command(*args: str) -> list[str]:
@@ -145,12 +157,17 @@ def assert_empty(folder: Path) -> None:
 
 # ---- --simulate ---------------------------------------------------------------------------------------------
 
+
 def test_stalled_rank_is_named_with_where_it_was_last_seen(small_data, tmp_path):
     """Rank 2 of 4 stops (SIGSTOP) in the middle of training: the job fails naming rank 2, its step and its last
     collective - not only the rank whose collective timed out first."""
     run = tmp_path / "run"
-    process = start(hecate_command(*train_args(small_data, run, "parallel.ep=2", "train.collective_timeout_s=6",
-                                               *ENDLESS), "--simulate", "4"), tmp_path / "tmp")
+    process = start(
+        hecate_command(
+            *train_args(small_data, run, "parallel.ep=2", "train.collective_timeout_s=6", *ENDLESS), "--simulate", "4"
+        ),
+        tmp_path / "tmp",
+    )
     beats = wait_for_step(run, 4, 3, process)
     os.kill(beats[2].pid, signal.SIGSTOP)
     stopped_at = time.monotonic()
@@ -182,12 +199,12 @@ def test_ctrl_c_of_simulate_leaves_nothing_and_listens_on_loopback(small_data, t
 
 # ---- mpirun -------------------------------------------------------------------------------------------------
 
+
 def test_ctrl_c_of_mpi_launcher_stops_every_rank(small_data, tmp_path):
     """mpirun puts each rank in a process group of its own: the terminal's SIGINT does not reach them."""
     require("mpirun")
     run, tmp = tmp_path / "run", tmp_path / "tmp"
-    process = start(hecate_command(*train_args(small_data, run, *ENDLESS), "--launcher", "mpi", "--workers", "2"),
-                    tmp)
+    process = start(hecate_command(*train_args(small_data, run, *ENDLESS), "--launcher", "mpi", "--workers", "2"), tmp)
     beats = wait_for_step(run, 2, 2, process)
     tree = process_tree(process.pid)
     ranks = {b.pid for b in beats.values()}
@@ -206,8 +223,9 @@ def test_ctrl_c_of_mpi_launcher_stops_every_rank(small_data, tmp_path):
 def test_killed_rank_under_mpi_is_named(small_data, tmp_path):
     require("mpirun")
     run = tmp_path / "run"
-    process = start(hecate_command(*train_args(small_data, run, *ENDLESS), "--launcher", "mpi", "--workers", "2"),
-                    tmp_path / "tmp")
+    process = start(
+        hecate_command(*train_args(small_data, run, *ENDLESS), "--launcher", "mpi", "--workers", "2"), tmp_path / "tmp"
+    )
     beats = wait_for_step(run, 2, 2, process)
     tree = process_tree(process.pid)
     os.kill(beats[1].pid, signal.SIGKILL)
@@ -222,11 +240,11 @@ def test_rank_of_a_killed_mpirun_stops_by_itself(small_data, tmp_path):
     """mpirun SIGKILLed (no chance to stop its ranks): each rank notices its launcher is gone and ends."""
     require("mpirun")
     run = tmp_path / "run"
-    process = start(hecate_command(*train_args(small_data, run, *ENDLESS), "--launcher", "mpi", "--workers", "2"),
-                    tmp_path / "tmp")
+    process = start(
+        hecate_command(*train_args(small_data, run, *ENDLESS), "--launcher", "mpi", "--workers", "2"), tmp_path / "tmp"
+    )
     beats = wait_for_step(run, 2, 2, process)
-    mpirun = next(p for p in process_tree(process.pid)
-                  if Path(f"/proc/{p}/comm").read_text().strip() == "mpirun")
+    mpirun = next(p for p in process_tree(process.pid) if Path(f"/proc/{p}/comm").read_text().strip() == "mpirun")
     os.kill(mpirun, signal.SIGKILL)
     process.communicate(timeout=STOP_DEADLINE_S + 60)
     assert_all_ended({b.pid for b in beats.values()}, "ranks of a killed mpirun")
@@ -234,11 +252,23 @@ def test_rank_of_a_killed_mpirun_stops_by_itself(small_data, tmp_path):
 
 # ---- torchrun -----------------------------------------------------------------------------------------------
 
+
 def test_ctrl_c_of_torchrun_stops_every_rank(small_data, tmp_path):
     torchrun = require("torchrun")
     run, tmp = tmp_path / "run", tmp_path / "tmp"
-    process = start([torchrun, "--standalone", "--nproc-per-node", "2", "-m", "hecate.launch.worker",
-                     *worker_command(small_data, run)[:-2], *[a for o in ENDLESS for a in ("-o", o)]], tmp)
+    process = start(
+        [
+            torchrun,
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "hecate.launch.worker",
+            *worker_command(small_data, run)[:-2],
+            *[a for o in ENDLESS for a in ("-o", o)],
+        ],
+        tmp,
+    )
     beats = wait_for_step(run, 2, 2, process)
     tree = process_tree(process.pid)
     assert {b.pid for b in beats.values()} <= tree
@@ -251,10 +281,15 @@ def test_ctrl_c_of_torchrun_stops_every_rank(small_data, tmp_path):
 
 # ---- Ray ----------------------------------------------------------------------------------------------------
 
+
 def test_ctrl_c_of_ray_launcher_stops_the_job(small_data, tmp_path, ray_head):  # noqa: F811 - the fixture
     run, tmp = tmp_path / "run", tmp_path / "tmp"
-    process = start(hecate_command(*train_args(small_data, run, *ENDLESS), "--launcher", "ray", "--address",
-                                   ray_head, "--workers", "2"), tmp)
+    process = start(
+        hecate_command(
+            *train_args(small_data, run, *ENDLESS), "--launcher", "ray", "--address", ray_head, "--workers", "2"
+        ),
+        tmp,
+    )
     beats = wait_for_step(run, 2, 2, process)
     tree = process_tree(process.pid)
     stderr = interrupt(process)
@@ -265,12 +300,18 @@ def test_ctrl_c_of_ray_launcher_stops_the_job(small_data, tmp_path, ray_head):  
 
 # ---- SLURM --------------------------------------------------------------------------------------------------
 
+
 def test_scancel_of_sbatch_job_stops_every_rank(small_data, tmp_path, slurm_cluster):  # noqa: F811 - the fixture
     run, script = tmp_path / "run", tmp_path / "job.sbatch"
     args = worker_command(small_data, run)[:-2] + [a for o in ENDLESS for a in ("-o", o)]
-    done = subprocess.run(hecate_command("sbatch", *args, "--nodes", "1", "--tasks-per-node", "2", "--out",
-                                         str(script), "--submit"),
-                          capture_output=True, text=True, env=slurm_cluster, timeout=60, check=False)
+    done = subprocess.run(
+        hecate_command("sbatch", *args, "--nodes", "1", "--tasks-per-node", "2", "--out", str(script), "--submit"),
+        capture_output=True,
+        text=True,
+        env=slurm_cluster,
+        timeout=60,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr
     job = done.stdout.split("submitted job ")[1].split(";")[0]
     try:

@@ -4,6 +4,7 @@ apart and finished together (``moe.overlap_sub_batches``), and bf16 autocast.
 
 Shapes: T tokens, D model dim, E experts, K experts per token.
 """
+
 import math
 
 import pytest
@@ -97,7 +98,7 @@ def test_layer_matches_naive_reference(activation, score, shared_expert, capacit
     assert (stats.dropped > 0) == (capacity_factor > 0)  # the capacity case really drops
     for name, g in want.items():
         assert got[name].abs().sum() > 0, f"no gradient reached {name}"
-        torch.testing.assert_close(got[name], g, **FP32_TOL, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(got[name], g, **FP32_TOL, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_expert_weights_are_arguments_and_compute_runs_of_experts():
@@ -134,8 +135,7 @@ def test_sub_batches_begun_apart_and_finished_together_match_one_forward(shared_
         else:
             y_BSD = moe(x)
         (y_BSD.square().sum() + moe.stats.aux_loss + moe.stats.z_loss).backward()
-        results.append((y_BSD, x.grad, {n: p.grad for n, p in moe.named_parameters() if p.grad is not None},
-                        moe.stats))
+        results.append((y_BSD, x.grad, {n: p.grad for n, p in moe.named_parameters() if p.grad is not None}, moe.stats))
     (y, x_grad, grads, stats), (y_split, x_grad_split, grads_split, stats_split) = results
     torch.testing.assert_close(y_split, y, **FP32_TOL)
     torch.testing.assert_close(x_grad_split, x_grad, **FP32_TOL)
@@ -173,16 +173,23 @@ def record(store: list):
     def reduce(sums: RouterSums) -> RouterSums:
         store.append(sums)
         return sums
+
     return reduce
 
 
 def combined_with(other: RouterSums, offset_E: torch.Tensor):
     """What an all-reduce over two ranks returns to one of them: the sums of both, and the pairs that the
     earlier rank placed."""
+
     def reduce(local: RouterSums) -> RouterSums:
-        return RouterSums(counts_E=local.counts_E + other.counts_E, prob_sum_E=local.prob_sum_E + other.prob_sum_E,
-                          lse_sq_sum=local.lse_sq_sum + other.lse_sq_sum, tokens=local.tokens + other.tokens,
-                          offset_E=offset_E)
+        return RouterSums(
+            counts_E=local.counts_E + other.counts_E,
+            prob_sum_E=local.prob_sum_E + other.prob_sum_E,
+            lse_sq_sum=local.lse_sq_sum + other.lse_sq_sum,
+            tokens=local.tokens + other.tokens,
+            offset_E=offset_E,
+        )
+
     return reduce
 
 
@@ -202,8 +209,10 @@ def test_two_halves_with_reduced_sums_match_the_whole_batch(score):
     first, second = local
     zeros = torch.zeros(E, dtype=torch.long)
     halves = []
-    for x_half, up_half, reduce in ((x_BSD[:1], upstream[:1], combined_with(second, zeros)),
-                                    (x_BSD[1:], upstream[1:], combined_with(first, first.counts_E))):
+    for x_half, up_half, reduce in (
+        (x_BSD[:1], upstream[:1], combined_with(second, zeros)),
+        (x_BSD[1:], upstream[1:], combined_with(first, first.counts_E)),
+    ):
         moe.reduce = reduce
         out = moe(x_half)
         halves.append((out, up_half, moe.stats))
@@ -220,7 +229,7 @@ def test_two_halves_with_reduced_sums_match_the_whole_batch(score):
     out_part = sum((out * up).sum() for out, up, _ in halves)
     g_split = grads(moe, out_part + halves[0][2].aux_loss + halves[0][2].z_loss)
     for name, g in g_full.items():
-        torch.testing.assert_close(g_split[name], g, **FP32_TOL, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(g_split[name], g, **FP32_TOL, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_later_half_without_offsets_drops_differently():

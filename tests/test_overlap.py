@@ -4,6 +4,7 @@ waited at the end of backward, the prefetched re-gather and the simulated networ
 single-process run (tests/parity.py's tolerances). The simulated network delays without burning CPU, a late
 sender's rows arrive a whole transfer after it sends them, and a profiled step's trace has the compute track and
 a track per collective. The overlap benchmark writes the figures the issue names, each derived as documented."""
+
 from __future__ import annotations
 
 import json
@@ -15,29 +16,35 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from parity import GRAD_RTOL_LONG, assert_matches, small_config, train, train_one
 
 from hecate.collectives import TorchTransport
 from hecate.collectives.simulated_network import SimulatedNetwork, SimulatedNetworkTransport
 from hecate.collectives.timeline import Timeline
 from hecate.launch.cli import main
 from hecate.launch.simulate import run_workers
-from parity import GRAD_RTOL_LONG, assert_matches, small_config, train, train_one
 
 STEPS = 2
 EXPERTS = 8
 CASES = {  # name: (overrides, simulated network or None)
     "ep-chunks3": (["parallel.ep=2", "moe.overlap_chunks=3"], None),
-    "ep-chunks3-capacity-network": (["parallel.ep=2", "moe.overlap_chunks=3", "moe.capacity_factor=1.0"],
-                                    SimulatedNetwork(2, 5.0, 50.0)),
+    "ep-chunks3-capacity-network": (
+        ["parallel.ep=2", "moe.overlap_chunks=3", "moe.capacity_factor=1.0"],
+        SimulatedNetwork(2, 5.0, 50.0),
+    ),
     "fsdp-rm-chunks2": (["fssdp.policy=fsdp", "fssdp.rematerialize=true", "moe.overlap_chunks=2"], None),
     "fssdp-chunks3-network": (["fssdp.policy=fssdp", "moe.overlap_chunks=3"], SimulatedNetwork(2, 5.0, 50.0)),
-    "ep-sub2-chunks2-network": (["parallel.ep=2", "moe.overlap_sub_batches=2", "moe.overlap_chunks=2"],
-                                SimulatedNetwork(2, 5.0, 50.0)),
+    "ep-sub2-chunks2-network": (
+        ["parallel.ep=2", "moe.overlap_sub_batches=2", "moe.overlap_chunks=2"],
+        SimulatedNetwork(2, 5.0, 50.0),
+    ),
     "fssdp-rm-sub2": (["fssdp.policy=fssdp", "fssdp.rematerialize=true", "moe.overlap_sub_batches=2"], None),
 }
 CASES_4 = {  # one case: 4 processes share the 2 cores of CI
-    "fssdp-rm-chunks2-network": (["fssdp.policy=fssdp", "fssdp.rematerialize=true", "moe.overlap_chunks=2"],
-                                 SimulatedNetwork(2, 5.0, 20.0)),
+    "fssdp-rm-chunks2-network": (
+        ["fssdp.policy=fssdp", "fssdp.rematerialize=true", "moe.overlap_chunks=2"],
+        SimulatedNetwork(2, 5.0, 20.0),
+    ),
 }
 COMMON = [f"moe.num_experts={EXPERTS}"]
 # 0.08 Gbit/s = 10 MB/s: the ~1 MB each rank sends to the other node takes ~100 ms on the simulated link
@@ -66,16 +73,29 @@ def _slow_exchange() -> dict:
     if rank == world - 1:
         time.sleep(LATE_S)
     transport.all_to_all(out, x, [rows] * world, [rows] * world).wait()
-    return {"wall_s": wall_s, "cpu_s": cpu_s, "wait_s": wait_s, "correct": correct,
-            "modeled_s": SLOW.transfer_s(remote * rows * 4000) + SLOW.latency_us * 1e-6,
-            "late_wall_s": time.monotonic() - start}
+    return {
+        "wall_s": wall_s,
+        "cpu_s": cpu_s,
+        "wait_s": wait_s,
+        "correct": correct,
+        "modeled_s": SLOW.transfer_s(remote * rows * 4000) + SLOW.latency_us * 1e-6,
+        "late_wall_s": time.monotonic() - start,
+    }
 
 
 def _worker(cases: dict, cfg_dicts: list[dict], profile_first: bool) -> dict | None:
     exchange = _slow_exchange()
-    results = {name: train_one(cfg, True, skew=True, profile_step=2 if profile_first and i == 0 else 0,
-                               network=cases[name][1], timeline=Timeline(dist.get_rank()))
-               for i, (name, cfg) in enumerate(zip(cases, cfg_dicts))}
+    results = {
+        name: train_one(
+            cfg,
+            True,
+            skew=True,
+            profile_step=2 if profile_first and i == 0 else 0,
+            network=cases[name][1],
+            timeline=Timeline(dist.get_rank()),
+        )
+        for i, (name, cfg) in enumerate(zip(cases, cfg_dicts))
+    }
     return {"exchange": exchange, "results": results} if dist.get_rank() == 0 else None
 
 
@@ -87,16 +107,20 @@ def reference(small_data, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference_capacity(small_data, tmp_path_factory):
-    cfg = small_config(small_data, tmp_path_factory.mktemp("ref-cap"), COMMON + ["moe.capacity_factor=1.0"],
-                       STEPS).to_dict()
+    cfg = small_config(
+        small_data, tmp_path_factory.mktemp("ref-cap"), COMMON + ["moe.capacity_factor=1.0"], STEPS
+    ).to_dict()
     return train([cfg], distributed=False, skew=True)[0]
 
 
 @pytest.mark.parametrize("world,cases", [(2, CASES), (4, CASES_4)], ids=["2ranks", "4ranks"])
-def test_overlap_and_simulated_network_match_single_process(world, cases, reference, reference_capacity,
-                                                            small_data, tmp_path):
-    cfgs = [small_config(small_data, tmp_path / name, COMMON + overrides, STEPS).to_dict()
-            for name, (overrides, _) in cases.items()]
+def test_overlap_and_simulated_network_match_single_process(
+    world, cases, reference, reference_capacity, small_data, tmp_path
+):
+    cfgs = [
+        small_config(small_data, tmp_path / name, COMMON + overrides, STEPS).to_dict()
+        for name, (overrides, _) in cases.items()
+    ]
     got = run_workers(_worker, world, cases, cfgs, world == 2, timeout_s=600)[0]
     for name, result in got["results"].items():
         want = reference_capacity if "capacity" in name else reference
@@ -110,8 +134,9 @@ def test_overlap_and_simulated_network_match_single_process(world, cases, refere
     assert exchange["wall_s"] >= modeled * 0.99, f"{exchange['wall_s']:.3f} s < modeled {modeled:.3f} s"
     assert exchange["wait_s"] >= modeled * 0.5, "the modeled delay must count as wait time"  # less issue time
     assert exchange["cpu_s"] < 0.5 * exchange["wall_s"], f"the delay burnt CPU: {exchange}"
-    assert exchange["late_wall_s"] >= (LATE_S + modeled) * 0.99, \
+    assert exchange["late_wall_s"] >= (LATE_S + modeled) * 0.99, (
         f"rank 0 got the late rank's rows before they could cross the link: {exchange}"
+    )
 
     if world == 2:
         events = got["results"]["ep-chunks3"]["trace"]["traceEvents"]
@@ -124,16 +149,19 @@ def test_overlap_and_simulated_network_match_single_process(world, cases, refere
         assert {"blocks.0.attn forward", "blocks.0.attn backward", "blocks.1.ffn.experts backward"} <= set(spans)
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--simulate", "2", "--sim-nodes", "3", "--sim-inter-node-gbps", "1"], "--sim-nodes 3"),
-    (["--simulate", "2", "--sim-nodes", "2", "--sim-inter-node-gbps", "0"], "--sim-inter-node-gbps 0"),
-    (["--sim-nodes", "2", "--sim-inter-node-gbps", "1"], "needs --simulate"),
-    (["--sim-bind-cores"], "--sim-bind-cores binds simulated ranks to cores: it needs --simulate N"),
-    (["--simulate", "2", "-o", "moe.overlap_chunks=0", "--profile-step", "1"], "moe.overlap_chunks"),
-    (["--simulate", "2", "--profile-step", "-1"], "logging.profile_step"),
-    (["-o", "moe.overlap_sub_batches=2", "-o", "moe.capacity_factor=1.0"], "moe.overlap_sub_batches"),
-    (["--simulate", "2", "-o", "parallel.tp=2", "-o", "moe.overlap_sub_batches=2"], "moe.overlap_sub_batches"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--simulate", "2", "--sim-nodes", "3", "--sim-inter-node-gbps", "1"], "--sim-nodes 3"),
+        (["--simulate", "2", "--sim-nodes", "2", "--sim-inter-node-gbps", "0"], "--sim-inter-node-gbps 0"),
+        (["--sim-nodes", "2", "--sim-inter-node-gbps", "1"], "needs --simulate"),
+        (["--sim-bind-cores"], "--sim-bind-cores binds simulated ranks to cores: it needs --simulate N"),
+        (["--simulate", "2", "-o", "moe.overlap_chunks=0", "--profile-step", "1"], "moe.overlap_chunks"),
+        (["--simulate", "2", "--profile-step", "-1"], "logging.profile_step"),
+        (["-o", "moe.overlap_sub_batches=2", "-o", "moe.capacity_factor=1.0"], "moe.overlap_sub_batches"),
+        (["--simulate", "2", "-o", "parallel.tp=2", "-o", "moe.overlap_sub_batches=2"], "moe.overlap_sub_batches"),
+    ],
+)
 def test_bad_overlap_options_are_refused_before_workers_start(args, message, tmp_path, capsys):
     run_dir = tmp_path / "run"
     assert main(["train", "examples/tiny.yaml", "-o", f"train.run_dir={run_dir}", *args]) == 2
@@ -146,8 +174,27 @@ def test_overlap_benchmark_writes_its_rows(tmp_path):
     communication and compute time and the hidden fractions, derived as its docstring says (its numbers are
     measured by the benchmark itself, not here)."""
     out = tmp_path / "overlap.json"
-    subprocess.run([sys.executable, "-W", "ignore", "benchmarks/overlap.py", "--shapes", "demo", "--ranks", "2",
-                    "--iters", "2", "--warmup", "0", "--json", str(out)], check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        [
+            sys.executable,
+            "-W",
+            "ignore",
+            "benchmarks/overlap.py",
+            "--shapes",
+            "demo",
+            "--ranks",
+            "2",
+            "--iters",
+            "2",
+            "--warmup",
+            "0",
+            "--json",
+            str(out),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     rows = json.loads(out.read_text())
     assert [r["network"] for r in rows] == ["loopback", "simulated"]
     for r in rows:

@@ -3,12 +3,13 @@ step (gathered) and the final parameters, for EP=N, DP=2 x EP=2 and DP=N on 2 an
 dropless and with capacity dropping. Every layout trains the same global batch of the same samples per step.
 Tolerances: tests/parity.py.
 """
+
 from __future__ import annotations
 
 import pytest
+from parity import assert_matches, small_config, train
 
 from hecate.launch.simulate import run_workers
-from parity import assert_matches, small_config, train
 
 STEPS = 5
 LAYOUTS = [  # (world, parallel overrides)
@@ -24,15 +25,16 @@ MODES = {"dropless": ["moe.capacity_factor=0"], "capacity": ["moe.capacity_facto
 @pytest.fixture(scope="module")
 def reference(small_data, tmp_path_factory):
     """Single-process results per mode."""
-    cfgs = [small_config(small_data, tmp_path_factory.mktemp(f"ref-{mode}"), extra, STEPS).to_dict()
-            for mode, extra in MODES.items()]
+    cfgs = [
+        small_config(small_data, tmp_path_factory.mktemp(f"ref-{mode}"), extra, STEPS).to_dict()
+        for mode, extra in MODES.items()
+    ]
     return dict(zip(MODES, train(cfgs, distributed=False)))
 
 
 @pytest.mark.parametrize("world, layout", LAYOUTS, ids=[f"world{w}-{'-'.join(o) or 'dp'}" for w, o in LAYOUTS])
 def test_layout_matches_single_process(world, layout, reference, small_data, tmp_path):
-    cfgs = [small_config(small_data, tmp_path / mode, extra + layout, STEPS).to_dict()
-            for mode, extra in MODES.items()]
+    cfgs = [small_config(small_data, tmp_path / mode, extra + layout, STEPS).to_dict() for mode, extra in MODES.items()]
     results = run_workers(train, world, cfgs, True, timeout_s=300)[0]
     for mode, got in zip(MODES, results):
         assert_matches(got, reference[mode], mode)

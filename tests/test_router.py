@@ -4,6 +4,7 @@ capacity dropping, expert bias.
 The logits are written as log(p) + c_t, so that the softmax probabilities are the literal p and
 logsumexp(logits_t) is the literal c_t; sigmoid logits are log(s / (1 - s)), so that the scores are s.
 """
+
 import math
 
 import pytest
@@ -14,10 +15,7 @@ from hecate.parallel.moe.capacity import dropped_pairs, expert_capacity, keep_wi
 
 TOL = 1e-6  # fp32 arithmetic on O(1) numbers
 
-PROBS = [[0.4, 0.3, 0.2, 0.1],
-         [0.1, 0.2, 0.3, 0.4],
-         [0.5, 0.05, 0.3, 0.15],
-         [0.25, 0.45, 0.1, 0.2]]
+PROBS = [[0.4, 0.3, 0.2, 0.1], [0.1, 0.2, 0.3, 0.4], [0.5, 0.05, 0.3, 0.15], [0.25, 0.45, 0.1, 0.2]]
 LSE = [0.0, 1.0, -1.0, 2.0]
 # Top-2 by probability: t0 -> (0, 1), t1 -> (3, 2), t2 -> (0, 2), t3 -> (1, 0); counts per expert (3, 2, 2, 1).
 TOP2 = [[0, 1], [3, 2], [0, 2], [1, 0]]
@@ -41,8 +39,9 @@ def test_softmax_top2_choices_and_renormalised_weights():
 
 def test_softmax_without_renormalisation_keeps_probabilities():
     r = route(softmax_logits(), top_k=2, score="softmax", renormalize=False)
-    torch.testing.assert_close(r.weights_TK, torch.tensor([[0.4, 0.3], [0.4, 0.3], [0.5, 0.3], [0.45, 0.25]]),
-                               atol=TOL, rtol=0)
+    torch.testing.assert_close(
+        r.weights_TK, torch.tensor([[0.4, 0.3], [0.4, 0.3], [0.5, 0.3], [0.45, 0.25]]), atol=TOL, rtol=0
+    )
 
 
 def test_sigmoid_scores_choices_and_weights():

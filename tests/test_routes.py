@@ -1,14 +1,21 @@
 """The overlap chunks' routes: every rank derives the same tables from the same counts, so what p sends q in a
 chunk is what q expects from p; the chunks split each rank's received rows evenly, cut few experts, and a cut
 expert is cut across all its sources."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
 from hecate.parallel.moe.ep_dispatcher import block_holders
-from hecate.parallel.moe.routes import (SNAP, chunk_bounds, held_runs, plan_routes, rows_by_chunk,
-                                       rows_by_source_expert_destination)
+from hecate.parallel.moe.routes import (
+    SNAP,
+    chunk_bounds,
+    held_runs,
+    plan_routes,
+    rows_by_chunk,
+    rows_by_source_expert_destination,
+)
 
 EXPERTS = 8
 
@@ -27,8 +34,9 @@ def _holders(kind: str, ranks: int) -> tuple[tuple[int, ...], ...]:
 def test_routes_agree_between_ranks_and_split_the_rows_evenly(ranks, chunks, kind, skew):
     rng = np.random.default_rng(ranks * 100 + chunks)
     popularity = np.arange(1, EXPERTS + 1, dtype=float) ** -skew
-    counts_PE = np.stack([rng.multinomial(int(rng.integers(0, 400)), popularity / popularity.sum())
-                          for _ in range(ranks)])
+    counts_PE = np.stack(
+        [rng.multinomial(int(rng.integers(0, 400)), popularity / popularity.sum()) for _ in range(ranks)]
+    )
     counts_PE[0, 3] = 0  # an expert with no rows from one source
     holders = _holders(kind, ranks)
     rows_PEQ = rows_by_source_expert_destination(counts_PE, holders)
@@ -49,7 +57,7 @@ def test_routes_agree_between_ranks_and_split_the_rows_evenly(ranks, chunks, kin
         covered = set()
         for chunk in route.chunks:
             assert sum(chunk.counts) == sum(chunk.recv_splits)
-            run = held[chunk.first:chunk.first + len(chunk.counts)]
+            run = held[chunk.first : chunk.first + len(chunk.counts)]
             assert len(run) == len(chunk.counts), "the run goes past the held experts"
             np.testing.assert_array_equal(chunk.recv_counts_PE[:, run].sum(0), chunk.counts)
             assert chunk.recv_counts_PE.sum() == sum(chunk.counts), "rows of experts outside the run"

@@ -1,6 +1,8 @@
 """The scale simulator (trainer/scaling/): the cost model's pieces against hand-computed values (its dispatch rule
 is the dispatcher's own, hecate.parallel.moe.assignment), routing traces recorded by a real 2-rank run and
-replayed, the CLI end to end, and the calibration: with this machine's measured figures it predicts our measured CPU step times."""
+replayed, the CLI end to end, and the calibration: with this machine's measured figures it predicts our measured
+CPU step times."""
+
 from __future__ import annotations
 
 import json
@@ -13,8 +15,9 @@ import numpy as np
 import pytest
 
 from hecate.collectives import MaterializedPlacement
-from hecate.collectives.errors import ConfigError, DataError
-from hecate.parallel.fssdp import FssdpPolicy, initial_owners
+from hecate.collectives.errors import ConfigError
+from hecate.parallel.fssdp import initial_owners
+from hecate.trainer.errors import DataError
 from hecate.trainer.scaling.cluster import cluster_from_dict, load_cluster
 from hecate.trainer.scaling.comm import all_reduce_time, exchange_time
 from hecate.trainer.scaling.cost import Overlap, expert_phase_rows, layer_step, sparse_bytes
@@ -34,16 +37,34 @@ H100 = "examples/clusters/h100-400gbps-per-gpu.yaml"
 
 def toy_cluster(gpus_per_node: int = 2, intra_gbytes: float = 1.0, inter_gbits: float = 8.0) -> object:
     """Round numbers: 1 TFLOP/s, intra 1 GB/s per GPU, inter 1 GB/s per node, no latency."""
-    return cluster_from_dict({"name": "toy", "gpus_per_node": gpus_per_node, "dtype": "fp32",
-                              "device": {"tflops": 1.0, "memory_gib": 1},
-                              "intra_node": {"gbytes_per_s": intra_gbytes},
-                              "inter_node": {"gbits_per_s": inter_gbits, "per": "node"}})
+    return cluster_from_dict(
+        {
+            "name": "toy",
+            "gpus_per_node": gpus_per_node,
+            "dtype": "fp32",
+            "device": {"tflops": 1.0, "memory_gib": 1},
+            "intra_node": {"gbytes_per_s": intra_gbytes},
+            "inter_node": {"gbits_per_s": inter_gbits, "per": "node"},
+        }
+    )
 
 
 def toy_workload(experts: int = 4, tokens: int = 100) -> Workload:
-    return Workload(dim=8, seq_len=16, n_layers=1, moe_layers=(0,), num_experts=experts, top_k=2, ffn_dim=16,
-                    expert_matrices=2, dense_ffn_dim=32, shared_expert=False, vocab_size=0, tokens_per_gpu=tokens,
-                    block_only=True)
+    return Workload(
+        dim=8,
+        seq_len=16,
+        n_layers=1,
+        moe_layers=(0,),
+        num_experts=experts,
+        top_k=2,
+        ffn_dim=16,
+        expert_matrices=2,
+        dense_ffn_dim=32,
+        shared_expert=False,
+        vocab_size=0,
+        tokens_per_gpu=tokens,
+        block_only=True,
+    )
 
 
 # ---- pieces of the cost model -------------------------------------------------------------------------------
@@ -79,15 +100,25 @@ def test_layer_step_phases_by_hand():
     cluster, workload = toy_cluster(), toy_workload(tokens=100)
     owner = initial_owners(4, 2)
     counts_RE = np.array([[50, 25, 15, 10], [50, 25, 15, 10]])  # both sources route alike
-    step = layer_step(workload, cluster, owner, MaterializedPlacement.from_owner(owner), counts_RE, 0, None,
-                      Overlap(), False, chunk_spec(workload, cluster))
+    step = layer_step(
+        workload,
+        cluster,
+        owner,
+        MaterializedPlacement.from_owner(owner),
+        counts_RE,
+        0,
+        None,
+        Overlap(),
+        False,
+        chunk_spec(workload, cluster),
+    )
     assert step.rows_D.tolist() == [150, 50]
     flops = 1e12
     assert step.phases.experts == pytest.approx(3 * 150 * 2 * 2 * 8 * 16 / flops)
     # device 1 sends 75 rows to device 0 and device 0 sends 25 back: the busiest endpoint moves 75 rows of 8 fp32
     assert step.phases.all_to_all == pytest.approx(4 * 75 * 8 * 4 / 1e9)
     assert step.phases.gather == step.phases.reduce_scatter == 0.0
-    attention_f = 100 * (8 * 8 ** 2 + 2 * 16 * 8 + 2 * 8 * 4) / flops
+    attention_f = 100 * (8 * 8**2 + 2 * 16 * 8 + 2 * 8 * 4) / flops
     assert step.phases.attention == pytest.approx(3 * attention_f)
 
 
@@ -96,13 +127,27 @@ def test_ranks_sharing_cores_lend_them_while_waiting():
     lasts max(150 x 2 / 4, mean 100) rows at the all-busy rate; with a core each, the busiest rank's 150."""
     rows_D = np.array([150, 100, 100, 50])
     assert expert_phase_rows(rows_D, toy_cluster(gpus_per_node=4), 0) == 150
-    shared = cluster_from_dict({"gpus_per_node": 4, "cores_per_node": 2, "device": {"tflops": 1, "memory_gib": 1},
-                                "intra_node": {"gbytes_per_s": 1}, "inter_node": {"gbits_per_s": 1}})
+    shared = cluster_from_dict(
+        {
+            "gpus_per_node": 4,
+            "cores_per_node": 2,
+            "device": {"tflops": 1, "memory_gib": 1},
+            "intra_node": {"gbytes_per_s": 1},
+            "inter_node": {"gbits_per_s": 1},
+        }
+    )
     assert expert_phase_rows(rows_D, shared, 0) == 100
     assert expert_phase_rows(np.array([300, 60, 20, 20]), shared, 0) == 150
     with pytest.raises(ConfigError) as err:
-        cluster_from_dict({"gpus_per_node": 4, "cores_per_node": 0, "device": {"tflops": 1, "memory_gib": 1},
-                           "intra_node": {"gbytes_per_s": 1}, "inter_node": {"gbits_per_s": 1}})
+        cluster_from_dict(
+            {
+                "gpus_per_node": 4,
+                "cores_per_node": 0,
+                "device": {"tflops": 1, "memory_gib": 1},
+                "intra_node": {"gbytes_per_s": 1},
+                "inter_node": {"gbits_per_s": 1},
+            }
+        )
     assert err.value.field == "cores_per_node"
 
 
@@ -113,8 +158,7 @@ def test_gather_hides_under_attention_only_up_to_its_length():
     counts_RE = np.full((2, 4), 50)
     chunk = chunk_spec(workload, cluster)
     hidden = layer_step(workload, cluster, owner, everywhere, counts_RE, 0, None, Overlap(), False, chunk)
-    exposed = layer_step(workload, cluster, owner, everywhere, counts_RE, 0, None, Overlap(gather=False), False,
-                         chunk)
+    exposed = layer_step(workload, cluster, owner, everywhere, counts_RE, 0, None, Overlap(gather=False), False, chunk)
     gather_s = 2 * chunk.nbytes / 1e3
     assert exposed.phases.gather == pytest.approx(gather_s)
     assert hidden.phases.gather == pytest.approx(gather_s - hidden.phases.details["attention_fwd_s"])
@@ -165,12 +209,19 @@ def test_trace_file_round_trip_and_damage(tmp_path):
 
 
 def test_cluster_errors_name_the_field(tmp_path):
-    good = {"gpus_per_node": 8, "device": {"tflops": 1, "memory_gib": 1}, "intra_node": {"gbytes_per_s": 1},
-            "inter_node": {"gbits_per_s": 1}}
-    for field, patch in (("inter_node.gbits_per_s", {"inter_node": {"gbits_per_s": 0}}),
-                         ("device.efficiency", {"device": {"tflops": 1, "memory_gib": 1, "efficiency": 2}}),
-                         ("inter_node.per", {"inter_node": {"gbits_per_s": 1, "per": "rack"}}),
-                         ("gpus_per_node", {"gpus_per_node": 2.5}), ("nics", {"nics": 1})):
+    good = {
+        "gpus_per_node": 8,
+        "device": {"tflops": 1, "memory_gib": 1},
+        "intra_node": {"gbytes_per_s": 1},
+        "inter_node": {"gbits_per_s": 1},
+    }
+    for field, patch in (
+        ("inter_node.gbits_per_s", {"inter_node": {"gbits_per_s": 0}}),
+        ("device.efficiency", {"device": {"tflops": 1, "memory_gib": 1, "efficiency": 2}}),
+        ("inter_node.per", {"inter_node": {"gbits_per_s": 1, "per": "rack"}}),
+        ("gpus_per_node", {"gpus_per_node": 2.5}),
+        ("nics", {"nics": 1}),
+    ):
         with pytest.raises(ConfigError) as err:
             cluster_from_dict({**good, **patch})
         assert err.value.field == field
@@ -205,18 +256,38 @@ def test_layouts_that_do_not_exist_are_refused():
 
 
 def hecate(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "hecate.launch.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ})
+    return subprocess.run(
+        [sys.executable, "-m", "hecate.launch.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ},
+    )
 
 
 def test_simulate_cli_prints_breakdown_and_writes_results_and_plot(tmp_path):
-    out = hecate("simulate", "--cluster", A100, "--model", GPT_S, "--zipf", "1.0", "--gpus", "16", "32",
-                 "--steps", "2", "--out", str(tmp_path))
+    out = hecate(
+        "simulate",
+        "--cluster",
+        A100,
+        "--model",
+        GPT_S,
+        "--zipf",
+        "1.0",
+        "--gpus",
+        "16",
+        "32",
+        "--steps",
+        "2",
+        "--out",
+        str(tmp_path),
+    )
     assert out.returncode == 0, out.stderr
     assert "all_to_all" in out.stdout and out.stdout.count("fssdp") == 2
     results = json.loads((tmp_path / "results.json").read_text())["results"]
-    assert {(r["gpus"], r["policy"]) for r in results} == {(g, p) for g in (16, 32)
-                                                          for p in ("ep", "fsdp", "shadow", "fssdp")}
+    assert {(r["gpus"], r["policy"]) for r in results} == {
+        (g, p) for g in (16, 32) for p in ("ep", "fsdp", "shadow", "fssdp")
+    }
     assert all(r["step_ms"] > 0 and r["memory_total_gib"] > 0 for r in results)
     assert (tmp_path / "step_time.png").stat().st_size > 10_000
     bad = hecate("simulate", "--cluster", A100, "--model", GPT_S, "--zipf", "1.0", "--gpus", "24")
@@ -225,10 +296,28 @@ def test_simulate_cli_prints_breakdown_and_writes_results_and_plot(tmp_path):
 
 def test_sweep_script_picks_the_fastest_budget_and_writes_table_json_and_plot(tmp_path):
     """benchmarks/scaling_sweep.py, which writes docs/SCALING.md's table: best t is the fastest fssdp tried."""
-    out = subprocess.run([sys.executable, "benchmarks/scaling_sweep.py", "--clusters", H100, "--models", GPT_S,
-                          "--gpus", "16", "--budgets", "8", "--json", str(tmp_path / "s.json"), "--plot",
-                          str(tmp_path / "s.png")], capture_output=True, text=True, timeout=300,
-                         cwd=Path(__file__).parents[1])
+    out = subprocess.run(
+        [
+            sys.executable,
+            "benchmarks/scaling_sweep.py",
+            "--clusters",
+            H100,
+            "--models",
+            GPT_S,
+            "--gpus",
+            "16",
+            "--budgets",
+            "8",
+            "--json",
+            str(tmp_path / "s.json"),
+            "--plot",
+            str(tmp_path / "s.png"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(__file__).parents[1],
+    )
     assert out.returncode == 0, out.stderr
     (row,) = json.loads((tmp_path / "s.json").read_text())["rows"]
     by_t = row["fssdp_ms_by_t"]
@@ -241,10 +330,25 @@ def test_sweep_script_picks_the_fastest_budget_and_writes_table_json_and_plot(tm
 
 def test_record_routing_round_trip_on_two_ranks(small_data, tmp_path):
     run = tmp_path / "run"
-    small = ["model.dim=64", "model.n_layers=2", "model.n_heads=2", "model.seq_len=32", "moe.num_experts=4",
-             "moe.ffn_dim=64", "model.dense_ffn_dim=128", "train.global_batch=8", "train.eval_batches=2",
-             "train.eval_every=0", "logging.progress=false", "logging.tensorboard=false", "logging.plots=false",
-             "train.steps=3", f"data.dir={small_data}", f"train.run_dir={run}", "fssdp.policy=fssdp"]
+    small = [
+        "model.dim=64",
+        "model.n_layers=2",
+        "model.n_heads=2",
+        "model.seq_len=32",
+        "moe.num_experts=4",
+        "moe.ffn_dim=64",
+        "model.dense_ffn_dim=128",
+        "train.global_batch=8",
+        "train.eval_batches=2",
+        "train.eval_every=0",
+        "logging.progress=false",
+        "logging.tensorboard=false",
+        "logging.plots=false",
+        "train.steps=3",
+        f"data.dir={small_data}",
+        f"train.run_dir={run}",
+        "fssdp.policy=fssdp",
+    ]
     args = ["train", "examples/tiny.yaml", "--simulate", "2", "--record-routing"]
     for item in small:
         args += ["-o", item]
@@ -253,16 +357,42 @@ def test_record_routing_round_trip_on_two_ranks(small_data, tmp_path):
     trace = read_trace(run / "routing_trace.bin")
     assert trace.shape == (3, 2, 2, 4) and trace.steps_S.tolist() == [1, 2, 3] and trace.layers == (0, 1)
     assert (trace.counts_SLRE.sum(-1) == trace.tokens_per_rank * 2).all()  # 4 sequences x 32 tokens x top-2
-    loads = [json.loads(line)["expert_load"] for line in (run / "metrics.jsonl").read_text().splitlines()
-             if "expert_load" in line]
+    loads = [
+        json.loads(line)["expert_load"]
+        for line in (run / "metrics.jsonl").read_text().splitlines()
+        if "expert_load" in line
+    ]
     for step, load in enumerate(loads):  # the ranks' counts add up to the global counts the trainer logs
-        assert [trace.counts_SLRE[step, l].sum(0).tolist() for l in range(2)] == [load["0"], load["1"]]
-    replay = hecate("simulate", "--cluster", A100, "--model", "examples/tiny.yaml", "-o", "moe.num_experts=4",
-                    "--trace", str(run / "routing_trace.bin"), "--gpus", "4", "--steps", "2", "--out",
-                    str(tmp_path / "sim"))
+        assert [trace.counts_SLRE[step, layer].sum(0).tolist() for layer in range(2)] == [load["0"], load["1"]]
+    replay = hecate(
+        "simulate",
+        "--cluster",
+        A100,
+        "--model",
+        "examples/tiny.yaml",
+        "-o",
+        "moe.num_experts=4",
+        "--trace",
+        str(run / "routing_trace.bin"),
+        "--gpus",
+        "4",
+        "--steps",
+        "2",
+        "--out",
+        str(tmp_path / "sim"),
+    )
     assert replay.returncode == 0, replay.stderr
-    mismatch = hecate("simulate", "--cluster", A100, "--model", "examples/tiny.yaml",
-                      "--trace", str(run / "routing_trace.bin"), "--gpus", "8")
+    mismatch = hecate(
+        "simulate",
+        "--cluster",
+        A100,
+        "--model",
+        "examples/tiny.yaml",
+        "--trace",
+        str(run / "routing_trace.bin"),
+        "--gpus",
+        "8",
+    )
     assert mismatch.returncode == 2 and "moe.num_experts=8" in mismatch.stderr
 
 
@@ -273,25 +403,49 @@ def calibrated_prediction(world: dict, block: dict, case: dict, cores: int) -> f
     """The simulator's step time (ms) for one measured case, from the figures measured with it: the device runs
     at the throughput the compute-only block probe reached (achieved already, so efficiency 1; no step time
     used)."""
-    cluster = cluster_from_dict({"name": "this machine", "gpus_per_node": world["world_size"],
-                                 "cores_per_node": cores, "dtype": "fp32",
-                                 "device": {"tflops": case["effective_flops_per_s"] / 1e12, "memory_gib": 24},
-                                 "intra_node": {"gbytes_per_s": world["bytes_per_s"] / 1e9,
-                                                "latency_us": 1e6 * world["latency_s"]},
-                                 "inter_node": {"gbits_per_s": 8 * world["bytes_per_s"] / 1e9}})
+    cluster = cluster_from_dict(
+        {
+            "name": "this machine",
+            "gpus_per_node": world["world_size"],
+            "cores_per_node": cores,
+            "dtype": "fp32",
+            "device": {"tflops": case["effective_flops_per_s"] / 1e12, "memory_gib": 24},
+            "intra_node": {"gbytes_per_s": world["bytes_per_s"] / 1e9, "latency_us": 1e6 * world["latency_s"]},
+            "inter_node": {"gbits_per_s": 8 * world["bytes_per_s"] / 1e9},
+        }
+    )
     ranks = world["world_size"]
-    workload = Workload(dim=block["dim"], seq_len=block["seq"], n_layers=1, moe_layers=(0,),
-                        num_experts=block["experts"], top_k=block["top_k"], ffn_dim=block["ffn_dim"],
-                        expert_matrices=2, dense_ffn_dim=0, shared_expert=False, vocab_size=0,
-                        tokens_per_gpu=block["tokens"] // ranks, block_only=True)
+    workload = Workload(
+        dim=block["dim"],
+        seq_len=block["seq"],
+        n_layers=1,
+        moe_layers=(0,),
+        num_experts=block["experts"],
+        top_k=block["top_k"],
+        ffn_dim=block["ffn_dim"],
+        expert_matrices=2,
+        dense_ffn_dim=0,
+        shared_expert=False,
+        vocab_size=0,
+        tokens_per_gpu=block["tokens"] // ranks,
+        block_only=True,
+    )
     counts_SRE = np.array(case["counts_SRE"])
-    trace = RoutingTrace(np.arange(1, len(counts_SRE) + 1), counts_SRE[:, None], (0,), block["top_k"],
-                         block["tokens"] // ranks)
-    settings = Settings(gpus=ranks, overlap_budget=block["overlap_budget"], memory_budget=block["memory_budget"],
-                        window=block["window"], steps=len(counts_SRE) - block["window"],
-                        overlap=Overlap(gather=True, reduce_scatter=False))  # the engine waits for it
-    return 1e3 * simulate_policy(workload, cluster, TraceRouting(trace, block["experts"], 1), case["policy"],
-                                 settings).step_s
+    trace = RoutingTrace(
+        np.arange(1, len(counts_SRE) + 1), counts_SRE[:, None], (0,), block["top_k"], block["tokens"] // ranks
+    )
+    settings = Settings(
+        gpus=ranks,
+        overlap_budget=block["overlap_budget"],
+        memory_budget=block["memory_budget"],
+        window=block["window"],
+        steps=len(counts_SRE) - block["window"],
+        overlap=Overlap(gather=True, reduce_scatter=False),
+    )  # the engine waits for it
+    return (
+        1e3
+        * simulate_policy(workload, cluster, TraceRouting(trace, block["experts"], 1), case["policy"], settings).step_s
+    )
 
 
 def test_simulator_predicts_measured_cpu_steps():

@@ -1,4 +1,5 @@
 """The simulated cluster's process core: results by rank, and failures that name the rank and leave nothing."""
+
 import os
 import signal
 import threading
@@ -9,9 +10,11 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from hecate.collectives.errors import CheckpointError, HecateError, WorkerFailure
+from hecate.collectives.errors import HecateError
 from hecate.launch.environment import usable_cores
+from hecate.launch.errors import WorkerFailure
 from hecate.launch.simulate import STOP_GRACE_S, core_sets, run_workers, start_workers
+from hecate.parallel.errors import CheckpointError
 
 # Spawning workers and importing torch takes a few seconds each on a loaded 2-core machine; a failure must
 # still be reported well before the other workers' collectives would time out on their own.
@@ -87,8 +90,12 @@ def test_results_come_back_ordered_by_rank_with_torchrun_environment():
     for rank, result in enumerate(results):
         assert result["world_size"] == 3
         assert result["env"] == {
-            "RANK": str(rank), "WORLD_SIZE": "3", "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": "3",
-            "MASTER_ADDR": "127.0.0.1", "HECATE_TEST_EXTRA": "x",
+            "RANK": str(rank),
+            "WORLD_SIZE": "3",
+            "LOCAL_RANK": str(rank),
+            "LOCAL_WORLD_SIZE": "3",
+            "MASTER_ADDR": "127.0.0.1",
+            "HECATE_TEST_EXTRA": "x",
         }
         assert result["threads"] == 1
         assert result["total"] == 6.0

@@ -1,12 +1,13 @@
 """The layout: degrees validated against the world and the model, the rank groups of both mesh views, and
 ``hecate plan``. Pure functions, no processes."""
+
 from __future__ import annotations
 
 import pytest
 
-from hecate.collectives.errors import LayoutError
 from hecate.launch.cli import main
 from hecate.parallel.config import ParallelConfig
+from hecate.parallel.errors import LayoutError
 from hecate.parallel.topology import ParallelDims
 from hecate.trainer.config import load_config
 from hecate.trainer.plan import layout_of, memory_per_rank
@@ -32,14 +33,17 @@ def test_every_rank_is_in_exactly_one_group_of_each_dimension():
         assert ranks == list(range(8)), dim
 
 
-@pytest.mark.parametrize("world, degrees, says", [
-    (6, {"ep": 3}, "moe.num_experts=8 must be divisible by parallel.ep=3"),
-    (4, {"dp": 3}, "parallel.dp=3"),
-    (4, {"pp": 3}, "parallel.pp=3"),
-    (2, {"ep": 4}, "parallel.ep=4 x parallel.etp=1 must divide"),
-    (8, {"tp": 8}, "parallel.tp=8 must divide model.n_heads=4"),
-    (8, {"pp": 8}, "parallel.pp=8 is larger than model.n_layers=4"),
-])
+@pytest.mark.parametrize(
+    "world, degrees, says",
+    [
+        (6, {"ep": 3}, "moe.num_experts=8 must be divisible by parallel.ep=3"),
+        (4, {"dp": 3}, "parallel.dp=3"),
+        (4, {"pp": 3}, "parallel.pp=3"),
+        (2, {"ep": 4}, "parallel.ep=4 x parallel.etp=1 must divide"),
+        (8, {"tp": 8}, "parallel.tp=8 must divide model.n_heads=4"),
+        (8, {"pp": 8}, "parallel.pp=8 is larger than model.n_layers=4"),
+    ],
+)
 def test_layouts_that_do_not_fit_name_the_fields(world, degrees, says):
     with pytest.raises(LayoutError, match=says.replace(".", r"\.")):
         dims(world, **degrees)

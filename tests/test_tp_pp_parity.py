@@ -3,14 +3,15 @@ single-process reference: per-step losses, every step's gradients (gathered from
 final weights, 5 steps in fp32 on 4 real processes (gloo). All layouts share one group of worker processes.
 Tolerances: tests/parity.py.
 """
+
 from __future__ import annotations
 
 import pytest
 import torch
+from parity import assert_matches, small_config, train
 
 from hecate.launch.simulate import run_workers
 from hecate.trainer.train import Trainer
-from parity import assert_matches, small_config, train
 
 STEPS = 5
 WORLD = 4
@@ -38,16 +39,20 @@ SAVED = ("pp2-tp2", "etp2-ep2")  # these also write a checkpoint, which one proc
 def reference(small_data, tmp_path_factory):
     """Single-process results: the 2-block model, the 4-block model, and the 2-block one with skewed routing."""
     names = [("base", False), ("deep", False), ("base", True)]
-    cfgs = [small_config(small_data, tmp_path_factory.mktemp(f"ref-{n}-{s}"), REFERENCES[n], STEPS).to_dict()
-            for n, s in names]
+    cfgs = [
+        small_config(small_data, tmp_path_factory.mktemp(f"ref-{n}-{s}"), REFERENCES[n], STEPS).to_dict()
+        for n, s in names
+    ]
     return dict(zip(names, train(cfgs, False, [s for _, s in names])))
 
 
 @pytest.fixture(scope="module")
 def results(small_data, tmp_path_factory):
     """Every layout, one after the other in the same 4 worker processes."""
-    cfgs = [small_config(small_data, tmp_path_factory.mktemp(name), overrides, STEPS).to_dict()
-            for name, (overrides, _, _) in LAYOUTS.items()]
+    cfgs = [
+        small_config(small_data, tmp_path_factory.mktemp(name), overrides, STEPS).to_dict()
+        for name, (overrides, _, _) in LAYOUTS.items()
+    ]
     skews = [skew for _, _, skew in LAYOUTS.values()]
     saves = [name in SAVED for name in LAYOUTS]
     results = run_workers(train, WORLD, cfgs, True, skews, saves, timeout_s=600)[0]
@@ -66,7 +71,6 @@ def test_layout_matches_single_process(name, results, reference):
 def test_skewed_fssdp_materializes_replicas(name, results):
     """Without replicas the FSSDP cases would test plain expert parallelism only."""
     assert sum(results[name]["replicas"]) > 0
-
 
 
 @pytest.mark.parametrize("name", SAVED)

@@ -1,4 +1,5 @@
 """The single-process trainer: it learns, resumes exactly, refuses bad state, and stops on non-finite values."""
+
 import json
 import subprocess
 import sys
@@ -6,16 +7,27 @@ import sys
 import pytest
 import torch
 
-from hecate.collectives.errors import CheckpointError, HecateError, TrainingError
+from hecate.collectives.errors import HecateError
 from hecate.launch.cli import main
+from hecate.parallel.errors import CheckpointError
 from hecate.trainer import checkpoint as ckpt
 from hecate.trainer.config import load_config
+from hecate.trainer.errors import TrainingError
 from hecate.trainer.metrics import read_metrics
 from hecate.trainer.train import Trainer
 
 EXAMPLE = "examples/tiny.yaml"
-FAST = ["model.dim=64", "model.n_layers=2", "model.n_heads=2", "model.seq_len=64", "moe.ffn_dim=64",
-        "model.dense_ffn_dim=128", "train.global_batch=8", "train.eval_batches=2", "logging.progress=false"]
+FAST = [
+    "model.dim=64",
+    "model.n_layers=2",
+    "model.n_heads=2",
+    "model.seq_len=64",
+    "moe.ffn_dim=64",
+    "model.dense_ffn_dim=128",
+    "train.global_batch=8",
+    "train.eval_batches=2",
+    "logging.progress=false",
+]
 
 
 def config(tmp_path, data, *overrides):
@@ -29,8 +41,18 @@ def test_demo_config_trains_and_loss_falls(tmp_path, small_data):
     steps = [r for r in records if "loss" in r]
     assert [r["step"] for r in steps] == list(range(1, 13))
     assert steps[-1]["lm_loss"] < steps[0]["lm_loss"] - 0.5
-    for key in ("loss", "lm_loss", "aux_loss", "z_loss", "lr", "grad_norm", "tokens_per_s", "step_time_s",
-                "expert_load", "expert_imbalance"):
+    for key in (
+        "loss",
+        "lm_loss",
+        "aux_loss",
+        "z_loss",
+        "lr",
+        "grad_norm",
+        "tokens_per_s",
+        "step_time_s",
+        "expert_load",
+        "expert_imbalance",
+    ):
         assert key in steps[0], key
     assert sorted(steps[0]["expert_load"]) == ["0", "1", "2", "3"]
     assert sum(steps[0]["expert_load"]["0"]) == cfg.train.global_batch * cfg.model.seq_len * cfg.moe.top_k
@@ -44,8 +66,14 @@ def test_demo_config_trains_and_loss_falls(tmp_path, small_data):
 
 
 def test_resume_gives_identical_losses(tmp_path, small_data, monkeypatch):
-    common = ["train.steps=8", "checkpoint.every=3", "train.eval_every=0", "logging.plots=false",
-              "logging.tensorboard=false", *FAST]
+    common = [
+        "train.steps=8",
+        "checkpoint.every=3",
+        "train.eval_every=0",
+        "logging.plots=false",
+        "logging.tensorboard=false",
+        *FAST,
+    ]
     Trainer(config(tmp_path / "a", small_data, *common)).run()
     reference = [r["loss"] for r in read_metrics(tmp_path / "a" / "run") if "loss" in r]
 
@@ -118,17 +146,27 @@ def test_interrupted_save_leaves_previous_checkpoint_in_use(tmp_path, small_data
     assert ckpt.latest_checkpoint(root).name == "step_00000002"
 
 
-@pytest.mark.parametrize("args, says", [
-    (["-o", "moe.num_expert=3"], "config field 'moe.num_expert': unknown key"),
-    (["-o", "data.dir=DATA", "-o", "model.seq_len=100000"], "model.seq_len"),
-    (["-o", "data.dir=NEW", "-o", "data.inputs=[EMPTY]"], "EMPTY"),
-])
+@pytest.mark.parametrize(
+    "args, says",
+    [
+        (["-o", "moe.num_expert=3"], "config field 'moe.num_expert': unknown key"),
+        (["-o", "data.dir=DATA", "-o", "model.seq_len=100000"], "model.seq_len"),
+        (["-o", "data.dir=NEW", "-o", "data.inputs=[EMPTY]"], "EMPTY"),
+    ],
+)
 def test_cli_errors_are_one_line_without_traceback(tmp_path, small_data, args, says):
     (tmp_path / "empty").mkdir()
-    args = [a.replace("DATA", str(small_data)).replace("NEW", str(tmp_path / "new"))
-            .replace("EMPTY", str(tmp_path / "empty")) for a in args]
+    args = [
+        a.replace("DATA", str(small_data))
+        .replace("NEW", str(tmp_path / "new"))
+        .replace("EMPTY", str(tmp_path / "empty"))
+        for a in args
+    ]
     says = says.replace("EMPTY", str(tmp_path / "empty"))
-    proc = subprocess.run([sys.executable, "-m", "hecate.launch.cli", "train", EXAMPLE,
-                           "-o", f"train.run_dir={tmp_path / 'run'}", *args], capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "hecate.launch.cli", "train", EXAMPLE, "-o", f"train.run_dir={tmp_path / 'run'}", *args],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 2, proc.stderr
     assert says in proc.stderr and "Traceback" not in proc.stderr, proc.stderr

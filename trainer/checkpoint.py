@@ -21,6 +21,7 @@ checkpoint must hold every tensor this model needs, with its shape, every row (e
 its files promise, in files inside its own folder - so a truncated, partial, forged or mismatched checkpoint
 fails with one error naming what, even where its checksums were rewritten to match.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -42,7 +43,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from hecate.collectives.errors import CheckpointError
+from hecate.parallel.errors import CheckpointError
 from hecate.parallel.parallelize import Parallel
 from hecate.trainer import integrity
 from hecate.trainer.faults import maybe_inject
@@ -68,19 +69,24 @@ warnings.filterwarnings("ignore", message=".*assuming the intent is to (save|loa
 def model_identity(model_cfg: Any, moe_cfg: Any, vocab_size: int) -> dict[str, Any]:
     """What a checkpoint or an export must match to be loaded into a model: its shape, not how it is trained."""
     moe = dataclasses.asdict(moe_cfg)
-    return {"model": dataclasses.asdict(model_cfg), "moe": {k: moe[k] for k in MOE_SHAPE_FIELDS},
-            "vocab_size": vocab_size}
+    return {
+        "model": dataclasses.asdict(model_cfg),
+        "moe": {k: moe[k] for k in MOE_SHAPE_FIELDS},
+        "vocab_size": vocab_size,
+    }
 
 
 def check_identity(saved: dict[str, Any], expect: dict[str, Any], what: str) -> None:
     """Raise naming every differing field when ``saved`` was written for another model than ``expect``."""
-    differences = [_differences(saved.get(key), wanted, key) for key, wanted in expect.items()
-                   if saved.get(key) != wanted]
+    differences = [
+        _differences(saved.get(key), wanted, key) for key, wanted in expect.items() if saved.get(key) != wanted
+    ]
     if differences:
         raise CheckpointError(f"{what} was written for another model: {'; '.join(differences)}")
 
 
 # ---- finding checkpoints ------------------------------------------------------------------------------------
+
 
 def checkpoint_dirs(root: Path) -> list[Path]:
     """Complete checkpoints under ``root``, oldest first. Incomplete ones are skipped with a warning."""
@@ -128,14 +134,15 @@ def verify_checkpoint(path: Path, parallel: Parallel | None = None) -> None:
     is plain data pointing only at listed files. With ``parallel`` each rank hashes a share of the files
     (collective: every rank calls it, and all raise the same error)."""
     if path.name.startswith(TMP) or not (path / COMPLETE).is_file():
-        raise IncompleteCheckpoint(f"checkpoint {path} is incomplete: no {COMPLETE} marker (its save was "
-                                   f"interrupted or is still running)")
+        raise IncompleteCheckpoint(
+            f"checkpoint {path} is incomplete: no {COMPLETE} marker (its save was interrupted or is still running)"
+        )
     digests = integrity.read_manifest(path)
     for required in (METADATA_FILE, STATE_FILE):
         if required not in digests:
             raise CorruptCheckpoint(path, integrity.MANIFEST, f"does not list {required}")
     parallel = parallel if parallel is not None else Parallel.single()
-    share = dict(sorted(digests.items())[parallel.rank::parallel.dims.world])
+    share = dict(sorted(digests.items())[parallel.rank :: parallel.dims.world])
     failures = _gather(parallel, _failure(lambda: integrity.check_files(path, share)))
     first = next((failure for failure in failures if failure is not None), None)
     if first is not None:
@@ -181,6 +188,7 @@ def _gather(parallel: Parallel, value: Any) -> list[Any]:
 
 # ---- saving ---------------------------------------------------------------------------------------------------
 
+
 class Checkpointer:
     """A run's checkpoint writer: one save at a time, synchronous or in the background, newest ``keep`` kept.
 
@@ -198,8 +206,9 @@ class Checkpointer:
         self._group = dist.new_group(backend="gloo") if async_save and dist.is_initialized() else None
         self._pending: tuple[Future, int] | None = None  # (write in flight, its step)
 
-    def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
-             trainer_state: dict[str, Any]) -> Path:
+    def save(
+        self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, trainer_state: dict[str, Any]
+    ) -> Path:
         """Write the checkpoint taken after ``step`` optimizer steps (the previous background save finishes
         first). Returns its final path; with ``async_save`` it is complete only after :meth:`wait`."""
         self.wait()
@@ -209,8 +218,12 @@ class Checkpointer:
         tensors = _tensors(model, optimizer, self.parallel)
         try:
             if self.async_save:
-                self._pending = (dcp.async_save(tensors, checkpoint_id=tmp, process_group=self._group,
-                                                no_dist=not dist.is_initialized()), step)
+                self._pending = (
+                    dcp.async_save(
+                        tensors, checkpoint_id=tmp, process_group=self._group, no_dist=not dist.is_initialized()
+                    ),
+                    step,
+                )
                 return final
             dcp.save(tensors, checkpoint_id=tmp, no_dist=not dist.is_initialized())
         except DCP_FAILURES as err:
@@ -240,7 +253,7 @@ class Checkpointer:
         files, then rank 0 writes the manifest and the marker, renames the folder into place and prunes."""
         tmp, final = self._paths(step)
         names = sorted(file.name for file in tmp.iterdir()) if tmp.is_dir() else []
-        share = names[self.parallel.rank::self.parallel.dims.world]
+        share = names[self.parallel.rank :: self.parallel.dims.world]
         hashed = _gather(self.parallel, _attempt(lambda: {name: integrity.file_sha256(tmp / name) for name in share}))
         digests = {name: digest for part in hashed if isinstance(part, dict) for name, digest in part.items()}
         failure = next((part for part in hashed if isinstance(part, str)), None)
@@ -248,7 +261,7 @@ class Checkpointer:
         if self.parallel.is_main:
             for stale in self.root.glob(f"{TMP}*"):
                 shutil.rmtree(stale, ignore_errors=True)
-            for old in checkpoint_dirs(self.root)[:-self.keep]:
+            for old in checkpoint_dirs(self.root)[: -self.keep]:
                 shutil.rmtree(old, ignore_errors=True)
         self.parallel.barrier()
 
@@ -266,8 +279,9 @@ class Checkpointer:
         tmp, _ = self._paths(step)
         if self.parallel.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(f"cannot write the checkpoint of step {step} in {self.root}: {cause}; the older "
-                              f"checkpoints are kept")
+        raise CheckpointError(
+            f"cannot write the checkpoint of step {step} in {self.root}: {cause}; the older checkpoints are kept"
+        )
 
 
 def _begin(tmp: Path, trainer_state: dict[str, Any]) -> None:
@@ -308,6 +322,7 @@ def _tensors(model: nn.Module, optimizer: torch.optim.Optimizer | None, parallel
 
 # ---- loading --------------------------------------------------------------------------------------------------
 
+
 def read_trainer_state(path: Path) -> dict[str, Any]:
     try:
         return json.loads((path / STATE_FILE).read_text())
@@ -315,8 +330,13 @@ def read_trainer_state(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {path} has no readable {STATE_FILE}: {err}") from None
 
 
-def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None,
-                    expect: dict[str, Any], parallel: Parallel | None = None) -> dict[str, Any]:
+def load_checkpoint(
+    path: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    expect: dict[str, Any],
+    parallel: Parallel | None = None,
+) -> dict[str, Any]:
     """Restore model (and optimizer, RNG) in place, from any layout's checkpoint; returns the trainer state.
     Its checksums are not checked here: take ``path`` from :func:`usable_checkpoint` (or check it with
     :func:`verify_checkpoint`), which does so once for all ranks.
@@ -350,21 +370,27 @@ def check_covers(path: Path, metadata: Metadata, to_load: dict[str, Any]) -> Non
     for fqn, tensor in _flat_tensors(to_load):
         entry = saved.get(fqn)
         if not isinstance(entry, TensorStorageMetadata):
-            raise CheckpointError(f"checkpoint {path} has no tensor {fqn!r} (it holds {len(saved)} entries, e.g. "
-                                  f"{sorted(saved)[:3]}): written by another model or version")
+            raise CheckpointError(
+                f"checkpoint {path} has no tensor {fqn!r} (it holds {len(saved)} entries, e.g. "
+                f"{sorted(saved)[:3]}): written by another model or version"
+            )
         if tuple(entry.size) != tuple(tensor.shape):
-            raise CheckpointError(f"checkpoint {path}: {fqn} has shape {list(entry.size)}, this model needs "
-                                  f"{list(tensor.shape)}")
+            raise CheckpointError(
+                f"checkpoint {path}: {fqn} has shape {list(entry.size)}, this model needs {list(tensor.shape)}"
+            )
         missing = _uncovered_rows(entry)
         if missing:
             what = "experts" if ".experts." in fqn else "rows"
-            raise CheckpointError(f"checkpoint {path} does not cover every expert of every layer: {fqn} lacks "
-                                  f"{what} {missing}")
+            raise CheckpointError(
+                f"checkpoint {path} does not cover every expert of every layer: {fqn} lacks {what} {missing}"
+            )
     for file, needed in _bytes_per_file(metadata).items():
         size = (path / file).stat().st_size if (path / file).is_file() else None
         if size is None or size < needed:
-            raise CheckpointError(f"checkpoint {path}: file {file} is "
-                                  f"{'missing' if size is None else f'truncated ({size} bytes, needs {needed})'}")
+            raise CheckpointError(
+                f"checkpoint {path}: file {file} is "
+                f"{'missing' if size is None else f'truncated ({size} bytes, needs {needed})'}"
+            )
 
 
 def _flat_tensors(state: Any, prefix: str = "") -> list[tuple[str, torch.Tensor]]:
@@ -411,6 +437,9 @@ def _first_cause(err: BaseException) -> str:
 def _differences(saved: Any, wanted: Any, prefix: str) -> str:
     if isinstance(saved, dict) and isinstance(wanted, dict):
         keys = sorted(set(saved) | set(wanted))
-        return "; ".join(f"{prefix}.{k}: saved {saved.get(k)!r}, now {wanted.get(k)!r}"
-                         for k in keys if saved.get(k) != wanted.get(k))
+        return "; ".join(
+            f"{prefix}.{k}: saved {saved.get(k)!r}, now {wanted.get(k)!r}"
+            for k in keys
+            if saved.get(k) != wanted.get(k)
+        )
     return f"{prefix}: saved {saved!r}, now {wanted!r}"

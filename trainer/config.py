@@ -3,6 +3,7 @@
 Everything is validated here, before any worker starts; an invalid value raises one
 :class:`~hecate.collectives.errors.ConfigError` that names the field and says what is allowed.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -47,7 +48,9 @@ class ModelConfig:
         if self.dim % self.n_heads:
             raise ConfigError("model.n_heads", f"must divide model.dim={self.dim}, got {self.n_heads}")
         if (self.dim // self.n_heads) % 2:
-            raise ConfigError("model.n_heads", f"head size dim/n_heads must be even for RoPE, got {self.dim // self.n_heads}")
+            raise ConfigError(
+                "model.n_heads", f"head size dim/n_heads must be even for RoPE, got {self.dim // self.n_heads}"
+            )
         _positive("model.norm_eps", self.norm_eps)
         _positive("model.rope_theta", self.rope_theta)
         _positive("model.init_std", self.init_std)
@@ -70,8 +73,11 @@ class DataConfig:
         for item in self.inputs:
             _path("data.inputs", item)
         if not 256 < self.vocab_size <= 2**16:
-            raise ConfigError("data.vocab_size", f"must be > 256 (the byte alphabet) and <= 65536 (tokens are "
-                                                 f"stored as 16-bit ids), got {self.vocab_size}")
+            raise ConfigError(
+                "data.vocab_size",
+                f"must be > 256 (the byte alphabet) and <= 65536 (tokens are "
+                f"stored as 16-bit ids), got {self.vocab_size}",
+            )
         if not 0.0 < self.val_fraction < 1.0:
             raise ConfigError("data.val_fraction", f"must be in (0, 1), got {self.val_fraction}")
 
@@ -133,7 +139,9 @@ class TrainConfig:
         _positive("train.global_batch", self.global_batch)
         _positive("train.grad_accum", self.grad_accum)
         if self.global_batch % self.grad_accum:
-            raise ConfigError("train.grad_accum", f"must divide train.global_batch={self.global_batch}, got {self.grad_accum}")
+            raise ConfigError(
+                "train.grad_accum", f"must divide train.global_batch={self.global_batch}, got {self.grad_accum}"
+            )
         if not 0 <= self.seed <= MAX_SEED:
             raise ConfigError("train.seed", f"must be in [0, {MAX_SEED}], got {self.seed}")
         if self.dtype not in DTYPES:
@@ -143,8 +151,10 @@ class TrainConfig:
         _path("train.run_dir", self.run_dir)
         _positive("train.collective_timeout_s", self.collective_timeout_s)
         if self.collective_timeout_s > MAX_TIMEOUT_S:
-            raise ConfigError("train.collective_timeout_s", f"must be at most {MAX_TIMEOUT_S:g} s (a week), got "
-                                                            f"{self.collective_timeout_s:g}")
+            raise ConfigError(
+                "train.collective_timeout_s",
+                f"must be at most {MAX_TIMEOUT_S:g} s (a week), got {self.collective_timeout_s:g}",
+            )
         if self.nonfinite not in NONFINITE_POLICIES:
             raise ConfigError("train.nonfinite", f"must be one of {NONFINITE_POLICIES}, got {self.nonfinite!r}")
         if self.init_from:
@@ -215,8 +225,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     layers = [] if path is None else [_read_file(Path(path))]
     for item in overrides:
         if not OVERRIDE_KEY.fullmatch(item.split("=", 1)[0]) or "=" not in item:
-            raise ConfigError(_printable(item), "overrides are written key=value with a dotted field name as the "
-                                                "key, e.g. -o moe.num_experts=16")
+            raise ConfigError(
+                _printable(item),
+                "overrides are written key=value with a dotted field name as the key, e.g. -o moe.num_experts=16",
+            )
         layers.append(_parse(lambda item=item: OmegaConf.from_dotlist([item]), f"in override {item!r}"))
     return _build(layers)
 
@@ -235,11 +247,13 @@ def _read_file(path: Path) -> DictConfig:
     where = f"in {_printable(str(path))}"
     layer = _parse(lambda: OmegaConf.load(path), where)
     if not isinstance(layer, DictConfig):
-        raise ConfigError(where, f"must be a mapping of sections ({', '.join(_allowed_keys(''))}), "
-                                        f"got a list")
+        raise ConfigError(where, f"must be a mapping of sections ({', '.join(_allowed_keys(''))}), got a list")
     if not layer:
-        raise ConfigError(where, "holds no settings: training on the defaults alone is not what a config "
-                                        "file is for; set at least one field (see examples/tiny.yaml)")
+        raise ConfigError(
+            where,
+            "holds no settings: training on the defaults alone is not what a config "
+            "file is for; set at least one field (see examples/tiny.yaml)",
+        )
     return layer
 
 
@@ -338,9 +352,12 @@ def _apart(run_field: str, run_dir: str, data_field: str, data_dir: str) -> None
     it, nor hold it."""
     run, data = _resolved(run_field, run_dir), _resolved(data_field, data_dir)
     if run == data or run in data.parents or data in run.parents:
-        raise ConfigError(run_field, f"{run_dir!r} overlaps {data_field}={data_dir!r}: the run folder is written "
-                                     f"into and --fresh deletes it, so it must be neither the data folder, nor "
-                                     f"inside it, nor around it")
+        raise ConfigError(
+            run_field,
+            f"{run_dir!r} overlaps {data_field}={data_dir!r}: the run folder is written "
+            f"into and --fresh deletes it, so it must be neither the data folder, nor "
+            f"inside it, nor around it",
+        )
 
 
 def _resolved(name: str, value: str) -> Path:

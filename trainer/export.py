@@ -5,6 +5,7 @@ expert of that layer, [E, ...] in expert order, whatever layout trained it), a `
 it fits (the same identity a checkpoint carries) and the run's tokenizer. Safetensors holds tensors only, so
 importing one unpickles nothing.
 """
+
 from __future__ import annotations
 
 import json
@@ -16,7 +17,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 from torch import nn
 
-from hecate.collectives.errors import CheckpointError
+from hecate.parallel.errors import CheckpointError
 from hecate.trainer import checkpoint as ckpt
 from hecate.trainer.generate import load_trained
 
@@ -32,8 +33,12 @@ def export_run(run_dir: Path, out: Path) -> dict[str, Any]:
     state = ckpt.read_trainer_state(run_dir / "checkpoints" / f"{ckpt.PREFIX}{step:08d}")  # the one loaded
     out.mkdir(parents=True, exist_ok=True)
     save_model(model, str(out / WEIGHTS_FILE), metadata={"format": "pt", "step": str(step)})
-    config = {**{k: state[k] for k in IDENTITY_KEYS}, "step": step, "source": str(run_dir.resolve()),
-              "parameters": {name: list(t.shape) for name, t in model.state_dict().items()}}
+    config = {
+        **{k: state[k] for k in IDENTITY_KEYS},
+        "step": step,
+        "source": str(run_dir.resolve()),
+        "parameters": {name: list(t.shape) for name, t in model.state_dict().items()},
+    }
     (out / CONFIG_FILE).write_text(json.dumps(config, indent=1))
     if (run_dir / TOKENIZER_FILE).is_file():
         shutil.copyfile(run_dir / TOKENIZER_FILE, out / TOKENIZER_FILE)
@@ -44,8 +49,10 @@ def read_export_config(path: Path) -> dict[str, Any]:
     """The config.json of an export folder; a folder that is not one is refused naming what is missing."""
     missing = [name for name in (CONFIG_FILE, WEIGHTS_FILE) if not (path / name).is_file()]
     if missing:
-        raise CheckpointError(f"--init-from {path}: not an exported model (no {' or '.join(missing)}; "
-                              f"write one with `hecate export RUN_DIR --out {path}`)")
+        raise CheckpointError(
+            f"--init-from {path}: not an exported model (no {' or '.join(missing)}; "
+            f"write one with `hecate export RUN_DIR --out {path}`)"
+        )
     try:
         return json.loads((path / CONFIG_FILE).read_text())
     except ValueError as err:
@@ -64,5 +71,4 @@ def import_weights(path: Path, model: nn.Module, expect: dict[str, Any]) -> None
     try:
         load_model(model, str(path / WEIGHTS_FILE), strict=True)
     except (SafetensorError, RuntimeError, OSError) as err:
-        raise CheckpointError(f"--init-from {path}: cannot load {WEIGHTS_FILE}: {str(err).splitlines()[0]}") \
-            from None
+        raise CheckpointError(f"--init-from {path}: cannot load {WEIGHTS_FILE}: {str(err).splitlines()[0]}") from None

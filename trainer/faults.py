@@ -3,6 +3,7 @@ optimizer step STEP (counted from 1), raise (``raise``), die by SIGKILL (``kill`
 ``KIND@RANK:saveSTEP`` does it in the middle of saving the checkpoint of step STEP.
 Read from the environment so that every launcher passes it the same way; absent in normal runs. Only a job's
 first attempt is hit (``TORCHELASTIC_RESTART_COUNT`` unset or 0), so that a restarted job can get past it."""
+
 from __future__ import annotations
 
 import os

@@ -1,4 +1,5 @@
 """Sample text from a run folder's latest checkpoint, streamed as it is made."""
+
 from __future__ import annotations
 
 import math
@@ -8,7 +9,8 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
-from hecate.collectives.errors import CheckpointError, ConfigError, HecateError
+from hecate.collectives.errors import ConfigError, HecateError
+from hecate.parallel.errors import CheckpointError
 from hecate.trainer import checkpoint as ckpt
 from hecate.trainer.config import load_config
 from hecate.trainer.data import load_tokenizer
@@ -42,8 +44,9 @@ def check_sampling(prompt: str, max_new_tokens: int, temperature: float, top_k: 
     try:
         prompt.encode("utf-8")
     except UnicodeEncodeError as err:
-        raise HecateError(f"--prompt is not valid UTF-8 text (byte {ord(prompt[err.start]) & 0xFF:#04x} at "
-                          f"character {err.start})") from None
+        raise HecateError(
+            f"--prompt is not valid UTF-8 text (byte {ord(prompt[err.start]) & 0xFF:#04x} at character {err.start})"
+        ) from None
     if not 1 <= max_new_tokens <= MAX_NEW_TOKENS:
         raise HecateError(f"--max-new-tokens must be in [1, {MAX_NEW_TOKENS}], got {max_new_tokens}")
     if not (math.isfinite(temperature) and temperature >= 0):
@@ -53,8 +56,15 @@ def check_sampling(prompt: str, max_new_tokens: int, temperature: float, top_k: 
 
 
 @torch.no_grad()
-def generate_stream(model: Transformer, tokenizer: Tokenizer, prompt: str, max_new_tokens: int = 200,
-                    temperature: float = 0.8, top_k: int = 50, seed: int = 0) -> Iterator[str]:
+def generate_stream(
+    model: Transformer,
+    tokenizer: Tokenizer,
+    prompt: str,
+    max_new_tokens: int = 200,
+    temperature: float = 0.8,
+    top_k: int = 50,
+    seed: int = 0,
+) -> Iterator[str]:
     """Autoregressive sampling with temperature and top-k, yielding the prompt and then the text of each new
     token as soon as it forms whole characters; the context is cut to the model's seq_len."""
     check_sampling(prompt, max_new_tokens, temperature, top_k)
@@ -67,7 +77,7 @@ def generate_stream(model: Transformer, tokenizer: Tokenizer, prompt: str, max_n
         if not text.endswith(INCOMPLETE):
             yield text
             pending = []
-        logits_V = model(tokens_1S[:, -model.cfg.seq_len:])[0, -1].float()
+        logits_V = model(tokens_1S[:, -model.cfg.seq_len :])[0, -1].float()
         if temperature <= 0:
             next_id = logits_V.argmax()
         else:
@@ -81,7 +91,14 @@ def generate_stream(model: Transformer, tokenizer: Tokenizer, prompt: str, max_n
     yield tokenizer.decode(pending)
 
 
-def generate(model: Transformer, tokenizer: Tokenizer, prompt: str, max_new_tokens: int = 200,
-             temperature: float = 0.8, top_k: int = 50, seed: int = 0) -> str:
+def generate(
+    model: Transformer,
+    tokenizer: Tokenizer,
+    prompt: str,
+    max_new_tokens: int = 200,
+    temperature: float = 0.8,
+    top_k: int = 50,
+    seed: int = 0,
+) -> str:
     """The whole sample of :func:`generate_stream` as one string."""
     return "".join(generate_stream(model, tokenizer, prompt, max_new_tokens, temperature, top_k, seed))

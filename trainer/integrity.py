@@ -10,6 +10,7 @@ A checksum finds damage (flipped bits, truncation, a replaced or
 missing file), not forgery: whoever can rewrite a file can rewrite the manifest too, which is why the checkpoint
 reader (trainer/safe_reader.py) never unpickles anything but plain data either way.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -17,7 +18,7 @@ import os
 import re
 from pathlib import Path
 
-from hecate.collectives.errors import CheckpointError
+from hecate.parallel.errors import CheckpointError
 
 MANIFEST = "SHA256SUMS"
 _LINE = re.compile(r"([0-9a-f]{64}) [ *](.+)")  # sha256sum's "<hex>  <name>" (or " *<name>" in binary mode)
@@ -94,6 +95,10 @@ def check_files(folder: Path, digests: dict[str, str]) -> None:
         except OSError as err:
             raise CorruptCheckpoint(folder, name, f"is unreadable ({err.strerror})") from None
         if found != digest:
-            raise CorruptCheckpoint(folder, name, f"does not match its checksum in {MANIFEST} "
-                                                  f"({path.stat().st_size} bytes, sha256 {found[:12]}..., "
-                                                  f"expected {digest[:12]}...)")
+            raise CorruptCheckpoint(
+                folder,
+                name,
+                f"does not match its checksum in {MANIFEST} "
+                f"({path.stat().st_size} bytes, sha256 {found[:12]}..., "
+                f"expected {digest[:12]}...)",
+            )

@@ -1,4 +1,5 @@
 """Rank-aware logging: rank 0 talks to the console, every rank writes its own file in the run folder."""
+
 from __future__ import annotations
 
 import logging

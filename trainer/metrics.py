@@ -1,5 +1,6 @@
 """Where a run reports: ``metrics.jsonl`` (one JSON object per step or evaluation), TensorBoard events,
 and PNG plots at the end (loss curves, and an expert-load heatmap: one panel per MoE layer, expert x step)."""
+
 from __future__ import annotations
 
 import json
@@ -57,8 +58,10 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
         if record is None and number == len(lines):
             log.warning("%s: dropped its torn last line (the run was stopped while writing it): %.60r", path, line)
         elif record is None:
-            raise HecateError(f"{path}: line {number} is not a metrics record ({line[:60]!r}); it was edited or "
-                              f"damaged: repair or remove that line, or move the file away to resume without it")
+            raise HecateError(
+                f"{path}: line {number} is not a metrics record ({line[:60]!r}); it was edited or "
+                f"damaged: repair or remove that line, or move the file away to resume without it"
+            )
         else:
             records.append(record)
     return records
@@ -119,8 +122,13 @@ def write_plots(run_dir: Path) -> list[Path]:
         for ax, layer in zip(axes[:, 0], layers):
             counts_SE = np.array([r["expert_load"][layer] for r in loads], dtype=float)
             share_ES = (counts_SE / np.maximum(counts_SE.sum(1, keepdims=True), 1)).T
-            image = ax.imshow(share_ES, aspect="auto", interpolation="nearest", cmap="viridis",
-                              extent=(loads[0]["step"], loads[-1]["step"], share_ES.shape[0] - 0.5, -0.5))
+            image = ax.imshow(
+                share_ES,
+                aspect="auto",
+                interpolation="nearest",
+                cmap="viridis",
+                extent=(loads[0]["step"], loads[-1]["step"], share_ES.shape[0] - 0.5, -0.5),
+            )
             ax.set(ylabel=f"layer {layer}\nexpert")
             fig.colorbar(image, ax=ax, label="token share")
         axes[-1, 0].set_xlabel("step")

@@ -3,6 +3,7 @@ from outside (expert parallelism swaps the MoE dispatcher, pipeline parallelism 
 
 Shapes: B batch, b sequences of a sub-batch, S sequence, D model dim, H heads, Dh head dim, V vocabulary.
 """
+
 from __future__ import annotations
 
 import math
@@ -12,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hecate.parallel.config import MoEConfig
-from hecate.parallel.moe import MoE, FeedForward
+from hecate.parallel.moe import FeedForward, MoE
 from hecate.trainer.config import ModelConfig
 
 
@@ -57,8 +58,9 @@ class Block(nn.Module):
         self.attn = Attention(cfg)
         self.ffn_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
         stds = dict(init_std=cfg.init_std, out_init_std=cfg.init_std / math.sqrt(2 * cfg.n_layers))
-        self.ffn = (MoE(cfg.dim, moe, **stds) if moe is not None
-                    else FeedForward(cfg.dim, cfg.dense_ffn_dim, "gelu", **stds))
+        self.ffn = (
+            MoE(cfg.dim, moe, **stds) if moe is not None else FeedForward(cfg.dim, cfg.dense_ffn_dim, "gelu", **stds)
+        )
 
     def forward(self, x_BSD: torch.Tensor, cos_SF: torch.Tensor, sin_SF: torch.Tensor) -> torch.Tensor:
         if isinstance(self.ffn, MoE) and self.ffn.cfg.overlap_sub_batches > 1:

@@ -6,6 +6,7 @@ Gradient hooks note the first parameter, in backward order, whose gradient does 
 clipping, which would spread it to every parameter). Each check is one sum per module output or gradient;
 evaluation is not checked.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -39,12 +40,14 @@ class NonFiniteTracer:
         def hook(module: nn.Module, _inputs: Any, output: Any) -> None:
             if self.first_output is None and module.training and has_nonfinite(output):
                 self.first_output = name
+
         return hook
 
     def _gradient_hook(self, name: str):
         def hook(grad: torch.Tensor) -> None:
             if self.first_gradient is None and has_nonfinite(grad):
                 self.first_gradient = name
+
         return hook
 
 

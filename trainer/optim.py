@@ -1,4 +1,5 @@
 """AdamW with decay groups, a warmup + cosine learning-rate schedule, and gradient clipping."""
+
 from __future__ import annotations
 
 import math

@@ -5,6 +5,7 @@ layer's router and experts, in forward and in backward - and the transports (``c
 put each collective on a track of its own. Every rank writes ``profile/stepK.rankR.json`` in the run folder; rank 0
 merges them into ``profile_stepK.json``, one process per rank. Open it in https://ui.perfetto.dev.
 """
+
 from __future__ import annotations
 
 import time
@@ -47,11 +48,15 @@ def mark_compute(model: nn.Module, timeline: Timeline) -> list[RemovableHandle]:
 
     hooks = []
     for name, (module, backward) in compute_modules(model).items():
-        hooks += [module.register_forward_pre_hook(begin((name, "forward"))),
-                  module.register_forward_hook(end((name, "forward")))]
+        hooks += [
+            module.register_forward_pre_hook(begin((name, "forward"))),
+            module.register_forward_hook(end((name, "forward"))),
+        ]
         if backward:
-            hooks += [module.register_full_backward_pre_hook(begin((name, "backward"))),
-                      module.register_full_backward_hook(end((name, "backward")))]
+            hooks += [
+                module.register_full_backward_pre_hook(begin((name, "backward"))),
+                module.register_full_backward_hook(end((name, "backward"))),
+            ]
     return hooks
 
 

@@ -4,6 +4,7 @@ and the non-tensor values go through ``torch.load(weights_only=True)``. Damaged 
 :class:`CorruptCheckpoint` naming the file, never in running code, reading outside the folder or a traceback -
 also where the checksums were rewritten to match them.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -15,11 +16,17 @@ from typing import Any, ClassVar
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.filesystem import _StorageInfo
-from torch.distributed.checkpoint.metadata import (BytesStorageMetadata, ChunkStorageMetadata, Metadata,
-                                                   MetadataIndex, StorageMeta, TensorProperties,
-                                                   TensorStorageMetadata)
+from torch.distributed.checkpoint.metadata import (
+    BytesStorageMetadata,
+    ChunkStorageMetadata,
+    Metadata,
+    MetadataIndex,
+    StorageMeta,
+    TensorProperties,
+    TensorStorageMetadata,
+)
 
-from hecate.collectives.errors import CheckpointError
+from hecate.parallel.errors import CheckpointError
 from hecate.trainer.integrity import CorruptCheckpoint, check_file_name
 
 METADATA_FILE = ".metadata"  # DCP's index of the checkpoint's tensors and the byte ranges that hold them
@@ -30,13 +37,22 @@ class _MetadataUnpickler(pickle.Unpickler):
 
     DATA_MODULES = ("torch.distributed.checkpoint.metadata",)
     ALLOWED: ClassVar[set[tuple[str, str]]] = {
-        ("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
-        ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"),
-        ("pathlib", "WindowsPath"), ("pathlib", "PureWindowsPath"), ("collections", "OrderedDict")}
+        ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+        ("torch", "Size"),
+        ("torch.serialization", "_get_layout"),
+        ("pathlib", "PosixPath"),
+        ("pathlib", "PurePosixPath"),
+        ("pathlib", "WindowsPath"),
+        ("pathlib", "PureWindowsPath"),
+        ("collections", "OrderedDict"),
+    }
 
     def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in self.ALLOWED or self._is_data_class(module, name) or \
-                (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
+        if (
+            (module, name) in self.ALLOWED
+            or self._is_data_class(module, name)
+            or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype))
+        ):
             return super().find_class(module, name)
         raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a checkpoint index")
 
@@ -62,8 +78,9 @@ class SafeReader(dcp.FileSystemReader):
         try:
             metadata = _MetadataUnpickler(io.BytesIO(data)).load()
         except Exception as err:  # noqa: BLE001  (whatever unpickling damaged or forged bytes raises: unreadable)
-            raise CorruptCheckpoint(self._checkpoint, name, f"is not a readable DCP index "
-                                                            f"({type(err).__name__}: {first_line(err)})") from None
+            raise CorruptCheckpoint(
+                self._checkpoint, name, f"is not a readable DCP index ({type(err).__name__}: {first_line(err)})"
+            ) from None
         _IndexCheck(self._checkpoint, name).check(metadata)
         if _field(metadata, "storage_meta") is None:
             metadata.storage_meta = StorageMeta()
@@ -89,16 +106,24 @@ class _IndexCheck:
             if not isinstance(fqn, str) or not (isinstance(entry, BytesStorageMetadata) or self._is_tensor(entry)):
                 self._fail(f"is malformed: entry {fqn!r}")
         mapping = _field(metadata, "planner_data")
-        if mapping is not None and not (isinstance(mapping, dict) and all(
+        if mapping is not None and not (
+            isinstance(mapping, dict)
+            and all(
                 isinstance(fqn, str) and isinstance(keys, tuple) and all(isinstance(k, (str, int)) for k in keys)
-                for fqn, keys in mapping.items())):
+                for fqn, keys in mapping.items()
+            )
+        ):
             self._fail("is malformed: planner_data")
         if not isinstance(_field(metadata, "storage_meta"), (StorageMeta, type(None))):
             self._fail("is malformed: storage_meta")
         for index, info in storage.items():
-            if not isinstance(index, MetadataIndex) or not isinstance(_field(index, "fqn"), str) or \
-                    not isinstance(info, _StorageInfo) or not _is_natural(_field(info, "offset")) or \
-                    not _is_natural(_field(info, "length")):
+            if (
+                not isinstance(index, MetadataIndex)
+                or not isinstance(_field(index, "fqn"), str)
+                or not isinstance(info, _StorageInfo)
+                or not _is_natural(_field(info, "offset"))
+                or not _is_natural(_field(info, "length"))
+            ):
                 self._fail(f"is malformed: storage entry {index!r}")
             check_file_name(self.folder, _field(info, "relative_path"), self.name)
             if _field(info, "transform_descriptors"):  # Hecate writes none; a transform runs code the index names
@@ -106,14 +131,21 @@ class _IndexCheck:
 
     def _is_tensor(self, entry: Any) -> bool:
         size, chunks = _field(entry, "size"), _field(entry, "chunks")
-        if not isinstance(entry, TensorStorageMetadata) or not _is_shape(size) or not isinstance(chunks, list) or \
-                not isinstance(_field(entry, "properties"), TensorProperties) or \
-                not isinstance(_field(entry.properties, "dtype"), torch.dtype):
+        if (
+            not isinstance(entry, TensorStorageMetadata)
+            or not _is_shape(size)
+            or not isinstance(chunks, list)
+            or not isinstance(_field(entry, "properties"), TensorProperties)
+            or not isinstance(_field(entry.properties, "dtype"), torch.dtype)
+        ):
             return False
-        return all(isinstance(chunk, ChunkStorageMetadata) and _is_shape(_field(chunk, "offsets"), len(size)) and
-                   _is_shape(_field(chunk, "sizes"), len(size)) and
-                   all(o + s <= n for o, s, n in zip(chunk.offsets, chunk.sizes, size))
-                   for chunk in chunks)
+        return all(
+            isinstance(chunk, ChunkStorageMetadata)
+            and _is_shape(_field(chunk, "offsets"), len(size))
+            and _is_shape(_field(chunk, "sizes"), len(size))
+            and all(o + s <= n for o, s, n in zip(chunk.offsets, chunk.sizes, size))
+            for chunk in chunks
+        )
 
     def _fail(self, reason: str) -> None:
         raise CorruptCheckpoint(self.folder, self.name, reason)
@@ -140,8 +172,9 @@ class SafeLoadPlanner(dcp.DefaultLoadPlanner):
         try:
             torch.load(io.BytesIO(data), weights_only=True)
         except Exception as err:  # noqa: BLE001  (damaged or forged bytes can make torch.load raise anything)
-            raise CheckpointError(f"checkpoint value {read_item.dest_index.fqn} is not plain data: "
-                                  f"{first_line(err)}") from None
+            raise CheckpointError(
+                f"checkpoint value {read_item.dest_index.fqn} is not plain data: {first_line(err)}"
+            ) from None
         super().load_bytes(read_item, io.BytesIO(data))
 
 

@@ -4,6 +4,7 @@ update the router biases, log, and now and then evaluate and checkpoint.
 The single-process run is the reference every parallel layout is checked against, so everything here is a
 pure function of (config, seed, step): the batch of step s, the learning rate of step s, the initial weights.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -20,12 +21,13 @@ import torch
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from hecate.collectives.errors import HecateError, TrainingError
+from hecate.collectives.errors import HecateError
 from hecate.parallel.parallelize import Parallel
 from hecate.parallel.pipeline import MicroBatch
 from hecate.trainer import checkpoint as ckpt
 from hecate.trainer.config import RunConfig
 from hecate.trainer.data import TrainLoader, ValLoader, load_manifest, token_bytes
+from hecate.trainer.errors import TrainingError
 from hecate.trainer.export import import_weights
 from hecate.trainer.faults import maybe_inject
 from hecate.trainer.metrics import METRICS_FILE, MetricsWriter, truncate_metrics, write_plots
@@ -78,16 +80,38 @@ class Trainer:
         if cfg.train.init_from:
             import_weights(Path(cfg.train.init_from), self.model, self.checkpoint_identity())
         rows = cfg.train.global_batch // cfg.train.grad_accum // parallel.dp_size
-        parallel.apply(self.model, TRANSFORMER, MicroBatch(cfg.train.grad_accum, rows, cfg.model.seq_len,
-                                              torch.bfloat16 if cfg.train.dtype == "bf16" else torch.float32))
+        parallel.apply(
+            self.model,
+            TRANSFORMER,
+            MicroBatch(
+                cfg.train.grad_accum,
+                rows,
+                cfg.model.seq_len,
+                torch.bfloat16 if cfg.train.dtype == "bf16" else torch.float32,
+            ),
+        )
         self.nonfinite = NonFiniteTracer(self.model)
-        self.checkpointer = ckpt.Checkpointer(self.run_dir / "checkpoints", cfg.checkpoint.keep, parallel,
-                                              async_save=cfg.checkpoint.async_save)
+        self.checkpointer = ckpt.Checkpointer(
+            self.run_dir / "checkpoints", cfg.checkpoint.keep, parallel, async_save=cfg.checkpoint.async_save
+        )
         self.optimizer = build_optimizer(self.model, cfg.optim)
-        self.loader = TrainLoader(data_dir, cfg.model.seq_len, cfg.train.global_batch, cfg.train.grad_accum,
-                                  dp_rank=parallel.dp_rank, dp_size=parallel.dp_size, seed=cfg.train.seed)
-        self.val_loader = ValLoader(data_dir, cfg.model.seq_len, cfg.train.global_batch // cfg.train.grad_accum,
-                                    cfg.train.eval_batches, dp_rank=parallel.dp_rank, dp_size=parallel.dp_size)
+        self.loader = TrainLoader(
+            data_dir,
+            cfg.model.seq_len,
+            cfg.train.global_batch,
+            cfg.train.grad_accum,
+            dp_rank=parallel.dp_rank,
+            dp_size=parallel.dp_size,
+            seed=cfg.train.seed,
+        )
+        self.val_loader = ValLoader(
+            data_dir,
+            cfg.model.seq_len,
+            cfg.train.global_batch // cfg.train.grad_accum,
+            cfg.train.eval_batches,
+            dp_rank=parallel.dp_rank,
+            dp_size=parallel.dp_size,
+        )
         self.token_bytes_V = torch.from_numpy(token_bytes(data_dir / TOKENIZER_FILE))
         self.autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.train.dtype == "bf16")
         self.step = 0
@@ -97,10 +121,18 @@ class Trainer:
             (self.run_dir / "config.yaml").write_text(cfg.to_yaml())
             shutil.copyfile(data_dir / TOKENIZER_FILE, self.run_dir / TOKENIZER_FILE)
         self.metrics = MetricsWriter(self.run_dir, cfg.logging.tensorboard) if parallel.is_main else None
-        self.routing = (RoutingRecorder(self.run_dir / TRACE_FILE, self.model.moe_layers(), parallel.dp,
-                                        cfg.train.global_batch * cfg.model.seq_len // parallel.dp_size,
-                                        parallel.is_main, resume_step=self.step)
-                        if cfg.logging.record_routing and self.model.moe_layers() else None)
+        self.routing = (
+            RoutingRecorder(
+                self.run_dir / TRACE_FILE,
+                self.model.moe_layers(),
+                parallel.dp,
+                cfg.train.global_batch * cfg.model.seq_len // parallel.dp_size,
+                parallel.is_main,
+                resume_step=self.step,
+            )
+            if cfg.logging.record_routing and self.model.moe_layers()
+            else None
+        )
 
     # ---- the loop -------------------------------------------------------------------------------
 
@@ -108,8 +140,15 @@ class Trainer:
         """Train until ``train.steps``; returns the summary (also written to ``summary.json``)."""
         cfg = self.cfg.train
         tokens_per_step = cfg.global_batch * self.cfg.model.seq_len
-        bar = tqdm(total=cfg.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
-                   disable=not (self.cfg.logging.progress and self.parallel.is_main), mininterval=1.0)
+        bar = tqdm(
+            total=cfg.steps,
+            initial=self.step,
+            desc="train",
+            unit="step",
+            dynamic_ncols=True,
+            disable=not (self.cfg.logging.progress and self.parallel.is_main),
+            mininterval=1.0,
+        )
         started, last_eval = time.perf_counter(), None
         try:
             # log lines print above the progress bar, not through it (only where there is a bar: tqdm's redirect
@@ -117,8 +156,9 @@ class Trainer:
             with logging_redirect_tqdm() if not bar.disable else contextlib.nullcontext():
                 while self.step < cfg.steps:
                     t0 = time.perf_counter()
-                    with profiled_step(self.model, self.parallel, self.run_dir, self.step + 1,
-                                       self.cfg.logging.profile_step):
+                    with profiled_step(
+                        self.model, self.parallel, self.run_dir, self.step + 1, self.cfg.logging.profile_step
+                    ):
                         losses = self.train_step(self.step)
                     self.step += 1
                     if self.routing is not None:
@@ -131,8 +171,12 @@ class Trainer:
                     if self.step == cfg.steps or (cfg.eval_every and self.step % cfg.eval_every == 0):
                         last_eval = self.evaluate()
                         self._write_metrics({"step": self.step, **last_eval})
-                        log.info("step %d: val_loss %.4f, val_bpb %.3f", self.step, last_eval["val_loss"],
-                                 last_eval["val_bpb"])
+                        log.info(
+                            "step %d: val_loss %.4f, val_bpb %.3f",
+                            self.step,
+                            last_eval["val_loss"],
+                            last_eval["val_bpb"],
+                        )
                     every = self.cfg.checkpoint.every
                     if self.step == cfg.steps or (every and self.step % every == 0):
                         self.save()
@@ -167,8 +211,11 @@ class Trainer:
                 aux_loss, z_loss = self._router_losses(out)
                 loss = lm_loss + cfg.moe.aux_loss_coef * aux_loss + cfg.moe.z_loss_coef * z_loss
                 if not torch.isfinite(loss) and cfg.train.nonfinite == "stop":
-                    raise TrainingError(self._nonfinite_message(
-                        f"loss ({loss.item()}) at step {step + 1}, micro-batch {micro}", self.nonfinite.where()))
+                    raise TrainingError(
+                        self._nonfinite_message(
+                            f"loss ({loss.item()}) at step {step + 1}, micro-batch {micro}", self.nonfinite.where()
+                        )
+                    )
                 (loss / micro_batches).backward()
                 out.loss += loss.item() / micro_batches
                 out.lm_loss += lm_loss.item() / micro_batches
@@ -187,15 +234,18 @@ class Trainer:
         for index, layer in self.model.moe_layers().items():
             layer.update_bias(out.counts[index])
         out.loss, out.lm_loss, out.aux_loss, out.z_loss = self.parallel.data_mean(
-            [out.loss, out.lm_loss, out.aux_loss, out.z_loss])
+            [out.loss, out.lm_loss, out.aux_loss, out.z_loss]
+        )
         out.grad_norm = grad_norm.item()
         out.lr = self.optimizer.param_groups[0]["lr"]
         return out
 
     def _nonfinite_message(self, what: str, where: str | None) -> str:
-        return (f"non-finite {what}; first non-finite value in {where or 'the loss'}; stopped before the update, "
-                f"nothing was saved from this state (last good checkpoint: "
-                f"{ckpt.latest_checkpoint(self.run_dir / 'checkpoints')}; train.nonfinite=skip drops such steps)")
+        return (
+            f"non-finite {what}; first non-finite value in {where or 'the loss'}; stopped before the update, "
+            f"nothing was saved from this state (last good checkpoint: "
+            f"{ckpt.latest_checkpoint(self.run_dir / 'checkpoints')}; train.nonfinite=skip drops such steps)"
+        )
 
     def _skip_step(self, step: int, out: StepLosses, where: str) -> StepLosses:
         """train.nonfinite=skip: drop this step's update (weights, moments, router biases stay as they were) on
@@ -204,7 +254,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.parallel.end_step(self.optimizer)
         out.loss, out.lm_loss, out.aux_loss, out.z_loss = self.parallel.data_mean(
-            [out.loss, out.lm_loss, out.aux_loss, out.z_loss])
+            [out.loss, out.lm_loss, out.aux_loss, out.z_loss]
+        )
         out.grad_norm, out.lr, out.skipped = math.nan, self.optimizer.param_groups[0]["lr"], where
         return out
 
@@ -219,8 +270,9 @@ class Trainer:
         out.loss = losses.lm_loss + moe.aux_loss_coef * losses.aux_loss + moe.z_loss_coef * losses.z_loss
         out.counts, out.dropped = losses.counts, losses.dropped
         if not math.isfinite(out.loss) and self.cfg.train.nonfinite == "stop":
-            raise TrainingError(self._nonfinite_message(f"loss ({out.loss}) at step {step + 1}",
-                                                        self.nonfinite.where()))
+            raise TrainingError(
+                self._nonfinite_message(f"loss ({out.loss}) at step {step + 1}", self.nonfinite.where())
+            )
 
     def _router_losses(self, out: StepLosses) -> tuple[torch.Tensor, torch.Tensor]:
         """Sum the MoE layers' (unscaled) aux and z losses of the last forward; accumulate their loads."""
@@ -257,16 +309,23 @@ class Trainer:
 
     def _step_record(self, losses: StepLosses, step_time: float, tokens_per_step: int) -> dict[str, Any]:
         record: dict[str, Any] = {
-            "step": self.step, "loss": losses.loss, "lm_loss": losses.lm_loss, "aux_loss": losses.aux_loss,
-            "z_loss": losses.z_loss, "lr": losses.lr, "grad_norm": losses.grad_norm,
-            "tokens_per_s": tokens_per_step / step_time, "step_time_s": step_time,
+            "step": self.step,
+            "loss": losses.loss,
+            "lm_loss": losses.lm_loss,
+            "aux_loss": losses.aux_loss,
+            "z_loss": losses.z_loss,
+            "lr": losses.lr,
+            "grad_norm": losses.grad_norm,
+            "tokens_per_s": tokens_per_step / step_time,
+            "step_time_s": step_time,
         }
         if self.parallel.dims.world > 1:
             record.update(self.parallel.step_metrics())
         if losses.counts:
             record["expert_load"] = {str(i): c.tolist() for i, c in losses.counts.items()}
-            record["expert_imbalance"] = {str(i): (c.max() / c.float().mean().clamp(min=1e-9)).item()
-                                          for i, c in losses.counts.items()}
+            record["expert_imbalance"] = {
+                str(i): (c.max() / c.float().mean().clamp(min=1e-9)).item() for i, c in losses.counts.items()
+            }
             record["dropped_pairs"] = losses.dropped
         if losses.skipped is not None:
             record["skipped_nonfinite"] = losses.skipped
@@ -288,8 +347,9 @@ class Trainer:
                 truncate_metrics(self.run_dir, after_step=0)
             return
         self.parallel.load_state_dict(ckpt.read_trainer_state(path).get("parallel", {}))
-        state = ckpt.load_checkpoint(path, self.model, self.optimizer, expect=self.checkpoint_identity(),
-                                     parallel=self.parallel)
+        state = ckpt.load_checkpoint(
+            path, self.model, self.optimizer, expect=self.checkpoint_identity(), parallel=self.parallel
+        )
         self.step = int(state["step"])
         if self.parallel.is_main:
             truncate_metrics(self.run_dir, after_step=self.step)
@@ -300,8 +360,12 @@ class Trainer:
             self.metrics.write(record)
 
     def _finish(self, last_eval: dict[str, float], seconds: float) -> dict[str, Any]:
-        summary = {"steps": self.step, "train_seconds": seconds, **last_eval,
-                   "gzip9_val_bpb": self.manifest.get("gzip9_val_bpb")}
+        summary = {
+            "steps": self.step,
+            "train_seconds": seconds,
+            **last_eval,
+            "gzip9_val_bpb": self.manifest.get("gzip9_val_bpb"),
+        }
         if not self.parallel.is_main:
             return summary
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
@@ -325,17 +389,23 @@ def check_run_dir(run_dir: Path, resume: bool, fresh: bool) -> None:
     except OSError as err:
         raise HecateError(f"train.run_dir {run_dir}: cannot read it ({err.strerror})") from None
     if not marked and (holds_run or (run_dir / "config.yaml").is_file() or (run_dir / "checkpoints").is_dir()):
-        raise HecateError(f"run folder {run_dir} has no {RUN_MARKER} file: it was made by a Hecate older than that "
-                          f"marker, or by something else. Hecate deletes (--fresh) and writes into only the run "
-                          f"folders it made: if this is a Hecate run, mark it with `touch {run_dir / RUN_MARKER}` "
-                          f"and run again; else pick another train.run_dir")
+        raise HecateError(
+            f"run folder {run_dir} has no {RUN_MARKER} file: it was made by a Hecate older than that "
+            f"marker, or by something else. Hecate deletes (--fresh) and writes into only the run "
+            f"folders it made: if this is a Hecate run, mark it with `touch {run_dir / RUN_MARKER}` "
+            f"and run again; else pick another train.run_dir"
+        )
     if not marked:
-        raise HecateError(f"train.run_dir {run_dir} is a folder that Hecate did not make (no {RUN_MARKER} file) and "
-                          f"is not empty: Hecate writes a run into a new or empty folder only; pick another "
-                          f"train.run_dir")
+        raise HecateError(
+            f"train.run_dir {run_dir} is a folder that Hecate did not make (no {RUN_MARKER} file) and "
+            f"is not empty: Hecate writes a run into a new or empty folder only; pick another "
+            f"train.run_dir"
+        )
     if holds_run and not resume and not fresh:
-        raise HecateError(f"run folder {run_dir} already holds a run: pass --resume to continue it, "
-                          f"--fresh to start it over, or -o train.run_dir=OTHER")
+        raise HecateError(
+            f"run folder {run_dir} already holds a run: pass --resume to continue it, "
+            f"--fresh to start it over, or -o train.run_dir=OTHER"
+        )
 
 
 def prepare_run_dir(run_dir: Path, resume: bool, fresh: bool) -> None:

@@ -10,6 +10,7 @@
 
 Nothing here touches process groups: every rank computes the same result from the same inputs.
 """
+
 from hecate.parallel.fssdp.budgets import RecentMedian, memory_budget, overlap_budget, replica_bytes
 from hecate.parallel.fssdp.calibration import Calibration, calibrate
 from hecate.parallel.fssdp.load import LoadEstimator
@@ -31,8 +32,25 @@ from hecate.parallel.fssdp.policies import (
 from hecate.parallel.fssdp.resharding import initial_owners, moves, reshard_owners
 
 __all__ = [
-    "POLICIES", "Calibration", "EpPolicy", "FsdpPolicy", "FssdpPolicy", "LoadEstimator", "Policy", "RecentMedian",
-    "ShadowPolicy", "build_policy", "calibrate", "check_materialized", "hottest_experts", "initial_owners",
-    "memory_budget", "moves", "overlap_budget", "plan_replicas", "predicted_device_load", "replica_bytes",
+    "POLICIES",
+    "Calibration",
+    "EpPolicy",
+    "FsdpPolicy",
+    "FssdpPolicy",
+    "LoadEstimator",
+    "Policy",
+    "RecentMedian",
+    "ShadowPolicy",
+    "build_policy",
+    "calibrate",
+    "check_materialized",
+    "hottest_experts",
+    "initial_owners",
+    "memory_budget",
+    "moves",
+    "overlap_budget",
+    "plan_replicas",
+    "predicted_device_load",
+    "replica_bytes",
     "reshard_owners",
 ]

@@ -10,6 +10,7 @@ Measurements are noisy and the first steps are slow (allocation, warm-up), so th
 :class:`RecentMedian` and derives the budgets from its value. Every rank must use the same budgets (the plan is
 computed everywhere): derive them from values all ranks agree on (e.g. after an all-reduce max of the timings).
 """
+
 from __future__ import annotations
 
 import math
@@ -40,8 +41,9 @@ def replica_bytes(expert_params: int, param_bytes: int, grad_bytes: int | None =
     return int(_check_measure("expert parameters", expert_params) * (param_bytes + grad_bytes))
 
 
-def memory_budget(free_bytes: float, bytes_per_replica: int, num_experts: int, num_devices: int,
-                  layers_alive: int = 1) -> int:
+def memory_budget(
+    free_bytes: float, bytes_per_replica: int, num_experts: int, num_devices: int, layers_alive: int = 1
+) -> int:
     """m = floor(free_bytes / (bytes_per_replica x layers_alive)), clipped to [0, E - E/D].
 
     ``free_bytes``: the device's free memory after a measured step, or a configured cap. ``layers_alive``: MoE

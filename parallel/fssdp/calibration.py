@@ -15,6 +15,7 @@ answer from the same all-reduced counts.
 
 Shapes: E experts, D devices.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -38,8 +39,9 @@ class Calibration:
     cost_s: float
 
 
-def new_copies_on_critical_path(owner: OwnerPlacement, planned: MaterializedPlacement,
-                                candidate: MaterializedPlacement) -> int:
+def new_copies_on_critical_path(
+    owner: OwnerPlacement, planned: MaterializedPlacement, candidate: MaterializedPlacement
+) -> int:
     """Copies in ``candidate`` but not in ``planned``, counted on the busiest endpoint: the most one device
     receives, or the most one owner sends."""
     received_D, sent_D = [0] * owner.world_size, [0] * owner.world_size
@@ -50,20 +52,30 @@ def new_copies_on_critical_path(owner: OwnerPlacement, planned: MaterializedPlac
     return max(received_D + sent_D)
 
 
-def calibrate(policy: Policy, owner: OwnerPlacement, planned: MaterializedPlacement,
-              counts_E: torch.Tensor | Sequence[float], *, row_seconds: float, expert_bytes: int,
-              gather_bytes_per_s: float) -> Calibration:
+def calibrate(
+    policy: Policy,
+    owner: OwnerPlacement,
+    planned: MaterializedPlacement,
+    counts_E: torch.Tensor | Sequence[float],
+    *,
+    row_seconds: float,
+    expert_bytes: int,
+    gather_bytes_per_s: float,
+) -> Calibration:
     """This step's placement given its real per-expert counts (summed over the group), by the rule above.
 
     ``row_seconds``: one (token, expert) row's expert compute (forward and backward); ``expert_bytes``: one
     expert's chunk; ``gather_bytes_per_s``: the measured SparseAllGather bandwidth of one device."""
     if row_seconds < 0 or expert_bytes <= 0 or not gather_bytes_per_s > 0:
-        raise ValueError(f"calibration needs row_seconds >= 0, expert_bytes > 0 and gather_bytes_per_s > 0, got "
-                         f"{row_seconds}, {expert_bytes}, {gather_bytes_per_s}")
+        raise ValueError(
+            f"calibration needs row_seconds >= 0, expert_bytes > 0 and gather_bytes_per_s > 0, got "
+            f"{row_seconds}, {expert_bytes}, {gather_bytes_per_s}"
+        )
     counts_E = as_loads(counts_E, owner.num_chunks, "calibration counts_E")
     candidate = policy.materialize(owner, counts_E)
-    saving = (max(predicted_device_load(planned, counts_E)) - max(predicted_device_load(candidate, counts_E))) \
-        * row_seconds
+    saving = (
+        max(predicted_device_load(planned, counts_E)) - max(predicted_device_load(candidate, counts_E))
+    ) * row_seconds
     cost = new_copies_on_critical_path(owner, planned, candidate) * expert_bytes / gather_bytes_per_s
     if candidate != planned and saving > cost:
         return Calibration(candidate, True, saving, cost)

@@ -22,6 +22,7 @@ group: plans come from the same global counts, so the collectives agree.
 
 Shapes: E experts, O owned experts, H held experts (owned + replicas), C floats in one expert's chunk.
 """
+
 from __future__ import annotations
 
 import functools
@@ -31,8 +32,14 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from hecate.collectives import (ChunkSpec, MaterializedPlacement, OwnerPlacement, SparseAllGather,
-                                SparseReduceScatter, Transport)
+from hecate.collectives import (
+    ChunkSpec,
+    MaterializedPlacement,
+    OwnerPlacement,
+    SparseAllGather,
+    SparseReduceScatter,
+    Transport,
+)
 from hecate.collectives.handle import Handle
 from hecate.parallel.config import FssdpConfig
 from hecate.parallel.fssdp.load import LoadEstimator
@@ -59,8 +66,9 @@ class ShardedExperts(nn.Module):
     def weights(self) -> list[torch.Tensor]:
         return [w for w in (self.w1, self.w2, self.w3) if w is not None]
 
-    def forward(self, x_ND: torch.Tensor, counts_H: torch.Tensor, first: int = 0,
-                weights: ExpertWeights | None = None) -> torch.Tensor:
+    def forward(
+        self, x_ND: torch.Tensor, counts_H: torch.Tensor, first: int = 0, weights: ExpertWeights | None = None
+    ) -> torch.Tensor:
         """Held experts first, first + 1, ... on ``counts_H`` rows each (the ``Experts`` contract)."""
         if self.training:
             self.fssdp_layer.rows_computed += x_ND.shape[0]
@@ -152,24 +160,28 @@ class FssdpLayer:
     def owned_chunks(self) -> dict[int, torch.Tensor]:
         """Each owned expert's weights as one flat chunk (w1, w2[, w3] concatenated)."""
         weights = self.layer.experts.weights()
-        return {e: torch.cat([w[i].detach().reshape(-1) for w in weights])
-                for i, e in enumerate(self.owner.chunks_on(self.rank))}
+        return {
+            e: torch.cat([w[i].detach().reshape(-1) for w in weights])
+            for i, e in enumerate(self.owner.chunks_on(self.rank))
+        }
 
     def build_held_stacks(self, replicas: dict[int, torch.Tensor], owned: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Per weight, the [H, ...] stack of the held experts in ascending order: owned rows or replicas."""
         position = {e: i for i, e in enumerate(self.owner.chunks_on(self.rank))}
         stacks = []
         for j, (shape, offset) in enumerate(zip(self.shapes, _offsets(self.sizes))):
-            rows = [owned[j][position[e]] if e in position
-                    else replicas[e][offset:offset + self.sizes[j]].view(shape)
-                    for e in self.materialized.chunks_on(self.rank)]
+            rows = [
+                owned[j][position[e]] if e in position else replicas[e][offset : offset + self.sizes[j]].view(shape)
+                for e in self.materialized.chunks_on(self.rank)
+            ]
             stacks.append(torch.stack([r.detach() for r in rows]))
         return stacks
 
     # ---- backward: sum every copy's gradient on its owner ----------------------------------------
 
-    def start_reduce(self, owner: OwnerPlacement, materialized: MaterializedPlacement,
-                     grads_H: Sequence[torch.Tensor | None]) -> Handle[dict[int, torch.Tensor]]:
+    def start_reduce(
+        self, owner: OwnerPlacement, materialized: MaterializedPlacement, grads_H: Sequence[torch.Tensor | None]
+    ) -> Handle[dict[int, torch.Tensor]]:
         """Issue SparseReduceScatter of the held experts' gradients; ``finish_reduce`` waits for it."""
         held = materialized.chunks_on(self.rank)
         grads_H = [g if g is not None else torch.zeros((len(held), *s)) for g, s in zip(grads_H, self.shapes)]
@@ -180,9 +192,10 @@ class FssdpLayer:
         """At the end of backward: add every owned expert's summed gradient to its weights' ``.grad``."""
         summed = pending.wait()
         owned = owner.chunks_on(self.rank)
-        for param, shape, size, offset in zip(self.layer.experts.weights(), self.shapes, self.sizes,
-                                              _offsets(self.sizes)):
-            grad = torch.stack([summed[e][offset:offset + size].view(shape) for e in owned])
+        for param, shape, size, offset in zip(
+            self.layer.experts.weights(), self.shapes, self.sizes, _offsets(self.sizes)
+        ):
+            grad = torch.stack([summed[e][offset : offset + size].view(shape) for e in owned])
             param.grad = grad if param.grad is None else param.grad.add_(grad)
 
     # ---- re-materialization --------------------------------------------------------------------
@@ -207,8 +220,9 @@ class FssdpLayer:
         for stack, values in zip(self.held_stacks, fresh):
             stack.untyped_storage().resize_(values.numel() * values.element_size())
             # write through an alias with its own version counter: autograd saved views of ``stack``
-            alias = torch.empty(0, dtype=stack.dtype).set_(stack.untyped_storage(), stack.storage_offset(),
-                                                          stack.shape, stack.stride())
+            alias = torch.empty(0, dtype=stack.dtype).set_(
+                stack.untyped_storage(), stack.storage_offset(), stack.shape, stack.stride()
+            )
             alias.copy_(values)
         self.held_stacks = []
 
@@ -232,21 +246,25 @@ class FssdpLayer:
         states = [optimizer.state.get(p, {}) if optimizer is not None else {} for p in params]
         state_keys = sorted(k for k in states[0] if all(_per_expert(s.get(k), p) for s, p in zip(states, params)))
         with_grad = all(p.grad is not None for p in params)
-        tensors = [[p.detach(), *(s[k] for k in state_keys), *([p.grad] if with_grad else [])]
-                   for p, s in zip(params, states)]
+        tensors = [
+            [p.detach(), *(s[k] for k in state_keys), *([p.grad] if with_grad else [])] for p, s in zip(params, states)
+        ]
         flat_rows = [t for group in tensors for t in group]  # per weight: weight, state, gradient
         dtype = functools.reduce(torch.promote_types, [t.dtype for t in flat_rows])  # lossless for every part
         old_owned = self.owner.chunks_on(self.rank)
         chunks = {e: torch.cat([t[i].reshape(-1).to(dtype) for t in flat_rows]) for i, e in enumerate(old_owned)}
         moved = [(e, new.owner_C[e]) for e in range(new.num_chunks) if new.owner_C[e] != self.owner.owner_C[e]]
         spec = ChunkSpec.flat(sum(t[0].numel() for t in flat_rows), dtype)
-        received = SparseAllGather(self.owner, MaterializedPlacement.from_owner(self.owner, moved), spec,
-                                   self.transport)(chunks)
+        received = SparseAllGather(
+            self.owner, MaterializedPlacement.from_owner(self.owner, moved), spec, self.transport
+        )(chunks)
         new_owned = new.chunks_on(self.rank)
         rows = [chunks[e] if e in chunks else received[e] for e in new_owned]
         sizes = [t[0].numel() for t in flat_rows]
-        rebuilt = [torch.stack([r[o:o + n] for r in rows]).view(len(new_owned), *t.shape[1:]).to(t.dtype)
-                   for t, n, o in zip(flat_rows, sizes, _offsets(sizes))]
+        rebuilt = [
+            torch.stack([r[o : o + n] for r in rows]).view(len(new_owned), *t.shape[1:]).to(t.dtype)
+            for t, n, o in zip(flat_rows, sizes, _offsets(sizes))
+        ]
         per_weight = 1 + len(state_keys) + with_grad
         for j, (param, state) in enumerate(zip(params, states)):
             param.data = rebuilt[j * per_weight].clone()
@@ -279,8 +297,9 @@ class FssdpEngine:
     def __init__(self, transport: Transport, cfg: FssdpConfig):
         self.cfg = cfg
         self.transport = transport
-        self.policy = build_policy(cfg.policy, cfg.overlap_budget, cfg.memory_budget,
-                                   cfg.devices_per_node or None, cfg.min_imbalance)
+        self.policy = build_policy(
+            cfg.policy, cfg.overlap_budget, cfg.memory_budget, cfg.devices_per_node or None, cfg.min_imbalance
+        )
         self.layers: dict[str, FssdpLayer] = {}
         self.steps = 0
         self.last_replicas: dict[str, int] = {}  # replicas per layer in the step that ended last
@@ -320,17 +339,24 @@ class FssdpEngine:
         for fl in self.layers.values():
             fl.end_step()
         if self.cfg.reshard_every and self.steps % self.cfg.reshard_every == 0:
-            owners = reshard_owners([fl.estimator.estimate() for fl in self.layers.values()],
-                                    self.transport.world_size, self.cfg.devices_per_node or None)
+            owners = reshard_owners(
+                [fl.estimator.estimate() for fl in self.layers.values()],
+                self.transport.world_size,
+                self.cfg.devices_per_node or None,
+            )
             for fl, owner in zip(self.layers.values(), owners):
                 fl.move_ownership(owner, optimizer)
         self.plan()
 
     def state_dict(self) -> dict:
         """Owners and load windows (the same on every rank): a resumed run plans exactly as an uninterrupted one."""
-        return {"steps": self.steps, "layers": {name: {"owner": list(fl.owner.owner_C),
-                                                       "load": fl.estimator.state_dict()}
-                                                for name, fl in self.layers.items()}}
+        return {
+            "steps": self.steps,
+            "layers": {
+                name: {"owner": list(fl.owner.owner_C), "load": fl.estimator.state_dict()}
+                for name, fl in self.layers.items()
+            },
+        }
 
     def load_state_dict(self, state: dict) -> None:
         """Restore owners and load windows before the weights are loaded (they are sliced by owner)."""

@@ -6,6 +6,7 @@ Before the first update every expert is assumed equally loaded (1.0 each).
 
 Shapes: E experts.
 """
+
 from __future__ import annotations
 
 from collections import deque
@@ -14,7 +15,8 @@ from typing import Any
 
 import torch
 
-from hecate.collectives.errors import CheckpointError, ConfigError, LayoutError
+from hecate.collectives.errors import ConfigError
+from hecate.parallel.errors import CheckpointError, LayoutError
 
 
 def as_loads(values_E: torch.Tensor | Sequence[float], num_experts: int, what: str) -> list[float]:
@@ -27,8 +29,7 @@ def as_loads(values_E: torch.Tensor | Sequence[float], num_experts: int, what: s
         raise LayoutError(f"{what}: expected one value per expert ({num_experts}), got {len(flat_E)}")
     bad = [e for e, v in enumerate(flat_E) if not (v >= 0 and v != float("inf"))]  # also catches NaN
     if bad:
-        raise LayoutError(f"{what}: values must be finite and >= 0; experts {bad} have "
-                          f"{[flat_E[e] for e in bad]}")
+        raise LayoutError(f"{what}: values must be finite and >= 0; experts {bad} have {[flat_E[e] for e in bad]}")
     return flat_E
 
 
@@ -61,13 +62,17 @@ class LoadEstimator:
         return [sum(step_E[e] for step_E in self._history) / steps for e in range(self.num_experts)]
 
     def state_dict(self) -> dict[str, Any]:
-        return {"num_experts": self.num_experts, "window": self.window,
-                "history": [list(step_E) for step_E in self._history]}
+        return {
+            "num_experts": self.num_experts,
+            "window": self.window,
+            "history": [list(step_E) for step_E in self._history],
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore the window. A checkpoint saved with another window keeps its most recent steps that fit."""
         if state.get("num_experts") != self.num_experts:
-            raise CheckpointError(f"load estimator state is for {state.get('num_experts')} experts, "
-                                  f"this layer has {self.num_experts}")
+            raise CheckpointError(
+                f"load estimator state is for {state.get('num_experts')} experts, this layer has {self.num_experts}"
+            )
         history = [as_loads(step_E, self.num_experts, "load estimator checkpoint") for step_E in state["history"]]
-        self._history = deque(history[-self.window:], maxlen=self.window)
+        self._history = deque(history[-self.window :], maxlen=self.window)

@@ -35,13 +35,15 @@ maximum (every device is a holder, so the fill stays under the mean); with t > m
 
 Shapes: E experts, D devices, N nodes.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
 from numbers import Integral
 
-from hecate.collectives.errors import ConfigError, LayoutError
+from hecate.collectives.errors import ConfigError
 from hecate.collectives.placement import MaterializedPlacement, OwnerPlacement
+from hecate.parallel.errors import LayoutError
 from hecate.parallel.fssdp.load import as_loads
 
 # Relative slack when comparing a plan's predicted maximum with expert parallelism's: the water-fill sums floats
@@ -56,14 +58,15 @@ def check_budget(field: str, value: int) -> None:
 
 
 def check_devices_per_node(devices_per_node: int | None) -> None:
-    if devices_per_node is not None and (isinstance(devices_per_node, bool)
-                                         or not isinstance(devices_per_node, Integral) or devices_per_node < 1):
+    if devices_per_node is not None and (
+        isinstance(devices_per_node, bool) or not isinstance(devices_per_node, Integral) or devices_per_node < 1
+    ):
         raise ConfigError("fssdp.devices_per_node", f"must be an integer >= 1 or None, got {devices_per_node!r}")
 
 
 def hottest_experts(load_E: Sequence[float], count: int) -> list[int]:
     """The ``count`` most loaded experts, hottest first; equal loads in index order."""
-    return sorted(range(len(load_E)), key=lambda e: (-load_E[e], e))[:max(count, 0)]
+    return sorted(range(len(load_E)), key=lambda e: (-load_E[e], e))[: max(count, 0)]
 
 
 def nodes_of(num_devices: int, devices_per_node: int | None) -> list[list[int]]:
@@ -110,13 +113,16 @@ def check_materialized(owner: OwnerPlacement, materialized: MaterializedPlacemen
     """Raise LayoutError unless ``materialized`` contains ``owner`` and adds at most ``memory_budget``
     replicas to any device (the invariants SparseAllGather and the engine's buffers rely on)."""
     if (materialized.num_chunks, materialized.world_size) != (owner.num_chunks, owner.world_size):
-        raise LayoutError(f"materialized placement has {materialized.num_chunks} experts on "
-                          f"{materialized.world_size} devices, the owner placement {owner.num_chunks} on "
-                          f"{owner.world_size}")
+        raise LayoutError(
+            f"materialized placement has {materialized.num_chunks} experts on "
+            f"{materialized.world_size} devices, the owner placement {owner.num_chunks} on "
+            f"{owner.world_size}"
+        )
     missing = [(e, d) for e, d in enumerate(owner.owner_C) if d not in materialized.devices_C[e]]
     if missing:
-        raise LayoutError(f"materialized placement drops owners (expert, device): {missing}; it must contain "
-                          f"the owner placement")
+        raise LayoutError(
+            f"materialized placement drops owners (expert, device): {missing}; it must contain the owner placement"
+        )
     extra_D = [0] * owner.world_size
     for expert, holders in enumerate(materialized.devices_C):
         for device in holders:
@@ -124,8 +130,10 @@ def check_materialized(owner: OwnerPlacement, materialized: MaterializedPlacemen
                 extra_D[device] += 1
     over = {d: n for d, n in enumerate(extra_D) if n > memory_budget}
     if over:
-        raise LayoutError(f"materialized placement exceeds fssdp.memory_budget={memory_budget} extra experts per "
-                          f"device: {{device: replicas}} = {over}")
+        raise LayoutError(
+            f"materialized placement exceeds fssdp.memory_budget={memory_budget} extra experts per "
+            f"device: {{device: replicas}} = {over}"
+        )
 
 
 def apportion(slots: int, weight_X: Sequence[float], cap_X: Sequence[int]) -> list[int]:
@@ -155,8 +163,14 @@ def apportion(slots: int, weight_X: Sequence[float], cap_X: Sequence[int]) -> li
 class _Placement:
     """The t > m branch's state: holders and assigned tokens per device, free slots; steps 2-4 of the rule."""
 
-    def __init__(self, owner: OwnerPlacement, load_E: list[float], copies_E: dict[int, int], memory_budget: int,
-                 devices_per_node: int | None):
+    def __init__(
+        self,
+        owner: OwnerPlacement,
+        load_E: list[float],
+        copies_E: dict[int, int],
+        memory_budget: int,
+        devices_per_node: int | None,
+    ):
         self.owner, self.load_E, self.copies_E = owner, load_E, copies_E
         self.nodes = nodes_of(owner.world_size, devices_per_node)
         self.share_E = [load_E[e] / (1 + copies_E.get(e, 0)) for e in range(owner.num_chunks)]
@@ -203,8 +217,9 @@ class _Placement:
                     self.replicas.append((expert, device))
 
 
-def _proportional_replicas(owner: OwnerPlacement, load_E: list[float], hot: list[int], memory_budget: int,
-                           devices_per_node: int | None) -> list[tuple[int, int]]:
+def _proportional_replicas(
+    owner: OwnerPlacement, load_E: list[float], hot: list[int], memory_budget: int, devices_per_node: int | None
+) -> list[tuple[int, int]]:
     """The t > m branch of the rule in the module docstring."""
     slots = owner.world_size * memory_budget
     copies = apportion(slots, [load_E[e] for e in hot], [owner.world_size - 1] * len(hot))
@@ -213,14 +228,21 @@ def _proportional_replicas(owner: OwnerPlacement, load_E: list[float], hot: list
     placement.place_on_devices(placement.copies_per_node())
     replicas = placement.replicas
     ep_max = max(predicted_device_load(MaterializedPlacement.from_owner(owner), load_E))
-    while replicas and max(predicted_device_load(MaterializedPlacement.from_owner(owner, replicas), load_E)) > \
-            ep_max * (1 + FLOAT_SLACK):
+    while replicas and max(
+        predicted_device_load(MaterializedPlacement.from_owner(owner, replicas), load_E)
+    ) > ep_max * (1 + FLOAT_SLACK):
         replicas = replicas[:-1]  # step 5: the guard
     return replicas
 
 
-def plan_replicas(owner: OwnerPlacement, load_E: Sequence[float], overlap_budget: int, memory_budget: int,
-                  devices_per_node: int | None = None, min_imbalance: float = 1.0) -> MaterializedPlacement:
+def plan_replicas(
+    owner: OwnerPlacement,
+    load_E: Sequence[float],
+    overlap_budget: int,
+    memory_budget: int,
+    devices_per_node: int | None = None,
+    min_imbalance: float = 1.0,
+) -> MaterializedPlacement:
     """The owner placement plus this step's replicas, by the rule in the module docstring."""
     check_budget("fssdp.overlap_budget", overlap_budget)
     check_budget("fssdp.memory_budget", memory_budget)

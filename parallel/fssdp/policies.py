@@ -4,6 +4,7 @@ never branches on the policy's name.
 
 Shapes: E experts.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -61,7 +62,8 @@ class ShadowPolicy:
         load_E = as_loads(load_E, owner.num_chunks, "shadow policy load_E")
         hot = hottest_experts(load_E, self.num_hot)
         return MaterializedPlacement.from_owner(
-            owner, [(e, d) for e in hot for d in range(owner.world_size) if d != owner.owner_C[e]])
+            owner, [(e, d) for e in hot for d in range(owner.world_size) if d != owner.owner_C[e]]
+        )
 
 
 @dataclass(frozen=True)
@@ -80,8 +82,9 @@ class FssdpPolicy:
         check_devices_per_node(self.devices_per_node)
 
     def materialize(self, owner: OwnerPlacement, load_E: Sequence[float]) -> MaterializedPlacement:
-        return plan_replicas(owner, load_E, self.overlap_budget, self.memory_budget, self.devices_per_node,
-                             self.min_imbalance)
+        return plan_replicas(
+            owner, load_E, self.overlap_budget, self.memory_budget, self.devices_per_node, self.min_imbalance
+        )
 
 
 _BUILDERS: dict[str, Callable[[int, int, int | None, float], Policy]] = {
@@ -93,8 +96,9 @@ _BUILDERS: dict[str, Callable[[int, int, int | None, float], Policy]] = {
 POLICIES = tuple(_BUILDERS)
 
 
-def build_policy(name: str, overlap_budget: int, memory_budget: int,
-                 devices_per_node: int | None = None, min_imbalance: float = 1.0) -> Policy:
+def build_policy(
+    name: str, overlap_budget: int, memory_budget: int, devices_per_node: int | None = None, min_imbalance: float = 1.0
+) -> Policy:
     """The policy called ``name`` (``fssdp.policy``). Budgets are checked for every policy, used where they apply."""
     check_budget("fssdp.overlap_budget", overlap_budget)
     check_budget("fssdp.memory_budget", memory_budget)

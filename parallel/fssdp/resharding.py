@@ -18,12 +18,13 @@ it computes. The caller moves ownership (weights and optimizer state) along :fun
 
 Shapes: L layers, E experts, D devices.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from hecate.collectives.errors import LayoutError
 from hecate.collectives.placement import OwnerPlacement
+from hecate.parallel.errors import LayoutError
 from hecate.parallel.fssdp.load import as_loads
 from hecate.parallel.fssdp.planner import check_devices_per_node, hottest_experts, nodes_of
 
@@ -32,8 +33,10 @@ def _slots_per_device(num_experts: int, num_devices: int) -> int:
     if num_devices < 1:
         raise LayoutError(f"resharding needs at least 1 device, got {num_devices}")
     if num_experts < 1 or num_experts % num_devices:
-        raise LayoutError(f"moe.num_experts={num_experts} must be a positive multiple of the {num_devices} devices "
-                          f"of the FSSDP group, so that every device owns the same number of experts")
+        raise LayoutError(
+            f"moe.num_experts={num_experts} must be a positive multiple of the {num_devices} devices "
+            f"of the FSSDP group, so that every device owns the same number of experts"
+        )
     return num_experts // num_devices
 
 
@@ -43,8 +46,9 @@ def initial_owners(num_experts: int, num_devices: int) -> OwnerPlacement:
     return OwnerPlacement(tuple(e // slots for e in range(num_experts)), num_devices)
 
 
-def reshard_owners(loads_LE: Sequence[Sequence[float]], num_devices: int,
-                   devices_per_node: int | None = None) -> list[OwnerPlacement]:
+def reshard_owners(
+    loads_LE: Sequence[Sequence[float]], num_devices: int, devices_per_node: int | None = None
+) -> list[OwnerPlacement]:
     """One owner placement per layer, by the rule in the module docstring."""
     check_devices_per_node(devices_per_node)
     if not loads_LE:
@@ -60,8 +64,10 @@ def reshard_owners(loads_LE: Sequence[Sequence[float]], num_devices: int,
         owner_E = [-1] * num_experts
         for expert in hottest_experts(load_E, num_experts):
             room_N = [sum(free_D[d] for d in devices) for devices in nodes]
-            node = min((n for n in range(len(nodes)) if room_N[n] > 0),
-                       key=lambda n: (sum(acc_D[d] for d in nodes[n]) / len(nodes[n]), -room_N[n], n))
+            node = min(
+                (n for n in range(len(nodes)) if room_N[n] > 0),
+                key=lambda n: (sum(acc_D[d] for d in nodes[n]) / len(nodes[n]), -room_N[n], n),
+            )
             device = min((d for d in nodes[node] if free_D[d] > 0), key=lambda d: (acc_D[d], d))
             owner_E[expert] = device
             free_D[device] -= 1
@@ -73,6 +79,8 @@ def reshard_owners(loads_LE: Sequence[Sequence[float]], num_devices: int,
 def moves(old: OwnerPlacement, new: OwnerPlacement) -> list[tuple[int, int, int]]:
     """(expert, from_device, to_device) for every expert whose owner changes, in expert order."""
     if (old.num_chunks, old.world_size) != (new.num_chunks, new.world_size):
-        raise LayoutError(f"cannot move ownership between {old.num_chunks} experts on {old.world_size} devices "
-                          f"and {new.num_chunks} experts on {new.world_size} devices")
+        raise LayoutError(
+            f"cannot move ownership between {old.num_chunks} experts on {old.world_size} devices "
+            f"and {new.num_chunks} experts on {new.world_size} devices"
+        )
     return [(e, a, b) for e, (a, b) in enumerate(zip(old.owner_C, new.owner_C)) if a != b]

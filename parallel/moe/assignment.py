@@ -13,6 +13,7 @@ the work. So the quotas come first, the locality second:
 
 Shapes: P ranks of the group (sources and destinations), E experts, H holders of one expert.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -94,8 +95,9 @@ def _match(count_P: np.ndarray, holders_H: np.ndarray, quota_H: np.ndarray, node
     return rows_PH
 
 
-def _fill(rows_PH: np.ndarray, count_P: np.ndarray, quota_H: np.ndarray, sources: np.ndarray,
-          holders: np.ndarray) -> None:
+def _fill(
+    rows_PH: np.ndarray, count_P: np.ndarray, quota_H: np.ndarray, sources: np.ndarray, holders: np.ndarray
+) -> None:
     """Pour the selected sources' remaining rows into the selected holders' remaining quotas, both in order: row
     intervals [a_p, b_p) of the sources against quota intervals [c_h, d_h); each overlap is a transfer."""
     src = np.flatnonzero(sources & (count_P > 0))

@@ -8,6 +8,7 @@ contributes nothing to the output: its token keeps only its residual (and its ot
 
 Shapes: T tokens, E experts, K experts per token, P = T * K pairs in token-major order.
 """
+
 from __future__ import annotations
 
 import math

@@ -15,6 +15,7 @@ On one device ``start`` is a permutation and ``end`` its inverse. The layer does
 
 Shapes: T tokens, D model dim, E experts (E_local under EP), K experts per token, N rows for the local experts.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -30,15 +31,17 @@ class ExpertsModule(Protocol):
     """The layer's experts (``Experts``, FSSDP's ``ShardedExperts``, ``ExpertTensorParallel``): held experts
     first, first + 1, ... on ``counts_H`` rows each; several calls in one forward share one ``unbound()``."""
 
-    def __call__(self, x_MD: torch.Tensor, counts_H: torch.Tensor, first: int = 0,
-                 weights: ExpertWeights | None = None) -> torch.Tensor: ...
+    def __call__(
+        self, x_MD: torch.Tensor, counts_H: torch.Tensor, first: int = 0, weights: ExpertWeights | None = None
+    ) -> torch.Tensor: ...
 
     def unbound(self) -> ExpertWeights: ...
 
 
 class Dispatcher(Protocol):
-    def start(self, x_TD: torch.Tensor, experts_TK: torch.Tensor, keep_TK: torch.Tensor | None,
-              weights_TK: torch.Tensor) -> Any:
+    def start(
+        self, x_TD: torch.Tensor, experts_TK: torch.Tensor, keep_TK: torch.Tensor | None, weights_TK: torch.Tensor
+    ) -> Any:
         """Dispatch (issued, not waited): -> a flight for ``compute`` and ``end``."""
         ...
 
@@ -67,8 +70,9 @@ class LocalDispatcher:
     def __init__(self, num_experts: int):
         self.num_experts = num_experts
 
-    def start(self, x_TD: torch.Tensor, experts_TK: torch.Tensor, keep_TK: torch.Tensor | None,
-              weights_TK: torch.Tensor) -> LocalFlight:
+    def start(
+        self, x_TD: torch.Tensor, experts_TK: torch.Tensor, keep_TK: torch.Tensor | None, weights_TK: torch.Tensor
+    ) -> LocalFlight:
         perm = sort_by_expert(experts_TK, keep_TK, self.num_experts)
         return LocalFlight(perm, permute(x_TD, perm), weights_TK)
 

@@ -37,6 +37,7 @@ the same order, as the transports require. C = 1 is one chunk: dispatch, experts
 
 Shapes: T tokens, D model dim, E experts, K experts per token, N kept local pairs, M rows received, P ranks.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -50,8 +51,7 @@ from hecate.collectives.inflight import InFlight, all_to_all_start
 from hecate.parallel.moe.assignment import Holders
 from hecate.parallel.moe.dispatcher import ExpertsModule
 from hecate.parallel.moe.experts import ExpertWeights
-from hecate.parallel.moe.permute import (Permutation, inverse_permutation, permute, reordered, sort_by_expert,
-                                         unpermute)
+from hecate.parallel.moe.permute import Permutation, inverse_permutation, permute, reordered, sort_by_expert, unpermute
 from hecate.parallel.moe.routes import ChunkRoute, plan_routes
 
 
@@ -93,8 +93,14 @@ class ExpertParallelDispatcher:
     """Dispatch and combine across the group of ``transport``; holds no weights. The experts module must compute
     the experts this rank holds, in ascending order, with the per-expert row counts dispatch returns."""
 
-    def __init__(self, num_experts: int, transport: Transport, holders: Callable[[], Holders] | None = None,
-                 ranks_per_node: int | None = None, overlap_chunks: int = 1):
+    def __init__(
+        self,
+        num_experts: int,
+        transport: Transport,
+        holders: Callable[[], Holders] | None = None,
+        ranks_per_node: int | None = None,
+        overlap_chunks: int = 1,
+    ):
         if overlap_chunks < 1:
             raise ValueError(f"overlap_chunks must be >= 1 (1 = no overlap), got {overlap_chunks}")
         if holders is None:
@@ -108,8 +114,9 @@ class ExpertParallelDispatcher:
         self.ranks_per_node = ranks_per_node
         self.overlap_chunks = overlap_chunks
 
-    def start(self, x_TD: torch.Tensor, experts_TK: torch.Tensor, keep_TK: torch.Tensor | None,
-              weights_TK: torch.Tensor) -> ExpertParallelFlight:
+    def start(
+        self, x_TD: torch.Tensor, experts_TK: torch.Tensor, keep_TK: torch.Tensor | None, weights_TK: torch.Tensor
+    ) -> ExpertParallelFlight:
         """Derive the routes and issue the dispatch of the first two chunks (of the only one when C = 1)."""
         handle = self._handle(x_TD, experts_TK, keep_TK, chunks=self.overlap_chunks)
         sends = permute(x_TD, handle.perm).split([sum(c.route.send_splits) for c in handle.chunks])
@@ -125,8 +132,15 @@ class ExpertParallelDispatcher:
             x_MD = flight.dispatched[c].wait().index_select(0, chunk.order_M)
             counts_H = torch.tensor(chunk.route.counts, device=x_MD.device)
             y_MD = experts(x_MD, counts_H, chunk.route.first, weights)
-            flight.combined.append(all_to_all_start(y_MD.index_select(0, chunk.source_order_M), chunk.route.recv_splits,
-                                                    chunk.route.send_splits, self.transport, name="moe.combine"))
+            flight.combined.append(
+                all_to_all_start(
+                    y_MD.index_select(0, chunk.source_order_M),
+                    chunk.route.recv_splits,
+                    chunk.route.send_splits,
+                    self.transport,
+                    name="moe.combine",
+                )
+            )
             if c + 2 < len(chunks):
                 self._issue_dispatch(flight, c + 2)
 
@@ -136,30 +150,35 @@ class ExpertParallelDispatcher:
 
     def _issue_dispatch(self, flight: ExpertParallelFlight, c: int) -> None:
         route = flight.handle.chunks[c].route
-        flight.dispatched.append(all_to_all_start(flight.sends[c], route.send_splits, route.recv_splits,
-                                                  self.transport, name="moe.dispatch"))
+        flight.dispatched.append(
+            all_to_all_start(flight.sends[c], route.send_splits, route.recv_splits, self.transport, name="moe.dispatch")
+        )
         flight.sends[c] = None  # the exchange keeps its send buffer until it completes, and no longer
 
-    def _handle(self, x_TD: torch.Tensor, experts_TK: torch.Tensor, keep_TK: torch.Tensor | None,
-                chunks: int) -> ExpertParallelHandle:
+    def _handle(
+        self, x_TD: torch.Tensor, experts_TK: torch.Tensor, keep_TK: torch.Tensor | None, chunks: int
+    ) -> ExpertParallelHandle:
         """Sort the local pairs by expert, all-gather the pair counts (small), derive every chunk's route from
         them and order the pairs by (chunk, destination, expert), so each chunk's rows for a rank are one slice."""
         ranks, device = self.transport.world_size, x_TD.device
         perm = sort_by_expert(experts_TK, keep_TK, self.num_experts)
         counts_PE = perm.counts_E.new_empty((ranks, self.num_experts))
         self.transport.all_gather(counts_PE, perm.counts_E.unsqueeze(0).contiguous(), name="moe.counts").wait()
-        routes = plan_routes(counts_PE.cpu().numpy(), self.holders(), self.transport.rank, chunks,
-                             self.ranks_per_node)
+        routes = plan_routes(counts_PE.cpu().numpy(), self.holders(), self.transport.rank, chunks, self.ranks_per_node)
         key_EQC = np.broadcast_to(np.arange(chunks) * ranks + np.arange(ranks)[:, None], routes.send_EQC.shape)
         key_N = torch.from_numpy(key_EQC.flatten()).repeat_interleave(torch.from_numpy(routes.send_EQC.flatten()))
         by_chunk_N = torch.argsort(key_N.to(device), stable=True)  # stable: expert order within each slice
-        return ExpertParallelHandle(reordered(perm, by_chunk_N),
-                                    [_chunk_handle(route, self.num_experts, device) for route in routes.chunks])
+        return ExpertParallelHandle(
+            reordered(perm, by_chunk_N), [_chunk_handle(route, self.num_experts, device) for route in routes.chunks]
+        )
 
 
 def _chunk_handle(route: ChunkRoute, experts: int, device: torch.device) -> ChunkHandle:
     ranks = len(route.recv_splits)
-    expert_of_M = torch.arange(experts, device=device).repeat(ranks).repeat_interleave(
-        torch.from_numpy(route.recv_counts_PE.flatten()).to(device))
+    expert_of_M = (
+        torch.arange(experts, device=device)
+        .repeat(ranks)
+        .repeat_interleave(torch.from_numpy(route.recv_counts_PE.flatten()).to(device))
+    )
     order_M = torch.argsort(expert_of_M, stable=True)  # stable: source-rank order within each expert
     return ChunkHandle(route, order_M, inverse_permutation(order_M))

@@ -13,6 +13,7 @@ The sum over F-shards is added in a fixed order (etp rank 0 first), so runs are 
 Shapes: N rows this rank received for its local experts (sorted by expert), M rows of all etp peers, D model dim,
 F expert hidden dim, f = F / etp, E local experts, R etp ranks.
 """
+
 from __future__ import annotations
 
 import torch
@@ -40,8 +41,9 @@ class ExpertTensorParallel(nn.Module):
             dim, size = HIDDEN_DIM[name], full.shape[HIDDEN_DIM[name]] // etp.world_size
             setattr(self, name, nn.Parameter(full.detach().narrow(dim, etp.rank * size, size).clone()))
 
-    def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor, first: int = 0,
-                weights: ExpertWeights | None = None) -> torch.Tensor:
+    def forward(
+        self, x_ND: torch.Tensor, counts_E: torch.Tensor, first: int = 0, weights: ExpertWeights | None = None
+    ) -> torch.Tensor:
         """Local experts first, first + 1, ... on ``counts_E`` rows each (the ``Experts`` contract). The etp
         peers' calls must agree on the experts, but each peer's overlap chunks are cut where its own rows fall:
         so every call computes all local experts, those outside the run on zero rows."""
@@ -58,12 +60,12 @@ class ExpertTensorParallel(nn.Module):
         self.etp.all_gather(counts_RE, counts_E.contiguous(), name="etp.counts").wait()
         counts_RE = counts_RE.view(ranks, experts)
         rows_R = counts_RE.sum(1).tolist()
-        x_MD = all_to_all_autograd(x_ND.repeat(ranks, 1), [x_ND.shape[0]] * ranks, rows_R, self.etp,
-                                   name="etp.gather")
+        x_MD = all_to_all_autograd(x_ND.repeat(ranks, 1), [x_ND.shape[0]] * ranks, rows_R, self.etp, name="etp.gather")
         expert_of_M = torch.arange(experts, device=x_ND.device).repeat(ranks).repeat_interleave(counts_RE.flatten())
         order_M = torch.argsort(expert_of_M, stable=True)  # expert-major, source etp rank order within an expert
         y_MD = weights(x_MD[order_M], counts_RE.sum(0).tolist())
         y_source_major_MD = y_MD.new_empty(y_MD.shape).index_copy(0, order_M, y_MD)
-        partial_RND = all_to_all_autograd(y_source_major_MD, rows_R, [x_ND.shape[0]] * ranks, self.etp,
-                                          name="etp.reduce")
+        partial_RND = all_to_all_autograd(
+            y_source_major_MD, rows_R, [x_ND.shape[0]] * ranks, self.etp, name="etp.reduce"
+        )
         return partial_RND.view(ranks, *x_ND.shape).sum(0)

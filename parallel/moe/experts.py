@@ -7,6 +7,7 @@ GEMM can replace the loop here without touching any caller.
 
 Shapes: N rows sorted by expert, D model dim, F expert hidden dim, E experts.
 """
+
 from __future__ import annotations
 
 import torch
@@ -30,15 +31,23 @@ class ExpertWeights:
         """y_ND for experts first, first + 1, ... with ``counts`` rows each (x_ND sorted by expert). An expert
         with no rows still runs an empty matmul, so its weights get a (zero) gradient."""
         experts = range(first, first + len(counts))
-        return torch.cat([ffn(x, self.w1[e], self.w2[e], self.w3[e], self.activation)
-                          for x, e in zip(x_ND.split(counts), experts)])
+        return torch.cat(
+            [ffn(x, self.w1[e], self.w2[e], self.w3[e], self.activation) for x, e in zip(x_ND.split(counts), experts)]
+        )
 
 
 class Experts(nn.Module):
     """Holds the E experts' weights, stacked [E, ...]; the math is :class:`ExpertWeights`."""
 
-    def __init__(self, num_experts: int, dim: int, hidden: int, activation: str, init_std: float = 0.02,
-                 out_init_std: float | None = None):
+    def __init__(
+        self,
+        num_experts: int,
+        dim: int,
+        hidden: int,
+        activation: str,
+        init_std: float = 0.02,
+        out_init_std: float | None = None,
+    ):
         super().__init__()
         self.activation = activation
         self.w1 = nn.Parameter(torch.empty(num_experts, dim, hidden))
@@ -46,8 +55,9 @@ class Experts(nn.Module):
         self.w3 = nn.Parameter(torch.empty(num_experts, dim, hidden)) if activation == "swiglu" else None
         init_ffn_weights(self.w1, self.w2, self.w3, init_std, out_init_std)
 
-    def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor, first: int = 0,
-                weights: ExpertWeights | None = None) -> torch.Tensor:
+    def forward(
+        self, x_ND: torch.Tensor, counts_E: torch.Tensor, first: int = 0, weights: ExpertWeights | None = None
+    ) -> torch.Tensor:
         """Experts first, first + 1, ... on ``counts_E`` rows each. A forward that calls this several times
         (overlap chunks) passes the ``weights`` of one :meth:`unbound`."""
         return (weights or self.unbound())(x_ND, counts_E.tolist(), first)

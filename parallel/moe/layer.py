@@ -16,6 +16,7 @@ z_loss_coef), and the load. Losses and counts are over the reduce group; on one 
 
 Shapes: B batch, S sequence, T = B * S tokens, D model dim, E experts, K experts per token, N kept pairs.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -60,15 +61,23 @@ class MoE(nn.Module):
     experts' (and shared expert's) output matrix ~ Normal(0, out_init_std), default init_std - pass
     init_std / sqrt(2 * n_layers) to scale it like the other residual projections."""
 
-    def __init__(self, dim: int, cfg: MoEConfig, init_std: float = 0.02, out_init_std: float | None = None,
-                 dispatcher: Dispatcher | None = None, reduce: Reduce = local_reduce):
+    def __init__(
+        self,
+        dim: int,
+        cfg: MoEConfig,
+        init_std: float = 0.02,
+        out_init_std: float | None = None,
+        dispatcher: Dispatcher | None = None,
+        reduce: Reduce = local_reduce,
+    ):
         super().__init__()
         self.cfg = cfg
         self.router = Router(dim, cfg.num_experts, cfg.top_k, cfg.score, cfg.renormalize, cfg.bias_update_rate)
         nn.init.normal_(self.router.gate.weight, std=init_std)
         self.experts = Experts(cfg.num_experts, dim, cfg.ffn_dim, cfg.activation, init_std, out_init_std)
-        self.shared = (FeedForward(dim, cfg.ffn_dim, cfg.activation, init_std, out_init_std)
-                       if cfg.shared_expert else None)
+        self.shared = (
+            FeedForward(dim, cfg.ffn_dim, cfg.activation, init_std, out_init_std) if cfg.shared_expert else None
+        )
         self.dispatcher = dispatcher if dispatcher is not None else LocalDispatcher(cfg.num_experts)
         self.reduce = reduce
         self.stats: MoEStats | None = None
@@ -93,8 +102,10 @@ class MoE(nn.Module):
         cfg = self.cfg
         capacity = started[0].capacity
         if len(started) > 1 and capacity is not None:
-            raise ValueError("capacity dropping ranks the pairs of the whole batch: sub-batches need dropless "
-                             "routing (capacity_factor=0)")
+            raise ValueError(
+                "capacity dropping ranks the pairs of the whole batch: sub-batches need dropless "
+                "routing (capacity_factor=0)"
+            )
         weights = self.experts.unbound()
         for s in started:
             self.dispatcher.compute(s.flight, self.experts, weights)
@@ -106,9 +117,13 @@ class MoE(nn.Module):
                 out_TD = out_TD + shared[i]
             outs.append(out_TD.to(s.x_BSD.dtype).view_as(s.x_BSD))
         sums = add_sums([s.sums for s in started])
-        self.stats = MoEStats(aux_loss=aux_loss(sums, cfg.top_k), z_loss=z_loss(sums),
-                              counts_E=sums.counts_E.detach(), dropped=dropped_pairs(sums.counts_E, capacity),
-                              tokens=sums.tokens)
+        self.stats = MoEStats(
+            aux_loss=aux_loss(sums, cfg.top_k),
+            z_loss=z_loss(sums),
+            counts_E=sums.counts_E.detach(),
+            dropped=dropped_pairs(sums.counts_E, capacity),
+            tokens=sums.tokens,
+        )
         return outs
 
     def update_bias(self, counts_E: torch.Tensor) -> None:

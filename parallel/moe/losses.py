@@ -18,10 +18,11 @@ group), which capacity dropping needs to drop the same pairs as one process woul
 
 Shapes: T tokens, E experts, K experts per token.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -63,9 +64,13 @@ def add_sums(parts: list[RouterSums]) -> RouterSums:
     """The sums of a batch from those of its sub-batches (dropless: ``offset_E`` is not needed)."""
     if len(parts) == 1:
         return parts[0]
-    return RouterSums(counts_E=sum(p.counts_E for p in parts), prob_sum_E=sum(p.prob_sum_E for p in parts),
-                      lse_sq_sum=sum(p.lse_sq_sum for p in parts), tokens=sum(p.tokens for p in parts),
-                      offset_E=torch.zeros_like(parts[0].counts_E))
+    return RouterSums(
+        counts_E=sum(p.counts_E for p in parts),
+        prob_sum_E=sum(p.prob_sum_E for p in parts),
+        lse_sq_sum=sum(p.lse_sq_sum for p in parts),
+        tokens=sum(p.tokens for p in parts),
+        offset_E=torch.zeros_like(parts[0].counts_E),
+    )
 
 
 def aux_loss(sums: RouterSums, top_k: int) -> torch.Tensor:

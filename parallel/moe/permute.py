@@ -16,6 +16,7 @@ gradient is broadcast (loss = out.sum()), and FLOP counters would count it as a 
 Shapes: T tokens, D model dim, E experts, K experts per token, P = T * K pairs in token-major order,
 N kept pairs sorted by expert.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -13,6 +13,7 @@ t0k0, t0k1, ..., t1k0, ... - the order in which capacity dropping counts places.
 
 Shapes: T tokens, D model dim, E experts, K experts per token (top_k).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -31,8 +32,9 @@ class Routing:
     logits_TE: torch.Tensor  # raw router logits (the z-loss reads them)
 
 
-def route(logits_TE: torch.Tensor, top_k: int, score: str, renormalize: bool,
-          expert_bias_E: torch.Tensor | None = None) -> Routing:
+def route(
+    logits_TE: torch.Tensor, top_k: int, score: str, renormalize: bool, expert_bias_E: torch.Tensor | None = None
+) -> Routing:
     """Pure routing math on fp32 logits; see the module docstring for the definitions."""
     if score == "softmax":
         scores_TE = torch.softmax(logits_TE, dim=-1)
@@ -62,8 +64,9 @@ class Router(nn.Module):
     The logits and everything after them are computed in fp32 with autocast off: top-k choices, the softmax
     and the z-loss are sensitive to bf16 rounding, and the gate is small (E x D)."""
 
-    def __init__(self, dim: int, num_experts: int, top_k: int, score: str, renormalize: bool,
-                 bias_update_rate: float = 0.0):
+    def __init__(
+        self, dim: int, num_experts: int, top_k: int, score: str, renormalize: bool, bias_update_rate: float = 0.0
+    ):
         super().__init__()
         self.top_k, self.score, self.renormalize = top_k, score, renormalize
         self.bias_update_rate = bias_update_rate

@@ -11,6 +11,7 @@ exchange.
 
 Shapes: P ranks (as sources p, as destinations q), E experts, C chunks, H experts held by this rank.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -40,22 +41,30 @@ class Routes:
     chunks: list[ChunkRoute]
 
 
-def plan_routes(counts_PE: np.ndarray, holders: Holders, rank: int, chunks: int,
-                ranks_per_node: int | None = None) -> Routes:
+def plan_routes(
+    counts_PE: np.ndarray, holders: Holders, rank: int, chunks: int, ranks_per_node: int | None = None
+) -> Routes:
     """The routes of ``rank`` from the whole group's pair counts per (source rank, expert)."""
     rows_PEQC = rows_by_chunk(rows_by_source_expert_destination(counts_PE, holders, ranks_per_node), chunks)
     held = [e for e in range(len(holders)) if rank in holders[e]]
     routes = []
     for c, (first, last) in enumerate(held_runs(rows_PEQC[:, held, rank].sum((0, 2)), chunks)):
         recv_PE = rows_PEQC[:, :, rank, c]
-        routes.append(ChunkRoute(send_splits=rows_PEQC[rank, :, :, c].sum(0).tolist(),
-                                 recv_splits=recv_PE.sum(1).tolist(), recv_counts_PE=recv_PE, first=first,
-                                 counts=recv_PE[:, held[first:last + 1]].sum(0).tolist()))
+        routes.append(
+            ChunkRoute(
+                send_splits=rows_PEQC[rank, :, :, c].sum(0).tolist(),
+                recv_splits=recv_PE.sum(1).tolist(),
+                recv_counts_PE=recv_PE,
+                first=first,
+                counts=recv_PE[:, held[first : last + 1]].sum(0).tolist(),
+            )
+        )
     return Routes(rows_PEQC[rank], routes)
 
 
-def rows_by_source_expert_destination(counts_PE: np.ndarray, holders: Holders,
-                                      ranks_per_node: int | None = None) -> np.ndarray:
+def rows_by_source_expert_destination(
+    counts_PE: np.ndarray, holders: Holders, ranks_per_node: int | None = None
+) -> np.ndarray:
     """rows_PEQ[p, e, q]: pairs of expert e that source p sends to rank q (the group-wide assignment)."""
     ranks, experts = np.shape(counts_PE)
     rows_PEQ = np.zeros((ranks, experts, ranks), dtype=np.int64)

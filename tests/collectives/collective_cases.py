@@ -4,6 +4,7 @@ launcher and MPI ranks started by ``mpirun`` run the same code (see ``run_all``)
 Hypothesis runs inside the workers, identically on every rank (``derandomize``), and every example ends with
 an agreement all-gather, so a failure on any rank fails the example on all ranks and they shrink in step.
 """
+
 from __future__ import annotations
 
 import time
@@ -112,7 +113,8 @@ def check_gather(transport: Transport, case: Case) -> None:
     gather.release(replicas)
     again = gather(owned)
     assert sorted(again) == expected and all(
-        torch.equal(again[c], chunk_value(case.seed, c, case.owner.owner_C[c], case.specs[c])) for c in again)
+        torch.equal(again[c], chunk_value(case.seed, c, case.owner.owner_C[c], case.specs[c])) for c in again
+    )
 
 
 def check_reduce_scatter(transport: Transport, case: Case) -> None:
@@ -139,9 +141,15 @@ def check_properties(transport: Transport, max_examples: int) -> dict:
     """Random placements, chunk shapes and dtypes against the dense reference; returns the example count."""
     examples = []
 
-    @settings(max_examples=max_examples, derandomize=True, database=None, deadline=None,
-              suppress_health_check=list(HealthCheck), phases=(Phase.generate, Phase.shrink),
-              report_multiple_bugs=False)
+    @settings(
+        max_examples=max_examples,
+        derandomize=True,
+        database=None,
+        deadline=None,
+        suppress_health_check=list(HealthCheck),
+        phases=(Phase.generate, Phase.shrink),
+        report_multiple_bugs=False,
+    )
     @given(case=cases(transport.world_size))
     def sparse_collectives_match_dense_reference(case: Case) -> None:
         examples.append(case)
@@ -194,8 +202,9 @@ def check_primitives(transport: Transport) -> dict:
 
     right, left = (rank + 1) % world, (rank - 1) % world
     incoming = torch.empty(3)
-    transport.batch_p2p([PeerOp("send", torch.full((3,), float(rank)), right), PeerOp("recv", incoming, left)],
-                        name="t.p2p").wait()
+    transport.batch_p2p(
+        [PeerOp("send", torch.full((3,), float(rank)), right), PeerOp("recv", incoming, left)], name="t.p2p"
+    ).wait()
     assert torch.equal(incoming, torch.full((3,), float(left)))
     assert stats.snapshot()["t.p2p"].bytes_sent == (12 if world > 1 else 0)  # messages to oneself stay local
 
@@ -238,11 +247,25 @@ def check_autograd(transport: Transport) -> dict:
     """Gradients of a loss through the differentiable all-to-all equal those of the dense reference."""
     rank, world, hidden = transport.rank, transport.world_size, 3
     splits_SD = [[(2 * s + 3 * d) % 5 for d in range(world)] for s in range(world)]  # not symmetric
-    inputs = [torch.randn(sum(splits_SD[s]), hidden, generator=torch.Generator().manual_seed(s),
-                          dtype=torch.float64, requires_grad=True) for s in range(world)]
-    weights = [torch.randn(sum(splits_SD[s][d] for s in range(world)), hidden,
-                           generator=torch.Generator().manual_seed(100 + d), dtype=torch.float64)
-               for d in range(world)]
+    inputs = [
+        torch.randn(
+            sum(splits_SD[s]),
+            hidden,
+            generator=torch.Generator().manual_seed(s),
+            dtype=torch.float64,
+            requires_grad=True,
+        )
+        for s in range(world)
+    ]
+    weights = [
+        torch.randn(
+            sum(splits_SD[s][d] for s in range(world)),
+            hidden,
+            generator=torch.Generator().manual_seed(100 + d),
+            dtype=torch.float64,
+        )
+        for d in range(world)
+    ]
 
     mine = inputs[rank].detach().clone().requires_grad_(True)
     out = all_to_all_autograd(mine, splits_SD[rank], [splits_SD[s][rank] for s in range(world)], transport)
@@ -273,21 +296,25 @@ def check_errors(transport: Transport) -> dict:
         SparseAllGather(owner, placed, spec, transport)(chunks)
 
     cases = {
-        "not_surjective": lambda: OwnerPlacement.from_pairs([(c, 0) for c in range(1, num_chunks)], num_chunks,
-                                                            world),
+        "not_surjective": lambda: OwnerPlacement.from_pairs([(c, 0) for c in range(1, num_chunks)], num_chunks, world),
         "not_subset": lambda: gather(owned, MaterializedPlacement.from_pairs([(0, 0)], num_chunks, world)),
         "rank_out_of_range": lambda: MaterializedPlacement.from_owner(owner, [(0, world)]),
-        "world_mismatch": lambda: SparseAllGather(OwnerPlacement((0,) * num_chunks, world + 1),
-                                                  MaterializedPlacement(((0,),) * num_chunks, world + 1), spec,
-                                                  transport),
+        "world_mismatch": lambda: SparseAllGather(
+            OwnerPlacement((0,) * num_chunks, world + 1),
+            MaterializedPlacement(((0,),) * num_chunks, world + 1),
+            spec,
+            transport,
+        ),
         "spec_count": lambda: SparseAllGather(owner, materialized, [spec], transport),
         "shape_on_rank_1": lambda: gather(on_rank_1(lambda d: d | {1: torch.ones(5)}, owned)),
         "dtype_on_rank_1": lambda: gather(on_rank_1(lambda d: d | {1: torch.ones(4, dtype=torch.float16)}, owned)),
         "missing_on_rank_1": lambda: gather(on_rank_1(lambda d: {}, owned)),
         "reduce_shape_on_rank_1": lambda: SparseReduceScatter(owner, materialized, spec, transport)(
-            on_rank_1(lambda d: d | {1: torch.ones(2, 2)}, held)),
-        "ranks_disagree": lambda: gather(owned, materialized if rank == 0 else
-                                         MaterializedPlacement.from_owner(owner, [(1, 0)])),
+            on_rank_1(lambda d: d | {1: torch.ones(2, 2)}, held)
+        ),
+        "ranks_disagree": lambda: gather(
+            owned, materialized if rank == 0 else MaterializedPlacement.from_owner(owner, [(1, 0)])
+        ),
     }
     messages = {}
     for label, case in cases.items():
@@ -310,8 +337,12 @@ def run_check(check: Callable[..., dict], *args) -> dict:
     return result | {"seconds": round(time.perf_counter() - started, 2)}
 
 
-def run_all(world: Transport, transport_of_size: Callable[[int], Transport | None],
-            wait_for_others: Callable[[], None], max_examples: int) -> dict:
+def run_all(
+    world: Transport,
+    transport_of_size: Callable[[int], Transport | None],
+    wait_for_others: Callable[[], None],
+    max_examples: int,
+) -> dict:
     """Every check on this rank: properties and primitives on 1..world ranks (a transport over ranks
     0..n-1, None on the ranks outside it, which wait), then async, autograd and errors on all ranks."""
     results = {}

@@ -1,4 +1,5 @@
 """BufferPool: buffers are told apart by their memory, whatever their dtype, shape or size."""
+
 import torch
 
 from hecate.collectives.buffers import KEEP_FREE, BufferPool

@@ -1,4 +1,5 @@
 """Accounting, handles and buffer reuse: the small pieces every transport shares."""
+
 import time
 
 import torch
@@ -26,8 +27,11 @@ def test_stats_sum_calls_bytes_and_wait_per_operation_name():
 
 def test_handle_waits_once_records_time_blocked_and_chains():
     stats, calls = CommStats(), []
-    handle = Handle(lambda: (calls.append("block"), time.sleep(BLOCK_S)), lambda: 7,
-                    lambda seconds: stats.record_wait("op", seconds))
+    handle = Handle(
+        lambda: (calls.append("block"), time.sleep(BLOCK_S)),
+        lambda: 7,
+        lambda seconds: stats.record_wait("op", seconds),
+    )
     chained = handle.then(lambda value: value * 2)
     assert chained.wait() == 14
     assert handle.wait() == 7

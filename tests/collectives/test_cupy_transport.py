@@ -1,12 +1,13 @@
 """The cupy NCCL transport: real operations where a GPU is present, otherwise the one clear error."""
+
 import sys
 import types
 
 import pytest
 import torch
 import torch.distributed as dist
-
 from collective_cases import check_primitives
+
 from hecate.collectives import CupyNcclTransport
 from hecate.collectives.cupy_transport import load_cupy_nccl
 from hecate.collectives.errors import TransportUnavailable

@@ -1,6 +1,7 @@
 """Transports and sparse collectives on real processes: gloo workers from the simulated launcher, and the
 same checks over the MPI transport under a real ``mpirun``. Each suite starts its processes once; the checks
 in ``collective_cases.py`` run inside them and every test below asserts one part of their reports."""
+
 import importlib.util
 import json
 import shutil
@@ -10,9 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch.distributed as dist
+from collective_cases import run_all
 from torch.distributed.device_mesh import init_device_mesh
 
-from collective_cases import run_all
 from hecate.collectives import TorchTransport
 from hecate.launch.simulate import run_workers
 
@@ -46,8 +47,17 @@ def mpi_reports(tmp_path_factory) -> list[dict]:
     assert mpirun, "mpirun not found: apt-get install -y --no-install-recommends openmpi-bin libopenmpi-dev"
     assert importlib.util.find_spec("mpi4py"), "mpi4py not installed: pip install mpi4py"
     out = tmp_path_factory.mktemp("mpi")
-    command = [mpirun, "--allow-run-as-root", "--oversubscribe", "-np", str(WORLD_SIZE),
-               sys.executable, str(MPI_MAIN), str(out), str(MAX_EXAMPLES)]
+    command = [
+        mpirun,
+        "--allow-run-as-root",
+        "--oversubscribe",
+        "-np",
+        str(WORLD_SIZE),
+        sys.executable,
+        str(MPI_MAIN),
+        str(out),
+        str(MAX_EXAMPLES),
+    ]
     with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as mpi:
         try:
             output, _ = mpi.communicate(timeout=SUITE_TIMEOUT_S)

@@ -23,7 +23,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from hecate.collectives.errors import DataError
+from hecate.trainer.errors import DataError
 
 STDLIB = "stdlib"
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")

@@ -17,7 +17,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from hecate.collectives.errors import ConfigError, DataError
+from hecate.collectives.errors import ConfigError
+
+from hecate.trainer.errors import DataError
 from hecate.trainer.data.manifest import load_manifest, longest_document
 from hecate.trainer.data.shards import ShardedTokens, open_tokens
 

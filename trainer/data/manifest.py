@@ -21,7 +21,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from hecate.collectives.errors import DataError
+from hecate.trainer.errors import DataError
 from hecate.trainer.data.shards import SPLITS, open_tokens
 from hecate.trainer.data.tokenizer import TOKENIZER_FILE
 

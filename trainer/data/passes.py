@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from hecate.collectives.errors import DataError
+from hecate.trainer.errors import DataError
 from hecate.trainer.data.corpus import Unit
 from hecate.trainer.data.readers import Unreadable, read_documents
 from hecate.trainer.data.tokenizer import tokenizer_from_str

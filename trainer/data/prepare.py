@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from hecate.collectives.errors import DataError
+from hecate.trainer.errors import DataError
 from hecate.trainer.data.corpus import Unit, list_units
 from hecate.trainer.data.manifest import FORMAT_VERSION, MANIFEST_FILE, write_manifest
 from hecate.trainer.data.passes import DIGEST_BYTES, DROP, TRAIN, VAL, encode_unit, run_units, scan_unit

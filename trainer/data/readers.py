@@ -15,7 +15,7 @@ import zlib
 from collections import Counter
 from collections.abc import Iterator
 
-from hecate.collectives.errors import DataError
+from hecate.trainer.errors import DataError
 from hecate.trainer.data.corpus import Unit
 from hecate.trainer.data.pieces import cut_pieces
 

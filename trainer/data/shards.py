@@ -17,7 +17,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from hecate.collectives.errors import DataError
+from hecate.trainer.errors import DataError
 
 SPLITS = ("train", "val")
 SHARD_TOKENS = 1 << 26  # 64 Mi tokens: 128 MiB (uint16) or 256 MiB (uint32) a shard

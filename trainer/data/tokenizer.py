@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from hecate.collectives.errors import DataError
+from hecate.trainer.errors import DataError
 
 EOT = "<|endoftext|>"
 TOKENIZER_FILE = "tokenizer.json"

@@ -17,6 +17,7 @@ Presets live in ``examples/clusters/*.yaml``. Figures are the vendors' nominal o
 node's devices share fewer compute units than there are devices: ``device`` then describes one rank while all
 ranks compute, and a rank that waits in a collective lends its core to the busy ones (see ``cost.py``).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -77,8 +78,9 @@ def _number(section: dict[str, Any], key: str, where: str, minimum: float = 0.0,
     value = section.get(key)
     kind = int if integer else (int, float)
     if isinstance(value, bool) or not isinstance(value, kind) or not value > minimum:
-        raise ConfigError(f"{where}{key}", f"must be a {'whole ' if integer else ''}number > {minimum:g}, "
-                                           f"got {value!r}")
+        raise ConfigError(
+            f"{where}{key}", f"must be a {'whole ' if integer else ''}number > {minimum:g}, got {value!r}"
+        )
     return value
 
 
@@ -98,17 +100,22 @@ def cluster_from_dict(values: dict[str, Any], source: str = "cluster") -> Cluste
     if unknown:
         raise ConfigError(unknown[0], f"unknown key in {source}; allowed: {', '.join(sorted(known))}")
     gpus_per_node = int(_number(values, "gpus_per_node", "", integer=True))
-    cores_per_node = (int(_number(values, "cores_per_node", "", integer=True)) if "cores_per_node" in values
-                      else None)
+    cores_per_node = int(_number(values, "cores_per_node", "", integer=True)) if "cores_per_node" in values else None
     dtype = values.get("dtype", "bf16")
     if dtype not in DTYPE_BYTES:
         raise ConfigError("dtype", f"must be one of {tuple(DTYPE_BYTES)}, got {dtype!r}")
     dev = _section(values, "device", "")
-    device = Device(str(dev.get("name", "device")), float(_number(dev, "tflops", "device.")),
-                    _efficiency(dev, "device."), float(_number(dev, "memory_gib", "device.")))
+    device = Device(
+        str(dev.get("name", "device")),
+        float(_number(dev, "tflops", "device.")),
+        _efficiency(dev, "device."),
+        float(_number(dev, "memory_gib", "device.")),
+    )
     intra = _section(values, "intra_node", "")
-    intra_link = Link(_number(intra, "gbytes_per_s", "intra_node.") * 1e9 * _efficiency(intra, "intra_node."),
-                      float(intra.get("latency_us", 0.0)) * 1e-6)
+    intra_link = Link(
+        _number(intra, "gbytes_per_s", "intra_node.") * 1e9 * _efficiency(intra, "intra_node."),
+        float(intra.get("latency_us", 0.0)) * 1e-6,
+    )
     inter = _section(values, "inter_node", "")
     per = inter.get("per", "node")
     if per not in ("node", "gpu"):
@@ -118,8 +125,9 @@ def cluster_from_dict(values: dict[str, Any], source: str = "cluster") -> Cluste
     for where, link in (("intra_node.latency_us", intra_link), ("inter_node.latency_us", inter_link)):
         if link.latency_s < 0:
             raise ConfigError(where, f"must be >= 0, got {link.latency_s * 1e6}")
-    return Cluster(str(values.get("name", source)), gpus_per_node, dtype, device, intra_link, inter_link,
-                   cores_per_node)
+    return Cluster(
+        str(values.get("name", source)), gpus_per_node, dtype, device, intra_link, inter_link, cores_per_node
+    )
 
 
 def load_cluster(path: str | Path) -> Cluster:

@@ -12,6 +12,7 @@ buffer; when the ring spans nodes, each node's NICs carry that once per ring tha
 
 Shapes: D devices of the group.
 """
+
 from __future__ import annotations
 
 import math
@@ -38,8 +39,9 @@ def exchange_time(bytes_DD: np.ndarray, cluster: Cluster, first_device: int = 0)
     return seconds + (cluster.intra.latency_s if intra else 0.0) + (cluster.inter.latency_s if inter else 0.0)
 
 
-def all_reduce_time(nbytes: float, participants: int, cluster: Cluster, spans_nodes: bool,
-                    rings_per_node: int = 1) -> float:
+def all_reduce_time(
+    nbytes: float, participants: int, cluster: Cluster, spans_nodes: bool, rings_per_node: int = 1
+) -> float:
     """Seconds for a ring all-reduce of ``nbytes`` per participant; ``rings_per_node`` rings of this collective
     run at once through each node's NICs (e.g. one per GPU when each GPU's ring links it to other nodes)."""
     if participants <= 1 or nbytes <= 0:

@@ -1,5 +1,5 @@
 """One MoE layer's step on one group of devices, phase by phase, under the engine's overlap rules
-(``parallel/fssdp/engine.py``, DESIGN.md section 2):
+(``parallel/fssdp/engine.py``):
 
     forward   attention || SparseAllGather      the gather is issued before the block's attention; only the part
                                                 longer than the attention is exposed
@@ -21,6 +21,7 @@ for each block's attention part plus (D + 2 F) per expert row a device computes.
 
 Shapes: R source ranks = D devices of the group, E experts.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
@@ -100,9 +101,18 @@ def expert_phase_rows(rows_D: np.ndarray, cluster: Cluster, first_device: int) -
     return longest
 
 
-def layer_step(workload: Workload, cluster: Cluster, owner: OwnerPlacement, materialized: MaterializedPlacement,
-               counts_RE: np.ndarray, first_device: int, ranks_per_node: int | None, overlap: Overlap,
-               rematerialize: bool, chunk: ChunkSpec) -> LayerStep:
+def layer_step(
+    workload: Workload,
+    cluster: Cluster,
+    owner: OwnerPlacement,
+    materialized: MaterializedPlacement,
+    counts_RE: np.ndarray,
+    first_device: int,
+    ranks_per_node: int | None,
+    overlap: Overlap,
+    rematerialize: bool,
+    chunk: ChunkSpec,
+) -> LayerStep:
     flops = cluster.device.flops_per_s
     attention_f = workload.attention_flops(workload.tokens_per_gpu) / flops
     gather_DD = sparse_bytes(owner, materialized, chunk)
@@ -117,13 +127,19 @@ def layer_step(workload: Workload, cluster: Cluster, owner: OwnerPlacement, mate
     attention_b = BACKWARD_OVER_FORWARD * attention_f
     exposed_gather = max(gather - attention_f, 0.0) if overlap.gather else gather
     exposed_rs = max(reduce_scatter - attention_b, 0.0) if overlap.reduce_scatter else reduce_scatter
-    phases = Phases(attention=attention_f + attention_b,
-                    experts=(1 + BACKWARD_OVER_FORWARD) * experts_f,
-                    all_to_all=2 * (dispatch + combine),
-                    gather=exposed_gather + (gather if rematerialize else 0.0),
-                    reduce_scatter=exposed_rs)
-    phases.details = {"gather_s": gather, "reduce_scatter_s": reduce_scatter, "dispatch_s": dispatch,
-                      "attention_fwd_s": attention_f}
+    phases = Phases(
+        attention=attention_f + attention_b,
+        experts=(1 + BACKWARD_OVER_FORWARD) * experts_f,
+        all_to_all=2 * (dispatch + combine),
+        gather=exposed_gather + (gather if rematerialize else 0.0),
+        reduce_scatter=exposed_rs,
+    )
+    phases.details = {
+        "gather_s": gather,
+        "reduce_scatter_s": reduce_scatter,
+        "dispatch_s": dispatch,
+        "attention_fwd_s": attention_f,
+    }
     owned = np.bincount(np.asarray(owner.owner_C), minlength=owner.world_size)
     held = np.array([len(materialized.chunks_on(d)) for d in range(owner.world_size)])
     return LayerStep(phases, rows_D, held - owned, float(gather_DD.sum()))
@@ -133,21 +149,29 @@ def activation_bytes(workload: Workload, rows_D_per_layer: list[np.ndarray], dty
     """Activations kept for backward on the device that keeps the most."""
     tokens, dim = workload.tokens_per_gpu, workload.dim
     attention = ATTENTION_ACTIVATION_VALUES * dim * tokens * workload.n_layers
-    dense = sum(2 * workload.dense_ffn_dim * tokens for i in range(workload.n_layers)
-                if i not in workload.moe_layers)
+    dense = sum(2 * workload.dense_ffn_dim * tokens for i in range(workload.n_layers) if i not in workload.moe_layers)
     rows = np.sum(rows_D_per_layer, axis=0) if rows_D_per_layer else np.zeros(1)
     experts = (dim + 2 * workload.ffn_dim) * rows.max()
     head_bytes = 0 if workload.block_only else 4 * tokens * workload.vocab_size  # fp32 logits
     return float((attention + dense + experts) * dtype_bytes + head_bytes)
 
 
-def memory_bytes(workload: Workload, group_size: int, replicas_LD: np.ndarray, rows_LD: list[np.ndarray],
-                 dtype_bytes: int, rematerialize: bool) -> dict[str, float]:
+def memory_bytes(
+    workload: Workload,
+    group_size: int,
+    replicas_LD: np.ndarray,
+    rows_LD: list[np.ndarray],
+    dtype_bytes: int,
+    rematerialize: bool,
+) -> dict[str, float]:
     """Peak memory per device (the largest device), by kind; see the module docstring."""
     owned = workload.num_experts // group_size * len(workload.moe_layers)
     replica_bytes = workload.expert_params * dtype_bytes * 2
     per_device_D = replicas_LD.max(0) if rematerialize else replicas_LD.sum(0)
-    return {"parameters_and_optimizer": float(STATE_BYTES_PER_PARAM * (workload.dense_params
-                                                                      + owned * workload.expert_params)),
-            "replicas": float(per_device_D.max() * replica_bytes) if len(per_device_D) else 0.0,
-            "activations": activation_bytes(workload, rows_LD, dtype_bytes)}
+    return {
+        "parameters_and_optimizer": float(
+            STATE_BYTES_PER_PARAM * (workload.dense_params + owned * workload.expert_params)
+        ),
+        "replicas": float(per_device_D.max() * replica_bytes) if len(per_device_D) else 0.0,
+        "activations": activation_bytes(workload, rows_LD, dtype_bytes),
+    }

@@ -12,13 +12,15 @@ Two sources, one interface (``counts_RE(step, layer, ranks, pairs_per_rank)``):
 
 Shapes: R source ranks, E experts.
 """
+
 from __future__ import annotations
 
 from typing import Protocol
 
 import numpy as np
 
-from hecate.collectives.errors import ConfigError, DataError
+from hecate.collectives.errors import ConfigError
+from hecate.trainer.errors import DataError
 from hecate.trainer.scaling.trace import RoutingTrace
 
 
@@ -50,8 +52,10 @@ class TraceRouting:
     def __init__(self, trace: RoutingTrace, num_experts: int, num_layers: int, skip: int = 0):
         steps, layers, ranks, experts = trace.shape
         if experts != num_experts:
-            raise DataError(f"the routing trace has {experts} experts per layer but the model config has "
-                            f"moe.num_experts={num_experts}: record a trace of a {num_experts}-expert model")
+            raise DataError(
+                f"the routing trace has {experts} experts per layer but the model config has "
+                f"moe.num_experts={num_experts}: record a trace of a {num_experts}-expert model"
+            )
         if not 0 <= skip < steps:
             raise ConfigError("--trace-skip", f"must be in [0, {steps}) for a trace of {steps} steps, got {skip}")
         self.trace, self.num_experts, self.steps = trace, num_experts, steps
@@ -81,8 +85,9 @@ class ZipfRouting:
         if not s >= 0:
             raise ConfigError("--zipf", f"the Zipf exponent must be >= 0 (0 = uniform), got {s}")
         self.s, self.num_experts, self.steps, self.seed = s, num_experts, steps, seed
-        self.popularity_LE = np.stack([zipf_popularity(num_experts, s, seed * 1009 + layer)
-                                       for layer in range(num_layers)])
+        self.popularity_LE = np.stack(
+            [zipf_popularity(num_experts, s, seed * 1009 + layer) for layer in range(num_layers)]
+        )
 
     def counts_RE(self, step: int, layer: int, ranks: int, pairs_per_rank: int) -> np.ndarray:
         rng = np.random.default_rng((self.seed, step, layer))

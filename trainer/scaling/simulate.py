@@ -12,11 +12,13 @@ The FSSDP group is G = min(gpus, E) devices (every device owns E / G experts of 
 requires); with more GPUs than experts the gpus / G groups hold the same experts and all-reduce their
 gradients (expert data parallelism), as expert parallelism does at that scale. Groups are contiguous devices,
 so a group of 64 spans 8 nodes of 8. At most ``max_groups`` groups are simulated (the slowest counts); they
-differ only in the routing of their ranks, and the gradient all-reduce over all of them is modelled. The first ``window`` steps fill the load estimate and are not counted.
+differ only in the routing of their ranks, and the gradient all-reduce over all of them is modelled.
+The first ``window`` steps fill the load estimate and are not counted.
 
 The baselines keep expert parallelism's owners (their systems do not re-shard); ``fssdp`` re-shards every
 ``reshard_every`` steps when asked (Hecate's heterogeneous sharding).
 """
+
 from __future__ import annotations
 
 import math
@@ -66,12 +68,19 @@ class PolicyResult:
     step_times_s: list[float] = field(default_factory=list)
 
     def as_dict(self) -> dict:
-        return {"policy": self.policy, "gpus": self.gpus, "group_size": self.group_size,
-                "overlap_budget": self.overlap_budget, "memory_budget": self.memory_budget,
-                "step_ms": 1e3 * self.step_s, "phases_ms": {k: 1e3 * v for k, v in self.phases.as_dict().items()},
-                "memory_gib": {k: v / 2**30 for k, v in self.memory.items()},
-                "memory_total_gib": sum(self.memory.values()) / 2**30,
-                "replicas_per_device": self.replicas_per_device, "rows_max_over_mean": self.rows_max_over_mean}
+        return {
+            "policy": self.policy,
+            "gpus": self.gpus,
+            "group_size": self.group_size,
+            "overlap_budget": self.overlap_budget,
+            "memory_budget": self.memory_budget,
+            "step_ms": 1e3 * self.step_s,
+            "phases_ms": {k: 1e3 * v for k, v in self.phases.as_dict().items()},
+            "memory_gib": {k: v / 2**30 for k, v in self.memory.items()},
+            "memory_total_gib": sum(self.memory.values()) / 2**30,
+            "replicas_per_device": self.replicas_per_device,
+            "rows_max_over_mean": self.rows_max_over_mean,
+        }
 
 
 def group_size(workload: Workload, cluster: Cluster, gpus: int) -> int:
@@ -79,13 +88,15 @@ def group_size(workload: Workload, cluster: Cluster, gpus: int) -> int:
     if gpus < 1:
         raise ConfigError("--gpus", f"must be >= 1, got {gpus}")
     if gpus > cluster.gpus_per_node and gpus % cluster.gpus_per_node:
-        raise ConfigError("--gpus", f"{gpus} GPUs do not fill whole nodes of {cluster.gpus_per_node} "
-                                    f"({cluster.name})")
+        raise ConfigError("--gpus", f"{gpus} GPUs do not fill whole nodes of {cluster.gpus_per_node} ({cluster.name})")
     size = min(gpus, workload.num_experts)
     if workload.num_experts % size or gpus % size:
-        raise ConfigError("--gpus", f"{gpus} GPUs cannot be split into groups that each own all "
-                                    f"{workload.num_experts} experts equally (need E % min(gpus, E) == 0 and "
-                                    f"gpus % min(gpus, E) == 0)")
+        raise ConfigError(
+            "--gpus",
+            f"{gpus} GPUs cannot be split into groups that each own all "
+            f"{workload.num_experts} experts equally (need E % min(gpus, E) == 0 and "
+            f"gpus % min(gpus, E) == 0)",
+        )
     return size
 
 
@@ -99,8 +110,11 @@ def derived_overlap_budget(workload: Workload, cluster: Cluster, group: int) -> 
     """Expert copies that arrive while one block's attention runs forward: attention time over one expert's
     transfer on the slowest link a copy may take (a GPU's share of its node's NICs when the group spans nodes)."""
     attention = workload.attention_flops(workload.tokens_per_gpu) / cluster.device.flops_per_s
-    per_gpu = (cluster.inter.bytes_per_s / cluster.gpus_per_node if group > cluster.gpus_per_node
-               else cluster.intra.bytes_per_s)
+    per_gpu = (
+        cluster.inter.bytes_per_s / cluster.gpus_per_node
+        if group > cluster.gpus_per_node
+        else cluster.intra.bytes_per_s
+    )
     return int(attention // (chunk_spec(workload, cluster).nbytes / per_gpu))
 
 
@@ -109,23 +123,33 @@ def gradient_sync_time(workload: Workload, cluster: Cluster, gpus: int, group: i
     trainer does both after backward (not overlapped)."""
     if workload.block_only:
         return 0.0
-    dense = all_reduce_time(workload.dense_params * cluster.dtype_bytes, gpus, cluster,
-                            spans_nodes=gpus > cluster.gpus_per_node)
+    dense = all_reduce_time(
+        workload.dense_params * cluster.dtype_bytes, gpus, cluster, spans_nodes=gpus > cluster.gpus_per_node
+    )
     owned_bytes = (workload.num_experts // group) * len(workload.moe_layers) * workload.expert_params
-    experts = all_reduce_time(owned_bytes * cluster.dtype_bytes, gpus // group, cluster,
-                              spans_nodes=group >= cluster.gpus_per_node, rings_per_node=cluster.gpus_per_node)
+    experts = all_reduce_time(
+        owned_bytes * cluster.dtype_bytes,
+        gpus // group,
+        cluster,
+        spans_nodes=group >= cluster.gpus_per_node,
+        rings_per_node=cluster.gpus_per_node,
+    )
     return dense + experts
 
 
-def simulate_policy(workload: Workload, cluster: Cluster, routing: Routing, policy_name: str,
-                    settings: Settings) -> PolicyResult:
+def simulate_policy(
+    workload: Workload, cluster: Cluster, routing: Routing, policy_name: str, settings: Settings
+) -> PolicyResult:
     if policy_name not in POLICIES:
         raise ConfigError("--policy", f"must be among {POLICIES}, got {policy_name!r}")
     gpus = settings.gpus
     group = group_size(workload, cluster, gpus)
     per_node = cluster.gpus_per_node if group > cluster.gpus_per_node else None
-    budget = (settings.overlap_budget if settings.overlap_budget is not None
-              else derived_overlap_budget(workload, cluster, group))
+    budget = (
+        settings.overlap_budget
+        if settings.overlap_budget is not None
+        else derived_overlap_budget(workload, cluster, group)
+    )
     policy = build_policy(policy_name, budget, settings.memory_budget, per_node, settings.min_imbalance)
     reshard_every = settings.reshard_every if policy_name == "fssdp" else 0
     chunk = chunk_spec(workload, cluster)
@@ -133,32 +157,46 @@ def simulate_policy(workload: Workload, cluster: Cluster, routing: Routing, poli
     owners = [[initial_owners(workload.num_experts, group) for _ in layers] for _ in range(groups)]
     estimators = [[LoadEstimator(workload.num_experts, settings.window) for _ in layers] for _ in range(groups)]
     sync = gradient_sync_time(workload, cluster, gpus, group)
-    non_moe = sum(3 * workload.dense_block_flops(workload.tokens_per_gpu) for i in range(workload.n_layers)
-                  if i not in layers) + (1 + BACKWARD_OVER_FORWARD) * workload.head_flops(workload.tokens_per_gpu)
+    non_moe = sum(
+        3 * workload.dense_block_flops(workload.tokens_per_gpu) for i in range(workload.n_layers) if i not in layers
+    ) + (1 + BACKWARD_OVER_FORWARD) * workload.head_flops(workload.tokens_per_gpu)
     step_times, mean_phases, replicas, spreads = [], Phases(), [], []
     replicas_LD, rows_LD = None, None
     total_steps = settings.window + settings.steps
     for step in range(total_steps):
-        counts_LRE = [routing.counts_RE(step, l, groups * group, workload.pairs_per_gpu) for l in range(len(layers))]
+        counts_LRE = [
+            routing.counts_RE(step, layer, groups * group, workload.pairs_per_gpu) for layer in range(len(layers))
+        ]
         slowest, measured = None, step >= settings.window
         for g in range(groups):
             phases = Phases(attention=non_moe / cluster.device.flops_per_s, gradient_sync=sync)
             group_replicas, group_rows = [], []
-            for l in range(len(layers)):
-                counts_RE = counts_LRE[l][g * group:(g + 1) * group]
+            for layer in range(len(layers)):
+                counts_RE = counts_LRE[layer][g * group : (g + 1) * group]
                 if measured:  # window steps only fill the estimate (policies are stateless): no cost to compute
-                    owner = owners[g][l]
-                    materialized = policy.materialize(owner, estimators[g][l].estimate())
-                    cost = layer_step(workload, cluster, owner, materialized, counts_RE, g * group, per_node,
-                                      settings.overlap, settings.rematerialize, chunk)
+                    owner = owners[g][layer]
+                    materialized = policy.materialize(owner, estimators[g][layer].estimate())
+                    cost = layer_step(
+                        workload,
+                        cluster,
+                        owner,
+                        materialized,
+                        counts_RE,
+                        g * group,
+                        per_node,
+                        settings.overlap,
+                        settings.rematerialize,
+                        chunk,
+                    )
                     phases.add(cost.phases)
                     group_replicas.append(cost.replicas_D)
                     group_rows.append(cost.rows_D)
-                estimators[g][l].update(counts_RE.sum(0).tolist())
+                estimators[g][layer].update(counts_RE.sum(0).tolist())
             if reshard_every and (step + 1) % reshard_every == 0:
                 moved_bytes = STATE_BYTES_PER_PARAM * workload.expert_params
-                phases.gradient_sync += _reshard(owners[g], estimators[g], group, per_node, cluster, g * group,
-                                                 moved_bytes)
+                phases.gradient_sync += _reshard(
+                    owners[g], estimators[g], group, per_node, cluster, g * group, moved_bytes
+                )
             if slowest is None or phases.total > slowest[0].total:
                 slowest = (phases, group_replicas, group_rows)
         if measured:
@@ -172,33 +210,56 @@ def simulate_policy(workload: Workload, cluster: Cluster, routing: Routing, poli
             rows_LD = group_rows
     for name, value in mean_phases.as_dict().items():
         setattr(mean_phases, name, value / settings.steps)
-    memory = memory_bytes(workload, group, np.asarray(replicas_LD), rows_LD, cluster.dtype_bytes,
-                          settings.rematerialize)
-    return PolicyResult(policy_name, gpus, group, budget, settings.memory_budget, float(np.mean(step_times)),
-                        mean_phases, memory, float(np.mean(replicas)), float(np.mean(spreads)), step_times)
+    memory = memory_bytes(
+        workload, group, np.asarray(replicas_LD), rows_LD, cluster.dtype_bytes, settings.rematerialize
+    )
+    return PolicyResult(
+        policy_name,
+        gpus,
+        group,
+        budget,
+        settings.memory_budget,
+        float(np.mean(step_times)),
+        mean_phases,
+        memory,
+        float(np.mean(replicas)),
+        float(np.mean(spreads)),
+        step_times,
+    )
 
 
-def _reshard(owners_L: list, estimators_L: list, group: int, per_node: int | None, cluster: Cluster,
-             first_device: int, moved_bytes: float) -> float:
+def _reshard(
+    owners_L: list,
+    estimators_L: list,
+    group: int,
+    per_node: int | None,
+    cluster: Cluster,
+    first_device: int,
+    moved_bytes: float,
+) -> float:
     """Heterogeneous re-sharding of one group (in place); returns the seconds its ownership moves take (each
     moved expert carries fp32 weights, gradients and AdamW moments)."""
     new_L = reshard_owners([e.estimate() for e in estimators_L], group, per_node)
     seconds = 0.0
-    for l, new in enumerate(new_L):
+    for layer, new in enumerate(new_L):
         bytes_DD = np.zeros((group, group))
-        for _expert, src, dst in moves(owners_L[l], new):
+        for _expert, src, dst in moves(owners_L[layer], new):
             bytes_DD[src, dst] += 1
-        owners_L[l] = new
+        owners_L[layer] = new
         if bytes_DD.any():
             seconds += exchange_time(bytes_DD * moved_bytes, cluster, first_device)
     return seconds
 
 
-def simulate(workload: Workload, cluster: Cluster, routing: Routing, policies: list[str],
-             settings_per_gpus: list[Settings]) -> list[PolicyResult]:
+def simulate(
+    workload: Workload, cluster: Cluster, routing: Routing, policies: list[str], settings_per_gpus: list[Settings]
+) -> list[PolicyResult]:
     """Every policy at every cluster size (one Settings per size)."""
-    return [simulate_policy(workload, cluster, routing, policy, settings)
-            for settings in settings_per_gpus for policy in policies]
+    return [
+        simulate_policy(workload, cluster, routing, policy, settings)
+        for settings in settings_per_gpus
+        for policy in policies
+    ]
 
 
 def speedups(results: list[PolicyResult], baseline: str = "ep") -> dict[tuple[int, str], float]:
@@ -209,4 +270,4 @@ def speedups(results: list[PolicyResult], baseline: str = "ep") -> dict[tuple[in
 
 def cluster_sizes(start: int, stop: int) -> list[int]:
     """start, 2 start, 4 start, ... up to stop."""
-    return [start * 2 ** i for i in range(int(math.log2(stop // start)) + 1)]
+    return [start * 2**i for i in range(int(math.log2(stop // start)) + 1)]

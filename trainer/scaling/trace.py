@@ -12,6 +12,7 @@ A record of a step already in the file replaces it when read (a resumed run writ
 
 Shapes: S steps, L MoE layers, R source ranks, E experts, T tokens, K experts per token.
 """
+
 from __future__ import annotations
 
 import json
@@ -22,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from hecate.collectives.errors import DataError
+from hecate.trainer.errors import DataError
 
 TRACE_FILE = "routing_trace.bin"
 FORMAT, VERSION = "hecate-routing-trace", 1
@@ -46,16 +47,24 @@ class RoutingTrace:
 
 
 def header_for(ranks: int, layers: list[int], experts: int, top_k: int, tokens_per_rank: int) -> dict[str, Any]:
-    return {"format": FORMAT, "version": VERSION, "ranks": ranks, "layers": list(layers), "experts": experts,
-            "top_k": top_k, "tokens_per_rank": tokens_per_rank}
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "ranks": ranks,
+        "layers": list(layers),
+        "experts": experts,
+        "top_k": top_k,
+        "tokens_per_rank": tokens_per_rank,
+    }
 
 
 def write_trace(path: Path, trace: RoutingTrace) -> None:
     """Write a whole trace (e.g. one recorded by a benchmark) in the file format above."""
     steps, layers, ranks, experts = trace.shape
     header = header_for(ranks, list(trace.layers), experts, trace.top_k, trace.tokens_per_rank)
-    records = np.concatenate([trace.steps_S.reshape(steps, 1), trace.counts_SLRE.transpose(0, 2, 1, 3)
-                              .reshape(steps, -1)], axis=1)
+    records = np.concatenate(
+        [trace.steps_S.reshape(steps, 1), trace.counts_SLRE.transpose(0, 2, 1, 3).reshape(steps, -1)], axis=1
+    )
     path.write_bytes((json.dumps(header) + "\n").encode() + records.astype(RECORD_DTYPE).tobytes())
 
 
@@ -76,10 +85,12 @@ def read_trace(path: str | Path) -> RoutingTrace:
         raise DataError(f"{path}: routing trace version {header.get('version')!r}, this reader knows {VERSION}")
     ranks, layers, experts = int(header["ranks"]), list(header["layers"]), int(header["experts"])
     width = 1 + ranks * len(layers) * experts
-    body = raw[end + 1:]
+    body = raw[end + 1 :]
     if len(body) % (width * RECORD_DTYPE.itemsize):
-        raise DataError(f"{path}: {len(body)} bytes of records is not a whole number of {width}-value records "
-                        f"(the file was cut short)")
+        raise DataError(
+            f"{path}: {len(body)} bytes of records is not a whole number of {width}-value records "
+            f"(the file was cut short)"
+        )
     records = np.frombuffer(body, dtype=RECORD_DTYPE).reshape(-1, width).astype(np.int64)
     if not len(records):
         raise DataError(f"{path} holds no steps")
@@ -88,8 +99,13 @@ def read_trace(path: str | Path) -> RoutingTrace:
     counts_SRLE = records[:, 1:].reshape(-1, ranks, len(layers), experts)
     if (counts_SRLE < 0).any():
         raise DataError(f"{path}: negative expert counts")
-    return RoutingTrace(records[:, 0], counts_SRLE.transpose(0, 2, 1, 3).copy(), tuple(layers),
-                        int(header["top_k"]), int(header["tokens_per_rank"]))
+    return RoutingTrace(
+        records[:, 0],
+        counts_SRLE.transpose(0, 2, 1, 3).copy(),
+        tuple(layers),
+        int(header["top_k"]),
+        int(header["tokens_per_rank"]),
+    )
 
 
 class RoutingRecorder:
@@ -97,8 +113,9 @@ class RoutingRecorder:
     after the step, gathers them over the data-parallel ranks; the main rank appends one record to the file.
     ``moe_layers`` maps block index -> MoE layer; ``dp`` is the data-parallel transport (None on one process)."""
 
-    def __init__(self, path: Path, moe_layers: dict, dp: Any, tokens_per_rank: int, is_main: bool,
-                 resume_step: int = 0):
+    def __init__(
+        self, path: Path, moe_layers: dict, dp: Any, tokens_per_rank: int, is_main: bool, resume_step: int = 0
+    ):
         self.path, self.dp, self.is_main = path, dp, is_main
         self.layers = sorted(moe_layers)
         first = moe_layers[self.layers[0]]
@@ -106,11 +123,13 @@ class RoutingRecorder:
         self.ranks = dp.world_size if dp is not None else 1
         self.counts_LE = torch.zeros(len(self.layers), self.experts, dtype=torch.long)
         for row, index in enumerate(self.layers):
-            moe_layers[index].router.register_forward_hook(lambda module, _args, routing, row=row:
-                                                           self._count(module, row, routing))
+            moe_layers[index].router.register_forward_hook(
+                lambda module, _args, routing, row=row: self._count(module, row, routing)
+            )
         if is_main:
-            self._start_file(header_for(self.ranks, self.layers, self.experts, self.top_k, tokens_per_rank),
-                             resume_step)
+            self._start_file(
+                header_for(self.ranks, self.layers, self.experts, self.top_k, tokens_per_rank), resume_step
+            )
 
     def _count(self, module: torch.nn.Module, row: int, routing: Any) -> None:
         if module.training:
@@ -120,11 +139,13 @@ class RoutingRecorder:
         """A fresh file, or on resume the old one cut after ``resume_step`` (if its header matches)."""
         if resume_step and self.path.is_file():
             old = read_trace(self.path)
-            same = (old.shape[1:] == (len(self.layers), self.ranks, self.experts) and old.top_k == self.top_k)
+            same = old.shape[1:] == (len(self.layers), self.ranks, self.experts) and old.top_k == self.top_k
             if same:
                 keep = old.steps_S <= resume_step
-                write_trace(self.path, RoutingTrace(old.steps_S[keep], old.counts_SLRE[keep], old.layers,
-                                                    old.top_k, old.tokens_per_rank))
+                write_trace(
+                    self.path,
+                    RoutingTrace(old.steps_S[keep], old.counts_SLRE[keep], old.layers, old.top_k, old.tokens_per_rank),
+                )
                 return
         self.path.write_bytes((json.dumps(header) + "\n").encode())
 

@@ -11,6 +11,7 @@ the MoE block that the calibration benchmark times (``benchmarks/calibrate_scali
 
 Shapes: D model dim, S sequence, F expert hidden, E experts, V vocabulary.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -43,9 +44,21 @@ class Workload:
             raise ConfigError("--tokens-per-gpu", f"must be >= 1, got {tokens_per_gpu}")
         moe = cfg.moe
         layers = tuple(i for i in range(cfg.model.n_layers) if (i + 1) % moe.every == 0)
-        return cls(cfg.model.dim, cfg.model.seq_len, cfg.model.n_layers, layers, moe.num_experts, moe.top_k,
-                   moe.ffn_dim, 3 if moe.activation == "swiglu" else 2, cfg.model.dense_ffn_dim, moe.shared_expert,
-                   cfg.data.vocab_size, tokens_per_gpu, block_only)
+        return cls(
+            cfg.model.dim,
+            cfg.model.seq_len,
+            cfg.model.n_layers,
+            layers,
+            moe.num_experts,
+            moe.top_k,
+            moe.ffn_dim,
+            3 if moe.activation == "swiglu" else 2,
+            cfg.model.dense_ffn_dim,
+            moe.shared_expert,
+            cfg.data.vocab_size,
+            tokens_per_gpu,
+            block_only,
+        )
 
     @property
     def pairs_per_gpu(self) -> int:
@@ -55,15 +68,19 @@ class Workload:
 
     def attention_flops(self, tokens: int) -> float:
         """One block's attention (projections and causal attention) plus the router of an MoE block."""
-        return tokens * (8 * self.dim ** 2 + 2 * self.seq_len * self.dim + 2 * self.dim * self.num_experts
-                         + (2 * self.expert_matrices * self.dim * self.ffn_dim if self.shared_expert else 0))
+        return tokens * (
+            8 * self.dim**2
+            + 2 * self.seq_len * self.dim
+            + 2 * self.dim * self.num_experts
+            + (2 * self.expert_matrices * self.dim * self.ffn_dim if self.shared_expert else 0)
+        )
 
     def expert_flops(self, rows: int | float) -> float:
         return rows * 2 * self.expert_matrices * self.dim * self.ffn_dim
 
     def dense_block_flops(self, tokens: int) -> float:
         """A block with a dense FFN (not an MoE layer): attention without router, plus the FFN."""
-        return tokens * (8 * self.dim ** 2 + 2 * self.seq_len * self.dim + 4 * self.dim * self.dense_ffn_dim)
+        return tokens * (8 * self.dim**2 + 2 * self.seq_len * self.dim + 4 * self.dim * self.dense_ffn_dim)
 
     def head_flops(self, tokens: int) -> float:
         return 0.0 if self.block_only else tokens * 2 * self.dim * self.vocab_size
@@ -77,7 +94,7 @@ class Workload:
     @property
     def dense_params(self) -> int:
         """Replicated on every device: attention, norms, routers, dense FFNs, shared experts, embeddings."""
-        per_block = 4 * self.dim ** 2 + 2 * self.dim
+        per_block = 4 * self.dim**2 + 2 * self.dim
         moe_extra = self.dim * self.num_experts + (self.expert_params if self.shared_expert else 0)
         dense_ffn = 2 * self.dim * self.dense_ffn_dim
         total = sum(per_block + (moe_extra if i in self.moe_layers else dense_ffn) for i in range(self.n_layers))
