@@ -80,12 +80,13 @@ def worker(cfg_dicts: dict[str, dict], warmup: int, rounds: int) -> dict[str, li
 
     from hecate.parallel.parallelize import Parallel
     from hecate.trainer.config import config_from_dict
+    from hecate.trainer.plan import layout_of
     from hecate.trainer.train import Trainer
 
     trainers = {}
     for name, cfg_dict in cfg_dicts.items():
         cfg = config_from_dict(cfg_dict)
-        parallel = Parallel.from_world(cfg.parallel, cfg.moe, cfg.model.n_layers, cfg.model.n_heads, cfg.fssdp)
+        parallel = Parallel.from_world(layout_of(cfg, dist.get_world_size()), cfg.parallel, cfg.moe, cfg.fssdp)
         trainers[name] = Trainer(cfg, parallel=parallel)
     clocks = {name: BusyClock(t.parallel.pipeline) for name, t in trainers.items() if t.parallel.pipeline}
     times: dict[str, list[float]] = {name: [] for name in trainers}

@@ -38,12 +38,10 @@ def train_worker(cfg_dict: dict[str, Any], resume: bool, env: WorkerEnv | None =
     cfg = config_from_dict(cfg_dict)
     rank = dist.get_rank()
     setup_logging(None, rank=rank, level=cfg.logging.level)
-    layout_of(cfg, dist.get_world_size())
     parallel = Parallel.from_world(
+        layout_of(cfg, dist.get_world_size()),
         cfg.parallel,
         cfg.moe,
-        cfg.model.n_layers,
-        cfg.model.n_heads,
         cfg.fssdp,
         transport=cfg.collectives.transport,
         network=network_from_environment(),

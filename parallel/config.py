@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 
 from hecate.collectives.errors import ConfigError
 from hecate.collectives.factory import TRANSPORT_KINDS
+from hecate.parallel.fssdp.planner import check_budget
+from hecate.parallel.fssdp.policies import POLICIES as FSSDP_POLICIES
 
 ACTIVATIONS = ("gelu", "swiglu")
 SCORES = ("softmax", "sigmoid")
@@ -96,7 +98,7 @@ class ParallelConfig:
             raise ConfigError(f"{prefix}.pp_stage_blocks", f"every stage needs >= 1 block, got {self.pp_stage_blocks}")
 
 
-POLICIES = ("off", "ep", "fsdp", "shadow", "fssdp")
+POLICIES = ("off", *FSSDP_POLICIES)  # "off": the experts are held as parallel.ep says
 AUTO = "auto"  # a budget derived from measurements (``hecate.parallel.fssdp.budgets``)
 TRANSPORTS = tuple(TRANSPORT_KINDS)
 
@@ -125,12 +127,8 @@ class FssdpConfig:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{prefix}.{name}", f"must be >= 1, got {getattr(self, name)}")
         for name in ("overlap_budget", "memory_budget"):
-            value = getattr(self, name)
-            if value != AUTO and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-                raise ConfigError(
-                    f"{prefix}.{name}",
-                    f"must be an integer >= 0 or {AUTO!r} (derived from measurements), got {value!r}",
-                )
+            if getattr(self, name) != AUTO:
+                check_budget(f"{prefix}.{name}", getattr(self, name), also=f" or {AUTO!r} (derived from measurements)")
         for name in ("reshard_every", "devices_per_node"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{prefix}.{name}", f"must be >= 0, got {getattr(self, name)}")

@@ -56,23 +56,26 @@ class Parallel:
     @classmethod
     def from_world(
         cls,
+        dims: ParallelDims,
         cfg: ParallelConfig,
         moe: MoEConfig,
-        n_layers: int,
-        n_heads: int,
         fssdp: FssdpConfig | None = None,
         transport: str = "torch",
         network: SimulatedNetwork | None = None,
         timeline: Timeline | None = None,
     ) -> Parallel:
-        """Inside a worker whose default process group is initialised: validate, build meshes and transports.
+        """Inside a worker whose default process group is initialised: build meshes and transports for ``dims``,
+        the layout :func:`check_layout` validated (the trainer's ``layout_of`` adds its own checks).
         ``transport`` (``collectives.transport``) carries the MoE collectives; dense gradients stay on
         torch.distributed. With ``network`` the transports delay inter-node transfers (simulated cluster); with
         ``timeline`` they record when each collective was in flight (``--profile-step``)."""
         import torch.distributed as dist
 
         fssdp = fssdp if fssdp is not None else FssdpConfig()
-        dims = check_layout(cfg, dist.get_world_size(), moe.num_experts, n_layers, n_heads, fssdp)
+        if dims.world != dist.get_world_size():
+            raise LayoutError(
+                f"the layout is for {dims.world} ranks, but the process group has {dist.get_world_size()}"
+            )
         meshes = build_meshes(dims)
         stats = CommStats()
         observe = lambda t, mesh, dim: observed(t, mesh, dim, dims.world, network, timeline)  # noqa: E731

@@ -11,6 +11,7 @@ import torch.distributed as dist
 
 from hecate.parallel.parallelize import Parallel
 from hecate.trainer.config import RunConfig, config_from_dict, load_config
+from hecate.trainer.plan import layout_of
 from hecate.trainer.profile import profiled_step
 from hecate.trainer.train import Trainer
 
@@ -81,7 +82,7 @@ def train_one(
     moments; with ``profile_step``, that step's trace. ``parallel_options`` go to ``Parallel.from_world``."""
     cfg = config_from_dict(cfg_dict)
     parallel = (
-        Parallel.from_world(cfg.parallel, cfg.moe, cfg.model.n_layers, cfg.model.n_heads, cfg.fssdp, **parallel_options)
+        Parallel.from_world(layout_of(cfg, dist.get_world_size()), cfg.parallel, cfg.moe, cfg.fssdp, **parallel_options)
         if distributed
         else Parallel.single()
     )

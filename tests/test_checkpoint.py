@@ -39,6 +39,7 @@ from hecate.trainer.errors import TrainingError
 from hecate.trainer.export import WEIGHTS_FILE
 from hecate.trainer.faults import ENV as FAULT_ENV
 from hecate.trainer.metrics import read_metrics
+from hecate.trainer.plan import layout_of
 from hecate.trainer.train import RUN_MARKER, Trainer
 
 BASE = ["train.grad_accum=2"]  # two micro-batches: pipeline parallelism needs at least pp of them
@@ -94,7 +95,9 @@ def train_hops(hops: list[tuple[dict, bool]]) -> None:
     """One rank of a simulated job that trains several layouts in turn, each resuming the run folder it names."""
     for cfg_dict, resume in hops:
         cfg = config_from_dict(cfg_dict)
-        parallel = Parallel.from_world(cfg.parallel, cfg.moe, cfg.model.n_layers, cfg.model.n_heads, cfg.fssdp)
+        parallel = Parallel.from_world(
+            layout_of(cfg, torch.distributed.get_world_size()), cfg.parallel, cfg.moe, cfg.fssdp
+        )
         Trainer(cfg, resume=resume, parallel=parallel).run()
 
 

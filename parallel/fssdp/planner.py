@@ -43,6 +43,7 @@ from numbers import Integral
 
 from hecate.collectives.errors import ConfigError
 from hecate.collectives.placement import MaterializedPlacement, OwnerPlacement
+from hecate.collectives.plan import check_placements
 from hecate.parallel.errors import LayoutError
 from hecate.parallel.fssdp.load import as_loads
 
@@ -51,10 +52,10 @@ from hecate.parallel.fssdp.load import as_loads
 FLOAT_SLACK = 1e-12
 
 
-def check_budget(field: str, value: int) -> None:
-    """Budgets count expert copies: whole numbers >= 0."""
+def check_budget(field: str, value: int, also: str = "") -> None:
+    """Budgets count expert copies: whole numbers >= 0 (``also`` names what else the caller accepts)."""
     if isinstance(value, bool) or not isinstance(value, Integral) or value < 0:
-        raise ConfigError(field, f"must be an integer >= 0 (expert copies per device), got {value!r}")
+        raise ConfigError(field, f"must be an integer >= 0 (expert copies per device){also}, got {value!r}")
 
 
 def check_devices_per_node(devices_per_node: int | None) -> None:
@@ -110,19 +111,10 @@ def predicted_device_load(materialized: MaterializedPlacement, load_E: Sequence[
 
 
 def check_materialized(owner: OwnerPlacement, materialized: MaterializedPlacement, memory_budget: int) -> None:
-    """Raise LayoutError unless ``materialized`` contains ``owner`` and adds at most ``memory_budget``
-    replicas to any device (the invariants SparseAllGather and the engine's buffers rely on)."""
-    if (materialized.num_chunks, materialized.world_size) != (owner.num_chunks, owner.world_size):
-        raise LayoutError(
-            f"materialized placement has {materialized.num_chunks} experts on "
-            f"{materialized.world_size} devices, the owner placement {owner.num_chunks} on "
-            f"{owner.world_size}"
-        )
-    missing = [(e, d) for e, d in enumerate(owner.owner_C) if d not in materialized.devices_C[e]]
-    if missing:
-        raise LayoutError(
-            f"materialized placement drops owners (expert, device): {missing}; it must contain the owner placement"
-        )
+    """Raise unless ``materialized`` is a placement the sparse collectives accept for ``owner`` (same world and
+    experts, every owner kept: :func:`~hecate.collectives.plan.check_placements`) that adds at most
+    ``memory_budget`` replicas to any device (what the engine's memory relies on)."""
+    check_placements(owner, materialized)
     extra_D = [0] * owner.world_size
     for expert, holders in enumerate(materialized.devices_C):
         for device in holders:
@@ -243,10 +235,8 @@ def plan_replicas(
     devices_per_node: int | None = None,
     min_imbalance: float = 1.0,
 ) -> MaterializedPlacement:
-    """The owner placement plus this step's replicas, by the rule in the module docstring."""
-    check_budget("fssdp.overlap_budget", overlap_budget)
-    check_budget("fssdp.memory_budget", memory_budget)
-    check_devices_per_node(devices_per_node)
+    """The owner placement plus this step's replicas, by the rule in the module docstring. The budgets and
+    ``devices_per_node`` are checked where they enter (the config, :class:`~.policies.FssdpPolicy`)."""
     load_E = as_loads(load_E, owner.num_chunks, "plan_replicas load_E")
     owners_only = MaterializedPlacement.from_owner(owner)
     load_D = predicted_device_load(owners_only, load_E)

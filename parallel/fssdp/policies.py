@@ -80,6 +80,10 @@ class FssdpPolicy:
         check_budget("fssdp.overlap_budget", self.overlap_budget)
         check_budget("fssdp.memory_budget", self.memory_budget)
         check_devices_per_node(self.devices_per_node)
+        if not self.min_imbalance >= 1:  # NaN fails too
+            raise ConfigError(
+                "fssdp.min_imbalance", f"must be >= 1 (a max / mean load ratio), got {self.min_imbalance}"
+            )
 
     def materialize(self, owner: OwnerPlacement, load_E: Sequence[float]) -> MaterializedPlacement:
         return plan_replicas(
@@ -97,14 +101,15 @@ POLICIES = tuple(_BUILDERS)
 
 
 def build_policy(
-    name: str, overlap_budget: int, memory_budget: int, devices_per_node: int | None = None, min_imbalance: float = 1.0
+    name: str,
+    overlap_budget: int,
+    memory_budget: int,
+    devices_per_node: int | None = None,
+    min_imbalance: float = 1.0,
+    field: str = "fssdp.policy",
 ) -> Policy:
-    """The policy called ``name`` (``fssdp.policy``). Budgets are checked for every policy, used where they apply."""
-    check_budget("fssdp.overlap_budget", overlap_budget)
-    check_budget("fssdp.memory_budget", memory_budget)
-    check_devices_per_node(devices_per_node)
+    """The policy called ``name`` (``field`` names where the name came from). Each policy checks the budgets it
+    uses when it is built."""
     if name not in _BUILDERS:
-        raise ConfigError("fssdp.policy", f"must be one of {POLICIES}, got {name!r}")
-    if min_imbalance < 1:
-        raise ConfigError("fssdp.min_imbalance", f"must be >= 1 (a max / mean load ratio), got {min_imbalance}")
+        raise ConfigError(field, f"must be one of {POLICIES}, got {name!r}")
     return _BUILDERS[name](overlap_budget, memory_budget, devices_per_node, min_imbalance)
