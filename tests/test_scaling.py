@@ -18,12 +18,12 @@ from hecate.collectives import MaterializedPlacement
 from hecate.collectives.errors import ConfigError
 from hecate.parallel.fssdp import initial_owners
 from hecate.trainer.errors import DataError
+from hecate.trainer.routing_trace import RoutingTrace, read_trace, write_trace
 from hecate.trainer.scaling.cluster import cluster_from_dict, load_cluster
 from hecate.trainer.scaling.comm import all_reduce_time, exchange_time
 from hecate.trainer.scaling.cost import Overlap, expert_phase_rows, layer_step, sparse_bytes
 from hecate.trainer.scaling.loads import TraceRouting, ZipfRouting, rescale_rows
 from hecate.trainer.scaling.simulate import Settings, chunk_spec, simulate_policy
-from hecate.trainer.scaling.trace import RoutingTrace, read_trace, write_trace
 from hecate.trainer.scaling.workload import Workload
 
 CALIBRATION = Path(__file__).parent / "data" / "scaling_calibration.json"

@@ -36,7 +36,7 @@ from hecate.trainer.model_adapter import TRANSFORMER
 from hecate.trainer.nonfinite import NonFiniteTracer
 from hecate.trainer.optim import build_optimizer, lr_at, set_lr
 from hecate.trainer.profile import profiled_step
-from hecate.trainer.scaling.trace import TRACE_FILE, RoutingRecorder
+from hecate.trainer.routing_trace import TRACE_FILE, RoutingRecorder
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ import numpy as np
 
 from hecate.collectives.errors import ConfigError
 from hecate.trainer.errors import DataError
-from hecate.trainer.scaling.trace import RoutingTrace
+from hecate.trainer.routing_trace import RoutingTrace
 
 
 class Routing(Protocol):

@@ -7,11 +7,11 @@ from pathlib import Path
 
 from hecate.collectives.errors import ConfigError
 from hecate.trainer.config import load_config
+from hecate.trainer.routing_trace import read_trace
 from hecate.trainer.scaling.cluster import load_cluster
 from hecate.trainer.scaling.cost import Overlap
 from hecate.trainer.scaling.loads import TraceRouting, ZipfRouting
 from hecate.trainer.scaling.simulate import PolicyResult, Settings, simulate, speedups
-from hecate.trainer.scaling.trace import read_trace
 from hecate.trainer.scaling.workload import Workload
 
 DEFAULT_GPUS = (16, 32, 64, 128, 256, 512, 1024)
