@@ -87,6 +87,10 @@ def assert_all_gone(pids: list[int]) -> None:
             time.sleep(0.2)
 
 
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
 @pytest.mark.parametrize(
     "world, layout",
     [
@@ -123,16 +127,23 @@ def test_simulated_run_resumes_identically(small_data, tmp_path, world, layout):
     assert second.returncode == 0, second.stderr
     assert losses(resumed) == losses(straight)
 
-    if world == 2:  # a corrupt checkpoint stops the resumed job with one line naming the file
-        data = next((straight / "checkpoints").glob("step_*6")) / "__0_0.distcp"
-        data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
-        bad = hecate(
+    if world == 2:  # a corrupt newest checkpoint is named and the one before it used; none usable: one line
+        resume = [
             *train_args(small_data, straight, *layout, "train.steps=6", "checkpoint.every=3"),
             "--simulate",
             str(world),
             "--resume",
-        )
-        assert bad.returncode == 2 and "__0_0.distcp is truncated" in bad.stderr, bad.stderr
+        ]
+        previous, newest = sorted((straight / "checkpoints").glob("step_*"))[-2:]
+        truncate(newest / "__0_0.distcp")
+        fallback = hecate(*resume)
+        assert fallback.returncode == 0, fallback.stderr
+        assert f"{newest} is corrupt: __0_0.distcp" in fallback.stderr, fallback.stderr
+        assert f"resumed from {previous}" in fallback.stderr, fallback.stderr
+        for folder in (straight / "checkpoints").glob("step_*"):  # the fallback run saved a new step 6
+            truncate(folder / "__0_0.distcp")
+        bad = hecate(*resume)
+        assert bad.returncode == 2 and "__0_0.distcp" in bad.stderr, bad.stderr
         assert "Traceback" not in bad.stderr, bad.stderr
 
 
