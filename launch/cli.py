@@ -407,7 +407,7 @@ def _train_simulated(cfg, world: int, resume: bool, fresh: bool, network=None, b
     dims = layout_of(cfg, world)
     _check_transport(cfg, "simulate")
     _ensure_data(cfg.data)
-    check_tensor_parallel(dims.tp, _vocab_size(cfg.data), cfg.model.dense_ffn_dim)
+    check_tensor_parallel(dims.tp, _vocab_size(cfg.data), cfg.model.dense_ffn_dim, cfg.model.kv_heads)
     prepare_run_dir(Path(cfg.train.run_dir), resume, fresh)
     group = start_workers(
         run_from_environment,
@@ -434,7 +434,7 @@ def _train_launched(args: argparse.Namespace, cfg) -> dict:
     dims = layout_of(cfg, args.workers)
     _check_transport(cfg, args.launcher)
     _ensure_data(cfg.data)
-    check_tensor_parallel(dims.tp, _vocab_size(cfg.data), cfg.model.dense_ffn_dim)
+    check_tensor_parallel(dims.tp, _vocab_size(cfg.data), cfg.model.dense_ffn_dim, cfg.model.kv_heads)
     run_dir = Path(cfg.train.run_dir)
     prepare_run_dir(run_dir, args.resume, args.fresh)
     worker_args = _worker_args(args.config, args.override, args.resume)

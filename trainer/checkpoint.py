@@ -59,7 +59,16 @@ TMP = ".tmp-"  # a save in progress (or interrupted) writes into TMP + its final
 # Whatever a DCP save or load raises fails it with one error: the files (a full disk, damaged or forged bytes) can
 # make it raise nearly anything, and its CheckpointException, which gathers every rank's failure, is a BaseException.
 DCP_FAILURES = (Exception, CheckpointException)
-MOE_SHAPE_FIELDS = ("num_experts", "ffn_dim", "activation", "every", "shared_expert")
+MOE_SHAPE_FIELDS = (
+    "num_experts",
+    "ffn_dim",
+    "activation",
+    "every",
+    "first_moe_block",
+    "shared_experts",
+    "shared_ffn_dim",
+    "shared_gate",
+)
 
 # Without a process group one process is the whole job; DCP says so on every save and load (a background save
 # says it from its own thread, after any catch_warnings block has ended).
