@@ -86,7 +86,8 @@ def load_hf_into(path: Path, model: nn.Module, expect: dict[str, Any]) -> None:
     hf = open_hf(path, seq_len=expect["model"]["seq_len"])
     ckpt.check_identity(hf.identity(), expect, f"Hugging Face model {path}")
     missing, unexpected = model.load_state_dict(hecate_state(hf), strict=False)
-    left = [name for name in missing if not name.endswith("expert_bias")]  # selection offsets start at zero
+    tied = {"lm_head.weight"} if hf.model.tie_embeddings else set()  # the embedding's weight, loaded under its name
+    left = [name for name in missing if not name.endswith("expert_bias") and name not in tied]  # biases start at 0
     if left or unexpected:
         raise HfFormatError(f"{path}: does not fill the model: missing {left}, unexpected {unexpected}")
 
