@@ -337,7 +337,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from hecate.trainer.plan import describe_plan
 
     cfg = load_config(args.config, args.override)
-    print(describe_plan(cfg, args.world, args.vocab_size or _vocab_size(cfg.data)))
+    print(describe_plan(cfg, args.world, args.vocab_size or cfg.model.vocab_for(_vocab_size(cfg.data))))
     return 0
 
 
@@ -393,7 +393,8 @@ def _check_init_from(cfg) -> None:
     from hecate.trainer.checkpoint import model_identity
     from hecate.trainer.export import check_export_fits
 
-    check_export_fits(Path(cfg.train.init_from), model_identity(cfg.model, cfg.moe, _vocab_size(cfg.data)))
+    vocab_size = cfg.model.vocab_for(_vocab_size(cfg.data))
+    check_export_fits(Path(cfg.train.init_from), model_identity(cfg.model, cfg.moe, vocab_size))
 
 
 def _simulated_network(args: argparse.Namespace):
@@ -431,7 +432,9 @@ def _train_simulated(cfg, world: int, resume: bool, fresh: bool, network=None, b
     dims = layout_of(cfg, world)
     _check_transport(cfg, "simulate")
     _ensure_data(cfg.data)
-    check_tensor_parallel(dims.tp, _vocab_size(cfg.data), cfg.model.dense_ffn_dim, cfg.model.kv_heads)
+    check_tensor_parallel(
+        dims.tp, cfg.model.vocab_for(_vocab_size(cfg.data)), cfg.model.dense_ffn_dim, cfg.model.kv_heads
+    )
     prepare_run_dir(Path(cfg.train.run_dir), resume, fresh)
     group = start_workers(
         run_from_environment,
@@ -458,7 +461,9 @@ def _train_launched(args: argparse.Namespace, cfg) -> dict:
     dims = layout_of(cfg, args.workers)
     _check_transport(cfg, args.launcher)
     _ensure_data(cfg.data)
-    check_tensor_parallel(dims.tp, _vocab_size(cfg.data), cfg.model.dense_ffn_dim, cfg.model.kv_heads)
+    check_tensor_parallel(
+        dims.tp, cfg.model.vocab_for(_vocab_size(cfg.data)), cfg.model.dense_ffn_dim, cfg.model.kv_heads
+    )
     run_dir = Path(cfg.train.run_dir)
     prepare_run_dir(run_dir, args.resume, args.fresh)
     worker_args = _worker_args(args.config, args.override, args.resume)

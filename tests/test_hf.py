@@ -204,3 +204,30 @@ def test_unreadable_tokenizer_is_named_before_anything_is_written(hf_dirs, tmp_p
     assert main(["import-hf", str(folder), "--out", str(out)]) != 0
     assert f"{folder / 'tokenizer.json'}: not a tokenizer" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_identity_written_before_the_hf_options_still_matches():
+    """Checkpoints and exports from before these options lack their fields: they are the defaults."""
+    from hecate.parallel.config import MoEConfig
+    from hecate.parallel.errors import CheckpointError
+    from hecate.trainer.checkpoint import check_identity
+    from hecate.trainer.config import ModelConfig
+
+    old = model_identity(ModelConfig(), MoEConfig(shared_experts=1), 512)
+    for name in ("n_kv_heads", "head_dim", "dense_activation", "attention_bias", "qk_norm", "vocab_size"):
+        del old["model"][name]
+    old["moe"] = {k: v for k, v in old["moe"].items() if not k.startswith("shared") and k != "first_moe_block"}
+    old["moe"]["shared_expert"] = True
+    check_identity(old, model_identity(ModelConfig(), MoEConfig(shared_experts=1), 512), "old")
+    with pytest.raises(CheckpointError, match="moe.shared_experts: saved 1, now 0"):
+        check_identity(old, model_identity(ModelConfig(), MoEConfig(), 512), "old")
+
+
+def test_model_vocab_size_may_pad_but_not_cut_the_data_vocabulary():
+    from hecate.collectives.errors import ConfigError
+    from hecate.trainer.config import ModelConfig
+
+    assert ModelConfig(vocab_size=520).vocab_for(512) == 520
+    assert ModelConfig().vocab_for(512) == 512
+    with pytest.raises(ConfigError, match="model.vocab_size"):
+        ModelConfig(vocab_size=500).vocab_for(512)

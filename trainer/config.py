@@ -54,6 +54,16 @@ class ModelConfig:
     rope_theta: float = 10000.0
     init_std: float = 0.02
     tie_embeddings: bool = True
+    vocab_size: int = 0  # rows of the embedding; 0 = the data's tokenizer's (a pretrained model's may be padded)
+
+    def vocab_for(self, data_vocab: int) -> int:
+        """The model's vocabulary for data tokenized into ``data_vocab`` ids (at most the model's)."""
+        if self.vocab_size and self.vocab_size < data_vocab:
+            raise ConfigError(
+                "model.vocab_size",
+                f"must hold the data's {data_vocab} token ids (0 = the data's), got {self.vocab_size}",
+            )
+        return self.vocab_size or data_vocab
 
     @property
     def kv_heads(self) -> int:
@@ -66,7 +76,7 @@ class ModelConfig:
     def validate(self) -> None:
         for name in ("dim", "n_layers", "n_heads", "seq_len", "dense_ffn_dim"):
             _positive(f"model.{name}", getattr(self, name))
-        for name in ("n_kv_heads", "head_dim"):
+        for name in ("n_kv_heads", "head_dim", "vocab_size"):
             _non_negative(f"model.{name}", getattr(self, name))
         if not self.head_dim and self.dim % self.n_heads:
             raise ConfigError("model.n_heads", f"must divide model.dim={self.dim}, got {self.n_heads}")

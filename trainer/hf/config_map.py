@@ -55,6 +55,7 @@ def hf_to_hecate(
         norm_eps=float(field.get("rms_norm_eps", 1e-6)),
         rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        vocab_size=field.int("vocab_size"),  # may be padded beyond the tokenizer's
     )
     moe = MoEConfig(
         num_experts=field.int(next((n for n in EXPERT_COUNT_FIELDS if n in hf), family.num_experts_field)),
