@@ -202,14 +202,15 @@ class _SumOverRanks(torch.autograd.Function):
         return ctx.tp.all_reduce(grad.clone().contiguous(), name=f"{ctx.name}.backward").wait(), None, None
 
 
-class TensorParallelRMSNorm(nn.Module):
+class TensorParallelRMSNorm(nn.RMSNorm):
     """RMSNorm over a width split over the tp ranks (OLMoE's q/k norm over all heads): this rank holds its
-    columns' ``weight`` and the mean square sums every rank's columns. x_...w -> y_...w."""
+    columns' ``weight`` and the mean square sums every rank's columns. x_...w -> y_...w. An ``nn.RMSNorm``, so
+    that the optimizer puts its weight in the norm's decay group, as it does the whole norm's."""
 
     def __init__(self, weight_w: torch.Tensor, eps: float, width: int, tp: Transport):
-        super().__init__()
+        super().__init__(weight_w.shape[0], eps=eps)
         self.weight = nn.Parameter(weight_w.detach().clone())
-        self.eps, self.width, self.tp = eps, width, tp
+        self.width, self.tp = width, tp
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         squares = _SumOverRanks.apply(x.float().square().sum(-1, keepdim=True), self.tp, "tp.norm_squares")
