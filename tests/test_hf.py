@@ -231,3 +231,21 @@ def test_model_vocab_size_may_pad_but_not_cut_the_data_vocabulary():
     assert ModelConfig().vocab_for(512) == 512
     with pytest.raises(ConfigError, match="model.vocab_size"):
         ModelConfig(vocab_size=500).vocab_for(512)
+
+
+@pytest.mark.parametrize(
+    "model, moe, field",
+    [
+        ({}, {}, "moe.activation"),  # Hecate's default model: GELU experts
+        ({}, {"activation": "swiglu", "score": "sigmoid"}, "moe.score"),
+        ({"qk_norm": "full"}, {"activation": "swiglu", "shared_experts": 1}, "moe.shared_experts"),
+        ({"attention_bias": True}, {"activation": "swiglu"}, "model.attention_bias"),
+    ],
+)
+def test_export_refuses_a_model_no_family_computes_naming_the_field(model, moe, field):
+    from hecate.parallel.config import MoEConfig
+    from hecate.trainer.config import ModelConfig
+    from hecate.trainer.hf.config_map import hecate_to_hf
+
+    with pytest.raises(HfFormatError, match=f"config field '{field}'"):
+        hecate_to_hf(ModelConfig(**model), MoEConfig(**moe), 512)

@@ -68,7 +68,7 @@ def results(small_data, tmp_path_factory):
     cases = [(o, layout) for o in OPTIONS for layout in LAYOUTS]
     cfgs = [
         small_config(
-            small_data, tmp_path_factory.mktemp(f"{o}-{layout}"), OPTIONS[o] + LAYOUTS[layout], STEPS
+            small_data, tmp_path_factory.mktemp(f"{o}-{layout}"), [*OPTIONS[o], ADAM_EPS, *LAYOUTS[layout]], STEPS
         ).to_dict()
         for o, layout in cases
     ]
