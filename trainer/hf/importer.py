@@ -9,6 +9,7 @@ read; a reader that holds only some experts reads only their rows (``experts``).
 from __future__ import annotations
 
 import json
+import logging
 import resource
 import shutil
 from dataclasses import asdict, dataclass
@@ -29,6 +30,8 @@ from hecate.trainer.hf.families import Family
 from hecate.trainer.hf.reader import CONFIG_FILE, HfFolder
 from hecate.trainer.hf.tensors import Entry, tensor_map
 from hecate.trainer.model import Transformer
+
+log = logging.getLogger(__name__)
 
 MODEL_CONFIG_FILE = "model.yaml"  # the model and moe sections of a run config that fits the import
 
@@ -90,6 +93,12 @@ def load_hf_into(path: Path, model: nn.Module, expect: dict[str, Any]) -> None:
     left = [name for name in missing if not name.endswith("expert_bias") and name not in tied]  # biases start at 0
     if left or unexpected:
         raise HfFormatError(f"{path}: does not fill the model: missing {left}, unexpected {unexpected}")
+    log.info("loaded %s (%s); peak memory of this rank %.0f MiB", path, hf.family.model_type, peak_rss_mib())
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def check_hf_fits(path: Path, expect: dict[str, Any]) -> None:
@@ -124,7 +133,7 @@ def import_hf(path: Path, out: Path, seq_len: int | None = None) -> dict[str, An
     shutil.copyfile(tokenizer, out / TOKENIZER_FILE)
     sections = {"model": asdict(hf.model), "moe": asdict(hf.moe)}
     (out / MODEL_CONFIG_FILE).write_text(yaml.safe_dump(sections, sort_keys=False))
-    return {**config, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    return {**config, "peak_rss_mib": peak_rss_mib()}
 
 
 def _meta_model(hf: HfModel) -> Transformer:
