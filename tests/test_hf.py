@@ -238,7 +238,7 @@ def test_model_vocab_size_may_pad_but_not_cut_the_data_vocabulary():
     [
         ({}, {}, "moe.activation"),  # Hecate's default model: GELU experts
         ({}, {"activation": "swiglu", "score": "sigmoid"}, "moe.score"),
-        ({"qk_norm": "full"}, {"activation": "swiglu", "shared_experts": 1}, "moe.shared_experts"),
+        ({"qk_norm": "full"}, {"activation": "swiglu", "shared_experts": 1, "shared_gate": True}, "moe.shared_experts"),
         ({"attention_bias": True}, {"activation": "swiglu"}, "model.attention_bias"),
     ],
 )
