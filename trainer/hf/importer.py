@@ -12,6 +12,7 @@ import json
 import logging
 import resource
 import shutil
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -70,9 +71,9 @@ def open_hf(path: Path, seq_len: int | None = None) -> HfModel:
     return hf
 
 
-def hecate_state(hf: HfModel, experts: range | None = None) -> dict[str, torch.Tensor]:
-    """Hecate's parameters by name (fp32), every expert tensor holding only ``experts`` when given."""
-    state = {}
+def hecate_tensors(hf: HfModel, experts: range | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Hecate's parameters (fp32) one at a time, by name, each read when asked for; every expert tensor holds only
+    the rows of ``experts`` when given (read without the others)."""
     for entry in hf.entries:
         if entry.experts == "per_expert" and experts is not None:
             tensors = [hf.folder.get(name) for name in entry.hf[experts.start : experts.stop]]
@@ -80,19 +81,30 @@ def hecate_state(hf: HfModel, experts: range | None = None) -> dict[str, torch.T
             tensors = [hf.folder.rows(entry.hf[0], experts.start, experts.stop)]
         else:
             tensors = [hf.folder.get(name) for name in entry.hf]
-        state[entry.hecate] = entry.to_hecate(tensors)
-    return state
+        yield entry.hecate, entry.to_hecate(tensors)
+
+
+def hecate_state(hf: HfModel, experts: range | None = None) -> dict[str, torch.Tensor]:
+    """Every parameter of :func:`hecate_tensors` at once."""
+    return dict(hecate_tensors(hf, experts))
 
 
 def load_hf_into(path: Path, model: nn.Module, expect: dict[str, Any]) -> None:
-    """``train.init_from`` = an HF folder: load it into a freshly built model that holds every expert."""
+    """``train.init_from`` = an HF folder: load it into a freshly built model that holds every expert, one tensor at
+    a time (the model and one converted tensor in memory, never a second copy of the model)."""
     hf = open_hf(path, seq_len=expect["model"]["seq_len"])
     ckpt.check_identity(hf.identity(), expect, f"Hugging Face model {path}")
-    missing, unexpected = model.load_state_dict(hecate_state(hf), strict=False)
+    targets = model.state_dict()
     tied = {"lm_head.weight"} if hf.model.tie_embeddings else set()  # the embedding's weight, loaded under its name
-    left = [name for name in missing if not name.endswith("expert_bias") and name not in tied]  # biases start at 0
-    if left or unexpected:
-        raise HfFormatError(f"{path}: does not fill the model: missing {left}, unexpected {unexpected}")
+    wanted = {name for name in targets if not name.endswith("expert_bias") and name not in tied}  # biases start at 0
+    given = {entry.hecate for entry in hf.entries}
+    if wanted != given:
+        raise HfFormatError(
+            f"{path}: does not fill the model: missing {sorted(wanted - given)}, unexpected {sorted(given - wanted)}"
+        )
+    with torch.no_grad():
+        for name, tensor in hecate_tensors(hf):
+            targets[name].copy_(tensor)
     log.info("loaded %s (%s); peak memory of this rank %.0f MiB", path, hf.family.model_type, peak_rss_mib())
 
 
