@@ -65,7 +65,7 @@ def block_workload(config: skew.Config, world: int) -> Workload:
         ffn_dim=config.ffn_dim,
         expert_matrices=2,
         dense_ffn_dim=0,
-        shared_expert=False,
+        shared_hidden=0,
         vocab_size=0,
         tokens_per_gpu=config.tokens // world,
         block_only=True,

@@ -71,14 +71,13 @@ def matmul_peak_flops(dtype: torch.dtype, n: int = 1024, rounds: int = 10, warmu
 def forward_flops_per_token(model, moe, vocab: int) -> dict[str, float]:
     """Forward FLOPs per token of a model config, by kind: ``matmul`` (weights) and ``attention`` (scores and
     weighted values); see the module docstring. Training is 3 x their sum."""
-    from hecate.trainer.model import is_moe_block
 
     d, s = model.dim, model.seq_len
     matmul, attention = 2 * d * vocab, 0
     for index in range(model.n_layers):
         matmul += 2 * 4 * d * d
         attention += 2 * 2 * d * s // 2
-        if is_moe_block(index, moe):
+        if moe.is_moe_block(index):
             expert = 2 * 2 * d * moe.ffn_dim * (1.5 if moe.activation == "swiglu" else 1)
             matmul += 2 * d * moe.num_experts + moe.top_k * expert
         else:

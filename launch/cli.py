@@ -20,6 +20,8 @@ EXAMPLES = """examples:
   hecate train examples/tiny.yaml --simulate 4 -o parallel.ep=2   # 4 processes on this machine: DP=2 x EP=2
   hecate generate runs/tiny --prompt "def main("       # sample from the latest checkpoint
   hecate export runs/tiny --out exports/tiny           # safetensors + config.json; train ... --init-from exports/tiny
+  hecate export runs/tiny --out hf/tiny --format hf    # a folder transformers loads
+  hecate import-hf ~/Mixtral-tiny --out imports/mixtral  # a Hugging Face MoE folder for --init-from
   hecate plan examples/tiny.yaml --world 4 -o parallel.ep=4   # rank groups and memory per rank
   hecate train examples/tiny.yaml --launcher mpi --workers 4     # mpirun -np 4 on this node
   hecate train examples/tiny.yaml --launcher ray --address http://HEAD:8265 --workers 8
@@ -199,6 +201,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.add_argument("run_dir", help="a run folder (train.run_dir), e.g. runs/tiny")
     export.add_argument("--out", required=True, help="folder to write model.safetensors and config.json into")
+    export.add_argument(
+        "--format",
+        choices=("hecate", "hf"),
+        default="hecate",
+        help="hecate: Hecate's parameter names (for --init-from); hf: a Hugging Face folder that "
+        "transformers' AutoModelForCausalLM.from_pretrained loads (Mixtral, Qwen2-MoE, Qwen3-MoE or OLMoE)",
+    )
+
+    import_hf = sub.add_parser(
+        "import-hf",
+        parents=[common],
+        help="convert a local Hugging Face MoE model folder for --init-from",
+        description="Read a local Hugging Face model folder (config.json, safetensors shards, tokenizer.json) of "
+        "the Mixtral, Qwen2-MoE, Qwen3-MoE or OLMoE family and write Hecate's export format plus model.yaml, "
+        "the model and moe sections of a config that fits it. `hecate train` also takes the HF folder "
+        "itself as --init-from.",
+    )
+    import_hf.add_argument("hf_dir", help="a Hugging Face model folder")
+    import_hf.add_argument("--out", required=True, help="a new or empty folder to write into")
+    import_hf.add_argument(
+        "--seq-len", type=int, default=None, help="model.seq_len (default: max_position_embeddings, at most 2048)"
+    )
 
     checks = sub.add_parser("checkpoints", parents=[common], help="check a run's checkpoints")
     checks_sub = checks.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -313,7 +337,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from hecate.trainer.plan import describe_plan
 
     cfg = load_config(args.config, args.override)
-    print(describe_plan(cfg, args.world, args.vocab_size or _vocab_size(cfg.data)))
+    print(describe_plan(cfg, args.world, args.vocab_size or cfg.model.vocab_for(_vocab_size(cfg.data))))
     return 0
 
 
@@ -369,7 +393,8 @@ def _check_init_from(cfg) -> None:
     from hecate.trainer.checkpoint import model_identity
     from hecate.trainer.export import check_export_fits
 
-    check_export_fits(Path(cfg.train.init_from), model_identity(cfg.model, cfg.moe, _vocab_size(cfg.data)))
+    vocab_size = cfg.model.vocab_for(_vocab_size(cfg.data))
+    check_export_fits(Path(cfg.train.init_from), model_identity(cfg.model, cfg.moe, vocab_size))
 
 
 def _simulated_network(args: argparse.Namespace):
@@ -407,7 +432,9 @@ def _train_simulated(cfg, world: int, resume: bool, fresh: bool, network=None, b
     dims = layout_of(cfg, world)
     _check_transport(cfg, "simulate")
     _ensure_data(cfg.data)
-    check_tensor_parallel(dims.tp, _vocab_size(cfg.data), cfg.model.dense_ffn_dim)
+    check_tensor_parallel(
+        dims.tp, cfg.model.vocab_for(_vocab_size(cfg.data)), cfg.model.dense_ffn_dim, cfg.model.kv_heads
+    )
     prepare_run_dir(Path(cfg.train.run_dir), resume, fresh)
     group = start_workers(
         run_from_environment,
@@ -434,7 +461,9 @@ def _train_launched(args: argparse.Namespace, cfg) -> dict:
     dims = layout_of(cfg, args.workers)
     _check_transport(cfg, args.launcher)
     _ensure_data(cfg.data)
-    check_tensor_parallel(dims.tp, _vocab_size(cfg.data), cfg.model.dense_ffn_dim)
+    check_tensor_parallel(
+        dims.tp, cfg.model.vocab_for(_vocab_size(cfg.data)), cfg.model.dense_ffn_dim, cfg.model.kv_heads
+    )
     run_dir = Path(cfg.train.run_dir)
     prepare_run_dir(run_dir, args.resume, args.fresh)
     worker_args = _worker_args(args.config, args.override, args.resume)
@@ -564,19 +593,49 @@ def cmd_prepare_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_out(out: Path, marker: str) -> None:
+    """Write only into a new or empty folder, or an earlier output of the same command (holding ``marker``)."""
+    if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or (out / marker).is_file())):
+        raise HecateError(
+            f"--out {out} exists and is not an earlier export (no {marker}): export into a new "
+            f"or empty folder, so that nothing else is overwritten"
+        )
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from hecate.trainer.export import CONFIG_FILE, WEIGHTS_FILE, export_run
 
     out = Path(args.out)
-    if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or (out / WEIGHTS_FILE).is_file())):
-        raise HecateError(
-            f"--out {out} exists and is not an earlier export (no {WEIGHTS_FILE}): export into a new "
-            f"or empty folder, so that nothing else is overwritten"
-        )
+    if args.format == "hf":
+        from hecate.trainer.hf.exporter import export_hf
+        from hecate.trainer.hf.reader import INDEX_FILE
+
+        _check_out(out, INDEX_FILE)
+        config = export_hf(Path(args.run_dir), out)
+        print(f"wrote {out} ({config['model_type']}, {config['tensors']} tensors, step {config['step']})")
+        return 0
+    _check_out(out, WEIGHTS_FILE)
     config = export_run(Path(args.run_dir), out)
     print(
         f"wrote {out / WEIGHTS_FILE} ({len(config['parameters'])} tensors, step {config['step']}) and "
         f"{out / CONFIG_FILE}"
+    )
+    return 0
+
+
+def cmd_import_hf(args: argparse.Namespace) -> int:
+    from hecate.trainer.export import WEIGHTS_FILE
+    from hecate.trainer.hf.importer import MODEL_CONFIG_FILE, import_hf
+
+    out = Path(args.out)
+    _check_out(out, WEIGHTS_FILE)
+    if args.seq_len is not None and args.seq_len < 1:
+        raise HecateError(f"--seq-len must be >= 1, got {args.seq_len}")
+    config = import_hf(Path(args.hf_dir), out, args.seq_len)
+    print(
+        f"wrote {out} ({config['hf_family']}, {len(config['parameters'])} tensors; peak memory "
+        f"{config['peak_rss_mib']:.0f} MiB); train from it with: hecate train {out / MODEL_CONFIG_FILE} "
+        f"-o data.dir=DATA --init-from {out}"
     )
     return 0
 
@@ -621,6 +680,7 @@ COMMANDS = {
     "plan": cmd_plan,
     "sbatch": cmd_sbatch,
     "export": cmd_export,
+    "import-hf": cmd_import_hf,
     "simulate": cmd_simulate,
     "checkpoints": cmd_checkpoints,
 }

@@ -28,20 +28,33 @@ class MoEConfig:
 
     num_experts: int = 8
     top_k: int = 2
-    every: int = 1  # block i is MoE when (i + 1) % every == 0; the others have a dense FFN
+    every: int = 1  # block i is MoE when (i + 1) % every == 0 and i >= first_moe_block; the others are dense
+    first_moe_block: int = 0  # blocks before this one have a dense FFN (DeepSeek's first dense blocks)
     ffn_dim: int = 256  # hidden size of one expert
     activation: str = "gelu"  # gelu: two matrices; swiglu: three
     score: str = "softmax"  # softmax over experts, or independent sigmoid scores (DeepSeek-V3 style)
-    renormalize: bool = True  # rescale the k chosen weights to sum to 1
+    renormalize: bool = True  # rescale the k chosen weights to sum to 1 (Mixtral); false: the raw scores (OLMoE)
     aux_loss_coef: float = 0.01  # Switch/GShard load-balancing loss
     z_loss_coef: float = 0.001  # router z-loss (ST-MoE)
     bias_update_rate: float = 0.0  # aux-loss-free balancing (expert bias on selection only); 0 = off
     capacity_factor: float = 0.0  # 0 = dropless; else each expert keeps ceil(cf * tokens * k / E) pairs
-    shared_expert: bool = False  # one always-on expert of ffn_dim added to every token
+    shared_experts: int = 0  # always-on experts added to every token's output
+    shared_ffn_dim: int = 0  # hidden size of one shared expert; 0 = ffn_dim
+    shared_gate: bool = False  # scale the shared experts' output by sigmoid(x w_gate), w_gate [1, D] (Qwen2-MoE)
     overlap_chunks: int = 1  # chunks (runs of experts) pipelined through dispatch / experts / combine; 1 = off
     # the block's batch split in this many sub-batches: each one's tokens travel to the experts while the next
     # one's attention computes; 1 = off; dropless only (capacity ranks the whole batch's pairs)
     overlap_sub_batches: int = 1
+
+    def is_moe_block(self, index: int) -> bool:
+        """Block ``index`` (0-based) is an MoE block from ``first_moe_block`` on, every ``every`` blocks (the last of
+        each group of ``every``)."""
+        return index >= self.first_moe_block and (index + 1) % self.every == 0
+
+    @property
+    def shared_hidden(self) -> int:
+        """Hidden size of the shared experts together: k experts of F are one FFN of k F (their outputs add)."""
+        return self.shared_experts * (self.shared_ffn_dim or self.ffn_dim)
 
     def validate(self, prefix: str = "moe") -> None:
         if self.num_experts < 1:
@@ -52,6 +65,11 @@ class MoEConfig:
             raise ConfigError(f"{prefix}.every", f"must be >= 1 (1 = every block is MoE), got {self.every}")
         if self.ffn_dim < 1:
             raise ConfigError(f"{prefix}.ffn_dim", f"must be >= 1, got {self.ffn_dim}")
+        for name in ("first_moe_block", "shared_experts", "shared_ffn_dim"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{prefix}.{name}", f"must be >= 0, got {getattr(self, name)}")
+        if self.shared_gate and not self.shared_experts:
+            raise ConfigError(f"{prefix}.shared_gate", f"gates the shared experts: set {prefix}.shared_experts >= 1")
         if self.activation not in ACTIVATIONS:
             raise ConfigError(f"{prefix}.activation", f"must be one of {ACTIVATIONS}, got {self.activation!r}")
         if self.score not in SCORES:

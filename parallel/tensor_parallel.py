@@ -20,9 +20,9 @@ Why our own and not ``torch.distributed.tensor.parallel`` (``parallelize_module`
 wrap parameters as DTensors. The rest of the trainer works on plain local tensors - flat-bucket gradient
 all-reduces, the fp64 global gradient norm, the expert parallel token exchange, the FSSDP engine's chunks and
 the checkpoint conversion - and a DTensor gradient cannot enter those without a conversion at every step. The
-fused ``qkv`` projection also needs a head-aware row split ([3, H, Dh] -> H / tp heads of each of q, k, v),
-which ColwiseParallel's even ``Shard(0)`` does not give; and ``loss_parallel`` needs DTensor logits. The math
-here is the same as those APIs' (and Megatron's): a handful of autograd-aware collectives below, each with the
+fused ``qkv`` projection also needs a head-aware row split (H / tp query heads, Hkv / tp key and value heads),
+which ColwiseParallel's even ``Shard(0)`` does not give; and ``loss_parallel`` needs DTensor logits. The math here
+is the same as those APIs' (and Megatron's): a handful of autograd-aware collectives below, each with the
 conjugate collective in backward.
 
 Shapes: B micro-batch rows on this data-parallel rank, b = B / tp rows held in the sequence-parallel region,
@@ -156,38 +156,96 @@ def _reduce_scatter_output(tp: Transport):
 
 
 # How a split parameter's tp shards are put back together (for tests and whole-model views): stacked [tp, ...]
-# shards concatenated along dim 0 or 1, or - the fused q/k/v projection - interleaved per q, k and v.
-ROWS, COLUMNS, QKV = "rows", "columns", "qkv"
+# shards concatenated along dim 0 or 1, or - a fused projection such as q/k/v - per section: ``fused(H, Hkv, Hkv)``
+# says the rows are sections in those proportions (heads), each split over the ranks on its own.
+ROWS, COLUMNS, FUSED = "rows", "columns", "fused:"
+
+
+def fused(*sections: int) -> str:
+    """How a tensor whose dim 0 is ``sections`` (in proportion, e.g. heads of q, k and v) is split: each section
+    by contiguous rows over the ranks, rank r's shard being the r-th part of every section, in order."""
+    return FUSED + ",".join(str(n) for n in sections)
+
+
+def _sections(how: str, rows: int) -> list[int]:
+    """The row counts of a fused tensor's sections, for ``rows`` rows in all."""
+    parts = [int(n) for n in how[len(FUSED) :].split(",")]
+    return [rows * n // sum(parts) for n in parts]
 
 
 def unsplit(shards: torch.Tensor, how: str) -> torch.Tensor:
     """The whole tensor from its tp shards stacked along a new dim 0."""
-    if how == QKV:
-        tp, rows, cols = shards.shape
-        return shards.view(tp, 3, rows // 3, cols).transpose(0, 1).reshape(tp * rows, cols)
+    if how.startswith(FUSED):
+        per_rank = [shard.split(_sections(how, shard.shape[0])) for shard in shards.unbind(0)]
+        return torch.cat([torch.cat(section) for section in zip(*per_rank)])
     return torch.cat(shards.unbind(0), dim=0 if how == ROWS else 1)
 
 
 def split_for(whole: torch.Tensor, how: str, rank: int, parts: int) -> torch.Tensor:
     """The inverse of :func:`unsplit`: ``rank``'s shard of the whole tensor."""
-    if how == QKV:
-        rows, cols = whole.shape
-        return whole.view(3, parts, rows // (3 * parts), cols)[:, rank].reshape(-1, cols)
+    if how.startswith(FUSED):
+        return torch.cat([section.chunk(parts)[rank] for section in whole.split(_sections(how, whole.shape[0]))])
     return whole.chunk(parts, dim=0 if how == ROWS else 1)[rank]
 
 
+class _SumOverRanks(torch.autograd.Function):
+    """All-reduce sum of partial values that each rank then uses its own way: every rank's input reaches every
+    rank's output, so backward sums the gradients over the ranks too."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, tp: Transport, name: str) -> torch.Tensor:
+        ctx.tp, ctx.name = tp, name
+        return tp.all_reduce(x.detach().clone().contiguous(), name=name).wait()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return ctx.tp.all_reduce(grad.clone().contiguous(), name=f"{ctx.name}.backward").wait(), None, None
+
+
+class TensorParallelRMSNorm(nn.RMSNorm):
+    """RMSNorm over a width split over the tp ranks (OLMoE's q/k norm over all heads): this rank holds its
+    columns' ``weight`` and the mean square sums every rank's columns. x_...w -> y_...w. An ``nn.RMSNorm``, so
+    that the optimizer puts its weight in the norm's decay group, as it does the whole norm's."""
+
+    def __init__(self, weight_w: torch.Tensor, eps: float, width: int, tp: Transport):
+        super().__init__(weight_w.shape[0], eps=eps)
+        self.weight = nn.Parameter(weight_w.detach().clone())
+        self.width, self.tp = width, tp
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        squares = _SumOverRanks.apply(x.float().square().sum(-1, keepdim=True), self.tp, "tp.norm_squares")
+        return (x.float() * torch.rsqrt(squares / self.width + self.eps)).to(x.dtype) * self.weight
+
+
 def parallelize_fused_attention(attn: nn.Module, tp: Transport) -> dict[nn.Parameter, str]:
-    """An attention with a fused ``qkv`` projection [3 H Dh, D], an output projection ``proj`` and ``n_heads``:
-    keep H / tp heads of q, k and v (column-parallel) and the matching input columns of the output projection
-    (row-parallel). Returns the parameters that are now split over tp, and how."""
+    """An attention with a fused ``qkv`` projection ([H Dh + 2 Hkv Dh, D] and optional bias: q, k, v rows), an
+    output projection ``proj``, ``n_heads``, ``n_kv_heads`` and optional ``q_norm`` / ``k_norm``: keep H / tp
+    query heads and Hkv / tp key/value heads (column-parallel; query head i uses kv head i // (H / Hkv), so a
+    rank's query heads find their kv heads on the same rank) and the matching input columns of the output
+    projection (row-parallel). Per-head q/k norms stay whole; norms over the whole width are split with their
+    heads and sum their mean square over tp. Returns the parameters that are now split over tp, and how."""
     rank, parts = tp.rank, tp.world_size
-    qkv_3HDhD = attn.qkv.weight.detach().view(3, attn.n_heads, -1, attn.qkv.in_features)
-    attn.qkv.weight = nn.Parameter(_shard(qkv_3HDhD, 1, rank, parts).detach().flatten(0, 2))
+    if attn.n_kv_heads % parts:
+        raise LayoutError(f"parallel.tp={parts} must divide the key/value heads model.n_kv_heads={attn.n_kv_heads}")
+    how = fused(attn.n_heads, attn.n_kv_heads, attn.n_kv_heads)
+    attn.qkv.weight = nn.Parameter(split_for(attn.qkv.weight.detach(), how, rank, parts).clone())
+    split = {attn.qkv.weight: how}
+    if attn.qkv.bias is not None:
+        attn.qkv.bias = nn.Parameter(split_for(attn.qkv.bias.detach(), how, rank, parts).clone())
+        split[attn.qkv.bias] = how
     attn.proj.weight = _shard(attn.proj.weight, 1, rank, parts)
+    split[attn.proj.weight] = COLUMNS
+    if attn.qk_norm == "full":
+        for name in ("q_norm", "k_norm"):
+            norm = getattr(attn, name)
+            shard = TensorParallelRMSNorm(norm.weight.chunk(parts)[rank], norm.eps, norm.weight.shape[0], tp)
+            setattr(attn, name, shard)
+            split[shard.weight] = ROWS
     attn.n_heads //= parts
+    attn.n_kv_heads //= parts
     attn.register_forward_pre_hook(_gather_input(tp))
     attn.register_forward_hook(_reduce_scatter_output(tp))
-    return {attn.qkv.weight: QKV, attn.proj.weight: COLUMNS}
+    return split
 
 
 def parallelize_ffn(ffn: nn.Module, tp: Transport) -> dict[nn.Parameter, str]:
@@ -224,8 +282,10 @@ def parallelize_embeddings(
     return split
 
 
-def check_tensor_parallel(tp: int, vocab_size: int, dense_ffn_dim: int) -> None:
+def check_tensor_parallel(tp: int, vocab_size: int, dense_ffn_dim: int, kv_heads: int | None = None) -> None:
     """What the model needs for an even split over tp; names the field."""
+    if kv_heads is not None and kv_heads % tp:
+        raise LayoutError(f"parallel.tp={tp} must divide the key/value heads model.n_kv_heads={kv_heads}")
     if vocab_size % tp:
         raise LayoutError(f"parallel.tp={tp} must divide the vocabulary size {vocab_size}")
     if dense_ffn_dim % tp:

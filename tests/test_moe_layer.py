@@ -61,7 +61,16 @@ def naive_moe(moe: MoE, x_TD: torch.Tensor):
             else:
                 dropped += 1
         if moe.shared is not None:
-            y = y + naive_expert(x_TD[t], moe.shared.w1, moe.shared.w2, moe.shared.w3, cfg.activation)
+            # each shared expert on its own (the layer holds them as one FFN of their hidden sizes together)
+            k, sh = cfg.shared_experts, moe.shared
+            w3s = sh.w3.chunk(k, dim=1) if sh.w3 is not None else [None] * k
+            shared = sum(
+                naive_expert(x_TD[t], w1, w2, w3, cfg.activation)
+                for w1, w2, w3 in zip(sh.w1.chunk(k, dim=1), sh.w2.chunk(k, dim=0), w3s)
+            )
+            if moe.shared_gate is not None:
+                shared = torch.sigmoid(x_TD[t] @ moe.shared_gate.weight[0]) * shared
+            y = y + shared
         rows.append(y)
     aux = E * sum(counts[e] / (T * K) * probs[:, e].mean() for e in range(E))
     z = torch.logsumexp(logits, -1).square().mean()
@@ -75,11 +84,17 @@ def grads(moe: MoE, loss: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("capacity_factor", [0.0, 0.75], ids=["dropless", "capacity"])
-@pytest.mark.parametrize("shared_expert", [False, True], ids=["routed", "shared"])
+@pytest.mark.parametrize("shared_expert", [0, 1, 2, "gated"], ids=["routed", "shared", "two-shared", "gated"])
 @pytest.mark.parametrize("score", ["softmax", "sigmoid"])
 @pytest.mark.parametrize("activation", ["gelu", "swiglu"])
 def test_layer_matches_naive_reference(activation, score, shared_expert, capacity_factor):
-    moe = make_moe(activation=activation, score=score, shared_expert=shared_expert, capacity_factor=capacity_factor)
+    shared = dict(shared_experts=2, shared_ffn_dim=5, shared_gate=True) if shared_expert == "gated" else {}
+    moe = make_moe(
+        activation=activation,
+        score=score,
+        capacity_factor=capacity_factor,
+        **(shared or dict(shared_experts=shared_expert)),
+    )
     x_BSD = torch.randn(B, S, DIM)
     upstream = torch.randn(B, S, DIM)
 
@@ -128,7 +143,7 @@ def test_sub_batches_begun_apart_and_finished_together_match_one_forward(shared_
     x_BSD = torch.randn(3, S, DIM)
     results = []
     for split in (False, True):
-        moe = make_moe(shared_expert=shared_expert)
+        moe = make_moe(shared_experts=int(shared_expert))
         x = x_BSD.clone().requires_grad_(True)
         if split:  # uneven on purpose: 2 sequences, then 1
             y_BSD = torch.cat(moe.finish([moe.begin(x[:2]), moe.begin(x[2:])]))
@@ -255,7 +270,7 @@ def test_bias_is_in_state_dict_and_update_bias_moves_it():
 
 @pytest.mark.parametrize("activation", ["gelu", "swiglu"])
 def test_bf16_autocast_forward_and_backward(activation):
-    moe = make_moe(activation=activation, shared_expert=True, capacity_factor=1.0)
+    moe = make_moe(activation=activation, shared_experts=1, capacity_factor=1.0)
     x_BSD = torch.randn(B, S, DIM)
     out32 = moe(x_BSD)
     with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -43,9 +43,11 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from hecate.parallel.config import MoEConfig
 from hecate.parallel.errors import CheckpointError
 from hecate.parallel.parallelize import Parallel
 from hecate.trainer import integrity
+from hecate.trainer.config import ModelConfig
 from hecate.trainer.faults import maybe_inject
 from hecate.trainer.integrity import CorruptCheckpoint, IncompleteCheckpoint
 from hecate.trainer.safe_reader import METADATA_FILE, SafeLoadPlanner, SafeReader, first_line
@@ -59,7 +61,16 @@ TMP = ".tmp-"  # a save in progress (or interrupted) writes into TMP + its final
 # Whatever a DCP save or load raises fails it with one error: the files (a full disk, damaged or forged bytes) can
 # make it raise nearly anything, and its CheckpointException, which gathers every rank's failure, is a BaseException.
 DCP_FAILURES = (Exception, CheckpointException)
-MOE_SHAPE_FIELDS = ("num_experts", "ffn_dim", "activation", "every", "shared_expert")
+MOE_SHAPE_FIELDS = (
+    "num_experts",
+    "ffn_dim",
+    "activation",
+    "every",
+    "first_moe_block",
+    "shared_experts",
+    "shared_ffn_dim",
+    "shared_gate",
+)
 
 # Without a process group one process is the whole job; DCP says so on every save and load (a background save
 # says it from its own thread, after any catch_warnings block has ended).
@@ -78,11 +89,28 @@ def model_identity(model_cfg: Any, moe_cfg: Any, vocab_size: int) -> dict[str, A
 
 def check_identity(saved: dict[str, Any], expect: dict[str, Any], what: str) -> None:
     """Raise naming every differing field when ``saved`` was written for another model than ``expect``."""
+    saved = _with_later_fields(saved)
     differences = [
         _differences(saved.get(key), wanted, key) for key, wanted in expect.items() if saved.get(key) != wanted
     ]
     if differences:
         raise CheckpointError(f"{what} was written for another model: {'; '.join(differences)}")
+
+
+def _with_later_fields(saved: dict[str, Any]) -> dict[str, Any]:
+    """An identity written before some model or MoE fields existed: those fields take their defaults, which build
+    the model it was (``shared_expert: true`` is one shared expert of ffn_dim)."""
+    if not isinstance(saved.get("model"), dict) or not isinstance(saved.get("moe"), dict):
+        return saved
+    moe = dict(saved["moe"])
+    if "shared_expert" in moe:
+        moe["shared_experts"] = int(bool(moe.pop("shared_expert")))
+    moe_defaults = dataclasses.asdict(MoEConfig())
+    return {
+        **saved,
+        "model": {**dataclasses.asdict(ModelConfig()), **saved["model"]},
+        "moe": {**{k: moe_defaults[k] for k in MOE_SHAPE_FIELDS}, **moe},
+    }
 
 
 # ---- finding checkpoints ------------------------------------------------------------------------------------

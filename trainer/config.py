@@ -17,9 +17,17 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from hecate.collectives.errors import ConfigError
-from hecate.parallel.config import CollectivesConfig, FssdpConfig, MoEConfig, ParallelConfig, require_finite
+from hecate.parallel.config import (
+    ACTIVATIONS,
+    CollectivesConfig,
+    FssdpConfig,
+    MoEConfig,
+    ParallelConfig,
+    require_finite,
+)
 
 DTYPES = ("fp32", "bf16")
+QK_NORMS = ("none", "head", "full")  # RMSNorm of q and k: none, over each head (Qwen3), over the whole width (OLMoE)
 NO_DECAY_GROUPS = ("norm", "bias", "embedding")
 NONFINITE_POLICIES = ("stop", "skip")
 DEMO_DATA = ("data/stdlib", ["stdlib"])  # (data.dir, data.inputs) of the demo: prepared when missing without asking
@@ -35,22 +43,54 @@ class ModelConfig:
     dim: int = 256
     n_layers: int = 4
     n_heads: int = 4
+    n_kv_heads: int = 0  # key/value heads (grouped-query attention); 0 = n_heads
+    head_dim: int = 0  # size of one head; 0 = dim / n_heads
     seq_len: int = 256
     dense_ffn_dim: int = 1024  # hidden size of the dense FFN in non-MoE blocks
+    dense_activation: str = "gelu"  # of the dense FFN: gelu (two matrices) or swiglu (three)
+    attention_bias: bool = False  # biases on the q, k and v projections (Qwen2)
+    qk_norm: str = "none"  # RMSNorm of q and k before RoPE: none, head (each head) or full (the whole width)
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     init_std: float = 0.02
     tie_embeddings: bool = True
+    vocab_size: int = 0  # rows of the embedding; 0 = the data's tokenizer's (a pretrained model's may be padded)
+
+    def vocab_for(self, data_vocab: int) -> int:
+        """The model's vocabulary for data tokenized into ``data_vocab`` ids (at most the model's)."""
+        if self.vocab_size and self.vocab_size < data_vocab:
+            raise ConfigError(
+                "model.vocab_size",
+                f"must hold the data's {data_vocab} token ids (0 = the data's), got {self.vocab_size}",
+            )
+        return self.vocab_size or data_vocab
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def head_size(self) -> int:
+        return self.head_dim or self.dim // self.n_heads
 
     def validate(self) -> None:
         for name in ("dim", "n_layers", "n_heads", "seq_len", "dense_ffn_dim"):
             _positive(f"model.{name}", getattr(self, name))
-        if self.dim % self.n_heads:
+        for name in ("n_kv_heads", "head_dim", "vocab_size"):
+            _non_negative(f"model.{name}", getattr(self, name))
+        if not self.head_dim and self.dim % self.n_heads:
             raise ConfigError("model.n_heads", f"must divide model.dim={self.dim}, got {self.n_heads}")
-        if (self.dim // self.n_heads) % 2:
+        if self.head_size % 2:
+            raise ConfigError("model.head_dim", f"the head size must be even for RoPE, got {self.head_size}")
+        if self.n_heads % self.kv_heads:
             raise ConfigError(
-                "model.n_heads", f"head size dim/n_heads must be even for RoPE, got {self.dim // self.n_heads}"
+                "model.n_kv_heads",
+                f"must divide model.n_heads={self.n_heads} (query heads share kv heads), got {self.n_kv_heads}",
             )
+        if self.dense_activation not in ACTIVATIONS:
+            raise ConfigError("model.dense_activation", f"must be one of {ACTIVATIONS}, got {self.dense_activation!r}")
+        if self.qk_norm not in QK_NORMS:
+            raise ConfigError("model.qk_norm", f"must be one of {QK_NORMS}, got {self.qk_norm!r}")
         _positive("model.norm_eps", self.norm_eps)
         _positive("model.rope_theta", self.rope_theta)
         _positive("model.init_std", self.init_std)

@@ -3,7 +3,8 @@
 The export is one safetensors file with the model's own parameter names (``blocks.1.ffn.experts.w1`` holds every
 expert of that layer, [E, ...] in expert order, whatever layout trained it), a ``config.json`` naming the model
 it fits (the same identity a checkpoint carries) and the run's tokenizer. Safetensors holds tensors only, so
-importing one unpickles nothing.
+importing one unpickles nothing. ``--format hf`` writes a Hugging Face folder instead (:mod:`hecate.trainer.hf`),
+and ``--init-from`` also takes one.
 """
 
 from __future__ import annotations
@@ -61,12 +62,22 @@ def read_export_config(path: Path) -> dict[str, Any]:
 
 def check_export_fits(path: Path, expect: dict[str, Any]) -> None:
     """Refuse an export written for another model than ``expect`` (:func:`checkpoint.model_identity`), naming
-    every field that differs; the CLI calls it before any worker starts, the trainer again before loading."""
+    every field that differs; the CLI calls it before any worker starts, the trainer again before loading. A
+    Hugging Face model folder is checked by :mod:`hecate.trainer.hf`."""
+    from hecate.trainer.hf.importer import check_hf_fits, is_hf_folder
+
+    if is_hf_folder(path):
+        return check_hf_fits(path, expect)
     ckpt.check_identity(read_export_config(path), expect, f"exported model {path}")
 
 
 def import_weights(path: Path, model: nn.Module, expect: dict[str, Any]) -> None:
-    """Load an export into a freshly built model that holds every expert (before the layout splits it)."""
+    """Load an export (or a Hugging Face model folder) into a freshly built model that holds every expert (before
+    the layout splits it)."""
+    from hecate.trainer.hf.importer import is_hf_folder, load_hf_into
+
+    if is_hf_folder(path):
+        return load_hf_into(path, model, expect)
     check_export_fits(path, expect)
     try:
         load_model(model, str(path / WEIGHTS_FILE), strict=True)

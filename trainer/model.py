@@ -1,7 +1,8 @@
 """A decoder-only MoE transformer that reads top to bottom. No parallelism here: ``parallel/`` applies it
 from outside (expert parallelism swaps the MoE dispatcher, pipeline parallelism keeps a slice of ``blocks``).
 
-Shapes: B batch, b sequences of a sub-batch, S sequence, D model dim, H heads, Dh head dim, V vocabulary.
+Shapes: B batch, b sequences of a sub-batch, S sequence, D model dim, H heads, Hkv key/value heads, Dh head dim,
+V vocabulary.
 """
 
 from __future__ import annotations
@@ -32,20 +33,35 @@ def apply_rope(x_BHSDh: torch.Tensor, cos_SF: torch.Tensor, sin_SF: torch.Tensor
 
 
 class Attention(nn.Module):
-    """Causal multi-head self-attention with RoPE, computed by torch's SDPA."""
+    """Causal self-attention with RoPE, computed by torch's SDPA. Grouped-query: ``n_kv_heads`` key/value heads,
+    each serving n_heads / n_kv_heads consecutive query heads. One fused projection ``qkv`` computes q, k and v
+    ([H Dh + 2 Hkv Dh, D], rows in that order, optionally with a bias); with ``qk_norm`` q and k pass an RMSNorm
+    over each head (``head``) or over their whole width (``full``) before RoPE."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.n_heads = cfg.n_heads  # heads computed here (tensor parallelism keeps n_heads / tp of them)
-        self.head_dim = cfg.dim // cfg.n_heads
-        self.qkv = nn.Linear(cfg.dim, 3 * cfg.dim, bias=False)
-        self.proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
+        # heads computed here (tensor parallelism keeps n_heads / tp and n_kv_heads / tp of them)
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_size
+        q_width, kv_width = cfg.n_heads * cfg.head_size, cfg.kv_heads * cfg.head_size
+        self.qkv = nn.Linear(cfg.dim, q_width + 2 * kv_width, bias=cfg.attention_bias)
+        self.proj = nn.Linear(q_width, cfg.dim, bias=False)
+        self.qk_norm = cfg.qk_norm
+        norm_widths = {"head": (cfg.head_size, cfg.head_size), "full": (q_width, kv_width)}.get(cfg.qk_norm)
+        self.q_norm = nn.RMSNorm(norm_widths[0], eps=cfg.norm_eps) if norm_widths else None
+        self.k_norm = nn.RMSNorm(norm_widths[1], eps=cfg.norm_eps) if norm_widths else None
 
     def forward(self, x_BSD: torch.Tensor, cos_SF: torch.Tensor, sin_SF: torch.Tensor) -> torch.Tensor:
         B, S, _ = x_BSD.shape
-        q, k, v = self.qkv(x_BSD).view(B, S, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        H, Hkv, Dh = self.n_heads, self.n_kv_heads, self.head_dim
+        q, k, v = self.qkv(x_BSD).split([H * Dh, Hkv * Dh, Hkv * Dh], dim=-1)
+        if self.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = (t.view(B, S, -1, Dh) for t in (q, k, v))
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # B, heads, S, Dh
         q, k = apply_rope(q, cos_SF[:S], sin_SF[:S]), apply_rope(k, cos_SF[:S], sin_SF[:S])
-        out_BHSDh = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        out_BHSDh = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=H != Hkv)
         return self.proj(out_BHSDh.transpose(1, 2).reshape(B, S, -1))
 
 
@@ -59,7 +75,9 @@ class Block(nn.Module):
         self.ffn_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
         stds = dict(init_std=cfg.init_std, out_init_std=cfg.init_std / math.sqrt(2 * cfg.n_layers))
         self.ffn = (
-            MoE(cfg.dim, moe, **stds) if moe is not None else FeedForward(cfg.dim, cfg.dense_ffn_dim, "gelu", **stds)
+            MoE(cfg.dim, moe, **stds)
+            if moe is not None
+            else FeedForward(cfg.dim, cfg.dense_ffn_dim, cfg.dense_activation, **stds)
         )
 
     def forward(self, x_BSD: torch.Tensor, cos_SF: torch.Tensor, sin_SF: torch.Tensor) -> torch.Tensor:
@@ -80,11 +98,6 @@ class Block(nn.Module):
         return torch.cat([h_bSD + y_bSD for h_bSD, y_bSD in zip(hidden, self.ffn.finish(started))])
 
 
-def is_moe_block(index: int, moe: MoEConfig) -> bool:
-    """Block ``index`` (0-based) is an MoE block every ``moe.every`` blocks, the last of each group."""
-    return (index + 1) % moe.every == 0
-
-
 class Transformer(nn.Module):
     """tokens_BS -> logits_BSV. ``blocks`` is a ModuleDict keyed by the global block index so that a
     pipeline stage can keep a slice of it with unchanged parameter names; a stage that does not hold the
@@ -96,13 +109,13 @@ class Transformer(nn.Module):
         self.vocab_size = vocab_size
         self.tok_emb = nn.Embedding(vocab_size, cfg.dim)
         self.blocks = nn.ModuleDict(
-            {str(i): Block(cfg, moe if is_moe_block(i, moe) else None) for i in range(cfg.n_layers)}
+            {str(i): Block(cfg, moe if moe.is_moe_block(i) else None) for i in range(cfg.n_layers)}
         )
         self.norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.dim, vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
-        cos_SF, sin_SF = rope_tables(cfg.seq_len, cfg.dim // cfg.n_heads, cfg.rope_theta)
+        cos_SF, sin_SF = rope_tables(cfg.seq_len, cfg.head_size, cfg.rope_theta)
         self.register_buffer("rope_cos", cos_SF, persistent=False)
         self.register_buffer("rope_sin", sin_SF, persistent=False)
         self.reset_parameters()
@@ -110,13 +123,15 @@ class Transformer(nn.Module):
     def reset_parameters(self) -> None:
         """Normal(0, init_std) for matrices; residual output projections scaled by 1/sqrt(2 * n_layers)
         (GPT-2) so that the residual stream's variance does not grow with depth. FFN and expert weights are
-        initialised by their own modules with the same two stds (see Block)."""
+        initialised by their own modules with the same two stds (see Block); biases start at zero, norms at one."""
         std = self.cfg.init_std
         nn.init.normal_(self.tok_emb.weight, std=std)
         if not self.cfg.tie_embeddings:
             nn.init.normal_(self.lm_head.weight, std=std)
         for block in self.blocks.values():
             nn.init.normal_(block.attn.qkv.weight, std=std)
+            if block.attn.qkv.bias is not None:
+                nn.init.zeros_(block.attn.qkv.bias)
             nn.init.normal_(block.attn.proj.weight, std=std / math.sqrt(2 * self.cfg.n_layers))
 
     def forward(self, tokens_BS: torch.Tensor) -> torch.Tensor:

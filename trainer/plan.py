@@ -93,7 +93,7 @@ def _model_parallel_lines(cfg: RunConfig, dims: ParallelDims, vocab_size: int) -
             f"{dims.edp} x {dims.ep} x {dims.etp}, over the same {dims.dp * dims.tp} ranks of each stage"
         )
     if dims.tp > 1:
-        check_tensor_parallel(dims.tp, vocab_size, cfg.model.dense_ffn_dim)
+        check_tensor_parallel(dims.tp, vocab_size, cfg.model.dense_ffn_dim, cfg.model.kv_heads)
         lines.append(
             f"  tensor parallel: {cfg.model.n_heads // dims.tp} of {cfg.model.n_heads} heads, "
             f"{vocab_size // dims.tp} of {vocab_size} vocabulary rows, "

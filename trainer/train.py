@@ -75,7 +75,7 @@ class Trainer:
         parallel.barrier()
         data_dir = Path(cfg.data.dir)
         self.manifest = load_manifest(data_dir)
-        self.vocab_size = int(self.manifest["vocab_size"])
+        self.vocab_size = cfg.model.vocab_for(int(self.manifest["vocab_size"]))
         self.model = build_model(cfg.model, cfg.moe, self.vocab_size, cfg.train.seed)
         if cfg.train.init_from:
             import_weights(Path(cfg.train.init_from), self.model, self.checkpoint_identity())

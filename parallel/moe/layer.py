@@ -58,7 +58,7 @@ class StartedMoE:
 
 class MoE(nn.Module):
     """x_BSD -> y_BSD (same shape and dtype). Weights: router gate and experts ~ Normal(0, init_std); the
-    experts' (and shared expert's) output matrix ~ Normal(0, out_init_std), default init_std - pass
+    experts' (and shared experts') output matrix ~ Normal(0, out_init_std), default init_std - pass
     init_std / sqrt(2 * n_layers) to scale it like the other residual projections."""
 
     def __init__(
@@ -75,9 +75,13 @@ class MoE(nn.Module):
         self.router = Router(dim, cfg.num_experts, cfg.top_k, cfg.score, cfg.renormalize, cfg.bias_update_rate)
         nn.init.normal_(self.router.gate.weight, std=init_std)
         self.experts = Experts(cfg.num_experts, dim, cfg.ffn_dim, cfg.activation, init_std, out_init_std)
+        # k shared experts of hidden size F add up to one FFN of hidden size k F
         self.shared = (
-            FeedForward(dim, cfg.ffn_dim, cfg.activation, init_std, out_init_std) if cfg.shared_expert else None
+            FeedForward(dim, cfg.shared_hidden, cfg.activation, init_std, out_init_std) if cfg.shared_experts else None
         )
+        self.shared_gate = nn.Linear(dim, 1, bias=False) if cfg.shared_gate else None
+        if self.shared_gate is not None:
+            nn.init.normal_(self.shared_gate.weight, std=init_std)
         self.dispatcher = dispatcher if dispatcher is not None else LocalDispatcher(cfg.num_experts)
         self.reduce = reduce
         self.stats: MoEStats | None = None
@@ -109,7 +113,7 @@ class MoE(nn.Module):
         weights = self.experts.unbound()
         for s in started:
             self.dispatcher.compute(s.flight, self.experts, weights)
-        shared = [self.shared(s.x_TD) for s in started] if self.shared is not None else None  # under the combines
+        shared = [self.shared_output(s.x_TD) for s in started] if self.shared is not None else None  # under combines
         outs = []
         for i, s in enumerate(started):
             out_TD = self.dispatcher.end(s.flight)
@@ -125,6 +129,11 @@ class MoE(nn.Module):
             tokens=sums.tokens,
         )
         return outs
+
+    def shared_output(self, x_TD: torch.Tensor) -> torch.Tensor:
+        """The shared experts' output, scaled per token by sigmoid(x_TD w_gate) when gated (Qwen2-MoE)."""
+        out_TD = self.shared(x_TD)
+        return out_TD if self.shared_gate is None else torch.sigmoid(self.shared_gate(x_TD)) * out_TD
 
     def update_bias(self, counts_E: torch.Tensor) -> None:
         """Aux-loss-free balancing: call after the optimizer step with the step's global counts."""

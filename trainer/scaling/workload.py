@@ -33,7 +33,7 @@ class Workload:
     ffn_dim: int
     expert_matrices: int
     dense_ffn_dim: int
-    shared_expert: bool
+    shared_hidden: int  # hidden size of the shared experts together (0: none)
     vocab_size: int
     tokens_per_gpu: int
     block_only: bool = False
@@ -43,7 +43,7 @@ class Workload:
         if tokens_per_gpu < 1:
             raise ConfigError("--tokens-per-gpu", f"must be >= 1, got {tokens_per_gpu}")
         moe = cfg.moe
-        layers = tuple(i for i in range(cfg.model.n_layers) if (i + 1) % moe.every == 0)
+        layers = tuple(i for i in range(cfg.model.n_layers) if moe.is_moe_block(i))
         return cls(
             cfg.model.dim,
             cfg.model.seq_len,
@@ -54,7 +54,7 @@ class Workload:
             moe.ffn_dim,
             3 if moe.activation == "swiglu" else 2,
             cfg.model.dense_ffn_dim,
-            moe.shared_expert,
+            moe.shared_hidden,
             cfg.data.vocab_size,
             tokens_per_gpu,
             block_only,
@@ -72,7 +72,7 @@ class Workload:
             8 * self.dim**2
             + 2 * self.seq_len * self.dim
             + 2 * self.dim * self.num_experts
-            + (2 * self.expert_matrices * self.dim * self.ffn_dim if self.shared_expert else 0)
+            + 2 * self.expert_matrices * self.dim * self.shared_hidden
         )
 
     def expert_flops(self, rows: int | float) -> float:
@@ -95,7 +95,7 @@ class Workload:
     def dense_params(self) -> int:
         """Replicated on every device: attention, norms, routers, dense FFNs, shared experts, embeddings."""
         per_block = 4 * self.dim**2 + 2 * self.dim
-        moe_extra = self.dim * self.num_experts + (self.expert_params if self.shared_expert else 0)
+        moe_extra = self.dim * self.num_experts + self.expert_matrices * self.dim * self.shared_hidden
         dense_ffn = 2 * self.dim * self.dense_ffn_dim
         total = sum(per_block + (moe_extra if i in self.moe_layers else dense_ffn) for i in range(self.n_layers))
         return total + (0 if self.block_only else self.vocab_size * self.dim + self.dim)
