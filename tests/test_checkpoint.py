@@ -42,6 +42,8 @@ from hecate.trainer.metrics import read_metrics
 from hecate.trainer.plan import layout_of
 from hecate.trainer.train import RUN_MARKER, Trainer
 
+pytestmark = pytest.mark.slow  # starts processes
+
 BASE = ["train.grad_accum=2"]  # two micro-batches: pipeline parallelism needs at least pp of them
 FSSDP2 = ["fssdp.policy=fssdp", "fssdp.reshard_every=2"]  # owners move after step 2: heterogeneous owners
 EVERY_2 = ["checkpoint.every=2", "checkpoint.keep=3"]

@@ -35,6 +35,8 @@ from hecate.trainer.faults import ENV as FAULT_ENV
 from hecate.trainer.integrity import CorruptCheckpoint
 from hecate.trainer.train import Trainer
 
+pytestmark = pytest.mark.slow  # starts processes
+
 DATA = "__0_0.distcp"  # the tensors a one-process run writes
 STEP_2, STEP_4 = "step_00000002", "step_00000004"
 EXPERT_WEIGHT = "model.blocks.1.ffn.experts.w1"

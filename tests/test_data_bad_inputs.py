@@ -16,6 +16,8 @@ import pytest
 from hecate.trainer.data import TrainLoader, ValLoader, load_manifest, prepare_data
 from hecate.trainer.errors import DataError
 
+pytestmark = pytest.mark.slow  # starts processes
+
 QUIET = lambda _: None  # noqa: E731
 LONG_LINE_CHARS = 10_000_000
 LONG_LINE_SECONDS = 240  # it takes ~20 s here; before pieces, training on it ran for more than 300 s

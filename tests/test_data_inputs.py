@@ -21,6 +21,8 @@ from hecate.trainer.data import EOT, TrainLoader, load_manifest, open_tokens, pr
 from hecate.trainer.data.tokenizer import load_tokenizer
 from hecate.trainer.train import Trainer
 
+pytestmark = pytest.mark.slow  # starts processes
+
 QUIET = lambda _: None  # noqa: E731
 WORDS = ["alpha", "beta", "gamma", "delta", "count", "total", "value", "index", "window", "expert", "router"]
 

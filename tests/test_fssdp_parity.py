@@ -10,6 +10,8 @@ from parity import GRAD_RTOL_LONG, assert_matches, small_config, train
 
 from hecate.launch.simulate import run_workers
 
+pytestmark = pytest.mark.slow  # starts processes
+
 STEPS = 10
 EXPERTS = 8  # 4 per rank on 2 ranks, 2 per rank on 4
 CASES = {  # name: (fssdp overrides, skewed routing)

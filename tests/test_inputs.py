@@ -19,6 +19,8 @@ from hecate.trainer.generate import generate_stream, load_trained
 from hecate.trainer.metrics import METRICS_FILE, read_metrics
 from hecate.trainer.train import RUN_MARKER
 
+pytestmark = pytest.mark.slow  # starts processes
+
 HECATE = str(Path(sys.executable).parent / "hecate")
 EXAMPLE = "examples/tiny.yaml"
 SMALL = [

@@ -20,6 +20,8 @@ from test_simulate_cli import train_args
 
 from hecate.collectives.heartbeat import RUN_SUBFOLDER, read_beats
 
+pytestmark = pytest.mark.slow  # starts processes
+
 START_DEADLINE_S = 180  # workers of a loaded 2-core machine reach their second step within this
 STOP_DEADLINE_S = 30  # a launcher's grace (10 s) plus the ranks' own exit
 ENDLESS = ["train.steps=100000", "checkpoint.every=0"]

@@ -20,6 +20,8 @@ from pathlib import Path
 import pytest
 from test_simulate_cli import hecate, losses, train_args
 
+pytestmark = pytest.mark.slow  # starts processes
+
 BIN = Path(sys.executable).parent
 WORLD = 4
 LAYOUT = ["parallel.ep=2", "train.steps=3"]  # DP=4 folded as EDP=2 x EP=2: the MoE all-to-all crosses "nodes"

@@ -24,6 +24,8 @@ from hecate.collectives.timeline import Timeline
 from hecate.launch.cli import main
 from hecate.launch.simulate import run_workers
 
+pytestmark = pytest.mark.slow  # starts processes
+
 STEPS = 2
 EXPERTS = 8
 CASES = {  # name: (overrides, simulated network or None)

@@ -11,6 +11,8 @@ from parity import assert_matches, small_config, train
 
 from hecate.launch.simulate import run_workers
 
+pytestmark = pytest.mark.slow  # starts processes
+
 STEPS = 5
 LAYOUTS = [  # (world, parallel overrides)
     (2, ["parallel.ep=2"]),

@@ -26,6 +26,8 @@ from hecate.trainer.scaling.loads import TraceRouting, ZipfRouting, rescale_rows
 from hecate.trainer.scaling.simulate import Settings, chunk_spec, simulate_policy
 from hecate.trainer.scaling.workload import Workload
 
+pytestmark = pytest.mark.slow  # starts processes
+
 CALIBRATION = Path(__file__).parent / "data" / "scaling_calibration.json"
 # The bound: the simulator, fed this machine's measured compute and link figures, predicts measured
 # 2- and 4-rank step times within 25% (the CPU is shared, so single medians move by ~10% between runs).

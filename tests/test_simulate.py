@@ -16,6 +16,8 @@ from hecate.launch.errors import WorkerFailure
 from hecate.launch.simulate import STOP_GRACE_S, core_sets, run_workers, start_workers
 from hecate.parallel.errors import CheckpointError
 
+pytestmark = pytest.mark.slow  # starts processes
+
 # Spawning workers and importing torch takes a few seconds each on a loaded 2-core machine; a failure must
 # still be reported well before the other workers' collectives would time out on their own.
 FAILURE_REPORTED_WITHIN_S = 30.0 + STOP_GRACE_S

@@ -18,6 +18,8 @@ from hecate.launch.environment import usable_cores
 from hecate.launch.simulate import core_sets
 from hecate.trainer.faults import ENV as FAULT_ENV
 
+pytestmark = pytest.mark.slow  # starts processes
+
 EXAMPLE = "examples/tiny.yaml"
 SMALL = [
     "model.dim=64",

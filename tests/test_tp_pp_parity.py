@@ -13,6 +13,8 @@ from parity import assert_matches, small_config, train
 from hecate.launch.simulate import run_workers
 from hecate.trainer.train import Trainer
 
+pytestmark = pytest.mark.slow  # starts processes
+
 STEPS = 5
 WORLD = 4
 DEEP = ["model.n_layers=4"]  # 4 stages for interleaved 1F1B

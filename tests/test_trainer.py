@@ -16,6 +16,8 @@ from hecate.trainer.errors import TrainingError
 from hecate.trainer.metrics import read_metrics
 from hecate.trainer.train import Trainer
 
+pytestmark = pytest.mark.slow  # starts processes
+
 EXAMPLE = "examples/tiny.yaml"
 FAST = [
     "model.dim=64",

@@ -17,6 +17,8 @@ from torch.distributed.device_mesh import init_device_mesh
 from hecate.collectives import TorchTransport
 from hecate.launch.simulate import run_workers
 
+pytestmark = pytest.mark.slow  # starts processes
+
 WORLD_SIZE = 4
 MAX_EXAMPLES = 12  # per world size: 4 x 12 random cases per transport keeps the suite near a minute here
 SUITE_TIMEOUT_S = 150  # the suites take ~15 s here; a hang (e.g. mismatched splits) fails in time
