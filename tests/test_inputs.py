@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from test_simulate_cli import EXAMPLE, SMALL
 
 from hecate.collectives.errors import HecateError
 from hecate.trainer.generate import generate_stream, load_trained
@@ -22,22 +23,6 @@ from hecate.trainer.train import RUN_MARKER
 pytestmark = pytest.mark.slow  # starts processes
 
 HECATE = str(Path(sys.executable).parent / "hecate")
-EXAMPLE = "examples/tiny.yaml"
-SMALL = [
-    "model.dim=64",
-    "model.n_layers=2",
-    "model.n_heads=2",
-    "model.seq_len=32",
-    "moe.num_experts=4",
-    "moe.ffn_dim=64",
-    "model.dense_ffn_dim=128",
-    "train.global_batch=8",
-    "train.eval_batches=2",
-    "train.eval_every=0",
-    "logging.progress=false",
-    "logging.tensorboard=false",
-    "logging.plots=false",
-]
 REFUSAL_TIMEOUT_S = 60  # a refusal needs only the start-up of Python and torch
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_simulate_cli import SMALL
 
 from hecate.collectives import MaterializedPlacement
 from hecate.collectives.errors import ConfigError
@@ -333,19 +334,7 @@ def test_sweep_script_picks_the_fastest_budget_and_writes_table_json_and_plot(tm
 def test_record_routing_round_trip_on_two_ranks(small_data, tmp_path):
     run = tmp_path / "run"
     small = [
-        "model.dim=64",
-        "model.n_layers=2",
-        "model.n_heads=2",
-        "model.seq_len=32",
-        "moe.num_experts=4",
-        "moe.ffn_dim=64",
-        "model.dense_ffn_dim=128",
-        "train.global_batch=8",
-        "train.eval_batches=2",
-        "train.eval_every=0",
-        "logging.progress=false",
-        "logging.tensorboard=false",
-        "logging.plots=false",
+        *SMALL,
         "train.steps=3",
         f"data.dir={small_data}",
         f"train.run_dir={run}",
