@@ -440,17 +440,20 @@ class FssdpEngine:
             fl.plan(self.policy or self._policy(*budgets), budgets)
 
     def _probe(self) -> None:
-        """Time a blocking SparseAllGather of one expert from each rank to the next, and read the free memory."""
+        """Time a blocking SparseAllGather of every expert of the first layer to the next rank after its owner
+        (several copies, as a step's gather has: one copy alone would time mostly the collective's latency), and
+        read the free memory."""
         fl = next(iter(self.layers.values()))
         owner, ranks = fl.owner, self.transport.world_size
-        copies = [(owner.chunks_on(r)[0], (r + 1) % ranks) for r in range(ranks) if owner.chunks_on(r)]
+        copies = [(e, (owner.owner_C[e] + 1) % ranks) for e in range(owner.num_chunks)]
         gather = SparseAllGather(owner, MaterializedPlacement.from_owner(owner, copies), fl.spec, self.transport)
         chunks = fl.owned_chunks()
         self.transport.barrier(name="fssdp.probe").wait()
         start = time.perf_counter()
-        gather(chunks)
+        received = gather(chunks)
         seconds = max(time.perf_counter() - start, 1e-9)
-        self.measurements.add_probe(fl.spec.nbytes / seconds, free_device_bytes(fl.layer.experts.w1.device))
+        bandwidth = len(received) * fl.spec.nbytes / seconds
+        self.measurements.add_probe(bandwidth if received else math.inf, free_device_bytes(fl.layer.experts.w1.device))
 
     def after_forward(self, fl: FssdpLayer, out: torch.Tensor) -> None:
         """After the block's forward: count its load; in RM mode free the replicas until backward needs them."""
