@@ -287,7 +287,7 @@ def measure(config: Config, scenario: Scenario) -> list[dict]:
     for run, start in zip(runs, before):
         ops = delta(run.transport.stats.snapshot(), start)
         per_step = lambda names, ops=ops: sum(ops[n].bytes_sent for n in names if n in ops) / config.iters  # noqa: E731
-        gather = ops.get("sparse_all_gather")
+        gather, reduce_scatter = ops.get("sparse_all_gather"), ops.get("sparse_reduce_scatter")
         results.append(
             {
                 "times": run.times,
@@ -300,6 +300,7 @@ def measure(config: Config, scenario: Scenario) -> list[dict]:
                 "reduce_scatter_bytes": per_step(["sparse_reduce_scatter"]),
                 "token_bytes": per_step(TOKEN_OPS),
                 "gather_wait_ms": 1e3 * gather.wait_s / config.iters if gather else 0.0,
+                "reduce_scatter_wait_ms": 1e3 * reduce_scatter.wait_s / config.iters if reduce_scatter else 0.0,
                 "peak": run.peak_memory(),
                 "reference_times": reference_times,
             }
@@ -386,6 +387,7 @@ def summarize(config: Config, world: int, scenario: Scenario, policy: str, per_r
             statistics.mean(max(r["held"][i] for r in per_rank) for i in steps) * chunk / 2**20, 1
         ),
         "gather_wait_ms": round(max(r["gather_wait_ms"] for r in per_rank), 2),
+        "reduce_scatter_wait_ms": round(max(r["reduce_scatter_wait_ms"] for r in per_rank), 2),
         "overlap_budget": statistics.mean(t for t, _ in per_rank[0]["budgets"]),
         "memory_budget": statistics.mean(m for _, m in per_rank[0]["budgets"]),
     }
@@ -432,6 +434,7 @@ MEAN_FIELDS = (
     "peak_mib",
     "expert_mib_held",
     "gather_wait_ms",
+    "reduce_scatter_wait_ms",
     "hottest_share",
     "overlap_budget",
     "memory_budget",

@@ -28,7 +28,7 @@ from hecate.parallel.fssdp.budgets import RecentMedian, memory_budget, overlap_b
 
 PROBE_STEPS = 3  # the first steps each probe the gather bandwidth and the free memory ...
 PROBE_EVERY = 20  # ... then every this many steps
-BACKWARD_OVER_FORWARD = 2.0  # a matmul chain's backward does twice its forward's flops (input and weight grads)
+BACKWARD_OVER_FORWARD = 2.0  # a matmul chain's backward does twice its forward's flops (dL/dx and dL/dW)
 FREE_MEMORY_SHARE = 0.5  # replicas may take this share of the free memory; the rest stays for activations
 MIB = 2**20
 
