@@ -10,8 +10,10 @@ import pytest
 import torch
 from parity import GRAD_RTOL_LONG, SKEW, assert_matches, small_config
 
+from hecate.collectives import CommStats, TorchTransport
 from hecate.launch.simulate import run_workers
 from hecate.parallel.fssdp import memory_budget, replica_bytes
+from hecate.parallel.fssdp.measured import Measurements
 from hecate.parallel.parallelize import Parallel
 from hecate.trainer.config import config_from_dict
 from hecate.trainer.plan import layout_of
@@ -107,3 +109,45 @@ def test_auto_budgets_and_calibration_match_single_process(reference, small_data
             assert corrected > 0, f"{name}: calibration never corrected a plan under rotating skew"
         else:
             assert all("calibrated" not in m for m in got["metrics"])
+
+
+MIB = 2**20
+
+
+def agree_on_two_ranks() -> dict:
+    """Each rank's own samples (layer 1 only on rank 1), then the group's agreement, on every rank."""
+    transport = TorchTransport(None, CommStats())
+    rank = transport.rank
+    measured = Measurements()
+    for _ in range(2):
+        measured.add_layer()
+    before = (measured.overlap_budget(0, 4 * MIB, 8), measured.memory_budget(0, 8 * MIB, 8, 2, 2))
+    before += (measured.calibration_costs(),)
+    for seconds in (0.010 + 0.005 * rank, 0.030):  # medians: 0.020 on rank 0, 0.0225 on rank 1
+        measured.add_non_moe(0, seconds)
+    if rank == 1:
+        measured.add_non_moe(1, 0.007)
+    measured.add_rows(100, 0.001 * (rank + 1))  # 1 and 2 ms forward over 100 rows
+    measured.add_probe((1e9, 2e9)[rank], (5e9, 4e9)[rank])
+    measured.agree(transport)
+    return {
+        "before": before,
+        "non_moe": [m.value for m in measured.non_moe_s],
+        "costs": measured.calibration_costs(),
+        "free": measured.free_bytes.value,
+        "t": measured.overlap_budget(0, 4 * MIB, 8),
+        "m_capped": measured.memory_budget(40, 8 * MIB, 8, 2, 2),
+        "m_free": measured.memory_budget(0, 8 * MIB, 256, 2, 2),
+    }
+
+
+def test_every_rank_agrees_on_the_cautious_side_of_the_measurements():
+    rank0, rank1 = run_workers(agree_on_two_ranks, 2, timeout_s=120)
+    assert rank0 == rank1, "every rank must derive the same budgets"
+    assert rank0["before"] == (0, 0, None), "no measurement yet: t = m = 0 (plain EP), no calibration"
+    assert rank0["non_moe"] == [pytest.approx(0.020), pytest.approx(0.007)]  # MIN of medians; a missing one: inf
+    assert rank0["costs"] == (pytest.approx(3 * 0.001 / 100), 1e9)  # forward x (1 + backward's 2), slowest link
+    assert rank0["free"] == 4e9
+    assert rank0["t"] == 4  # floor(0.020 s x 1e9 B/s / 4 MiB) = floor(4.77)
+    assert rank0["m_capped"] == 2  # 40 MiB / (8 MiB x 2 live layers)
+    assert rank0["m_free"] == 119  # half of the least free memory: floor(2e9 B / (8 MiB x 2 live layers))
