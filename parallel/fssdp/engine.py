@@ -227,6 +227,14 @@ class FssdpLayer:
         if new:
             self.extra = self._gather(self.owner, MaterializedPlacement.from_owner(self.owner, new))
 
+    def drain(self) -> None:
+        """After the forward: wait for gathers it issued but did not use (calibration may drop every replica,
+        and the experts then compute with the owned weights), so no stale copy reaches the next forward."""
+        for handle in (self.pending, self.extra):
+            if handle is not None:
+                handle.wait()
+        self.pending = self.extra = None
+
     def computed(self, rows: int, seconds: float) -> None:
         """The held experts' forward ran on ``rows`` rows in ``seconds``."""
         self.rows_computed += rows
@@ -459,6 +467,7 @@ class FssdpEngine:
         """After the block's forward: count its load; in RM mode free the replicas until backward needs them."""
         stats = fl.layer.stats
         fl.held = None
+        fl.drain()
         if fl.layer.training:
             fl.step_counts_E += stats.counts_E.to(fl.step_counts_E.dtype)
         if self.cfg.rematerialize and out.requires_grad:
