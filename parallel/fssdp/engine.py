@@ -9,7 +9,10 @@
               use the corrected placement
     dispatch  each (token, expert) pair to one holder (``parallel/moe/assignment.py``): levelling first - every
               copy of a replicated expert gets a quota that levels the devices' row totals - then locality: each
-              quota is filled with the holder's own pairs, then pairs from its node, then from any rank
+              quota is filled with the holder's own pairs, then pairs from its node, then from any rank. Local
+              first would keep each source's pairs on its own copy and leave the owners' imbalance in place:
+              rows max/mean 1.07-1.27 against 1.00 under the skew benchmark's routing with t = m = 2
+              (``benchmarks/dispatch_rule.py``, docs/BENCHMARKS.md)
     compute   every held expert's rows in one matmul chain, with owned weights or gathered replicas
     combine   the reverse all-to-all
     reduce    in backward, SparseReduceScatter(materialized -> owners) sums every copy's gradient on the owner:
