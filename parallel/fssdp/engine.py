@@ -270,24 +270,26 @@ class FssdpLayer:
             for i, e in enumerate(self.owner.chunks_on(self.rank))
         }
 
-    def build_held_stacks(
+    def build_held_stacks(self, replicas: dict[int, torch.Tensor], owned: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Per weight, the [H, ...] stack of the experts this forward's placement puts here, in ascending order:
+        owned rows or replicas."""
+        return [torch.stack(self.held_rows(j, replicas, owned, self.materialized)) for j in range(len(self.shapes))]
+
+    def held_rows(
         self,
+        j: int,
         replicas: dict[int, torch.Tensor],
         owned: Sequence[torch.Tensor],
-        placement: MaterializedPlacement | None = None,
+        placement: MaterializedPlacement,
     ) -> list[torch.Tensor]:
-        """Per weight, the [H, ...] stack of the experts ``placement`` (default: this forward's) puts here, in
-        ascending order: owned rows or replicas."""
-        placement = placement or self.materialized
+        """Weight ``j`` of every expert ``placement`` puts here, in ascending order: views of owned rows or of
+        received replicas (detached)."""
         position = {e: i for i, e in enumerate(self.owner.chunks_on(self.rank))}
-        stacks = []
-        for j, (shape, offset) in enumerate(zip(self.shapes, _offsets(self.sizes))):
-            rows = [
-                owned[j][position[e]] if e in position else replicas[e][offset : offset + self.sizes[j]].view(shape)
-                for e in placement.chunks_on(self.rank)
-            ]
-            stacks.append(torch.stack([r.detach() for r in rows]))
-        return stacks
+        offset, size, shape = _offsets(self.sizes)[j], self.sizes[j], self.shapes[j]
+        return [
+            (owned[j][position[e]] if e in position else replicas[e][offset : offset + size].view(shape)).detach()
+            for e in placement.chunks_on(self.rank)
+        ]
 
     # ---- backward: sum every copy's gradient on its owner ----------------------------------------
 
@@ -328,14 +330,15 @@ class FssdpLayer:
             return
         self.start_regather()
         replicas, self.regather = self.regather.wait(), None
-        fresh = self.build_held_stacks(replicas, self.layer.experts.weights(), self.held_placement)
-        for stack, values in zip(self.held_stacks, fresh):
-            stack.untyped_storage().resize_(values.numel() * values.element_size())
+        owned = self.layer.experts.weights()
+        for j, stack in enumerate(self.held_stacks):  # row by row into the old storage: no second stack
+            stack.untyped_storage().resize_(stack.numel() * stack.element_size())
             # write through an alias with its own version counter: autograd saved views of ``stack``
             alias = torch.empty(0, dtype=stack.dtype).set_(
                 stack.untyped_storage(), stack.storage_offset(), stack.shape, stack.stride()
             )
-            alias.copy_(values)
+            for h, row in enumerate(self.held_rows(j, replicas, owned, self.held_placement)):
+                alias[h].copy_(row)
         self.held_stacks = []
 
     # ---- between steps -------------------------------------------------------------------------
