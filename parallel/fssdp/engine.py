@@ -260,13 +260,17 @@ class FssdpLayer:
 
     def _gather(self, owner: OwnerPlacement, materialized: MaterializedPlacement) -> Handle:
         gather = SparseAllGather(owner, materialized, self.spec, self.transport)
-        return gather.start(self.owned_chunks())
+        sent = {e for e, devices in enumerate(materialized.devices_C) if len(devices) > 1}
+        return gather.start(self.owned_chunks(sent))
 
-    def owned_chunks(self) -> dict[int, torch.Tensor]:
-        """Each owned expert's weights as one flat chunk (w1, w2[, w3] concatenated)."""
+    def owned_chunks(self, sent: set[int] | None = None) -> dict[int, torch.Tensor]:
+        """Each owned expert's weights as one flat chunk (w1, w2[, w3] concatenated). With ``sent``, only those
+        experts are packed: the others never leave this rank, and a zero-stride placeholder of the chunk's shape
+        (no memory, no copy) stands in for them, since the gather checks every owned chunk's spec."""
         weights = self.layer.experts.weights()
+        unsent = torch.empty(1, dtype=self.spec.dtype, device=weights[0].device).expand(self.spec.shape)
         return {
-            e: torch.cat([w[i].detach().reshape(-1) for w in weights])
+            e: torch.cat([w[i].detach().reshape(-1) for w in weights]) if sent is None or e in sent else unsent
             for i, e in enumerate(self.owner.chunks_on(self.rank))
         }
 
