@@ -48,13 +48,20 @@ from hecate.parallel.fssdp import initial_owners
 from hecate.parallel.moe import MoE
 from hecate.parallel.moe.router import Routing
 
-POLICIES = {  # name: FssdpConfig fields beyond the budgets
+POLICIES = {  # name: FssdpConfig fields (the budgets default to --overlap-budget / --memory-budget)
     "ep": {"policy": "ep"},
     "fsdp": {"policy": "fsdp"},
     "shadow": {"policy": "shadow"},
     "fssdp": {"policy": "fssdp"},
     "fssdp-rm": {"policy": "fssdp", "rematerialize": True},
+    # memory scarcer than overlap (t > m): the planner's load-proportional branch against shadowing with as much
+    "shadow-m1": {"policy": "shadow", "memory_budget": 1},
+    "fssdp-t4m1": {"policy": "fssdp", "overlap_budget": 4, "memory_budget": 1},
+    "fssdp-t4m2": {"policy": "fssdp", "overlap_budget": 4, "memory_budget": 2},
+    # budgets derived from the engine's measurements (attention time, gather bandwidth, free memory)
+    "fssdp-auto": {"policy": "fssdp", "overlap_budget": "auto", "memory_budget": "auto"},
 }
+DEFAULT_POLICIES = ("ep", "fsdp", "shadow", "fssdp", "fssdp-rm", "fssdp-auto")
 TOKEN_OPS = ("moe.dispatch", "moe.dispatch.backward", "moe.combine", "moe.combine.backward")
 
 
@@ -66,7 +73,7 @@ class Config:
     replay_layers: tuple[int, ...] = (0,)
     replay_steps: int = 50
     metrics: str = "runs/tiny/metrics.jsonl"
-    policies: tuple[str, ...] = tuple(POLICIES)
+    policies: tuple[str, ...] = DEFAULT_POLICIES
     dim: int = 256
     heads: int = 4
     ffn_dim: int = 1024
@@ -205,10 +212,12 @@ class PolicyRun:
         sharding = FullySharded(
             self.transport,
             FssdpConfig(
-                window=config.window,
-                overlap_budget=config.overlap_budget,
-                memory_budget=config.memory_budget,
-                **POLICIES[policy],
+                **{
+                    "window": config.window,
+                    "overlap_budget": config.overlap_budget,
+                    "memory_budget": config.memory_budget,
+                    **POLICIES[policy],
+                }
             ),
         )
         sharding.wrap(self.block)
@@ -225,6 +234,7 @@ class PolicyRun:
         self.rows: list[int] = []
         self.counts: list[list[int]] = []
         self.held: list[int] = []
+        self.budgets: list[tuple[int, int]] = []
 
     def step(self) -> float:
         """One training step; returns the slowest rank's forward + backward seconds."""
@@ -241,6 +251,7 @@ class PolicyRun:
 
     def measured_step(self) -> None:
         self.held.append(len(self.layer.materialized.chunks_on(self.transport.rank)))
+        self.budgets.append(self.layer.budgets)
         self.times.append(self.step())
         self.rows.append(self.layer.last_rows)
         self.counts.append(self.block.moe.stats.counts_E.tolist())  # global: summed over the group
@@ -276,18 +287,20 @@ def measure(config: Config, scenario: Scenario) -> list[dict]:
     for run, start in zip(runs, before):
         ops = delta(run.transport.stats.snapshot(), start)
         per_step = lambda names, ops=ops: sum(ops[n].bytes_sent for n in names if n in ops) / config.iters  # noqa: E731
-        gather = ops.get("sparse_all_gather")
+        gather, reduce_scatter = ops.get("sparse_all_gather"), ops.get("sparse_reduce_scatter")
         results.append(
             {
                 "times": run.times,
                 "rows": run.rows,
                 "counts": run.counts,
                 "held": run.held,
+                "budgets": run.budgets,
                 "chunk_bytes": run.layer.spec.nbytes,
                 "gather_bytes": per_step(["sparse_all_gather"]),
                 "reduce_scatter_bytes": per_step(["sparse_reduce_scatter"]),
                 "token_bytes": per_step(TOKEN_OPS),
                 "gather_wait_ms": 1e3 * gather.wait_s / config.iters if gather else 0.0,
+                "reduce_scatter_wait_ms": 1e3 * reduce_scatter.wait_s / config.iters if reduce_scatter else 0.0,
                 "peak": run.peak_memory(),
                 "reference_times": reference_times,
             }
@@ -336,7 +349,10 @@ def summarize(config: Config, world: int, scenario: Scenario, policy: str, per_r
     replicas = sum(h - config.experts // world for r in per_rank for h in r["held"]) / config.iters
     chunk = per_rank[0]["chunk_bytes"]
     gathers = 2 if POLICIES[policy].get("rematerialize") else 1  # RM gathers again in backward
-    if (gather, reduce_scatter) != (gathers * replicas * chunk, replicas * chunk):
+    planned = (gathers * replicas * chunk, replicas * chunk)
+    probes = "auto" in POLICIES[policy].values()  # the engine's bandwidth probes are gathers too
+    exact = (gather >= planned[0] and reduce_scatter == planned[1]) if probes else (gather, reduce_scatter) == planned
+    if not exact:
         raise AssertionError(
             f"{policy} on {world} ranks ({scenario}): gather moved {gather} and reduce-scatter "
             f"{reduce_scatter} bytes per step, the plans' {replicas} replicas x {chunk} bytes "
@@ -371,6 +387,9 @@ def summarize(config: Config, world: int, scenario: Scenario, policy: str, per_r
             statistics.mean(max(r["held"][i] for r in per_rank) for i in steps) * chunk / 2**20, 1
         ),
         "gather_wait_ms": round(max(r["gather_wait_ms"] for r in per_rank), 2),
+        "reduce_scatter_wait_ms": round(max(r["reduce_scatter_wait_ms"] for r in per_rank), 2),
+        "overlap_budget": statistics.mean(t for t, _ in per_rank[0]["budgets"]),
+        "memory_budget": statistics.mean(m for _, m in per_rank[0]["budgets"]),
     }
 
 
@@ -415,7 +434,10 @@ MEAN_FIELDS = (
     "peak_mib",
     "expert_mib_held",
     "gather_wait_ms",
+    "reduce_scatter_wait_ms",
     "hottest_share",
+    "overlap_budget",
+    "memory_budget",
 )
 
 
@@ -439,18 +461,18 @@ def _routing_label(r: dict) -> str:
 
 def print_table(means: list[dict]) -> None:
     print(
-        f"{'ranks':>5}  {'routing':<10}{'policy':<9}{'step ms':>8}{'x ep':>7}{'x ep s=0':>9}"
+        f"{'ranks':>5}  {'routing':<10}{'policy':<11}{'step ms':>8}{'x ep':>7}{'x ep s=0':>9}"
         f"{'gather MiB':>11}{'RS MiB':>7}"
-        f"{'token MiB':>10}{'rows max/mean':>14}{'ideal':>7}{'peak MiB':>9}{'held MiB':>9}"
+        f"{'token MiB':>10}{'rows max/mean':>14}{'ideal':>7}{'peak MiB':>9}{'held MiB':>9}{'t':>5}{'m':>5}"
     )
     for r in means:
         print(
-            f"{r['world_size']:>5}  {_routing_label(r):<10}{r['policy']:<9}{r['step_ms']:>8.1f}"
+            f"{r['world_size']:>5}  {_routing_label(r):<10}{r['policy']:<11}{r['step_ms']:>8.1f}"
             f"{r.get('ratio_to_ep', float('nan')):>7.3f}{r.get('ratio_to_ep_uniform', float('nan')):>9.3f}"
             f"{r['gather_bytes'] / 2**20:>11.1f}"
             f"{r['reduce_scatter_bytes'] / 2**20:>7.1f}{r['token_bytes'] / 2**20:>10.1f}"
             f"{r['rows_max_over_mean']:>14.3f}{r['ideal_ratio']:>7.3f}{r['peak_mib']:>9.1f}"
-            f"{r['expert_mib_held']:>9.1f}"
+            f"{r['expert_mib_held']:>9.1f}{r['overlap_budget']:>5.1f}{r['memory_budget']:>5.1f}"
         )
 
 
@@ -484,6 +506,14 @@ def goals(means: list[dict]) -> list[str]:
                     f"{_verdict(fssdp / fsdp, 0.3)}; all bytes (with tokens) "
                     f"{figure(s, 'fssdp', 'total_bytes') / figure(s, 'fsdp', 'total_bytes'):.3f}"
                 )
+            for m in (1, 2):  # memory scarcer than overlap: load-proportional copies against shadowing
+                proportional = figure(s, f"fssdp-t4m{m}", "ratio_to_ep")
+                shadow = figure(s, "shadow-m1" if m == 1 else "shadow", "ratio_to_ep")
+                if proportional is not None and shadow is not None:
+                    lines.append(
+                        f"{world} ranks, s={s}: t=4 > m={m}: fssdp {proportional:.3f}x ep, shadow {shadow:.3f}x ep "
+                        f"(fssdp / shadow {proportional / shadow:.3f})"
+                    )
             rm, ep = figure(s, "fssdp-rm", "peak_mib"), figure(s, "ep", "peak_mib")
             if rm and ep:
                 lines.append(f"{world} ranks, s={s}: fssdp-rm peak memory / ep: {_verdict(rm / ep, 1.15)}")

@@ -137,6 +137,9 @@ class FssdpConfig:
     reshard_every: int = 0  # heterogeneous re-sharding of ownership every K steps; 0 = off
     devices_per_node: int = 0  # ranks per node, for placement preferences; 0 = all ranks on one node
     min_imbalance: float = 1.05  # fssdp plans no replicas while the owners' max / mean expert load is at most this
+    # memory_budget=auto: MiB per device the replicas may use; 0 = half of the device's measured free memory
+    memory_cap_mib: int = 0
+    calibrate: bool = False  # correct each forward's plan with the router's real counts when the saving pays
 
     def validate(self, prefix: str = "fssdp") -> None:
         if self.policy not in POLICIES:
@@ -147,7 +150,7 @@ class FssdpConfig:
         for name in ("overlap_budget", "memory_budget"):
             if getattr(self, name) != AUTO:
                 check_budget(f"{prefix}.{name}", getattr(self, name), also=f" or {AUTO!r} (derived from measurements)")
-        for name in ("reshard_every", "devices_per_node"):
+        for name in ("reshard_every", "devices_per_node", "memory_cap_mib"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{prefix}.{name}", f"must be >= 0, got {getattr(self, name)}")
         require_finite(f"{prefix}.min_imbalance", self.min_imbalance)

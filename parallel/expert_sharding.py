@@ -188,8 +188,10 @@ class FullySharded:
 
     def wrap(self, model: nn.Module) -> None:
         """Each layer's experts become its owned rows (:class:`~hecate.parallel.fssdp.engine.ShardedExperts`), its
-        dispatcher sends tokens to any holder of the step's plan, and the block that runs it gathers the step's
-        replicas before its attention (a forward pre-hook) and hands the layer's load to the engine after it."""
+        dispatcher sends tokens to any holder of this forward's placement, and the block that runs it gathers the
+        step's replicas before its attention (a forward pre-hook) and hands the layer's load to the engine after
+        it. The router's pre-hook ends the attention's timing (``auto`` budgets); the layer's ``on_counts`` hands
+        the router's counts to calibration (``fssdp.calibrate``)."""
         engine = self.engine
         for name, block, layer in named_moe_layers(model):
             fl = engine.add_layer(name, layer)
@@ -201,7 +203,9 @@ class FullySharded:
                 holders=lambda fl=fl: fl.materialized.devices_C,
                 ranks_per_node=self.cfg.devices_per_node or None,
             )
-            block.register_forward_pre_hook(lambda _m, _args, fl=fl: fl.start_gather())
+            block.register_forward_pre_hook(lambda _m, _args, fl=fl: fl.block_starts())
+            layer.router.register_forward_pre_hook(lambda _m, _args, fl=fl: fl.router_starts())
+            layer.on_counts = fl.counted
             block.register_forward_hook(lambda _m, _args, out, fl=fl: engine.after_forward(fl, out))
         engine.plan()
 
@@ -238,15 +242,22 @@ class FullySharded:
         self.engine.load_state_dict(saved)
 
     def metrics(self) -> dict[str, Any]:
-        """Replicas per layer, and the spread of computed expert rows over the ranks (max / mean; 1.0 is level)."""
-        group = self.norm_group
+        """Planned replicas and the (overlap, memory) budgets per layer, forwards whose placement calibration
+        corrected (with ``fssdp.calibrate``), and the spread of computed expert rows over the ranks (max / mean;
+        1.0 is level)."""
+        engine, group = self.engine, self.norm_group
         rows = torch.zeros(group.world_size, dtype=torch.float64)
-        rows[group.rank] = sum(fl.last_rows for fl in self.engine.layers.values())
+        rows[group.rank] = sum(fl.last_rows for fl in engine.layers.values())
         rows = group.all_reduce(rows, name="metrics").wait()
-        return {
-            "replicas": self.engine.last_replicas,
+        out = {
+            "replicas": engine.last_replicas,
+            "overlap_budget": {name: t for name, (t, _) in engine.last_budgets.items()},
+            "memory_budget": {name: m for name, (_, m) in engine.last_budgets.items()},
             "expert_rows_max_over_mean": (rows.max() / rows.mean().clamp(min=1)).item(),
         }
+        if self.cfg.calibrate:
+            out["calibrated"] = engine.last_calibrated
+        return out
 
 
 def keep_local_experts(layer: MoE, ep_rank: int, ep: int) -> None:

@@ -1,8 +1,18 @@
 """The FSSDP engine: one MoE layer's step, in order.
 
-    plan      the policy turns (owners, load estimate) into a materialized placement - at the end of each step
+    plan      the policy turns (owners, load estimate) into a materialized placement - at the end of each step;
+              with ``auto`` budgets, t and m come from the group's agreed measurements (``measured.py``)
     gather    SparseAllGather(owners -> materialized), issued before the block's attention, waited before experts
-    dispatch  each (token, expert) pair to one holder: local copy first, else spread over the holders
+    calibrate (``fssdp.calibrate``) once the router has counted the real tokens (summed over the group), the plan
+              is corrected when the saving beats the extra gather (``calibration.py``); the extra copies are
+              gathered at once (on the critical path), and this forward's dispatch, compute and reduce-scatter
+              use the corrected placement
+    dispatch  each (token, expert) pair to one holder (``parallel/moe/assignment.py``): levelling first - every
+              copy of a replicated expert gets a quota that levels the devices' row totals - then locality: each
+              quota is filled with the holder's own pairs, then pairs from its node, then from any rank. Local
+              first would keep each source's pairs on its own copy and leave the owners' imbalance in place:
+              rows max/mean 1.07-1.27 against 1.00 under the skew benchmark's routing with t = m = 2
+              (``benchmarks/dispatch_rule.py``, docs/BENCHMARKS.md)
     compute   every held expert's rows in one matmul chain, with owned weights or gathered replicas
     combine   the reverse all-to-all
     reduce    in backward, SparseReduceScatter(materialized -> owners) sums every copy's gradient on the owner:
@@ -27,6 +37,7 @@ from __future__ import annotations
 
 import functools
 import math
+import time
 from collections.abc import Sequence
 
 import torch
@@ -41,8 +52,11 @@ from hecate.collectives import (
     Transport,
 )
 from hecate.collectives.handle import Handle
-from hecate.parallel.config import FssdpConfig
+from hecate.parallel.config import AUTO, FssdpConfig
+from hecate.parallel.fssdp.budgets import replica_bytes
+from hecate.parallel.fssdp.calibration import calibrate
 from hecate.parallel.fssdp.load import LoadEstimator
+from hecate.parallel.fssdp.measured import Measurements, free_device_bytes, should_probe
 from hecate.parallel.fssdp.policies import Policy, build_policy
 from hecate.parallel.fssdp.resharding import initial_owners, reshard_owners
 from hecate.parallel.moe import ExpertWeights, MoE
@@ -70,9 +84,13 @@ class ShardedExperts(nn.Module):
         self, x_ND: torch.Tensor, counts_H: torch.Tensor, first: int = 0, weights: ExpertWeights | None = None
     ) -> torch.Tensor:
         """Held experts first, first + 1, ... on ``counts_H`` rows each (the ``Experts`` contract)."""
-        if self.training:
-            self.fssdp_layer.rows_computed += x_ND.shape[0]
-        return (weights or self.unbound())(x_ND, counts_H.tolist(), first)
+        weights = weights or self.unbound()
+        if not self.training:
+            return weights(x_ND, counts_H.tolist(), first)
+        start = time.perf_counter()
+        out = weights(x_ND, counts_H.tolist(), first)
+        self.fssdp_layer.computed(x_ND.shape[0], time.perf_counter() - start)
+        return out
 
     def unbound(self) -> ExpertWeights:
         """The held experts' weights, materialized once per forward however many chunks the dispatcher runs.
@@ -95,7 +113,7 @@ class _Materialize(torch.autograd.Function):
     def forward(ctx, fl: FssdpLayer, *owned: torch.Tensor) -> tuple[torch.Tensor, ...]:
         ctx.fl, ctx.owner, ctx.materialized = fl, fl.owner, fl.materialized
         stacks = fl.build_held_stacks(fl.wait_replicas(), owned)
-        fl.held_stacks = stacks
+        fl.held_stacks, fl.held_placement = stacks, fl.materialized
         return tuple(stacks)
 
     @staticmethod
@@ -108,13 +126,25 @@ class _Materialize(torch.autograd.Function):
 
 
 class FssdpLayer:
-    """One MoE layer under FSSDP: its owners, current materialized placement, load estimate and collectives."""
+    """One MoE layer under FSSDP: its owners, the step's plan and this forward's placement (the plan, or its
+    calibration), load estimate and collectives. ``measurements`` (shared by the engine's layers; None when
+    nothing is derived from them) receives this layer's timings as ``index``."""
 
-    def __init__(self, layer: MoE, transport: Transport, policy: Policy, cfg: FssdpConfig):
+    def __init__(self, layer: MoE, transport: Transport, cfg: FssdpConfig, measurements: Measurements | None = None):
         experts, ranks = layer.cfg.num_experts, transport.world_size
-        self.layer, self.transport, self.policy, self.cfg = layer, transport, policy, cfg
+        self.layer, self.transport, self.cfg = layer, transport, cfg
+        self.measurements = measurements
+        self.index = measurements.add_layer() if measurements is not None else 0
+        self.policy: Policy | None = None  # the step's, with its budgets; set by the engine's plan
+        self.budgets = (0, 0)  # the step's (overlap, memory) budgets
         self.owner = initial_owners(experts, ranks)
-        self.materialized = MaterializedPlacement.from_owner(self.owner)
+        self.planned = MaterializedPlacement.from_owner(self.owner)  # the step's plan
+        self.materialized = self.planned  # this forward's placement: the plan or its calibration
+        self.held_placement = self.planned  # the placement the held stacks were built for (RM gathers it again)
+        self.block_start: float | None = None  # when the block's forward began (measuring its attention)
+        self.awaiting_counts = False  # this forward has not calibrated yet
+        self.calibrated = 0  # forwards of this step whose placement calibration corrected
+        self.last_calibrated = 0
         self.estimator = LoadEstimator(experts, cfg.window)
         self.step_counts_E = torch.zeros(experts, dtype=torch.long)
         self.rows_computed = 0  # (token, expert) rows this rank computed in this step
@@ -124,6 +154,7 @@ class FssdpLayer:
         self.sizes = [math.prod(shape) for shape in self.shapes]
         self.spec = ChunkSpec.flat(sum(self.sizes), full.w1.dtype)
         self.pending: Handle | None = None
+        self.extra: Handle | None = None  # calibration's extra copies
         self.regather: Handle | None = None  # RM: the backward gather, issued ahead by the layer after this one
         self.held: tuple[torch.Tensor, ...] | None = None  # this forward's materialized stacks (autograd outputs)
         self.held_stacks: list[torch.Tensor] = []
@@ -136,46 +167,133 @@ class FssdpLayer:
     def rank(self) -> int:
         return self.transport.rank
 
-    # ---- forward: gather replicas, build the held stacks -----------------------------------------
+    @property
+    def bytes_per_replica(self) -> int:
+        """What one replica costs a device: its weights and their gradient."""
+        return replica_bytes(sum(self.sizes), self.spec.dtype.itemsize)
+
+    # ---- forward: gather replicas, calibrate, build the held stacks ------------------------------
 
     @property
     def replicas(self) -> int:
-        """Copies beyond the owners in this step's plan (the same on every rank)."""
-        return sum(len(devices) for devices in self.materialized.devices_C) - self.owner.num_chunks
+        """Copies beyond the owners in this forward's placement (the same on every rank)."""
+        return _replicas(self.materialized)
+
+    @property
+    def planned_replicas(self) -> int:
+        """Copies beyond the owners in this step's plan."""
+        return _replicas(self.planned)
+
+    def block_starts(self) -> None:
+        """The block's forward pre-hook: this forward starts from the step's plan, whose gather is issued now
+        (it travels while the attention runs)."""
+        self.materialized = self.planned
+        self.awaiting_counts = self.layer.training
+        self.block_start = time.perf_counter() if self.layer.training else None
+        self.start_gather()
+
+    def router_starts(self) -> None:
+        """The router's forward pre-hook: the block's non-MoE part is over."""
+        if self.block_start is not None and self.measurements is not None:
+            self.measurements.add_non_moe(self.index, time.perf_counter() - self.block_start)
+        self.block_start = None
+
+    def counted(self, counts_E: torch.Tensor) -> None:
+        """The router's counts of this forward (the first sub-batch's, summed over the group): with
+        ``fssdp.calibrate``, correct the placement when it pays, and gather the new copies at once."""
+        if not (self.awaiting_counts and self.cfg.calibrate):
+            return
+        self.awaiting_counts = False
+        costs = self.measurements.calibration_costs()
+        if costs is None:  # nothing measured yet: keep the plan
+            return
+        row_seconds, bandwidth = costs
+        result = calibrate(
+            self.policy,
+            self.owner,
+            self.planned,
+            counts_E.detach().cpu(),
+            row_seconds=row_seconds,
+            expert_bytes=self.spec.nbytes,
+            gather_bytes_per_s=bandwidth,
+        )
+        if not result.corrected:
+            return
+        self.materialized = result.placement
+        self.calibrated += 1
+        new = [
+            (e, d)
+            for e, holders in enumerate(result.placement.devices_C)
+            for d in holders
+            if d not in self.planned.devices_C[e]
+        ]
+        if new:
+            self.extra = self._gather(self.owner, MaterializedPlacement.from_owner(self.owner, new))
+
+    def drain(self) -> None:
+        """After the forward: wait for gathers it issued but did not use (calibration may drop every replica,
+        and the experts then compute with the owned weights), so no stale copy reaches the next forward."""
+        for handle in (self.pending, self.extra):
+            if handle is not None:
+                handle.wait()
+        self.pending = self.extra = None
+
+    def computed(self, rows: int, seconds: float) -> None:
+        """The held experts' forward ran on ``rows`` rows in ``seconds``."""
+        self.rows_computed += rows
+        if self.measurements is not None:
+            self.measurements.add_rows(rows, seconds)
 
     def start_gather(self) -> None:
-        """Issue the gather of this step's replicas (before the block's attention runs)."""
-        if self.pending is None and self.replicas:
-            self.pending = self._gather(self.owner, self.materialized)
+        """Issue the gather of this step's planned replicas (before the block's attention runs)."""
+        if self.pending is None and self.planned_replicas:
+            self.pending = self._gather(self.owner, self.planned)
 
     def wait_replicas(self) -> dict[int, torch.Tensor]:
+        """The replicas this forward holds: the plan's and calibration's extra copies."""
         self.start_gather()
-        replicas, self.pending = self.pending.wait(), None
+        replicas = self.pending.wait() if self.pending is not None else {}
+        if self.extra is not None:
+            replicas = {**replicas, **self.extra.wait()}
+        self.pending = self.extra = None
         return replicas
 
     def _gather(self, owner: OwnerPlacement, materialized: MaterializedPlacement) -> Handle:
         gather = SparseAllGather(owner, materialized, self.spec, self.transport)
-        return gather.start(self.owned_chunks())
+        sent = {e for e, devices in enumerate(materialized.devices_C) if len(devices) > 1}
+        return gather.start(self.owned_chunks(sent))
 
-    def owned_chunks(self) -> dict[int, torch.Tensor]:
-        """Each owned expert's weights as one flat chunk (w1, w2[, w3] concatenated)."""
+    def owned_chunks(self, sent: set[int] | None = None) -> dict[int, torch.Tensor]:
+        """Each owned expert's weights as one flat chunk (w1, w2[, w3] concatenated). With ``sent``, only those
+        experts are packed: the others never leave this rank, and a zero-stride placeholder of the chunk's shape
+        (no memory, no copy) stands in for them, since the gather checks every owned chunk's spec."""
         weights = self.layer.experts.weights()
+        unsent = torch.empty(1, dtype=self.spec.dtype, device=weights[0].device).expand(self.spec.shape)
         return {
-            e: torch.cat([w[i].detach().reshape(-1) for w in weights])
+            e: torch.cat([w[i].detach().reshape(-1) for w in weights]) if sent is None or e in sent else unsent
             for i, e in enumerate(self.owner.chunks_on(self.rank))
         }
 
     def build_held_stacks(self, replicas: dict[int, torch.Tensor], owned: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """Per weight, the [H, ...] stack of the held experts in ascending order: owned rows or replicas."""
+        """Per weight, the [H, ...] stack of the experts this forward's placement puts here, in ascending order:
+        owned rows or replicas."""
+        return [torch.stack(self.held_rows(j, replicas, owned, self.materialized)) for j in range(len(self.shapes))]
+
+    def held_rows(
+        self,
+        j: int,
+        replicas: dict[int, torch.Tensor],
+        owned: Sequence[torch.Tensor],
+        placement: MaterializedPlacement,
+    ) -> list[torch.Tensor]:
+        """Weight ``j`` of every expert ``placement`` puts here, in ascending order: views of owned rows or of
+        received replicas (detached)."""
         position = {e: i for i, e in enumerate(self.owner.chunks_on(self.rank))}
-        stacks = []
-        for j, (shape, offset) in enumerate(zip(self.shapes, _offsets(self.sizes))):
-            rows = [
-                owned[j][position[e]] if e in position else replicas[e][offset : offset + self.sizes[j]].view(shape)
-                for e in self.materialized.chunks_on(self.rank)
-            ]
-            stacks.append(torch.stack([r.detach() for r in rows]))
-        return stacks
+        offset, size, shape = _offsets(self.sizes)[j], self.sizes[j], self.shapes[j]
+        return [
+            (owned[j][position[e]] if e in position else replicas[e][offset : offset + size].view(shape)).detach()
+            for e in placement.chunks_on(self.rank)
+        ]
 
     # ---- backward: sum every copy's gradient on its owner ----------------------------------------
 
@@ -208,7 +326,7 @@ class FssdpLayer:
     def start_regather(self) -> None:
         """RM: issue the backward gather ahead of time (no-op when this forward freed nothing)."""
         if self.held_stacks and self.regather is None:
-            self.regather = self._gather(self.owner, self.materialized)
+            self.regather = self._gather(self.owner, self.held_placement)
 
     def rematerialize(self) -> None:
         """When backward reaches the layer (RM mode): wait for the replicas and refill the held stacks."""
@@ -216,14 +334,15 @@ class FssdpLayer:
             return
         self.start_regather()
         replicas, self.regather = self.regather.wait(), None
-        fresh = self.build_held_stacks(replicas, self.layer.experts.weights())
-        for stack, values in zip(self.held_stacks, fresh):
-            stack.untyped_storage().resize_(values.numel() * values.element_size())
+        owned = self.layer.experts.weights()
+        for j, stack in enumerate(self.held_stacks):  # row by row into the old storage: no second stack
+            stack.untyped_storage().resize_(stack.numel() * stack.element_size())
             # write through an alias with its own version counter: autograd saved views of ``stack``
             alias = torch.empty(0, dtype=stack.dtype).set_(
                 stack.untyped_storage(), stack.storage_offset(), stack.shape, stack.stride()
             )
-            alias.copy_(values)
+            for h, row in enumerate(self.held_rows(j, replicas, owned, self.held_placement)):
+                alias[h].copy_(row)
         self.held_stacks = []
 
     # ---- between steps -------------------------------------------------------------------------
@@ -232,9 +351,12 @@ class FssdpLayer:
         self.estimator.update(self.step_counts_E)
         self.step_counts_E = torch.zeros_like(self.step_counts_E)
         self.last_rows, self.rows_computed = self.rows_computed, 0
+        self.last_calibrated, self.calibrated = self.calibrated, 0
 
-    def plan(self) -> None:
-        self.materialized = self.policy.materialize(self.owner, self.estimator.estimate())
+    def plan(self, policy: Policy, budgets: tuple[int, int]) -> None:
+        """The next step's plan, made by ``policy`` (built with ``budgets``: overlap, memory)."""
+        self.policy, self.budgets = policy, budgets
+        self.planned = self.materialized = policy.materialize(self.owner, self.estimator.estimate())
 
     def move_ownership(self, new: OwnerPlacement, optimizer: torch.optim.Optimizer | None) -> None:
         """Hand owned experts to their new owners with their whole per-expert optimizer state (every state tensor
@@ -297,27 +419,65 @@ class FssdpEngine:
     def __init__(self, transport: Transport, cfg: FssdpConfig):
         self.cfg = cfg
         self.transport = transport
-        self.policy = build_policy(
-            cfg.policy, cfg.overlap_budget, cfg.memory_budget, cfg.devices_per_node or None, cfg.min_imbalance
-        )
+        self.derived = AUTO in (cfg.overlap_budget, cfg.memory_budget)
+        # fixed budgets: one policy for every layer and step, checked now; ``auto``: built at each plan
+        self.policy = None if self.derived else self._policy(cfg.overlap_budget, cfg.memory_budget)
+        self.measurements = Measurements() if self.derived or cfg.calibrate else None
         self.layers: dict[str, FssdpLayer] = {}
         self.steps = 0
-        self.last_replicas: dict[str, int] = {}  # replicas per layer in the step that ended last
+        self.last_replicas: dict[str, int] = {}  # planned replicas per layer in the step that ended last
+        self.last_budgets: dict[str, tuple[int, int]] = {}  # its (overlap, memory) budgets per layer
+        self.last_calibrated: dict[str, int] = {}  # its forwards whose placement calibration corrected
+
+    def _policy(self, overlap: int, memory: int) -> Policy:
+        cfg = self.cfg
+        return build_policy(cfg.policy, overlap, memory, cfg.devices_per_node or None, cfg.min_imbalance)
 
     def add_layer(self, name: str, layer: MoE) -> FssdpLayer:
         """Start managing the MoE layer called ``name`` (its experts still whole)."""
-        fl = FssdpLayer(layer, self.transport, self.policy, self.cfg)
+        fl = FssdpLayer(layer, self.transport, self.cfg, self.measurements)
         self.layers[name] = fl
         return fl
 
+    def budgets(self, fl: FssdpLayer) -> tuple[int, int]:
+        """(overlap, memory) budgets of ``fl`` for the next step: the configured numbers, or derived from the
+        group's agreed measurements (0 - plain EP - until they exist)."""
+        cfg, experts, ranks = self.cfg, fl.layer.cfg.num_experts, self.transport.world_size
+        overlap, memory = cfg.overlap_budget, cfg.memory_budget
+        if overlap == AUTO:
+            overlap = self.measurements.overlap_budget(fl.index, fl.spec.nbytes, experts)
+        if memory == AUTO:
+            # without re-materialization every layer's replicas live until its backward; with it, two at a time
+            alive = min(2, len(self.layers)) if cfg.rematerialize else len(self.layers)
+            memory = self.measurements.memory_budget(cfg.memory_cap_mib, fl.bytes_per_replica, experts, ranks, alive)
+        return overlap, memory
+
     def plan(self) -> None:
         for fl in self.layers.values():
-            fl.plan()
+            budgets = self.budgets(fl)
+            fl.plan(self.policy or self._policy(*budgets), budgets)
+
+    def _probe(self) -> None:
+        """Time a blocking SparseAllGather of every expert of the first layer to the next rank after its owner
+        (several copies, as a step's gather has: one copy alone would time mostly the collective's latency), and
+        read the free memory."""
+        fl = next(iter(self.layers.values()))
+        owner, ranks = fl.owner, self.transport.world_size
+        copies = [(e, (owner.owner_C[e] + 1) % ranks) for e in range(owner.num_chunks)]
+        gather = SparseAllGather(owner, MaterializedPlacement.from_owner(owner, copies), fl.spec, self.transport)
+        chunks = fl.owned_chunks()
+        self.transport.barrier(name="fssdp.probe").wait()
+        start = time.perf_counter()
+        received = gather(chunks)
+        seconds = max(time.perf_counter() - start, 1e-9)
+        bandwidth = len(received) * fl.spec.nbytes / seconds
+        self.measurements.add_probe(bandwidth if received else math.inf, free_device_bytes(fl.layer.experts.w1.device))
 
     def after_forward(self, fl: FssdpLayer, out: torch.Tensor) -> None:
         """After the block's forward: count its load; in RM mode free the replicas until backward needs them."""
         stats = fl.layer.stats
         fl.held = None
+        fl.drain()
         if fl.layer.training:
             fl.step_counts_E += stats.counts_E.to(fl.step_counts_E.dtype)
         if self.cfg.rematerialize and out.requires_grad:
@@ -336,8 +496,14 @@ class FssdpEngine:
         """After the optimizer step: roll the load windows, re-shard now and then, plan the next step."""
         self.steps += 1
         self.last_replicas = self.replicas()
+        self.last_budgets = {name: fl.budgets for name, fl in self.layers.items()}
         for fl in self.layers.values():
             fl.end_step()
+        self.last_calibrated = {name: fl.last_calibrated for name, fl in self.layers.items()}
+        if self.measurements is not None:
+            if should_probe(self.steps) and self.transport.world_size > 1:
+                self._probe()
+            self.measurements.agree(self.transport)
         if self.cfg.reshard_every and self.steps % self.cfg.reshard_every == 0:
             owners = reshard_owners(
                 [fl.estimator.estimate() for fl in self.layers.values()],
@@ -364,7 +530,7 @@ class FssdpEngine:
         for name, fl in self.layers.items():
             fl.owner = OwnerPlacement(tuple(state["layers"][name]["owner"]), self.transport.world_size)
             fl.estimator.load_state_dict(state["layers"][name]["load"])
-            fl.plan()
+        self.plan()
 
     def layer_of(self, param_name: str) -> FssdpLayer | None:
         """The FSSDP layer whose expert weight ``param_name`` is (e.g. ``blocks.1.ffn.experts.w1``)."""
@@ -373,7 +539,12 @@ class FssdpEngine:
 
     def replicas(self) -> dict[str, int]:
         """Replicas (copies beyond the owners) per layer in the current plan."""
-        return {name: fl.replicas for name, fl in self.layers.items()}
+        return {name: fl.planned_replicas for name, fl in self.layers.items()}
+
+
+def _replicas(placement: MaterializedPlacement) -> int:
+    """Copies beyond the owners."""
+    return sum(len(devices) for devices in placement.devices_C) - placement.num_chunks
 
 
 def _per_expert(value: object, param: torch.Tensor) -> bool:

@@ -19,6 +19,7 @@ Shapes: B batch, S sequence, T = B * S tokens, D model dim, E experts, K experts
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -84,6 +85,7 @@ class MoE(nn.Module):
             nn.init.normal_(self.shared_gate.weight, std=init_std)
         self.dispatcher = dispatcher if dispatcher is not None else LocalDispatcher(cfg.num_experts)
         self.reduce = reduce
+        self.on_counts: Callable[[torch.Tensor], None] | None = None  # FSSDP calibrates its plan with them
         self.stats: MoEStats | None = None
 
     def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
@@ -95,6 +97,8 @@ class MoE(nn.Module):
         x_TD = x_BSD.reshape(-1, x_BSD.shape[-1])
         routing = self.router(x_TD)
         sums = self.reduce(router_sums(routing, cfg.num_experts))
+        if self.on_counts is not None:  # the reduced counts, before dispatch (FSSDP's calibration)
+            self.on_counts(sums.counts_E)
         capacity = expert_capacity(cfg.capacity_factor, sums.tokens, cfg.top_k, cfg.num_experts)
         keep_TK = None if capacity is None else keep_within_capacity(routing.experts_TK, capacity, sums.offset_E)
         flight = self.dispatcher.start(x_TD, routing.experts_TK, keep_TK, routing.weights_TK)

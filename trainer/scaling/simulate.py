@@ -28,7 +28,14 @@ import numpy as np
 
 from hecate.collectives.errors import ConfigError
 from hecate.collectives.plan import ChunkSpec
-from hecate.parallel.fssdp import LoadEstimator, build_policy, initial_owners, moves, reshard_owners
+from hecate.parallel.fssdp import (
+    LoadEstimator,
+    build_policy,
+    initial_owners,
+    moves,
+    overlap_budget,
+    reshard_owners,
+)
 from hecate.trainer.scaling.cluster import Cluster
 from hecate.trainer.scaling.comm import all_reduce_time, exchange_time
 from hecate.trainer.scaling.cost import STATE_BYTES_PER_PARAM, Overlap, Phases, layer_step, memory_bytes
@@ -106,15 +113,16 @@ def chunk_spec(workload: Workload, cluster: Cluster) -> ChunkSpec:
 
 
 def derived_overlap_budget(workload: Workload, cluster: Cluster, group: int) -> int:
-    """Expert copies that arrive while one block's attention runs forward: attention time over one expert's
-    transfer on the slowest link a copy may take (a GPU's share of its node's NICs when the group spans nodes)."""
+    """Expert copies that arrive while one block's attention runs forward (the engine's ``auto`` rule,
+    :func:`~hecate.parallel.fssdp.budgets.overlap_budget`): attention time x the slowest link a copy may take (a
+    GPU's share of its node's NICs when the group spans nodes) / one expert's bytes, at most E."""
     attention = workload.attention_flops(workload.tokens_per_gpu) / cluster.device.flops_per_s
     per_gpu = (
         cluster.inter.bytes_per_s / cluster.gpus_per_node
         if group > cluster.gpus_per_node
         else cluster.intra.bytes_per_s
     )
-    return int(attention // (chunk_spec(workload, cluster).nbytes / per_gpu))
+    return overlap_budget(attention, per_gpu, chunk_spec(workload, cluster).nbytes, workload.num_experts)
 
 
 def gradient_sync_time(workload: Workload, cluster: Cluster, gpus: int, group: int) -> float:

@@ -17,9 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from hecate.collectives.errors import ConfigError
+from hecate.parallel.fssdp.measured import BACKWARD_OVER_FORWARD as BACKWARD_OVER_FORWARD  # one constant
 from hecate.trainer.config import RunConfig
-
-BACKWARD_OVER_FORWARD = 2.0  # dL/dx and dL/dW: two matmuls for each forward one
 
 
 @dataclass(frozen=True)
