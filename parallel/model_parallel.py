@@ -278,15 +278,18 @@ class ModelParallel:
     def to_checkpoint(
         self, model: nn.Module, state: dict[str, Any], gather_experts: Callable[[nn.Module, dict], dict]
     ) -> dict[str, Any]:
-        """A ``get_state_dict`` pair with every split tensor (weights and AdamW moments) whole, so that it is saved
-        once and loads into any layout; under pp each stage saves its own names. Collective over the stage."""
+        """A ``get_state_dict`` pair with every split tensor (weights and per-parameter optimizer state) whole, so
+        that it is saved once and loads into any layout; under pp each stage saves its own names. Collective over the
+        stage."""
         names = [n for n in state["model"] if self._tp_how(n) or _expert_weight(n)]
         model_sd = {
             **state["model"],
             **self.gather_shards(model, {n: state["model"][n] for n in names}, gather_experts),
         }
         optim_state = {name: dict(values) for name, values in state["optim"]["state"].items()}
-        for key in ("exp_avg", "exp_avg_sq"):
+        # every per-parameter state tensor (AdamW's moments, or whatever the optimizer keeps); scalars stay as they are
+        keys = sorted({k for n in names for k, v in optim_state.get(n, {}).items() if torch.is_tensor(v) and v.dim()})
+        for key in keys:
             moments = {n: optim_state[n][key] for n in names if key in optim_state.get(n, {})}
             for name, whole in self.gather_shards(model, moments, gather_experts).items():
                 optim_state[name][key] = whole
