@@ -166,10 +166,10 @@ class FssdpConfig:
 
 @dataclass
 class CollectivesConfig:
-    """Which transport carries the MoE collectives (token all-to-all, SparseAllGather / SparseReduceScatter,
-    router statistics): ``torch`` (torch.distributed: gloo on CPU, NCCL on GPU), ``mpi`` (mpi4py; workers
-    started by ``mpirun``) or ``cupy`` (NCCL through cupy; GPU only). Dense gradients always use
-    torch.distributed."""
+    """Which transport carries the MoE token exchanges (pair counts, dispatch and combine all-to-alls on the ep and
+    edp groups): ``torch`` (torch.distributed: gloo on CPU, NCCL on GPU), ``mpi`` (mpi4py; workers started by
+    ``mpirun``) or ``cupy`` (NCCL through cupy; GPU only). Router sums, FSSDP's sparse collectives and dense
+    gradients use torch.distributed."""
 
     transport: str = "torch"
 
