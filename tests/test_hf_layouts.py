@@ -22,6 +22,7 @@ from parity import assert_matches, small_config, train
 from hecate.launch.simulate import run_workers
 from hecate.parallel.parallelize import Parallel
 from hecate.trainer.config import config_from_dict, load_config
+from hecate.trainer.plan import layout_of
 from hecate.trainer.train import Trainer
 
 pytestmark = pytest.mark.slow
@@ -85,7 +86,7 @@ def logits_under_layout(cfg_dict: dict, tokens_BS: torch.Tensor) -> torch.Tensor
     """One rank: the model loaded from train.init_from, split as the layout says; its logits, gathered over the
     vocabulary under tp (every rank gets the same tokens). Rank 0 returns them."""
     cfg = config_from_dict(cfg_dict)
-    parallel = Parallel.from_world(cfg.parallel, cfg.moe, cfg.model.n_layers, cfg.model.n_heads, cfg.fssdp)
+    parallel = Parallel.from_world(layout_of(cfg, dist.get_world_size()), cfg.parallel, cfg.moe, cfg.fssdp)
     trainer = Trainer(cfg, parallel=parallel)
     with torch.no_grad():
         logits_BSv = parallel.forward(trainer.model.eval(), tokens_BS)
