@@ -319,6 +319,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from hecate.trainer.config import load_config
+    from hecate.trainer.device import check_device
     from hecate.trainer.log import setup_logging
     from hecate.trainer.train import Trainer, check_run_dir
 
@@ -338,6 +339,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     network = _simulated_network(args)
     check_run_dir(Path(cfg.train.run_dir), args.resume, args.fresh)
     _check_data(cfg.data)
+    if args.launcher is None:  # the workers run on this machine: a GPU asked for must be here
+        check_device(cfg.train.device)
     if args.simulate is not None:
         summary = _train_simulated(cfg, args.simulate, args.resume, args.fresh, network, args.sim_bind_cores)
     elif args.launcher is not None:
@@ -408,6 +411,7 @@ def _train_simulated(cfg, world: int, resume: bool, fresh: bool, network=None, b
     _check_transport(cfg, "simulate")
     _ensure_data(cfg.data)
     check_tensor_parallel(dims.tp, _vocab_size(cfg.data), cfg.model.dense_ffn_dim)
+    _check_gpu_share(cfg, dims, world)
     prepare_run_dir(Path(cfg.train.run_dir), resume, fresh)
     group = start_workers(
         run_from_environment,
@@ -419,6 +423,18 @@ def _train_simulated(cfg, world: int, resume: bool, fresh: bool, network=None, b
         env=network_environment(network) if network else None,
     )
     return group.join(timeout_s=SIMULATE_TIMEOUT_S)[0]
+
+
+def _check_gpu_share(cfg, dims, world: int) -> None:
+    """--simulate on GPUs: the ranks sharing one GPU must fit in its memory (each is capped to its share)."""
+    import torch
+
+    from hecate.trainer.device import device_type, ranks_per_gpu
+    from hecate.trainer.plan import check_ranks_fit_gpu
+
+    if device_type(cfg.train.device) == "cuda":
+        total = torch.cuda.get_device_properties(0).total_memory
+        check_ranks_fit_gpu(cfg, dims, _vocab_size(cfg.data), ranks_per_gpu(world, simulated=True), total)
 
 
 def _train_launched(args: argparse.Namespace, cfg) -> dict:

@@ -86,15 +86,17 @@ def global_grad_norm(
 ) -> torch.Tensor:
     """L2 norm (fp64) of all gradients of the model: dense ones are the same on every rank, expert ones are split
     over ``expert_shards`` (the EP group; None on one device), whose squared norms are summed."""
-    dense_sq = _squared_norm(dense)
-    expert_sq = _squared_norm(experts)
+    dense, experts = list(dense), list(experts)
+    device = (dense + experts)[0].device if dense + experts else torch.device("cpu")
+    dense_sq = _squared_norm(dense, device)
+    expert_sq = _squared_norm(experts, device)
     if expert_shards is not None and expert_shards.world_size > 1:
         expert_sq = expert_shards.all_reduce(expert_sq, name="grad.norm").wait()
     return (dense_sq + expert_sq).sqrt()
 
 
-def _squared_norm(params: Iterable[nn.Parameter]) -> torch.Tensor:
+def _squared_norm(params: Iterable[nn.Parameter], device: torch.device) -> torch.Tensor:
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
-        return torch.zeros((), dtype=torch.float64)
+        return torch.zeros((), dtype=torch.float64, device=device)
     return torch.stack([g.detach().double().square().sum() for g in grads]).sum()

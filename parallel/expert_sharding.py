@@ -240,7 +240,7 @@ class FullySharded:
     def metrics(self) -> dict[str, Any]:
         """Replicas per layer, and the spread of computed expert rows over the ranks (max / mean; 1.0 is level)."""
         group = self.norm_group
-        rows = torch.zeros(group.world_size, dtype=torch.float64)
+        rows = torch.zeros(group.world_size, dtype=torch.float64, device=self.engine.device)
         rows[group.rank] = sum(fl.last_rows for fl in self.engine.layers.values())
         rows = group.all_reduce(rows, name="metrics").wait()
         return {

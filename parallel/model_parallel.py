@@ -222,7 +222,7 @@ class ModelParallel:
         dims = self.dims
         expert_ids = {id(p) for p in experts}
         split = set(self.tp_split)
-        squared = torch.zeros((), dtype=torch.float64)
+        squared = torch.zeros((), dtype=torch.float64, device=next(model.parameters()).device)
         for name, p in model.named_parameters():
             if p.grad is None or self._is_tied_copy(model, name):
                 continue

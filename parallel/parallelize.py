@@ -47,11 +47,12 @@ class Parallel:
     timeline: Timeline | None = None  # where the transports record collectives (``--profile-step``)
     _averager: GradientAverager | None = None
     model_parallel: ModelParallel | None = None  # tensor, expert-tensor and pipeline parallelism, when used
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))  # where this rank computes
     _last_stats: dict[str, OpStats] = field(default_factory=dict)
 
     @classmethod
-    def single(cls) -> Parallel:
-        return cls(ParallelDims(world=1, dp=1, tp=1, pp=1, ep=1, etp=1))
+    def single(cls, device: torch.device | None = None) -> Parallel:
+        return cls(ParallelDims(world=1, dp=1, tp=1, pp=1, ep=1, etp=1), device=device or torch.device("cpu"))
 
     @classmethod
     def from_world(
@@ -64,16 +65,19 @@ class Parallel:
         transport: str = "torch",
         network: SimulatedNetwork | None = None,
         timeline: Timeline | None = None,
+        device: torch.device | None = None,
     ) -> Parallel:
         """Inside a worker whose default process group is initialised: validate, build meshes and transports.
         ``transport`` (``collectives.transport``) carries the MoE collectives; dense gradients stay on
         torch.distributed. With ``network`` the transports delay inter-node transfers (simulated cluster); with
-        ``timeline`` they record when each collective was in flight (``--profile-step``)."""
+        ``timeline`` they record when each collective was in flight (``--profile-step``). ``device`` is where this
+        rank computes (the CPU when omitted); the meshes are of its type."""
         import torch.distributed as dist
 
         fssdp = fssdp if fssdp is not None else FssdpConfig()
         dims = check_layout(cfg, dist.get_world_size(), moe.num_experts, n_layers, n_heads, fssdp)
-        meshes = build_meshes(dims)
+        device = device or torch.device("cpu")
+        meshes = build_meshes(dims, device.type)
         stats = CommStats()
         observe = lambda t, mesh, dim: observed(t, mesh, dim, dims.world, network, timeline)  # noqa: E731
         parallel = cls(
@@ -82,6 +86,7 @@ class Parallel:
             meshes=meshes,
             stats=stats,
             timeline=timeline,
+            device=device,
             dp=observe(TorchTransport.from_mesh(meshes.dense, "dp", stats), meshes.dense, "dp"),
             ep=observe(transport_from_mesh(transport, meshes.moe, "ep", stats), meshes.moe, "ep"),
             edp=observe(transport_from_mesh(transport, meshes.moe, "edp", stats), meshes.moe, "edp"),
@@ -181,7 +186,8 @@ class Parallel:
         """Mean over the data-parallel ranks of per-rank numbers (local losses of equal-sized shares)."""
         if self.dp is None or self.dims.dp == 1:
             return values
-        return (self.data_sum(torch.tensor(values, dtype=torch.float64)) / self.dims.dp).tolist()
+        summed = self.data_sum(torch.tensor(values, dtype=torch.float64, device=self.device))
+        return (summed / self.dims.dp).tolist()
 
     def data_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum over the data-parallel ranks (e.g. validation nats, tokens and bytes)."""

@@ -88,7 +88,7 @@ def train_one(
     trainer = Trainer(cfg, parallel=parallel)
     if skew:
         for layer in trainer.model.moe_layers().values():
-            layer.router.expert_bias.copy_(torch.tensor(SKEW[: cfg.moe.num_experts]))
+            layer.router.expert_bias.copy_(torch.tensor(SKEW[: cfg.moe.num_experts], device=trainer.device))
     out = {"losses": [], "dropped": [], "replicas": [], "grads": []}
     for step in range(cfg.train.steps):
         if parallel.engine is not None:

@@ -27,6 +27,7 @@ from hecate.parallel.pipeline import MicroBatch
 from hecate.trainer import checkpoint as ckpt
 from hecate.trainer.config import RunConfig
 from hecate.trainer.data import TrainLoader, ValLoader, load_manifest, token_bytes
+from hecate.trainer.device import select_device, set_parity_precision
 from hecate.trainer.errors import TrainingError
 from hecate.trainer.export import import_weights
 from hecate.trainer.faults import maybe_inject
@@ -66,9 +67,19 @@ class Trainer:
     code, and rank 0 alone writes the run folder's shared files.
     """
 
-    def __init__(self, cfg: RunConfig, resume: bool = False, fresh: bool = False, parallel: Parallel | None = None):
+    def __init__(
+        self,
+        cfg: RunConfig,
+        resume: bool = False,
+        fresh: bool = False,
+        parallel: Parallel | None = None,
+    ):
         self.cfg = cfg
-        self.parallel = parallel = parallel if parallel is not None else Parallel.single()
+        self.parallel = parallel = (
+            parallel if parallel is not None else Parallel.single(select_device(cfg.train.device))
+        )
+        self.device = device = parallel.device
+        set_parity_precision(device, cfg.train.dtype)
         self.run_dir = Path(cfg.train.run_dir)
         if parallel.is_main:
             prepare_run_dir(self.run_dir, resume, fresh)
@@ -76,9 +87,11 @@ class Trainer:
         data_dir = Path(cfg.data.dir)
         self.manifest = load_manifest(data_dir)
         self.vocab_size = int(self.manifest["vocab_size"])
-        self.model = build_model(cfg.model, cfg.moe, self.vocab_size, cfg.train.seed)
-        if cfg.train.init_from:
-            import_weights(Path(cfg.train.init_from), self.model, self.checkpoint_identity())
+        with torch.device("cpu"):  # the same initial weights on every device: drawn on the CPU, then moved
+            self.model = build_model(cfg.model, cfg.moe, self.vocab_size, cfg.train.seed)
+            if cfg.train.init_from:
+                import_weights(Path(cfg.train.init_from), self.model, self.checkpoint_identity())
+        self.model.to(device)
         rows = cfg.train.global_batch // cfg.train.grad_accum // parallel.dp_size
         parallel.apply(
             self.model,
@@ -112,8 +125,8 @@ class Trainer:
             dp_rank=parallel.dp_rank,
             dp_size=parallel.dp_size,
         )
-        self.token_bytes_V = torch.from_numpy(token_bytes(data_dir / TOKENIZER_FILE))
-        self.autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.train.dtype == "bf16")
+        self.token_bytes_V = torch.from_numpy(token_bytes(data_dir / TOKENIZER_FILE)).to(device)
+        self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.dtype == "bf16")
         self.step = 0
         if resume:
             self._resume()
@@ -204,7 +217,7 @@ class Trainer:
             self._pipeline_micro_batches(step, out)
         else:
             for micro in range(micro_batches):
-                inputs_BS, targets_BS = self.loader.batch(step, micro)
+                inputs_BS, targets_BS = self._on_device(self.loader.batch(step, micro))
                 with self.autocast:
                     logits_BSV = self.model(inputs_BS)
                 lm_loss = self.parallel.cross_entropy(logits_BSV, targets_BS)
@@ -262,7 +275,7 @@ class Trainer:
     def _pipeline_micro_batches(self, step: int, out: StepLosses) -> None:
         """pp > 1: the step's micro-batches go through the pipeline schedule together (forwards and backwards
         interleaved); losses, loads and dropped pairs come back summed over the stages."""
-        batches = [self.loader.batch(step, micro) for micro in range(self.cfg.train.grad_accum)]
+        batches = [self._on_device(self.loader.batch(step, micro)) for micro in range(self.cfg.train.grad_accum)]
         with self.autocast:
             losses = self.parallel.pipeline.step(torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches]))
         moe = self.cfg.moe
@@ -276,7 +289,7 @@ class Trainer:
 
     def _router_losses(self, out: StepLosses) -> tuple[torch.Tensor, torch.Tensor]:
         """Sum the MoE layers' (unscaled) aux and z losses of the last forward; accumulate their loads."""
-        aux = z = torch.zeros(())
+        aux = z = torch.zeros((), device=self.device)
         for index, layer in self.model.moe_layers().items():
             stats = layer.stats
             aux, z = aux + stats.aux_loss, z + stats.z_loss
@@ -288,8 +301,9 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         """Validation loss (nats/token) and bits per byte over the held-out files."""
         self.model.eval()
-        totals = torch.zeros(3, dtype=torch.float64)  # nats, tokens, bytes
-        for inputs_BS, targets_BS in self.val_loader:
+        totals = torch.zeros(3, dtype=torch.float64, device=self.device)  # nats, tokens, bytes
+        for batch in self.val_loader:
+            inputs_BS, targets_BS = self._on_device(batch)
             with self.autocast:
                 logits_BSV = self.parallel.forward(self.model, inputs_BS)
             if logits_BSV is None:  # a pipeline stage without the head
@@ -299,6 +313,10 @@ class Trainer:
             totals[2] += self.token_bytes_V[targets_BS].sum()
         nats, tokens, bytes_ = self.parallel.data_sum(self.parallel.pipeline_sum(totals)).tolist()
         return {"val_loss": nats / tokens, "val_bpb": nats / (math.log(2) * bytes_)}
+
+    def _on_device(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """A (inputs, targets) batch from the loader (host memory) on this rank's device."""
+        return tuple(t.to(self.device, non_blocking=True) for t in batch)
 
     def describe(self) -> str:
         total = sum(p.numel() for p in self.model.parameters())

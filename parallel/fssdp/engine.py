@@ -57,7 +57,7 @@ class ShardedExperts(nn.Module):
     def __init__(self, experts: nn.Module, owned: Sequence[int], fssdp_layer: FssdpLayer):
         super().__init__()
         self.activation = experts.activation
-        rows = torch.tensor(owned, dtype=torch.long)
+        rows = torch.tensor(owned, dtype=torch.long, device=experts.w1.device)
         for name in WEIGHTS:
             full = getattr(experts, name)
             setattr(self, name, None if full is None else nn.Parameter(full.detach()[rows].clone()))
@@ -116,7 +116,7 @@ class FssdpLayer:
         self.owner = initial_owners(experts, ranks)
         self.materialized = MaterializedPlacement.from_owner(self.owner)
         self.estimator = LoadEstimator(experts, cfg.window)
-        self.step_counts_E = torch.zeros(experts, dtype=torch.long)
+        self.step_counts_E = torch.zeros(experts, dtype=torch.long, device="cpu")  # the planner's: host memory
         self.rows_computed = 0  # (token, expert) rows this rank computed in this step
         self.last_rows = 0  # ... in the step that ended last
         full = layer.experts
@@ -184,7 +184,10 @@ class FssdpLayer:
     ) -> Handle[dict[int, torch.Tensor]]:
         """Issue SparseReduceScatter of the held experts' gradients; ``finish_reduce`` waits for it."""
         held = materialized.chunks_on(self.rank)
-        grads_H = [g if g is not None else torch.zeros((len(held), *s)) for g, s in zip(grads_H, self.shapes)]
+        device = self.layer.experts.w1.device
+        grads_H = [
+            g if g is not None else torch.zeros((len(held), *s), device=device) for g, s in zip(grads_H, self.shapes)
+        ]
         copies = {e: torch.cat([g[h].reshape(-1) for g in grads_H]) for h, e in enumerate(held)}
         return SparseReduceScatter(owner, materialized, self.spec, self.transport).start(copies)
 
@@ -220,7 +223,7 @@ class FssdpLayer:
         for stack, values in zip(self.held_stacks, fresh):
             stack.untyped_storage().resize_(values.numel() * values.element_size())
             # write through an alias with its own version counter: autograd saved views of ``stack``
-            alias = torch.empty(0, dtype=stack.dtype).set_(
+            alias = torch.empty(0, dtype=stack.dtype, device=stack.device).set_(
                 stack.untyped_storage(), stack.storage_offset(), stack.shape, stack.stride()
             )
             alias.copy_(values)
@@ -283,10 +286,10 @@ class FssdpLayer:
         self.transport.all_gather(gathered, local_O.contiguous(), name="fssdp.gather_full").wait()
         per_rank = local_O.shape[0]
         index = [r * per_rank + self.owner.chunks_on(r).index(e) for e, r in enumerate(self.owner.owner_C)]
-        return gathered[torch.tensor(index)]
+        return gathered[torch.tensor(index, device=gathered.device)]
 
     def local(self, full_E: torch.Tensor) -> torch.Tensor:
-        return full_E[torch.tensor(self.owner.chunks_on(self.rank))].clone()
+        return full_E[torch.tensor(self.owner.chunks_on(self.rank), device=full_E.device)].clone()
 
 
 class FssdpEngine:
@@ -310,6 +313,12 @@ class FssdpEngine:
         self.layers[name] = fl
         return fl
 
+    @property
+    def device(self) -> torch.device:
+        """Where the managed experts' weights live (the CPU before any layer is added)."""
+        layers = list(self.layers.values())
+        return layers[0].layer.experts.w1.device if layers else torch.device("cpu")
+
     def plan(self) -> None:
         for fl in self.layers.values():
             fl.plan()
@@ -319,7 +328,7 @@ class FssdpEngine:
         stats = fl.layer.stats
         fl.held = None
         if fl.layer.training:
-            fl.step_counts_E += stats.counts_E.to(fl.step_counts_E.dtype)
+            fl.step_counts_E += stats.counts_E.to("cpu", fl.step_counts_E.dtype)
         if self.cfg.rematerialize and out.requires_grad:
             fl.free_replicas()
             out.register_hook(lambda grad, fl=fl: (self._rematerialize(fl), grad)[1])

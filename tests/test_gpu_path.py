@@ -1,0 +1,144 @@
+"""What keeps the GPU path honest on a machine without a GPU.
+
+The training step (forward, backward, gradient averaging, clipping, the optimizer step, router-bias updates and
+evaluation) runs under expert, FSSDP, tensor and pipeline parallelism in real worker processes whose default
+device is ``meta``: any tensor the step creates without an explicit device is then a meta tensor, and mixing it
+with the run's CPU tensors (or reading it) raises - the same tensor would land on the CPU while the run is on a
+GPU. The results must still equal the single-process reference. The device choices and their refusals (a GPU
+asked for where there is none; more simulated ranks than one GPU's memory holds) are checked here too.
+"""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from parity import RTOL, SKEW, small_config
+
+from hecate.collectives.errors import ConfigError
+from hecate.launch.simulate import run_workers
+from hecate.parallel.errors import LayoutError
+from hecate.parallel.parallelize import Parallel
+from hecate.trainer.config import config_from_dict
+from hecate.trainer.device import check_device, select_device
+from hecate.trainer.plan import check_ranks_fit_gpu, describe_plan, layout_of
+from hecate.trainer.train import Trainer
+
+HECATE = str(Path(sys.executable).parent / "hecate")
+STEPS = 2
+LAYOUTS = {  # name: (world, overrides, skewed routing)
+    "ep2-overlap": (2, ["parallel.ep=2", "moe.overlap_chunks=2"], False),
+    "fssdp-skewed-rematerialize": (2, ["fssdp.policy=fssdp", "fssdp.rematerialize=true"], True),
+    "tp2": (2, ["parallel.tp=2"], False),
+    "pp2": (2, ["parallel.pp=2"], False),
+    "dp2-bf16": (2, ["train.dtype=bf16"], False),
+}
+BF16_RTOL = 2e-2  # bf16 autocast: layouts sum in other orders, and bf16 keeps 8 bits of mantissa
+
+
+def steps_and_eval(cfg_dict: dict, distributed: bool, skew: bool, default_device: str | None) -> dict:
+    """Train ``train.steps`` steps and evaluate, with ``default_device`` as torch's default device."""
+    if default_device is not None:
+        torch.set_default_device(default_device)
+    cfg = config_from_dict(cfg_dict)
+    parallel = (
+        Parallel.from_world(cfg.parallel, cfg.moe, cfg.model.n_layers, cfg.model.n_heads, cfg.fssdp)
+        if distributed
+        else None
+    )
+    trainer = Trainer(cfg, parallel=parallel)
+    if skew:
+        for layer in trainer.model.moe_layers().values():
+            layer.router.expert_bias.copy_(torch.tensor(SKEW[: cfg.moe.num_experts], device=trainer.device))
+    losses = [trainer.train_step(step).loss for step in range(cfg.train.steps)]
+    return {"losses": losses, "val_loss": trainer.evaluate()["val_loss"]}
+
+
+def _config(small_data, run_dir, overrides):
+    return small_config(small_data, run_dir, overrides, STEPS).to_dict()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", LAYOUTS)
+def test_training_step_creates_no_tensor_without_device(name, small_data, tmp_path):
+    world, overrides, skew = LAYOUTS[name]
+    dtype = [o for o in overrides if o.startswith("train.dtype")]
+    want = steps_and_eval(_config(small_data, tmp_path / "ref", dtype), False, skew, None)
+    got = run_workers(
+        steps_and_eval, world, _config(small_data, tmp_path / "meta", overrides), True, skew, "meta", timeout_s=300
+    )[0]
+    rtol = BF16_RTOL if dtype else RTOL
+    for step, (g, w) in enumerate(zip(got["losses"], want["losses"], strict=True)):
+        assert math.isclose(g, w, rel_tol=rtol), f"{name}: step {step + 1} loss {g} != reference {w}"
+    assert math.isclose(got["val_loss"], want["val_loss"], rel_tol=rtol), name
+
+
+def test_single_process_step_creates_no_tensor_without_device(small_data, tmp_path):
+    """The single-process step (the reference of every layout) under the same check, in this process."""
+    cfg = _config(small_data, tmp_path / "ref", [])
+    want = steps_and_eval(cfg, False, False, None)
+    try:
+        got = steps_and_eval(_config(small_data, tmp_path / "meta", []), False, False, "meta")
+    finally:
+        torch.set_default_device(None)
+    assert got == want
+
+
+def test_the_meta_check_catches_a_tensor_created_without_device():
+    """A tensor made without ``device=`` under the check meets the run's CPU tensors and fails, as it would have
+    met CUDA tensors on a GPU."""
+    weights = torch.ones(3, device="cpu")
+    try:
+        torch.set_default_device("meta")
+        with pytest.raises((RuntimeError, NotImplementedError)):
+            (weights + torch.zeros(3)).tolist()
+    finally:
+        torch.set_default_device(None)
+
+
+def test_cpu_is_chosen_without_a_gpu():
+    assert not torch.cuda.is_available(), "this test describes a machine without a GPU"
+    assert select_device("auto") == torch.device("cpu")
+    assert select_device("cpu", local_rank=3, local_world_size=4) == torch.device("cpu")
+
+
+def test_cuda_without_a_gpu_is_refused_naming_the_field():
+    with pytest.raises(ConfigError, match=r"train\.device.*is cuda but"):
+        check_device("cuda")
+
+
+def test_cli_refuses_cuda_without_a_gpu_before_any_start(tmp_path):
+    run_dir = tmp_path / "run"
+    for launch in ([], ["--simulate", "2"]):
+        result = subprocess.run(
+            [HECATE, "train", "examples/tiny.yaml", "-o", "train.device=cuda", "-o", f"train.run_dir={run_dir}"]
+            + launch,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert result.returncode == 2, result.stderr
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and "train.device" in lines[0] and "Traceback" not in result.stderr, result.stderr
+        assert not run_dir.exists()
+
+
+def test_simulated_ranks_that_overflow_one_gpu_are_refused(small_data, tmp_path):
+    cfg = config_from_dict(_config(small_data, tmp_path, ["parallel.ep=2"]))
+    dims = layout_of(cfg, 4)
+    check_ranks_fit_gpu(cfg, dims, 512, ranks=4, gpu_bytes=80 * 2**30)  # a small model fits in an 80 GiB GPU
+    with pytest.raises(LayoutError, match=r"--simulate 4 .*4 ranks share one GPU"):
+        check_ranks_fit_gpu(cfg, dims, 512, ranks=4, gpu_bytes=2**20)
+
+
+def test_plan_shows_the_device_of_each_rank(small_data, tmp_path):
+    cfg = config_from_dict(_config(small_data, tmp_path, ["parallel.ep=2", "train.device=cuda"]))
+    plan = describe_plan(cfg, 2, 512)
+    assert "rank r on cuda:LOCAL_RANK" in plan and "memory per GPU" in plan
+    cfg = config_from_dict(_config(small_data, tmp_path, ["train.device=cpu"]))
+    assert "every rank on the CPU" in describe_plan(cfg, 2, 512)
