@@ -193,16 +193,22 @@ class ModelParallel:
     # ---- gradients -----------------------------------------------------------------------------
 
     def averager(
-        self, model: nn.Module, experts: list[nn.Parameter], dp: Transport, expert_dp: Transport | None
+        self,
+        model: nn.Module,
+        experts: list[nn.Parameter],
+        dp: Transport,
+        expert_dp: Transport | None,
+        reduce_dtype: torch.dtype = torch.float32,
     ) -> Callable[[], None]:
-        """What averages the gradients after the last backward of a step (see the module docstring)."""
+        """What averages the gradients after the last backward of a step (see the module docstring); the
+        all-reduces carry ``reduce_dtype``."""
         names = dict(model.named_parameters())
         expert_ids = {id(p) for p in experts}
         split = [names[n] for n in self.tp_split]
         replicated = [p for n, p in names.items() if id(p) not in expert_ids and n not in self.tp_split]
         by_groups = [
-            GradientAverager(split, experts, dp, expert_dp, self.dims.dp),
-            GradientAverager(replicated, [], self.stage, None, self.dims.dp),
+            GradientAverager(split, experts, dp, expert_dp, self.dims.dp, reduce_dtype),
+            GradientAverager(replicated, [], self.stage, None, self.dims.dp, reduce_dtype),
         ]
         tied = None
         if self.tied is not None:

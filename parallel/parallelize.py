@@ -125,12 +125,19 @@ class Parallel:
 
     # ---- what changes in the model --------------------------------------------------------------
 
-    def apply(self, model: nn.Module, adapter: ModelAdapter, micro: MicroBatch | None = None) -> None:
+    def apply(
+        self,
+        model: nn.Module,
+        adapter: ModelAdapter,
+        micro: MicroBatch | None = None,
+        grad_reduce_dtype: torch.dtype = torch.float32,
+    ) -> None:
         """Hold the experts as the layout says, and reduce router statistics over the micro-batch's ranks. Call on a
         model that holds every expert (built from the run's seed), before the optimizer is built. Under tp, pp or
         etp the model is first cut to this rank's pipeline stages and split over tp, and its ``micro`` batches per
         step go through a pipeline schedule (:mod:`hecate.parallel.model_parallel`). ``adapter`` says where the
-        model's parts are (:mod:`hecate.parallel.model_adapter`)."""
+        model's parts are (:mod:`hecate.parallel.model_adapter`); data-parallel gradient all-reduces carry
+        ``grad_reduce_dtype``."""
         mp = self.model_parallel
         if mp is not None:
             mp.split_model(model, adapter)
@@ -143,9 +150,9 @@ class Parallel:
         if self.dims.world > 1:
             dense, experts = split_parameters(model)
             self._averager = (
-                GradientAverager(dense, experts, self.dp, self.experts.grad_sum, self.dims.dp)
+                GradientAverager(dense, experts, self.dp, self.experts.grad_sum, self.dims.dp, grad_reduce_dtype)
                 if mp is None
-                else mp.averager(model, experts, self.dp, self.experts.grad_sum)
+                else mp.averager(model, experts, self.dp, self.experts.grad_sum, grad_reduce_dtype)
             )
         if mp is not None:
             mp.build_pipeline(model, micro, self.cross_entropy)

@@ -22,6 +22,7 @@ from parity import RTOL, SKEW, small_config
 from hecate.collectives.errors import ConfigError
 from hecate.launch.simulate import run_workers
 from hecate.parallel.errors import LayoutError
+from hecate.parallel.moe.experts import ExpertWeights, expert_gemm_for
 from hecate.parallel.parallelize import Parallel
 from hecate.trainer.config import config_from_dict
 from hecate.trainer.device import check_device, select_device
@@ -142,3 +143,48 @@ def test_plan_shows_the_device_of_each_rank(small_data, tmp_path):
     assert "rank r on cuda:LOCAL_RANK" in plan and "memory per GPU" in plan
     cfg = config_from_dict(_config(small_data, tmp_path, ["train.device=cpu"]))
     assert "every rank on the CPU" in describe_plan(cfg, 2, 512)
+
+
+# fp32: the three ways sum the same products in other orders (a GEMM blocks its inner dimension differently)
+GEMM_RTOL = 1e-5
+BF16_GEMM_RTOL = 2e-2  # bf16 operands (8-bit mantissa), fp32 accumulation in each way
+
+
+@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
+@pytest.mark.parametrize("gemm", ["grouped", "padded"])
+def test_expert_gemms_match_the_loop(gemm, activation):
+    """Forward and every gradient equal the per-expert loop's, with an expert without rows and a call that
+    computes only some experts (as overlap chunks do)."""
+    torch.manual_seed(0)
+    experts, dim, hidden = 4, 16, 32
+    counts, first = [5, 0, 7], 1
+    w1 = torch.randn(experts, dim, hidden, requires_grad=True)
+    w2 = torch.randn(experts, hidden, dim, requires_grad=True)
+    w3 = torch.randn(experts, dim, hidden, requires_grad=True) if activation == "swiglu" else None
+    x = torch.randn(sum(counts), dim, requires_grad=True)
+    grad_out = torch.randn(sum(counts), dim)
+    results = {}
+    for way in ("loop", gemm):
+        y = ExpertWeights(w1, w2, w3, activation, gemm=way)(x, counts, first)
+        params = [t for t in (x, w1, w2, w3) if t is not None]
+        results[way] = (y.detach(), *torch.autograd.grad(y, params, grad_out))
+    for want, got in zip(results["loop"], results[gemm], strict=True):
+        torch.testing.assert_close(got, want, rtol=GEMM_RTOL, atol=GEMM_RTOL * want.abs().max().item())
+    assert results[gemm][2][0].abs().max() == 0  # expert 0 has no call here: no gradient
+
+
+def test_grouped_gemm_under_bf16_autocast_matches_the_loop():
+    torch.manual_seed(0)
+    w1, w2, w3 = torch.randn(3, 16, 32), torch.randn(3, 32, 16), torch.randn(3, 16, 32)
+    x, counts = torch.randn(12, 16), [4, 0, 8]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = ExpertWeights(w1, w2, w3, "swiglu", gemm="loop")(x, counts)
+        got = ExpertWeights(w1, w2, w3, "swiglu", gemm="grouped")(x, counts)
+    assert got.dtype == want.dtype == torch.bfloat16
+    scale = want.float().abs().max().item()
+    torch.testing.assert_close(got.float(), want.float(), rtol=BF16_GEMM_RTOL, atol=BF16_GEMM_RTOL * scale)
+
+
+def test_the_cpu_keeps_the_per_expert_loop():
+    assert expert_gemm_for(torch.device("cpu")) == "loop"
+    assert ExpertWeights(torch.zeros(2, 8, 8), torch.zeros(2, 8, 8), None, "gelu").gemm == "loop"

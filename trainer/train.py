@@ -102,6 +102,7 @@ class Trainer:
                 cfg.model.seq_len,
                 torch.bfloat16 if cfg.train.dtype == "bf16" else torch.float32,
             ),
+            grad_reduce_dtype=torch.bfloat16 if cfg.train.grad_reduce_dtype == "bf16" else torch.float32,
         )
         self.nonfinite = NonFiniteTracer(self.model)
         self.checkpointer = ckpt.Checkpointer(
