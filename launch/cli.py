@@ -66,6 +66,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="start from the weights of an exported model (`hecate export`); same as -o train.init_from=DIR",
     )
     train.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        metavar="T",
+        help="one device's peak TFLOP/s for the MFU in metrics.jsonl (default: the GPU's datasheet figure, or a "
+        "matmul measured on the CPU); same as -o train.peak_tflops=T",
+    )
+    train.add_argument(
         "--simulate",
         type=int,
         default=None,
@@ -326,6 +334,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     profile = [f"logging.profile_step={args.profile_step}"] if args.profile_step is not None else []
     if args.record_routing:  # an override, so that launched workers record too
         args.override = [*args.override, "logging.record_routing=true"]
+    if args.peak_tflops is not None:
+        args.override = [*args.override, f"train.peak_tflops={args.peak_tflops}"]
     if args.init_from is not None:  # workers get it as an override
         args.override = [*args.override, f"train.init_from={Path(args.init_from).resolve()}"]
     cfg = load_config(args.config, args.override + profile)

@@ -101,6 +101,7 @@ def train_one(
             parallel.gather_full(trainer.model, {n: p.grad for n, p in trainer.model.named_parameters()})
         )
     named = dict(trainer.model.named_parameters())
+    out["comm_calls"] = {name: s.calls for name, s in parallel.stats.snapshot().items()}
     out["params"] = parallel.gather_full(trainer.model, named)
     if save:
         trainer.step = cfg.train.steps

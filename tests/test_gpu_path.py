@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import SMALL_VOCAB
 from parity import RTOL, SKEW, small_config
 
 from hecate.collectives.errors import ConfigError
@@ -26,6 +27,9 @@ from hecate.parallel.moe.experts import ExpertWeights, expert_gemm_for
 from hecate.parallel.parallelize import Parallel
 from hecate.trainer.config import config_from_dict
 from hecate.trainer.device import check_device, select_device
+from hecate.trainer.flops import peak_flops, step_flops
+from hecate.trainer.metrics import read_metrics
+from hecate.trainer.model import is_moe_block
 from hecate.trainer.plan import check_ranks_fit_gpu, describe_plan, layout_of
 from hecate.trainer.train import Trainer
 
@@ -188,3 +192,40 @@ def test_grouped_gemm_under_bf16_autocast_matches_the_loop():
 def test_the_cpu_keeps_the_per_expert_loop():
     assert expert_gemm_for(torch.device("cpu")) == "loop"
     assert ExpertWeights(torch.zeros(2, 8, 8), torch.zeros(2, 8, 8), None, "gelu").gemm == "loop"
+
+
+def test_model_flops_match_the_benchmarks_flops_model(small_data, tmp_path):
+    """The trainer's FLOPs with every routed pair computed equal the end-to-end benchmark's model (which
+    tests/test_bench_flops.py checks against torch's FLOP counter)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import end_to_end
+
+    cfg = config_from_dict(_config(small_data, tmp_path, ["moe.activation=swiglu", "moe.every=2"]))
+    tokens = 1000
+    moe_layers = sum(is_moe_block(i, cfg.moe) for i in range(cfg.model.n_layers))
+    want = 3 * tokens * sum(end_to_end.forward_flops_per_token(cfg.model, cfg.moe, SMALL_VOCAB).values())
+    got = step_flops(cfg, SMALL_VOCAB, tokens, tokens * cfg.moe.top_k * moe_layers)
+    assert math.isclose(got, want, rel_tol=1e-12)
+
+
+def test_metrics_and_summary_carry_flops_and_mfu(small_data, tmp_path):
+    cfg = config_from_dict(_config(small_data, tmp_path / "run", ["moe.capacity_factor=1.0", "train.peak_tflops=0.5"]))
+    trainer = Trainer(cfg)
+    summary = trainer.run()
+    records = [r for r in read_metrics(trainer.run_dir) if "loss" in r]
+    tokens = cfg.train.global_batch * cfg.model.seq_len
+    for record in records:
+        rows = sum(sum(c) for c in record["expert_load"].values()) - record["dropped_pairs"]
+        assert record["dropped_pairs"] > 0 and rows < tokens * cfg.moe.top_k * cfg.model.n_layers
+        assert math.isclose(record["model_flops_per_token"], step_flops(cfg, SMALL_VOCAB, tokens, rows) / tokens)
+        assert math.isclose(
+            record["flops_per_s_per_device"] * record["step_time_s"], record["model_flops_per_token"] * tokens
+        )
+        assert math.isclose(record["mfu"], record["flops_per_s_per_device"] / 0.5e12)
+    assert summary["peak_source"] == "train.peak_tflops" and summary["device"] == "cpu"
+    assert summary["mfu"] == records[-1]["mfu"]  # two steps: the first is warm-up
+
+
+def test_cpu_peak_is_measured():
+    peak, source = peak_flops(torch.device("cpu"), "fp32")
+    assert 1e8 < peak < 1e13 and source.startswith("measured CPU matmul")

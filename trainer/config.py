@@ -139,6 +139,7 @@ class TrainConfig:
     device: str = "auto"  # auto (cuda when a GPU is visible), cpu or cuda (cuda:LOCAL_RANK for each rank)
     activation_checkpointing: str = "none"  # none, moe (recompute MoE layers in backward) or block (whole blocks)
     grad_reduce_dtype: str = "fp32"  # dtype in which data-parallel gradients are summed (fp32 or bf16)
+    peak_tflops: float = 0.0  # one device's peak for MFU; 0 = the GPU's datasheet figure, or measured on the CPU
 
     def validate(self) -> None:
         _positive("train.steps", self.steps)
@@ -172,6 +173,7 @@ class TrainConfig:
                 "train.activation_checkpointing",
                 f"must be one of {ACTIVATION_CHECKPOINTING}, got {self.activation_checkpointing!r}",
             )
+        _non_negative("train.peak_tflops", self.peak_tflops)
         if self.grad_reduce_dtype not in REDUCE_DTYPES:
             raise ConfigError(
                 "train.grad_reduce_dtype", f"must be one of {REDUCE_DTYPES}, got {self.grad_reduce_dtype!r}"

@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import shutil
+import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from hecate.collectives.errors import HecateError
+from hecate.parallel.activation_checkpoint import apply_activation_checkpointing
 from hecate.parallel.parallelize import Parallel
 from hecate.parallel.pipeline import MicroBatch
 from hecate.trainer import checkpoint as ckpt
@@ -31,6 +33,7 @@ from hecate.trainer.device import select_device, set_parity_precision
 from hecate.trainer.errors import TrainingError
 from hecate.trainer.export import import_weights
 from hecate.trainer.faults import maybe_inject
+from hecate.trainer.flops import peak_flops, step_flops
 from hecate.trainer.metrics import METRICS_FILE, MetricsWriter, truncate_metrics, write_plots
 from hecate.trainer.model import build_model
 from hecate.trainer.model_adapter import TRANSFORMER
@@ -104,6 +107,7 @@ class Trainer:
             ),
             grad_reduce_dtype=torch.bfloat16 if cfg.train.grad_reduce_dtype == "bf16" else torch.float32,
         )
+        apply_activation_checkpointing(self.model, TRANSFORMER, cfg.train.activation_checkpointing)
         self.nonfinite = NonFiniteTracer(self.model)
         self.checkpointer = ckpt.Checkpointer(
             self.run_dir / "checkpoints", cfg.checkpoint.keep, parallel, async_save=cfg.checkpoint.async_save
@@ -128,6 +132,8 @@ class Trainer:
         )
         self.token_bytes_V = torch.from_numpy(token_bytes(data_dir / TOKENIZER_FILE)).to(device)
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.dtype == "bf16")
+        self.peak_flops, self.peak_source = peak_flops(device, cfg.train.dtype, cfg.train.peak_tflops)
+        self.mfu: list[float] = []  # per step of this session, for the summary
         self.step = 0
         if resume:
             self._resume()
@@ -337,6 +343,7 @@ class Trainer:
             "grad_norm": losses.grad_norm,
             "tokens_per_s": tokens_per_step / step_time,
             "step_time_s": step_time,
+            **self._flops_record(losses, step_time, tokens_per_step),
         }
         if self.parallel.dims.world > 1:
             record.update(self.parallel.step_metrics())
@@ -349,6 +356,14 @@ class Trainer:
         if losses.skipped is not None:
             record["skipped_nonfinite"] = losses.skipped
         return record
+
+    def _flops_record(self, losses: StepLosses, step_time: float, tokens: int) -> dict[str, float]:
+        """Model FLOPs per token (the routed expert rows this step computed), FLOP/s per device, MFU."""
+        expert_rows = sum(int(c.sum()) for c in losses.counts.values()) - losses.dropped
+        flops = step_flops(self.cfg, self.vocab_size, tokens, expert_rows)
+        per_device = flops / step_time / self.parallel.dims.world
+        self.mfu.append(per_device / self.peak_flops)
+        return {"model_flops_per_token": flops / tokens, "flops_per_s_per_device": per_device, "mfu": self.mfu[-1]}
 
     def checkpoint_identity(self) -> dict[str, Any]:
         """What a checkpoint must match to be loaded into this run: the shape of the model."""
@@ -384,6 +399,11 @@ class Trainer:
             "train_seconds": seconds,
             **last_eval,
             "gzip9_val_bpb": self.manifest.get("gzip9_val_bpb"),
+            "device": str(self.device),
+            "peak_flops_per_s_per_device": self.peak_flops,
+            "peak_source": self.peak_source,
+            # the first step of a session warms up (allocations, kernel selection): left out when there are more
+            "mfu": statistics.median(self.mfu[1:] or self.mfu) if self.mfu else None,
         }
         if not self.parallel.is_main:
             return summary

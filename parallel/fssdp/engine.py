@@ -41,6 +41,7 @@ from hecate.collectives import (
     Transport,
 )
 from hecate.collectives.handle import Handle
+from hecate.parallel.activation_checkpoint import recomputing
 from hecate.parallel.config import FssdpConfig
 from hecate.parallel.fssdp.load import LoadEstimator
 from hecate.parallel.fssdp.policies import Policy, build_policy
@@ -70,7 +71,7 @@ class ShardedExperts(nn.Module):
         self, x_ND: torch.Tensor, counts_H: torch.Tensor, first: int = 0, weights: ExpertWeights | None = None
     ) -> torch.Tensor:
         """Held experts first, first + 1, ... on ``counts_H`` rows each (the ``Experts`` contract)."""
-        if self.training:
+        if self.training and not recomputing():
             self.fssdp_layer.rows_computed += x_ND.shape[0]
         return (weights or self.unbound())(x_ND, counts_H.tolist(), first)
 
@@ -81,6 +82,9 @@ class ShardedExperts(nn.Module):
         fl = self.fssdp_layer
         if not fl.replicas:
             return ExpertWeights(self.w1, self.w2, self.w3, self.activation)
+        if recomputing() and fl.forward_held is not None:  # activation checkpointing: no gather of its own
+            w1, w2, *w3 = fl.forward_held
+            return ExpertWeights(w1, w2, w3[0] if w3 else None, self.activation)
         if fl.held is None:
             fl.held = _Materialize.apply(fl, *self.weights())
         w1, w2, *w3 = fl.held
@@ -126,6 +130,7 @@ class FssdpLayer:
         self.pending: Handle | None = None
         self.regather: Handle | None = None  # RM: the backward gather, issued ahead by the layer after this one
         self.held: tuple[torch.Tensor, ...] | None = None  # this forward's materialized stacks (autograd outputs)
+        self.forward_held: tuple[torch.Tensor, ...] | None = None  # the last forward's, for its recomputation
         self.held_stacks: list[torch.Tensor] = []
 
     def shard(self, experts: nn.Module) -> ShardedExperts:
@@ -235,6 +240,7 @@ class FssdpLayer:
         self.estimator.update(self.step_counts_E)
         self.step_counts_E = torch.zeros_like(self.step_counts_E)
         self.last_rows, self.rows_computed = self.rows_computed, 0
+        self.forward_held = None
 
     def plan(self) -> None:
         self.materialized = self.policy.materialize(self.owner, self.estimator.estimate())
@@ -326,7 +332,7 @@ class FssdpEngine:
     def after_forward(self, fl: FssdpLayer, out: torch.Tensor) -> None:
         """After the block's forward: count its load; in RM mode free the replicas until backward needs them."""
         stats = fl.layer.stats
-        fl.held = None
+        fl.forward_held, fl.held = fl.held, None
         if fl.layer.training:
             fl.step_counts_E += stats.counts_E.to("cpu", fl.step_counts_E.dtype)
         if self.cfg.rematerialize and out.requires_grad:
