@@ -49,10 +49,10 @@ from hecate.parallel.tensor_parallel import (
 from hecate.parallel.topology import Meshes, ParallelDims
 
 
-def _subgroup(rank_lists: list[list[int]], stats: CommStats) -> TorchTransport:
+def _subgroup(rank_lists: list[list[int]], stats: CommStats, device_type: str) -> TorchTransport:
     """This rank's group among ``rank_lists`` (every rank creates all of them, in the same order)."""
     mine, _ = dist.new_subgroups_by_enumeration(rank_lists)
-    return TorchTransport(mine, stats)
+    return TorchTransport(mine, stats, device_type)
 
 
 @dataclasses.dataclass
@@ -80,17 +80,29 @@ class ModelParallel:
     tied_embeddings: bool = False  # the whole model's head shares the embedding's weight
     vocab_size: int = 0
     dim: int = 0
+    device_type: str = "cpu"  # of the meshes: where the groups' tensors live
 
     @classmethod
     def build(
         cls, dims: ParallelDims, meshes: Meshes, cfg: ParallelConfig, dp: Transport, stats: CommStats
     ) -> ModelParallel:
         """The groups (collective: every rank calls this in the same order)."""
-        out = cls(dims, cfg.pp_virtual, list(cfg.pp_stage_blocks), stats, world=TorchTransport(None, stats), stage=dp)
+        device_type = meshes.dense.device_type
+        out = cls(
+            dims,
+            cfg.pp_virtual,
+            list(cfg.pp_stage_blocks),
+            stats,
+            world=TorchTransport(None, stats, device_type),
+            stage=dp,
+            device_type=device_type,
+        )
         if dims.tp > 1:
             out.tp = TorchTransport.from_mesh(meshes.dense, "tp", stats)
             out.stage = _subgroup(
-                [list(range(p * dims.world // dims.pp, (p + 1) * dims.world // dims.pp)) for p in range(dims.pp)], stats
+                [list(range(p * dims.world // dims.pp, (p + 1) * dims.world // dims.pp)) for p in range(dims.pp)],
+                stats,
+                device_type,
             )
         if dims.etp > 1:
             out.etp = TorchTransport.from_mesh(meshes.moe, "etp", stats)
@@ -124,6 +136,7 @@ class ModelParallel:
                 self.tied = _subgroup(
                     [[int(grid[0, d, t]), int(grid[-1, d, t])] for d in range(dims.dp) for t in range(dims.tp)],
                     self.stats,
+                    self.device_type,
                 )
         if dims.tp > 1:
             blocks = adapter.block_dict(model).values()

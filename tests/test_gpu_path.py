@@ -20,7 +20,9 @@ import torch
 from conftest import SMALL_VOCAB
 from parity import RTOL, SKEW, small_config
 
+from hecate.collectives import CommStats, TorchTransport
 from hecate.collectives.errors import ConfigError
+from hecate.collectives.streams import CommStream
 from hecate.launch.simulate import run_workers
 from hecate.parallel.errors import LayoutError
 from hecate.parallel.moe.experts import ExpertWeights, expert_gemm_for
@@ -229,3 +231,28 @@ def test_metrics_and_summary_carry_flops_and_mfu(small_data, tmp_path):
 def test_cpu_peak_is_measured():
     peak, source = peak_flops(torch.device("cpu"), "fp32")
     assert 1e8 < peak < 1e13 and source.startswith("measured CPU matmul")
+
+
+def exchange_temporaries() -> list[list[float]]:
+    """Issue exchanges of buffers nobody else holds, then wait: the handles keep them alive until then."""
+    import torch.distributed as dist
+
+    transport = TorchTransport(None, CommStats())
+    rank, world = dist.get_rank(), dist.get_world_size()
+    splits = [1] * world
+    handles = [
+        transport.all_to_all(torch.empty(world, device="cpu"), torch.full((world,), 10.0 * i + rank), splits, splits)
+        for i in range(3)
+    ]
+    handles.append(transport.all_reduce(torch.ones(2, device="cpu"), name="ones"))
+    return [handle.wait().tolist() for handle in handles]
+
+
+@pytest.mark.slow
+def test_exchanges_run_through_the_communication_stream_on_cpu():
+    """The stream code every transport operation goes through (a side stream and events on an accelerator)
+    runs here through the same calls; results and buffer lifetimes as without it."""
+    assert CommStream(torch.device("cpu")).side is None
+    got = run_workers(exchange_temporaries, 2, timeout_s=120)
+    assert got[0] == [[0.0, 1.0], [10.0, 11.0], [20.0, 21.0], [2.0, 2.0]]
+    assert got[1] == got[0]
