@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from hecate.collectives import CommStats, OpStats, TorchTransport, Transport, delta, transport_from_mesh
+from hecate.collectives.errors import ConfigError
 from hecate.collectives.simulated_network import SimulatedNetwork, SimulatedNetworkTransport
 from hecate.collectives.timeline import Timeline
 from hecate.parallel.config import FssdpConfig, MoEConfig, ParallelConfig
@@ -77,6 +78,12 @@ class Parallel:
         fssdp = fssdp if fssdp is not None else FssdpConfig()
         dims = check_layout(cfg, dist.get_world_size(), moe.num_experts, n_layers, n_heads, fssdp)
         device = device or torch.device("cpu")
+        if transport == "cupy" and device.type != "cuda":
+            raise ConfigError(
+                "collectives.transport",
+                f"cupy carries CUDA tensors only, but this rank computes on {device}: set train.device=cuda on "
+                f"GPU nodes, or collectives.transport=torch",
+            )
         meshes = build_meshes(dims, device.type)
         stats = CommStats()
         observe = lambda t, mesh, dim: observed(t, mesh, dim, dims.world, network, timeline)  # noqa: E731

@@ -345,6 +345,8 @@ class Trainer:
             "step_time_s": step_time,
             **self._flops_record(losses, step_time, tokens_per_step),
         }
+        if self.device.type == "cuda":
+            record["peak_memory_bytes"] = torch.cuda.max_memory_allocated(self.device)
         if self.parallel.dims.world > 1:
             record.update(self.parallel.step_metrics())
         if losses.counts:
