@@ -11,6 +11,7 @@ the same weights on every device.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
@@ -51,6 +52,14 @@ def ranks_per_gpu(local_world_size: int, simulated: bool) -> int:
     return math.ceil(local_world_size / gpus)
 
 
+def given_own_gpu(local_world_size: int, simulated: bool) -> bool:
+    """Whether the launcher gave this process one GPU of its own through CUDA_VISIBLE_DEVICES (Ray's GPU actors,
+    ``srun --gpus-per-task=1``): it then sees one device, cuda:0, whatever its local rank."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+    one_listed = bool(visible) and len(visible.split(",")) == 1
+    return one_listed and not simulated and local_world_size > 1 and torch.cuda.device_count() == 1
+
+
 def select_device(
     setting: str, local_rank: int = 0, local_world_size: int = 1, simulated: bool = False
 ) -> torch.device:
@@ -59,6 +68,10 @@ def select_device(
     memory."""
     if device_type(setting) == "cpu":
         return torch.device("cpu")
+    if given_own_gpu(local_world_size, simulated):
+        device = torch.device("cuda", 0)
+        torch.cuda.set_device(device)
+        return device
     sharing = ranks_per_gpu(local_world_size, simulated)
     device = torch.device("cuda", local_rank // sharing)
     torch.cuda.set_device(device)
