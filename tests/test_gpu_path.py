@@ -43,6 +43,12 @@ LAYOUTS = {  # name: (world, overrides, skewed routing)
     "tp2": (2, ["parallel.tp=2"], False),
     "pp2": (2, ["parallel.pp=2"], False),
     "dp2-bf16": (2, ["train.dtype=bf16"], False),
+    "etp2-capacity-shared-expert": (
+        2,
+        ["parallel.etp=2", "moe.capacity_factor=1.0", "moe.shared_expert=true"],
+        False,
+    ),
+    "dp2-sub-batches": (2, ["moe.overlap_sub_batches=2"], False),
 }
 BF16_RTOL = 2e-2  # bf16 autocast: layouts sum in other orders, and bf16 keeps 8 bits of mantissa
 
@@ -73,8 +79,9 @@ def _config(small_data, run_dir, overrides):
 @pytest.mark.parametrize("name", LAYOUTS)
 def test_training_step_creates_no_tensor_without_device(name, small_data, tmp_path):
     world, overrides, skew = LAYOUTS[name]
-    dtype = [o for o in overrides if o.startswith("train.dtype")]
-    want = steps_and_eval(_config(small_data, tmp_path / "ref", dtype), False, skew, None)
+    model = [o for o in overrides if o.startswith(("train.dtype", "moe."))]  # the reference's model and precision
+    dtype = [o for o in model if o.startswith("train.dtype")]
+    want = steps_and_eval(_config(small_data, tmp_path / "ref", model), False, skew, None)
     got = run_workers(
         steps_and_eval, world, _config(small_data, tmp_path / "meta", overrides), True, skew, "meta", timeout_s=300
     )[0]
