@@ -439,12 +439,20 @@ def _check_gpu_share(cfg, dims, world: int) -> None:
     """--simulate on GPUs: the ranks sharing one GPU must fit in its memory (each is capped to its share)."""
     import torch
 
+    from hecate.collectives.errors import ConfigError
     from hecate.trainer.device import device_type, ranks_per_gpu
     from hecate.trainer.plan import check_ranks_fit_gpu
 
     if device_type(cfg.train.device) == "cuda":
+        sharing = ranks_per_gpu(world, simulated=True)
         total = torch.cuda.get_device_properties(0).total_memory
-        check_ranks_fit_gpu(cfg, dims, _vocab_size(cfg.data), ranks_per_gpu(world, simulated=True), total)
+        check_ranks_fit_gpu(cfg, dims, _vocab_size(cfg.data), sharing, total)
+        if sharing > 1 and cfg.collectives.transport == "cupy":
+            raise ConfigError(
+                "collectives.transport",
+                f"cupy builds NCCL communicators, and NCCL refuses two ranks of one on one GPU: --simulate {world} "
+                f"puts {sharing} ranks on each GPU; use collectives.transport=torch (exchanges through host memory)",
+            )
 
 
 def _train_launched(args: argparse.Namespace, cfg) -> dict:

@@ -16,8 +16,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from hecate.collectives.errors import ConfigError, HecateError
+from hecate.collectives.errors import HecateError
 from hecate.collectives.heartbeat import RUN_SUBFOLDER, Heartbeat
+from hecate.collectives.host_staged import HOST_STAGED
 from hecate.collectives.timeline import Timeline
 from hecate.launch.environment import LaunchError, WorkerEnv, detect, store_listener, usable_cores
 from hecate.launch.hangs import CollectiveTimeout, never_arrived, waiting_in
@@ -93,17 +94,12 @@ def train_worker(
 def process_group_backend(device: torch.device, local_world_size: int) -> str:
     """gloo on the CPU; on CUDA, NCCL for CUDA tensors (gradients, TP, PP, the MoE all-to-alls) and gloo for host
     tensors (agreements on host integers, the asynchronous checkpoint's group). Ranks that share one GPU (the
-    simulated mode) cannot form NCCL communicators there: NCCL refuses two ranks of one communicator on one device.
-    """
+    simulated mode) cannot form NCCL communicators there - NCCL refuses two ranks of one communicator on one
+    device - so they exchange through host memory over gloo (:mod:`hecate.collectives.host_staged`)."""
     if device.type != "cuda":
         return "gloo"
     if ranks_per_gpu(local_world_size, simulated=True) > 1:
-        raise ConfigError(
-            "train.device",
-            f"is cuda with {local_world_size} simulated ranks sharing {torch.cuda.device_count()} "
-            "GPU(s): NCCL refuses two ranks of one communicator on one GPU and this version has no host-staged "
-            "path for them; simulate at most one rank per GPU, or set train.device=cpu",
-        )
+        return HOST_STAGED
     return "cpu:gloo,cuda:nccl"
 
 

@@ -18,12 +18,13 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import SMALL_VOCAB
-from parity import RTOL, SKEW, small_config
+from parity import RTOL, SKEW, assert_matches, small_config, train_one
 
 from hecate.collectives import CommStats, TorchTransport
 from hecate.collectives.errors import ConfigError
+from hecate.collectives.host_staged import HOST_STAGED, STAGE_ALL_ENV
 from hecate.collectives.streams import CommStream
-from hecate.launch.simulate import run_workers
+from hecate.launch.simulate import run_workers, start_workers
 from hecate.parallel.errors import LayoutError
 from hecate.parallel.moe.experts import ExpertWeights, expert_gemm_for
 from hecate.parallel.parallelize import Parallel
@@ -263,3 +264,31 @@ def test_exchanges_run_through_the_communication_stream_on_cpu():
     got = run_workers(exchange_temporaries, 2, timeout_s=120)
     assert got[0] == [[0.0, 1.0], [10.0, 11.0], [20.0, 21.0], [2.0, 2.0]]
     assert got[1] == got[0]
+
+
+STAGED_LAYOUTS = {  # name: (overrides, skewed routing)
+    "ep2": (["parallel.ep=2"], False),
+    "fssdp-skewed": (["fssdp.policy=fssdp"], True),
+    "tp2": (["parallel.tp=2"], False),
+    "pp2": (["parallel.pp=2"], False),
+}
+
+
+def train_host_staged(cfg_dict: dict, skew: bool) -> dict:
+    import torch.distributed as dist
+
+    group = dist.group.WORLD
+    assert dist.get_backend() == HOST_STAGED and group.stage_all, "the run must go through the host-staged group"
+    return train_one(cfg_dict, True, skew)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", STAGED_LAYOUTS)
+def test_host_staged_exchanges_match_single_process(name, small_data, tmp_path):
+    """The single-GPU simulated mode's exchange path (every operation through host copies over gloo), here with
+    host tensors copied as device tensors would be: the same losses, gradients and weights as one process."""
+    overrides, skew = STAGED_LAYOUTS[name]
+    want = train_one(small_config(small_data, tmp_path / "ref", [], STEPS).to_dict(), False, skew)
+    cfg = small_config(small_data, tmp_path / "staged", overrides, STEPS).to_dict()
+    group = start_workers(train_host_staged, 2, (cfg, skew), backend=HOST_STAGED, env={STAGE_ALL_ENV: "1"})
+    assert_matches(group.join(timeout_s=300)[0], want, name)
