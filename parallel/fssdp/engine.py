@@ -141,6 +141,11 @@ class FssdpLayer:
     def rank(self) -> int:
         return self.transport.rank
 
+    @property
+    def device(self) -> torch.device:
+        """Where this layer's experts live, and so its exchange buffers."""
+        return self.layer.experts.w1.device
+
     # ---- forward: gather replicas, build the held stacks -----------------------------------------
 
     @property
@@ -159,7 +164,7 @@ class FssdpLayer:
         return replicas
 
     def _gather(self, owner: OwnerPlacement, materialized: MaterializedPlacement) -> Handle:
-        gather = SparseAllGather(owner, materialized, self.spec, self.transport)
+        gather = SparseAllGather(owner, materialized, self.spec, self.transport, device=self.device)
         return gather.start(self.owned_chunks())
 
     def owned_chunks(self) -> dict[int, torch.Tensor]:
@@ -194,7 +199,7 @@ class FssdpLayer:
             g if g is not None else torch.zeros((len(held), *s), device=device) for g, s in zip(grads_H, self.shapes)
         ]
         copies = {e: torch.cat([g[h].reshape(-1) for g in grads_H]) for h, e in enumerate(held)}
-        return SparseReduceScatter(owner, materialized, self.spec, self.transport).start(copies)
+        return SparseReduceScatter(owner, materialized, self.spec, self.transport, device=self.device).start(copies)
 
     def finish_reduce(self, pending: Handle[dict[int, torch.Tensor]], owner: OwnerPlacement) -> None:
         """At the end of backward: add every owned expert's summed gradient to its weights' ``.grad``."""
@@ -265,7 +270,7 @@ class FssdpLayer:
         moved = [(e, new.owner_C[e]) for e in range(new.num_chunks) if new.owner_C[e] != self.owner.owner_C[e]]
         spec = ChunkSpec.flat(sum(t[0].numel() for t in flat_rows), dtype)
         received = SparseAllGather(
-            self.owner, MaterializedPlacement.from_owner(self.owner, moved), spec, self.transport
+            self.owner, MaterializedPlacement.from_owner(self.owner, moved), spec, self.transport, device=self.device
         )(chunks)
         new_owned = new.chunks_on(self.rank)
         rows = [chunks[e] if e in chunks else received[e] for e in new_owned]
