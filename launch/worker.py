@@ -58,13 +58,13 @@ def train_worker(
     trainer = Trainer(cfg, resume=resume, parallel=parallel)
     setup_logging(trainer.run_dir, rank=rank, level=cfg.logging.level)
     log.info(
-        "rank %d of %d (pid %d) on %s, cores %s with %d threads; run folder %s; %s",
+        "rank %d of %d (pid %d) on cores %s with %d threads, device %s; run folder %s; %s",
         rank,
         dist.get_world_size(),
         os.getpid(),
-        parallel.device,
         usable_cores(),
         torch.get_num_threads(),
+        parallel.device,
         trainer.run_dir,
         trainer.describe(),
     )
