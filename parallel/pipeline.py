@@ -201,7 +201,7 @@ class Pipeline:
                 self.chunks[s],
                 s,
                 self.num_stages,
-                torch.device("cpu"),
+                self.device,  # where the stage allocates its receive buffers
                 group=group,
                 input_args=tokens if s == 0 else activations,
                 output_args=logits if s == self.num_stages - 1 else activations,
