@@ -292,3 +292,20 @@ def test_host_staged_exchanges_match_single_process(name, small_data, tmp_path):
     cfg = small_config(small_data, tmp_path / "staged", overrides, STEPS).to_dict()
     group = start_workers(train_host_staged, 2, (cfg, skew), backend=HOST_STAGED, env={STAGE_ALL_ENV: "1"})
     assert_matches(group.join(timeout_s=300)[0], want, name)
+
+
+BF16_REDUCE_RTOL = 1e-2  # each rank's gradient rounded once to bf16 (8-bit mantissa) before the sum
+
+
+@pytest.mark.slow
+def test_bf16_gradient_reduction_rounds_only_the_exchange(small_data, tmp_path):
+    """train.grad_reduce_dtype=bf16: the all-reduce carries bf16 (the gradients differ from the fp32 reduction's,
+    by about bf16's rounding), and training follows the reference within that."""
+    want = train_one(small_config(small_data, tmp_path / "ref", [], STEPS).to_dict(), False)
+    cfg = small_config(small_data, tmp_path / "bf16", ["train.grad_reduce_dtype=bf16"], STEPS).to_dict()
+    got = run_workers(train_one, 2, cfg, True, timeout_s=300)[0]
+    name = "embed.weight" if "embed.weight" in want["grads"][0] else next(iter(want["grads"][0]))
+    error = (got["grads"][0][name] - want["grads"][0][name]).norm() / want["grads"][0][name].norm()
+    assert 0 < error < BF16_REDUCE_RTOL, error
+    for g, w in zip(got["losses"], want["losses"], strict=True):
+        assert math.isclose(g, w, rel_tol=BF16_REDUCE_RTOL)
