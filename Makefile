@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 TORCH  ?= torch==2.13.0
 APT_PACKAGES := openmpi-bin libopenmpi-dev slurm-wlm munge
 
-.PHONY: demo test test-fast lint setup system-deps bench clean
+.PHONY: demo test test-fast lint setup system-deps bench gpu-check clean
 
 demo: $(STAMP)
 	$(BIN)/hecate train examples/tiny.yaml --fresh
@@ -58,6 +58,11 @@ bench: system-deps $(BENCH_STAMP)
 	$(BIN)/python benchmarks/sparse_collectives.py --json $(BENCH_OUT)/sparse_collectives.json
 	$(BIN)/python benchmarks/sparse_collectives.py --chunk-kib 64 --json $(BENCH_OUT)/sparse_collectives_64k.json
 	$(BIN)/python benchmarks/plot.py $(BENCH_OUT) --out docs/img
+
+# On a machine with at least one CUDA GPU (< 8 minutes): JSON rows and a markdown table into runs/gpu_check/.
+# Without a GPU it prints one line and exits 2. Uses the torch already installed (a CUDA build), not the CPU pin.
+gpu-check:
+	$(PYTHON) benchmarks/gpu_check.py --out runs/gpu_check
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

@@ -13,15 +13,8 @@ averaging, clipping, optimizer) with the first ``--skip`` steps dropped as warm-
 (global batch x sequence) over its time. World sizes take turns (1, 2, 4, 1, 2, 4, ... for ``--repeats``) so
 that the machine's background load falls on all alike; the figures are over all measured steps of all repeats.
 
-**FLOPs model** (per token, training = 3 x forward: backward costs two forward GEMMs per GEMM), forward:
-
-    per block  2 (3 D^2 + D^2)                    attention projections (qkv, out)
-             + 2 x 2 D S / 2                       scores and weighted values, causal: S / 2 keys on average
-             + 2 D E                               router
-             + K x 2 x 2 D F    (F x 3/2 SwiGLU)   the K active experts (a dense block: 2 x 2 D F_dense)
-    head     2 D V                                 output projection (tied or not; the embedding lookup is free)
-
-Norms, activations, softmax and the optimizer are not counted (the usual convention, as in PaLM's MFU).
+**FLOPs model**: the trainer's own (``hecate.trainer.flops``, whose docstring lists every term), with every routed
+(token, expert) pair computed. Norms, activations, softmax and the optimizer are not counted (as in PaLM's MFU).
 **Peak** = the measured single-thread matmul throughput of the precision used (a 1024^3 ``torch.mm``, fp32 or
 bf16, one thread, median of rounds timed in CPU time as in ``floor.py``; measured before every run, the median
 taken) x the cores the run can use
@@ -29,8 +22,6 @@ taken) x the cores the run can use
 MFU = FLOPs per token x tokens/s / peak.
 
     python benchmarks/end_to_end.py --json runs/end_to_end.json
-
-Shapes: D model dim, S sequence length, E experts, K experts per token, F expert hidden dim, V vocabulary.
 """
 
 from __future__ import annotations
@@ -45,6 +36,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from hecate.trainer.flops import step_flops
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -68,27 +61,11 @@ def matmul_peak_flops(dtype: torch.dtype, n: int = 1024, rounds: int = 10, warmu
         torch.set_num_threads(threads)
 
 
-def forward_flops_per_token(model, moe, vocab: int) -> dict[str, float]:
-    """Forward FLOPs per token of a model config, by kind: ``matmul`` (weights) and ``attention`` (scores and
-    weighted values); see the module docstring. Training is 3 x their sum."""
-
-    d, s = model.dim, model.seq_len
-    matmul, attention = 2 * d * vocab, 0
-    for index in range(model.n_layers):
-        matmul += 2 * 4 * d * d
-        attention += 2 * 2 * d * s // 2
-        if moe.is_moe_block(index):
-            expert = 2 * 2 * d * moe.ffn_dim * (1.5 if moe.activation == "swiglu" else 1)
-            matmul += 2 * d * moe.num_experts + moe.top_k * expert
-        else:
-            matmul += 2 * 2 * d * model.dense_ffn_dim
-    return {"matmul": matmul, "attention": attention}
-
-
 def flops_per_token(cfg) -> float:
     """Training FLOPs per token of a run config (the vocabulary comes from its prepared data)."""
     vocab = json.loads((ROOT / cfg.data.dir / "manifest.json").read_text())["vocab_size"]
-    return 3 * sum(forward_flops_per_token(cfg.model, cfg.moe, vocab).values())
+    moe_blocks = sum(cfg.moe.is_moe_block(i) for i in range(cfg.model.n_layers))
+    return step_flops(cfg, vocab, tokens=1, expert_rows=cfg.moe.top_k * moe_blocks)  # every routed pair computed
 
 
 def threads_per_rank(world: int, cores: int) -> int:

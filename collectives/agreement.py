@@ -17,7 +17,7 @@ def raise_unless_all_agree(
     world_size = transport.world_size
     votes = torch.zeros(world_size + 2, dtype=torch.int64, device=device)
     votes[transport.rank] = int(problem is not None)
-    votes[world_size:] = torch.tensor([fingerprint, -fingerprint])
+    votes[world_size:] = torch.tensor([fingerprint, -fingerprint], device=device)
     transport.all_reduce(votes, reduce="max", name=f"{name}.check").wait()
     votes = votes.tolist()
     bad_ranks = [rank for rank in range(world_size) if votes[rank]]

@@ -68,6 +68,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="start from the weights of an exported model (`hecate export`); same as -o train.init_from=DIR",
     )
     train.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        metavar="T",
+        help="one device's peak TFLOP/s for the MFU in metrics.jsonl (default: the GPU's datasheet figure, or a "
+        "matmul measured on the CPU); same as -o train.peak_tflops=T",
+    )
+    train.add_argument(
         "--simulate",
         type=int,
         default=None,
@@ -343,12 +351,15 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from hecate.trainer.config import load_config
+    from hecate.trainer.device import check_device
     from hecate.trainer.log import setup_logging
     from hecate.trainer.train import Trainer, check_run_dir
 
     profile = [f"logging.profile_step={args.profile_step}"] if args.profile_step is not None else []
     if args.record_routing:  # an override, so that launched workers record too
         args.override = [*args.override, "logging.record_routing=true"]
+    if args.peak_tflops is not None:
+        args.override = [*args.override, f"train.peak_tflops={args.peak_tflops}"]
     if args.init_from is not None:  # workers get it as an override
         args.override = [*args.override, f"train.init_from={Path(args.init_from).resolve()}"]
     cfg = load_config(args.config, args.override + profile)
@@ -362,6 +373,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     network = _simulated_network(args)
     check_run_dir(Path(cfg.train.run_dir), args.resume, args.fresh)
     _check_data(cfg.data)
+    if args.launcher is None:  # the workers run on this machine: a GPU asked for must be here
+        check_device(cfg.train.device)
     if args.simulate is not None:
         summary = _train_simulated(cfg, args.simulate, args.resume, args.fresh, network, args.sim_bind_cores)
     elif args.launcher is not None:
@@ -435,6 +448,7 @@ def _train_simulated(cfg, world: int, resume: bool, fresh: bool, network=None, b
     check_tensor_parallel(
         dims.tp, cfg.model.vocab_for(_vocab_size(cfg.data)), cfg.model.dense_ffn_dim, cfg.model.kv_heads
     )
+    _check_gpu_share(cfg, dims, world)
     prepare_run_dir(Path(cfg.train.run_dir), resume, fresh)
     group = start_workers(
         run_from_environment,
@@ -446,6 +460,26 @@ def _train_simulated(cfg, world: int, resume: bool, fresh: bool, network=None, b
         env=network_environment(network) if network else None,
     )
     return group.join(timeout_s=SIMULATE_TIMEOUT_S)[0]
+
+
+def _check_gpu_share(cfg, dims, world: int) -> None:
+    """--simulate on GPUs: the ranks sharing one GPU must fit in its memory (each is capped to its share)."""
+    import torch
+
+    from hecate.collectives.errors import ConfigError
+    from hecate.trainer.device import device_type, ranks_per_gpu
+    from hecate.trainer.plan import check_ranks_fit_gpu
+
+    if device_type(cfg.train.device) == "cuda":
+        sharing = ranks_per_gpu(world, simulated=True)
+        total = torch.cuda.get_device_properties(0).total_memory
+        check_ranks_fit_gpu(cfg, dims, cfg.model.vocab_for(_vocab_size(cfg.data)), sharing, total)
+        if sharing > 1 and cfg.collectives.transport == "cupy":
+            raise ConfigError(
+                "collectives.transport",
+                f"cupy builds NCCL communicators, and NCCL refuses two ranks of one on one GPU: --simulate {world} "
+                f"puts {sharing} ranks on each GPU; use collectives.transport=torch (exchanges through host memory)",
+            )
 
 
 def _train_launched(args: argparse.Namespace, cfg) -> dict:

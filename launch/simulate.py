@@ -46,6 +46,7 @@ STOP_GRACE_S = 10.0  # SIGTERM first; whoever is still alive after this is SIGKI
 STACK_DUMP_WAIT_S = 1.0  # time given to hung workers to write their Python stacks before they are stopped
 ROOT_CAUSE_WAIT_S = 2.0  # after a rank raises, how long to look for a peer whose death caused it
 
+SIMULATED_ENV = "HECATE_SIMULATED"  # "1" in workers of --simulate: ranks may share one GPU
 SIM_NETWORK_ENV = "HECATE_SIM_NETWORK"  # "nodes,gbps,latency_us" for the workers of a simulated network
 
 __all__ = [
@@ -72,6 +73,7 @@ def worker_environment(rank: int, world_size: int, master_port: int) -> dict[str
         "LOCAL_RANK": str(rank),
         "LOCAL_WORLD_SIZE": str(world_size),
         "TORCHELASTIC_USE_AGENT_STORE": "True",
+        SIMULATED_ENV: "1",
     }
 
 

@@ -18,13 +18,15 @@ import torch.distributed as dist
 
 from hecate.collectives.errors import HecateError
 from hecate.collectives.heartbeat import RUN_SUBFOLDER, Heartbeat
+from hecate.collectives.host_staged import HOST_STAGED
 from hecate.collectives.timeline import Timeline
 from hecate.launch.environment import LaunchError, WorkerEnv, detect, store_listener, usable_cores
 from hecate.launch.hangs import CollectiveTimeout, never_arrived, waiting_in
 from hecate.launch.parent_watch import watch_parent
-from hecate.launch.simulate import network_from_environment
+from hecate.launch.simulate import SIMULATED_ENV, network_from_environment
 from hecate.parallel.parallelize import Parallel
 from hecate.trainer.config import config_from_dict, load_config
+from hecate.trainer.device import ranks_per_gpu, select_device
 from hecate.trainer.faults import RESTART_ENV
 from hecate.trainer.log import setup_logging
 from hecate.trainer.plan import layout_of
@@ -33,8 +35,11 @@ from hecate.trainer.train import Trainer
 log = logging.getLogger("hecate")
 
 
-def train_worker(cfg_dict: dict[str, Any], resume: bool, env: WorkerEnv | None = None) -> dict[str, Any]:
-    """Train as one rank of an initialised default process group; returns the run summary."""
+def train_worker(
+    cfg_dict: dict[str, Any], resume: bool, env: WorkerEnv | None = None, device: torch.device | None = None
+) -> dict[str, Any]:
+    """Train as one rank of an initialised default process group, on ``device`` (the CPU when omitted); returns
+    the run summary."""
     cfg = config_from_dict(cfg_dict)
     rank = dist.get_rank()
     setup_logging(None, rank=rank, level=cfg.logging.level)
@@ -46,16 +51,18 @@ def train_worker(cfg_dict: dict[str, Any], resume: bool, env: WorkerEnv | None =
         transport=cfg.collectives.transport,
         network=network_from_environment(),
         timeline=Timeline(rank) if cfg.logging.profile_step else None,
+        device=device,
     )
     trainer = Trainer(cfg, resume=resume, parallel=parallel)
     setup_logging(trainer.run_dir, rank=rank, level=cfg.logging.level)
     log.info(
-        "rank %d of %d (pid %d) on cores %s with %d threads; run folder %s; %s",
+        "rank %d of %d (pid %d) on cores %s with %d threads, device %s; run folder %s; %s",
         rank,
         dist.get_world_size(),
         os.getpid(),
         usable_cores(),
         torch.get_num_threads(),
+        parallel.device,
         trainer.run_dir,
         trainer.describe(),
     )
@@ -82,9 +89,22 @@ def train_worker(cfg_dict: dict[str, Any], resume: bool, env: WorkerEnv | None =
         heartbeat.stop()
 
 
-def init_distributed(env: WorkerEnv, timeout_s: float) -> None:
-    """Join the job's gloo group: through torchrun's agent store when there is one, else rank 0 hosts a TCPStore
-    at MASTER_ADDR:MASTER_PORT. Every collective then fails after ``timeout_s`` instead of hanging."""
+def process_group_backend(device: torch.device, local_world_size: int) -> str:
+    """gloo on the CPU; on CUDA, NCCL for CUDA tensors (gradients, TP, PP, the MoE all-to-alls) and gloo for host
+    tensors (agreements on host integers, the asynchronous checkpoint's group). Ranks that share one GPU (the
+    simulated mode) cannot form NCCL communicators there - NCCL refuses two ranks of one communicator on one
+    device - so they exchange through host memory over gloo (:mod:`hecate.collectives.host_staged`)."""
+    if device.type != "cuda":
+        return "gloo"
+    if ranks_per_gpu(local_world_size, simulated=True) > 1:
+        return HOST_STAGED
+    return "cpu:gloo,cuda:nccl"
+
+
+def init_distributed(env: WorkerEnv, timeout_s: float, backend: str = "gloo") -> None:
+    """Join the job's process group (``backend``, see :func:`process_group_backend`): through torchrun's agent
+    store when there is one, else rank 0 hosts a TCPStore at MASTER_ADDR:MASTER_PORT. Every collective then fails
+    after ``timeout_s`` instead of hanging."""
     timeout = timedelta(seconds=timeout_s)
     subgroups_time_out_after(timeout)
     try:
@@ -92,13 +112,13 @@ def init_distributed(env: WorkerEnv, timeout_s: float) -> None:
             # each attempt writes under its own prefix, never reading an earlier attempt's addresses (pytorch#135712)
             agent = dist.TCPStore(env.master_addr, env.master_port, env.world_size, False, timeout=timeout)
             store = dist.PrefixStore(f"hecate/attempt_{restart_count()}", agent)
-            dist.init_process_group("gloo", store=store, rank=env.rank, world_size=env.world_size, timeout=timeout)
+            dist.init_process_group(backend, store=store, rank=env.rank, world_size=env.world_size, timeout=timeout)
             return
         listener = store_listener(env.master_addr, env.master_port)[1] if env.rank == 0 else {}
         store = dist.TCPStore(
             env.master_addr, env.master_port, env.world_size, env.rank == 0, timeout=timeout, **listener
         )
-        dist.init_process_group("gloo", store=store, rank=env.rank, world_size=env.world_size, timeout=timeout)
+        dist.init_process_group(backend, store=store, rank=env.rank, world_size=env.world_size, timeout=timeout)
     except (RuntimeError, OSError) as err:  # DistStoreError, DistNetworkError; TimeoutError, a busy port
         raise LaunchError(
             f"rank {env.rank} of {env.world_size} ({env.launcher}) could not join the job at "
@@ -135,9 +155,11 @@ def run_from_environment(cfg_dict: dict[str, Any], resume: bool) -> dict[str, An
     env = detect()
     watch_parent(f"rank {env.rank} of {env.world_size} ({env.launcher})")
     set_threads(env)
-    init_distributed(env, cfg.train.collective_timeout_s)
+    simulated = os.environ.get(SIMULATED_ENV) == "1"
+    device = select_device(cfg.train.device, env.local_rank, env.local_world_size, simulated)
+    init_distributed(env, cfg.train.collective_timeout_s, process_group_backend(device, env.local_world_size))
     try:
-        return train_worker(cfg_dict, resume, env)
+        return train_worker(cfg_dict, resume, env, device)
     finally:
         dist.destroy_process_group()
 

@@ -53,7 +53,9 @@ def router_sums_reduce(transport: Transport) -> Reduce:
 
 class GradientAverager:
     """After backward: average dense gradients over ``dense_dp`` and expert gradients over ``expert_dp``, each
-    group in one flat all-reduce. ``dp`` is the number of ranks that split the global batch."""
+    group in one flat all-reduce. ``dp`` is the number of ranks that split the global batch. ``reduce_dtype`` is
+    what the all-reduce carries (``train.grad_reduce_dtype``): bf16 halves the bytes and rounds each rank's
+    gradient once before the sum; the gradients themselves stay fp32."""
 
     def __init__(
         self,
@@ -62,9 +64,11 @@ class GradientAverager:
         dense_dp: Transport,
         expert_dp: Transport | None,
         dp: int,
+        reduce_dtype: torch.dtype = torch.float32,
     ):
         self.buckets = [(dense, dense_dp, "grad.dense"), (experts, expert_dp, "grad.experts")]
         self.dp = dp
+        self.reduce_dtype = reduce_dtype
 
     def __call__(self) -> None:
         for params, transport, name in self.buckets:
@@ -73,7 +77,10 @@ class GradientAverager:
                 continue
             if transport is not None and transport.world_size > 1:
                 flat = _flatten_dense_tensors(grads)
-                transport.all_reduce(flat, name=name).wait()
+                wire = flat if flat.dtype == self.reduce_dtype else flat.to(self.reduce_dtype)
+                transport.all_reduce(wire, name=name).wait()
+                if wire is not flat:
+                    flat.copy_(wire)
                 grads_synced = _unflatten_dense_tensors(flat, grads)
             else:
                 grads_synced = grads
@@ -86,15 +93,17 @@ def global_grad_norm(
 ) -> torch.Tensor:
     """L2 norm (fp64) of all gradients of the model: dense ones are the same on every rank, expert ones are split
     over ``expert_shards`` (the EP group; None on one device), whose squared norms are summed."""
-    dense_sq = _squared_norm(dense)
-    expert_sq = _squared_norm(experts)
+    dense, experts = list(dense), list(experts)
+    device = (dense + experts)[0].device if dense + experts else torch.device("cpu")
+    dense_sq = _squared_norm(dense, device)
+    expert_sq = _squared_norm(experts, device)
     if expert_shards is not None and expert_shards.world_size > 1:
         expert_sq = expert_shards.all_reduce(expert_sq, name="grad.norm").wait()
     return (dense_sq + expert_sq).sqrt()
 
 
-def _squared_norm(params: Iterable[nn.Parameter]) -> torch.Tensor:
+def _squared_norm(params: Iterable[nn.Parameter], device: torch.device) -> torch.Tensor:
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
-        return torch.zeros((), dtype=torch.float64)
+        return torch.zeros((), dtype=torch.float64, device=device)
     return torch.stack([g.detach().double().square().sum() for g in grads]).sum()

@@ -246,7 +246,7 @@ class FullySharded:
         corrected (with ``fssdp.calibrate``), and the spread of computed expert rows over the ranks (max / mean;
         1.0 is level)."""
         engine, group = self.engine, self.norm_group
-        rows = torch.zeros(group.world_size, dtype=torch.float64)
+        rows = torch.zeros(group.world_size, dtype=torch.float64, device=engine.device)
         rows[group.rank] = sum(fl.last_rows for fl in engine.layers.values())
         rows = group.all_reduce(rows, name="metrics").wait()
         out = {

@@ -49,10 +49,10 @@ from hecate.parallel.tensor_parallel import (
 from hecate.parallel.topology import Meshes, ParallelDims
 
 
-def _subgroup(rank_lists: list[list[int]], stats: CommStats) -> TorchTransport:
+def _subgroup(rank_lists: list[list[int]], stats: CommStats, device_type: str) -> TorchTransport:
     """This rank's group among ``rank_lists`` (every rank creates all of them, in the same order)."""
     mine, _ = dist.new_subgroups_by_enumeration(rank_lists)
-    return TorchTransport(mine, stats)
+    return TorchTransport(mine, stats, device_type)
 
 
 @dataclasses.dataclass
@@ -80,17 +80,29 @@ class ModelParallel:
     tied_embeddings: bool = False  # the whole model's head shares the embedding's weight
     vocab_size: int = 0
     dim: int = 0
+    device_type: str = "cpu"  # of the meshes: where the groups' tensors live
 
     @classmethod
     def build(
         cls, dims: ParallelDims, meshes: Meshes, cfg: ParallelConfig, dp: Transport, stats: CommStats
     ) -> ModelParallel:
         """The groups (collective: every rank calls this in the same order)."""
-        out = cls(dims, cfg.pp_virtual, list(cfg.pp_stage_blocks), stats, world=TorchTransport(None, stats), stage=dp)
+        device_type = meshes.dense.device_type
+        out = cls(
+            dims,
+            cfg.pp_virtual,
+            list(cfg.pp_stage_blocks),
+            stats,
+            world=TorchTransport(None, stats, device_type),
+            stage=dp,
+            device_type=device_type,
+        )
         if dims.tp > 1:
             out.tp = TorchTransport.from_mesh(meshes.dense, "tp", stats)
             out.stage = _subgroup(
-                [list(range(p * dims.world // dims.pp, (p + 1) * dims.world // dims.pp)) for p in range(dims.pp)], stats
+                [list(range(p * dims.world // dims.pp, (p + 1) * dims.world // dims.pp)) for p in range(dims.pp)],
+                stats,
+                device_type,
             )
         if dims.etp > 1:
             out.etp = TorchTransport.from_mesh(meshes.moe, "etp", stats)
@@ -124,6 +136,7 @@ class ModelParallel:
                 self.tied = _subgroup(
                     [[int(grid[0, d, t]), int(grid[-1, d, t])] for d in range(dims.dp) for t in range(dims.tp)],
                     self.stats,
+                    self.device_type,
                 )
         if dims.tp > 1:
             blocks = adapter.block_dict(model).values()
@@ -193,16 +206,22 @@ class ModelParallel:
     # ---- gradients -----------------------------------------------------------------------------
 
     def averager(
-        self, model: nn.Module, experts: list[nn.Parameter], dp: Transport, expert_dp: Transport | None
+        self,
+        model: nn.Module,
+        experts: list[nn.Parameter],
+        dp: Transport,
+        expert_dp: Transport | None,
+        reduce_dtype: torch.dtype = torch.float32,
     ) -> Callable[[], None]:
-        """What averages the gradients after the last backward of a step (see the module docstring)."""
+        """What averages the gradients after the last backward of a step (see the module docstring); the
+        all-reduces carry ``reduce_dtype``."""
         names = dict(model.named_parameters())
         expert_ids = {id(p) for p in experts}
         split = [names[n] for n in self.tp_split]
         replicated = [p for n, p in names.items() if id(p) not in expert_ids and n not in self.tp_split]
         by_groups = [
-            GradientAverager(split, experts, dp, expert_dp, self.dims.dp),
-            GradientAverager(replicated, [], self.stage, None, self.dims.dp),
+            GradientAverager(split, experts, dp, expert_dp, self.dims.dp, reduce_dtype),
+            GradientAverager(replicated, [], self.stage, None, self.dims.dp, reduce_dtype),
         ]
         tied = None
         if self.tied is not None:
@@ -222,7 +241,7 @@ class ModelParallel:
         dims = self.dims
         expert_ids = {id(p) for p in experts}
         split = set(self.tp_split)
-        squared = torch.zeros((), dtype=torch.float64)
+        squared = torch.zeros((), dtype=torch.float64, device=next(model.parameters()).device)
         for name, p in model.named_parameters():
             if p.grad is None or self._is_tied_copy(model, name):
                 continue

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from hecate.collectives import CommStats, OpStats, TorchTransport, Transport, delta, transport_from_mesh
+from hecate.collectives.errors import ConfigError
 from hecate.collectives.simulated_network import SimulatedNetwork, SimulatedNetworkTransport
 from hecate.collectives.timeline import Timeline
 from hecate.parallel.config import FssdpConfig, MoEConfig, ParallelConfig
@@ -47,11 +48,12 @@ class Parallel:
     timeline: Timeline | None = None  # where the transports record collectives (``--profile-step``)
     _averager: GradientAverager | None = None
     model_parallel: ModelParallel | None = None  # tensor, expert-tensor and pipeline parallelism, when used
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))  # where this rank computes
     _last_stats: dict[str, OpStats] = field(default_factory=dict)
 
     @classmethod
-    def single(cls) -> Parallel:
-        return cls(ParallelDims(world=1, dp=1, tp=1, pp=1, ep=1, etp=1))
+    def single(cls, device: torch.device | None = None) -> Parallel:
+        return cls(ParallelDims(world=1, dp=1, tp=1, pp=1, ep=1, etp=1), device=device or torch.device("cpu"))
 
     @classmethod
     def from_world(
@@ -63,12 +65,14 @@ class Parallel:
         transport: str = "torch",
         network: SimulatedNetwork | None = None,
         timeline: Timeline | None = None,
+        device: torch.device | None = None,
     ) -> Parallel:
         """Inside a worker whose default process group is initialised: build meshes and transports for ``dims``,
         the layout :func:`check_layout` validated (the trainer's ``layout_of`` adds its own checks).
         ``transport`` (``collectives.transport``) carries the MoE collectives; dense gradients stay on
         torch.distributed. With ``network`` the transports delay inter-node transfers (simulated cluster); with
-        ``timeline`` they record when each collective was in flight (``--profile-step``)."""
+        ``timeline`` they record when each collective was in flight (``--profile-step``). ``device`` is where this
+        rank computes (the CPU when omitted); the meshes are of its type."""
         import torch.distributed as dist
 
         fssdp = fssdp if fssdp is not None else FssdpConfig()
@@ -76,7 +80,14 @@ class Parallel:
             raise LayoutError(
                 f"the layout is for {dims.world} ranks, but the process group has {dist.get_world_size()}"
             )
-        meshes = build_meshes(dims)
+        device = device or torch.device("cpu")
+        if transport == "cupy" and device.type != "cuda":
+            raise ConfigError(
+                "collectives.transport",
+                f"cupy carries CUDA tensors only, but this rank computes on {device}: set train.device=cuda on "
+                f"GPU nodes, or collectives.transport=torch",
+            )
+        meshes = build_meshes(dims, device.type)
         stats = CommStats()
         observe = lambda t, mesh, dim: observed(t, mesh, dim, dims.world, network, timeline)  # noqa: E731
         parallel = cls(
@@ -85,6 +96,7 @@ class Parallel:
             meshes=meshes,
             stats=stats,
             timeline=timeline,
+            device=device,
             dp=observe(TorchTransport.from_mesh(meshes.dense, "dp", stats), meshes.dense, "dp"),
             ep=observe(transport_from_mesh(transport, meshes.moe, "ep", stats), meshes.moe, "ep"),
             edp=observe(transport_from_mesh(transport, meshes.moe, "edp", stats), meshes.moe, "edp"),
@@ -123,12 +135,19 @@ class Parallel:
 
     # ---- what changes in the model --------------------------------------------------------------
 
-    def apply(self, model: nn.Module, adapter: ModelAdapter, micro: MicroBatch | None = None) -> None:
+    def apply(
+        self,
+        model: nn.Module,
+        adapter: ModelAdapter,
+        micro: MicroBatch | None = None,
+        grad_reduce_dtype: torch.dtype = torch.float32,
+    ) -> None:
         """Hold the experts as the layout says, and reduce router statistics over the micro-batch's ranks. Call on a
         model that holds every expert (built from the run's seed), before the optimizer is built. Under tp, pp or
         etp the model is first cut to this rank's pipeline stages and split over tp, and its ``micro`` batches per
         step go through a pipeline schedule (:mod:`hecate.parallel.model_parallel`). ``adapter`` says where the
-        model's parts are (:mod:`hecate.parallel.model_adapter`)."""
+        model's parts are (:mod:`hecate.parallel.model_adapter`); data-parallel gradient all-reduces carry
+        ``grad_reduce_dtype``."""
         mp = self.model_parallel
         if mp is not None:
             mp.split_model(model, adapter)
@@ -141,9 +160,9 @@ class Parallel:
         if self.dims.world > 1:
             dense, experts = split_parameters(model)
             self._averager = (
-                GradientAverager(dense, experts, self.dp, self.experts.grad_sum, self.dims.dp)
+                GradientAverager(dense, experts, self.dp, self.experts.grad_sum, self.dims.dp, grad_reduce_dtype)
                 if mp is None
-                else mp.averager(model, experts, self.dp, self.experts.grad_sum)
+                else mp.averager(model, experts, self.dp, self.experts.grad_sum, grad_reduce_dtype)
             )
         if mp is not None:
             mp.build_pipeline(model, micro, self.cross_entropy)
@@ -184,7 +203,8 @@ class Parallel:
         """Mean over the data-parallel ranks of per-rank numbers (local losses of equal-sized shares)."""
         if self.dp is None or self.dims.dp == 1:
             return values
-        return (self.data_sum(torch.tensor(values, dtype=torch.float64)) / self.dims.dp).tolist()
+        summed = self.data_sum(torch.tensor(values, dtype=torch.float64, device=self.device))
+        return (summed / self.dims.dp).tolist()
 
     def data_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum over the data-parallel ranks (e.g. validation nats, tokens and bytes)."""

@@ -183,6 +183,7 @@ class Pipeline:
     ):
         """``shape`` is (rows a stage's activations hold, model dim, vocabulary columns of the logits)."""
         self.group = group
+        self.device = next(model.parameters()).device
         self.pp, self.pp_rank = dist.get_world_size(group), dist.get_rank(group)
         self.split, self.moe_blocks, self.micro_batches = split, moe_blocks, micro.count
         self.num_experts = num_experts
@@ -200,7 +201,7 @@ class Pipeline:
                 self.chunks[s],
                 s,
                 self.num_stages,
-                torch.device("cpu"),
+                self.device,  # where the stage allocates its receive buffers
                 group=group,
                 input_args=tokens if s == 0 else activations,
                 output_args=logits if s == self.num_stages - 1 else activations,
@@ -231,18 +232,19 @@ class Pipeline:
     def step(self, inputs_BS: torch.Tensor, targets_BS: torch.Tensor) -> PipelineLosses:
         """Forward and backward of all micro-batches (the rows of ``inputs_BS``, in order); gradients are those
         of the mean loss over micro-batches. Collective over the pipeline group."""
+        sums = {"dtype": torch.float64, "device": self.device}
         self._record = {
-            "aux": torch.zeros((), dtype=torch.float64),
-            "z": torch.zeros((), dtype=torch.float64),
-            "dropped": torch.zeros((), dtype=torch.float64),
-            "counts": torch.zeros(len(self.moe_blocks), self.num_experts, dtype=torch.float64),
+            "aux": torch.zeros((), **sums),
+            "z": torch.zeros((), **sums),
+            "dropped": torch.zeros((), **sums),
+            "counts": torch.zeros(len(self.moe_blocks), self.num_experts, **sums),
         }
         lm_losses: list[torch.Tensor] = []
         self.schedule.step(inputs_BS, target=targets_BS, losses=lm_losses)
         lm = (
             torch.stack([loss.detach().double() for loss in lm_losses]).sum()
             if self.is_last
-            else torch.zeros((), dtype=torch.float64)
+            else torch.zeros((), **sums)
         )
         packed = torch.cat(
             [
@@ -251,7 +253,7 @@ class Pipeline:
             ]
         )
         dist.all_reduce(packed, group=self.group)  # every stage contributes its own layers (and the last the LM)
-        lm, aux, z, dropped = (packed[:4] / torch.tensor([self.micro_batches] * 3 + [1])).tolist()
+        lm, aux, z, dropped = (packed[:4] / torch.tensor([self.micro_batches] * 3 + [1], **sums)).tolist()
         counts_LE = packed[4:].view(len(self.moe_blocks), -1).long()
         counts = {block: counts_LE[i] for i, block in enumerate(self.moe_blocks)}
         return PipelineLosses(lm_loss=lm, aux_loss=aux, z_loss=z, dropped=int(dropped), counts=counts)
@@ -262,7 +264,7 @@ class Pipeline:
         x = tokens_BS
         for s in self.mine:
             if s > 0:
-                x = torch.empty(activation_shape)
+                x = torch.empty(activation_shape, device=self.device)
                 dist.recv(x, group=self.group, group_src=(s - 1) % self.pp)
             x = self.chunks[s](x)
             if s < self.num_stages - 1:

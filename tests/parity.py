@@ -89,7 +89,7 @@ def train_one(
     trainer = Trainer(cfg, parallel=parallel)
     if skew:
         for layer in trainer.model.moe_layers().values():
-            layer.router.expert_bias.copy_(torch.tensor(SKEW[: cfg.moe.num_experts]))
+            layer.router.expert_bias.copy_(torch.tensor(SKEW[: cfg.moe.num_experts], device=trainer.device))
     out = {"losses": [], "dropped": [], "replicas": [], "grads": []}
     for step in range(cfg.train.steps):
         if parallel.engine is not None:
@@ -102,6 +102,7 @@ def train_one(
             parallel.gather_full(trainer.model, {n: p.grad for n, p in trainer.model.named_parameters()})
         )
     named = dict(trainer.model.named_parameters())
+    out["comm_calls"] = {name: s.calls for name, s in parallel.stats.snapshot().items()}
     out["params"] = parallel.gather_full(trainer.model, named)
     if save:
         trainer.step = cfg.train.steps

@@ -30,6 +30,9 @@ DTYPES = ("fp32", "bf16")
 QK_NORMS = ("none", "head", "full")  # RMSNorm of q and k: none, over each head (Qwen3), over the whole width (OLMoE)
 NO_DECAY_GROUPS = ("norm", "bias", "embedding")
 NONFINITE_POLICIES = ("stop", "skip")
+ACTIVATION_CHECKPOINTING = ("none", "moe", "block")  # recompute nothing, each MoE layer, or each whole block
+REDUCE_DTYPES = ("fp32", "bf16")
+DEVICES = ("auto", "cpu", "cuda")
 DEMO_DATA = ("data/stdlib", ["stdlib"])  # (data.dir, data.inputs) of the demo: prepared when missing without asking
 OVERRIDE_KEY = re.compile(r"[A-Za-z_]\w*(\.\w+)*")  # section.field, as the dataclasses name them
 MAX_SEED = 2**63 - 1  # torch.manual_seed takes a signed 64-bit seed
@@ -173,6 +176,10 @@ class TrainConfig:
     collective_timeout_s: float = 600.0  # a collective (or the rendezvous) waiting longer fails the job, naming it
     nonfinite: str = "stop"  # a NaN/inf in a step: stop (naming step and layer) or skip the step's update
     init_from: str = ""  # an exported model folder (`hecate export`) whose weights start the run
+    device: str = "auto"  # auto (cuda when a GPU is visible), cpu or cuda (cuda:LOCAL_RANK for each rank)
+    activation_checkpointing: str = "none"  # none, moe (recompute MoE layers in backward) or block (whole blocks)
+    grad_reduce_dtype: str = "fp32"  # dtype in which data-parallel gradients are summed (fp32 or bf16)
+    peak_tflops: float = 0.0  # one device's peak for MFU; 0 = the GPU's datasheet figure, or measured on the CPU
 
     def validate(self) -> None:
         _positive("train.steps", self.steps)
@@ -199,6 +206,18 @@ class TrainConfig:
             raise ConfigError("train.nonfinite", f"must be one of {NONFINITE_POLICIES}, got {self.nonfinite!r}")
         if self.init_from:
             _path("train.init_from", self.init_from)
+        if self.device not in DEVICES:  # whether a GPU is there is checked where the run starts (trainer/device.py)
+            raise ConfigError("train.device", f"must be one of {DEVICES}, got {self.device!r}")
+        if self.activation_checkpointing not in ACTIVATION_CHECKPOINTING:
+            raise ConfigError(
+                "train.activation_checkpointing",
+                f"must be one of {ACTIVATION_CHECKPOINTING}, got {self.activation_checkpointing!r}",
+            )
+        _non_negative("train.peak_tflops", self.peak_tflops)
+        if self.grad_reduce_dtype not in REDUCE_DTYPES:
+            raise ConfigError(
+                "train.grad_reduce_dtype", f"must be one of {REDUCE_DTYPES}, got {self.grad_reduce_dtype!r}"
+            )
 
 
 @dataclass

@@ -11,6 +11,7 @@ from hecate.parallel.pipeline import bubble_fraction, split_stages
 from hecate.parallel.tensor_parallel import check_tensor_parallel
 from hecate.parallel.topology import DENSE_DIMS, MOE_DIMS, ParallelDims
 from hecate.trainer.config import RunConfig
+from hecate.trainer.device import cuda_available
 from hecate.trainer.model import Transformer
 from hecate.trainer.model_adapter import TRANSFORMER
 
@@ -84,6 +85,30 @@ def memory_per_rank(cfg: RunConfig, dims: ParallelDims, vocab_size: int) -> dict
     }
 
 
+def check_ranks_fit_gpu(cfg: RunConfig, dims: ParallelDims, vocab_size: int, ranks: int, gpu_bytes: int) -> None:
+    """Refuse ``ranks`` simulated ranks on one GPU of ``gpu_bytes`` when their estimated memory does not fit: each
+    is capped to 1/ranks of it."""
+    need = sum(memory_per_rank(cfg, dims, vocab_size).values())
+    share = gpu_bytes / ranks
+    if need > share:
+        raise LayoutError(
+            f"--simulate {dims.world} with train.device={cfg.train.device}: {ranks} ranks share one GPU of "
+            f"{gpu_bytes / 2**30:.1f} GiB, {share / 2**30:.2f} GiB each, but a rank needs ~{need / 2**30:.2f} GiB "
+            f"(hecate plan): simulate fewer ranks, or shrink the model or micro-batch"
+        )
+
+
+def device_lines(cfg: RunConfig, dims: ParallelDims, vocab_size: int) -> list[str]:
+    """Where each rank computes and what a GPU then holds."""
+    per_rank = sum(memory_per_rank(cfg, dims, vocab_size).values()) / 2**20
+    if cfg.train.device == "cpu" or (cfg.train.device == "auto" and not cuda_available()):
+        return [f"  device: every rank on the CPU (train.device={cfg.train.device}); {per_rank:.1f} MiB per rank"]
+    return [
+        f"  device: rank r on cuda:LOCAL_RANK (one GPU per rank; --simulate N on fewer GPUs shares them, each rank "
+        f"capped to its share); memory per GPU {per_rank:.1f} MiB with one rank each (train.device={cfg.train.device})"
+    ]
+
+
 def _model_parallel_lines(cfg: RunConfig, dims: ParallelDims, vocab_size: int) -> list[str]:
     """Folding, tensor-parallel splits and pipeline stages, when the layout has them."""
     lines = []
@@ -146,4 +171,5 @@ def describe_plan(cfg: RunConfig, world: int, vocab_size: int) -> str:
         + ", ".join(f"{name} {value / 2**20:.1f} MiB" for name, value in memory.items())
         + f"; total {sum(memory.values()) / 2**20:.1f} MiB"
     )
+    lines += device_lines(cfg, dims, vocab_size)
     return "\n".join(lines)

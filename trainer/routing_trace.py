@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from hecate.parallel.activation_checkpoint import recomputing
 from hecate.trainer.errors import DataError
 
 TRACE_FILE = "routing_trace.bin"
@@ -121,7 +122,7 @@ class RoutingRecorder:
         first = moe_layers[self.layers[0]]
         self.experts, self.top_k = first.cfg.num_experts, first.cfg.top_k
         self.ranks = dp.world_size if dp is not None else 1
-        self.counts_LE = torch.zeros(len(self.layers), self.experts, dtype=torch.long)
+        self.counts_LE = torch.zeros(len(self.layers), self.experts, dtype=torch.long, device="cpu")
         for row, index in enumerate(self.layers):
             moe_layers[index].router.register_forward_hook(
                 lambda module, _args, routing, row=row: self._count(module, row, routing)
@@ -132,7 +133,7 @@ class RoutingRecorder:
             )
 
     def _count(self, module: torch.nn.Module, row: int, routing: Any) -> None:
-        if module.training:
+        if module.training and not recomputing():  # an activation checkpoint's recomputation routes again
             self.counts_LE[row] += torch.bincount(routing.experts_TK.flatten(), minlength=self.experts).cpu()
 
     def _start_file(self, header: dict[str, Any], resume_step: int) -> None:

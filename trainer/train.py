@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import shutil
+import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,14 +23,17 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from hecate.collectives.errors import HecateError
+from hecate.parallel.activation_checkpoint import apply_activation_checkpointing
 from hecate.parallel.parallelize import Parallel
 from hecate.parallel.pipeline import MicroBatch
 from hecate.trainer import checkpoint as ckpt
 from hecate.trainer.config import RunConfig
 from hecate.trainer.data import TrainLoader, ValLoader, load_manifest, token_bytes
+from hecate.trainer.device import select_device, set_parity_precision
 from hecate.trainer.errors import TrainingError
 from hecate.trainer.export import import_weights
 from hecate.trainer.faults import maybe_inject
+from hecate.trainer.flops import peak_flops, step_flops
 from hecate.trainer.metrics import METRICS_FILE, MetricsWriter, truncate_metrics, write_plots
 from hecate.trainer.model import build_model
 from hecate.trainer.model_adapter import TRANSFORMER
@@ -66,9 +70,19 @@ class Trainer:
     code, and rank 0 alone writes the run folder's shared files.
     """
 
-    def __init__(self, cfg: RunConfig, resume: bool = False, fresh: bool = False, parallel: Parallel | None = None):
+    def __init__(
+        self,
+        cfg: RunConfig,
+        resume: bool = False,
+        fresh: bool = False,
+        parallel: Parallel | None = None,
+    ):
         self.cfg = cfg
-        self.parallel = parallel = parallel if parallel is not None else Parallel.single()
+        self.parallel = parallel = (
+            parallel if parallel is not None else Parallel.single(select_device(cfg.train.device))
+        )
+        self.device = device = parallel.device
+        set_parity_precision(device, cfg.train.dtype)
         self.run_dir = Path(cfg.train.run_dir)
         if parallel.is_main:
             prepare_run_dir(self.run_dir, resume, fresh)
@@ -76,9 +90,11 @@ class Trainer:
         data_dir = Path(cfg.data.dir)
         self.manifest = load_manifest(data_dir)
         self.vocab_size = cfg.model.vocab_for(int(self.manifest["vocab_size"]))
-        self.model = build_model(cfg.model, cfg.moe, self.vocab_size, cfg.train.seed)
-        if cfg.train.init_from:
-            import_weights(Path(cfg.train.init_from), self.model, self.checkpoint_identity())
+        with torch.device("cpu"):  # the same initial weights on every device: drawn on the CPU, then moved
+            self.model = build_model(cfg.model, cfg.moe, self.vocab_size, cfg.train.seed)
+            if cfg.train.init_from:
+                import_weights(Path(cfg.train.init_from), self.model, self.checkpoint_identity())
+        self.model.to(device)
         rows = cfg.train.global_batch // cfg.train.grad_accum // parallel.dp_size
         parallel.apply(
             self.model,
@@ -89,7 +105,9 @@ class Trainer:
                 cfg.model.seq_len,
                 torch.bfloat16 if cfg.train.dtype == "bf16" else torch.float32,
             ),
+            grad_reduce_dtype=torch.bfloat16 if cfg.train.grad_reduce_dtype == "bf16" else torch.float32,
         )
+        apply_activation_checkpointing(self.model, TRANSFORMER, cfg.train.activation_checkpointing)
         self.nonfinite = NonFiniteTracer(self.model)
         self.checkpointer = ckpt.Checkpointer(
             self.run_dir / "checkpoints", cfg.checkpoint.keep, parallel, async_save=cfg.checkpoint.async_save
@@ -112,8 +130,10 @@ class Trainer:
             dp_rank=parallel.dp_rank,
             dp_size=parallel.dp_size,
         )
-        self.token_bytes_V = torch.from_numpy(token_bytes(data_dir / TOKENIZER_FILE))
-        self.autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.train.dtype == "bf16")
+        self.token_bytes_V = torch.from_numpy(token_bytes(data_dir / TOKENIZER_FILE)).to(device)
+        self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.dtype == "bf16")
+        self.peak_flops, self.peak_source = peak_flops(device, cfg.train.dtype, cfg.train.peak_tflops)
+        self.mfu: list[float] = []  # per step of this session, for the summary
         self.step = 0
         if resume:
             self._resume()
@@ -204,7 +224,7 @@ class Trainer:
             self._pipeline_micro_batches(step, out)
         else:
             for micro in range(micro_batches):
-                inputs_BS, targets_BS = self.loader.batch(step, micro)
+                inputs_BS, targets_BS = self._on_device(self.loader.batch(step, micro))
                 with self.autocast:
                     logits_BSV = self.model(inputs_BS)
                 lm_loss = self.parallel.cross_entropy(logits_BSV, targets_BS)
@@ -262,7 +282,7 @@ class Trainer:
     def _pipeline_micro_batches(self, step: int, out: StepLosses) -> None:
         """pp > 1: the step's micro-batches go through the pipeline schedule together (forwards and backwards
         interleaved); losses, loads and dropped pairs come back summed over the stages."""
-        batches = [self.loader.batch(step, micro) for micro in range(self.cfg.train.grad_accum)]
+        batches = [self._on_device(self.loader.batch(step, micro)) for micro in range(self.cfg.train.grad_accum)]
         with self.autocast:
             losses = self.parallel.pipeline.step(torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches]))
         moe = self.cfg.moe
@@ -276,7 +296,7 @@ class Trainer:
 
     def _router_losses(self, out: StepLosses) -> tuple[torch.Tensor, torch.Tensor]:
         """Sum the MoE layers' (unscaled) aux and z losses of the last forward; accumulate their loads."""
-        aux = z = torch.zeros(())
+        aux = z = torch.zeros((), device=self.device)
         for index, layer in self.model.moe_layers().items():
             stats = layer.stats
             aux, z = aux + stats.aux_loss, z + stats.z_loss
@@ -288,8 +308,9 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         """Validation loss (nats/token) and bits per byte over the held-out files."""
         self.model.eval()
-        totals = torch.zeros(3, dtype=torch.float64)  # nats, tokens, bytes
-        for inputs_BS, targets_BS in self.val_loader:
+        totals = torch.zeros(3, dtype=torch.float64, device=self.device)  # nats, tokens, bytes
+        for batch in self.val_loader:
+            inputs_BS, targets_BS = self._on_device(batch)
             with self.autocast:
                 logits_BSV = self.parallel.forward(self.model, inputs_BS)
             if logits_BSV is None:  # a pipeline stage without the head
@@ -299,6 +320,10 @@ class Trainer:
             totals[2] += self.token_bytes_V[targets_BS].sum()
         nats, tokens, bytes_ = self.parallel.data_sum(self.parallel.pipeline_sum(totals)).tolist()
         return {"val_loss": nats / tokens, "val_bpb": nats / (math.log(2) * bytes_)}
+
+    def _on_device(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """A (inputs, targets) batch from the loader (host memory) on this rank's device."""
+        return tuple(t.to(self.device, non_blocking=True) for t in batch)
 
     def describe(self) -> str:
         total = sum(p.numel() for p in self.model.parameters())
@@ -318,7 +343,10 @@ class Trainer:
             "grad_norm": losses.grad_norm,
             "tokens_per_s": tokens_per_step / step_time,
             "step_time_s": step_time,
+            **self._flops_record(losses, step_time, tokens_per_step),
         }
+        if self.device.type == "cuda":
+            record["peak_memory_bytes"] = torch.cuda.max_memory_allocated(self.device)
         if self.parallel.dims.world > 1:
             record.update(self.parallel.step_metrics())
         if losses.counts:
@@ -330,6 +358,14 @@ class Trainer:
         if losses.skipped is not None:
             record["skipped_nonfinite"] = losses.skipped
         return record
+
+    def _flops_record(self, losses: StepLosses, step_time: float, tokens: int) -> dict[str, float]:
+        """Model FLOPs per token (the routed expert rows this step computed), FLOP/s per device, MFU."""
+        expert_rows = sum(int(c.sum()) for c in losses.counts.values()) - losses.dropped
+        flops = step_flops(self.cfg, self.vocab_size, tokens, expert_rows)
+        per_device = flops / step_time / self.parallel.dims.world
+        self.mfu.append(per_device / self.peak_flops)
+        return {"model_flops_per_token": flops / tokens, "flops_per_s_per_device": per_device, "mfu": self.mfu[-1]}
 
     def checkpoint_identity(self) -> dict[str, Any]:
         """What a checkpoint must match to be loaded into this run: the shape of the model."""
@@ -365,6 +401,11 @@ class Trainer:
             "train_seconds": seconds,
             **last_eval,
             "gzip9_val_bpb": self.manifest.get("gzip9_val_bpb"),
+            "device": str(self.device),
+            "peak_flops_per_s_per_device": self.peak_flops,
+            "peak_source": self.peak_source,
+            # the first step of a session warms up (allocations, kernel selection): left out when there are more
+            "mfu": statistics.median(self.mfu[1:] or self.mfu) if self.mfu else None,
         }
         if not self.parallel.is_main:
             return summary

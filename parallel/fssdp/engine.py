@@ -52,6 +52,7 @@ from hecate.collectives import (
     Transport,
 )
 from hecate.collectives.handle import Handle
+from hecate.parallel.activation_checkpoint import recomputing
 from hecate.parallel.config import AUTO, FssdpConfig
 from hecate.parallel.fssdp.budgets import replica_bytes
 from hecate.parallel.fssdp.calibration import calibrate
@@ -71,7 +72,7 @@ class ShardedExperts(nn.Module):
     def __init__(self, experts: nn.Module, owned: Sequence[int], fssdp_layer: FssdpLayer):
         super().__init__()
         self.activation = experts.activation
-        rows = torch.tensor(owned, dtype=torch.long)
+        rows = torch.tensor(owned, dtype=torch.long, device=experts.w1.device)
         for name in WEIGHTS:
             full = getattr(experts, name)
             setattr(self, name, None if full is None else nn.Parameter(full.detach()[rows].clone()))
@@ -85,7 +86,7 @@ class ShardedExperts(nn.Module):
     ) -> torch.Tensor:
         """Held experts first, first + 1, ... on ``counts_H`` rows each (the ``Experts`` contract)."""
         weights = weights or self.unbound()
-        if not self.training:
+        if not self.training or recomputing():  # a recomputation's rows were counted by its forward
             return weights(x_ND, counts_H.tolist(), first)
         start = time.perf_counter()
         out = weights(x_ND, counts_H.tolist(), first)
@@ -99,6 +100,9 @@ class ShardedExperts(nn.Module):
         fl = self.fssdp_layer
         if not fl.replicas:
             return ExpertWeights(self.w1, self.w2, self.w3, self.activation)
+        if recomputing() and fl.forward_held is not None:  # activation checkpointing: no gather of its own
+            w1, w2, *w3 = fl.forward_held
+            return ExpertWeights(w1, w2, w3[0] if w3 else None, self.activation)
         if fl.held is None:
             fl.held = _Materialize.apply(fl, *self.weights())
         w1, w2, *w3 = fl.held
@@ -146,7 +150,7 @@ class FssdpLayer:
         self.calibrated = 0  # forwards of this step whose placement calibration corrected
         self.last_calibrated = 0
         self.estimator = LoadEstimator(experts, cfg.window)
-        self.step_counts_E = torch.zeros(experts, dtype=torch.long)
+        self.step_counts_E = torch.zeros(experts, dtype=torch.long, device="cpu")  # the planner's: host memory
         self.rows_computed = 0  # (token, expert) rows this rank computed in this step
         self.last_rows = 0  # ... in the step that ended last
         full = layer.experts
@@ -157,6 +161,7 @@ class FssdpLayer:
         self.extra: Handle | None = None  # calibration's extra copies
         self.regather: Handle | None = None  # RM: the backward gather, issued ahead by the layer after this one
         self.held: tuple[torch.Tensor, ...] | None = None  # this forward's materialized stacks (autograd outputs)
+        self.forward_held: tuple[torch.Tensor, ...] | None = None  # the last forward's, for its recomputation
         self.held_stacks: list[torch.Tensor] = []
 
     def shard(self, experts: nn.Module) -> ShardedExperts:
@@ -171,6 +176,11 @@ class FssdpLayer:
     def bytes_per_replica(self) -> int:
         """What one replica costs a device: its weights and their gradient."""
         return replica_bytes(sum(self.sizes), self.spec.dtype.itemsize)
+
+    @property
+    def device(self) -> torch.device:
+        """Where this layer's experts live, and so its exchange buffers."""
+        return self.layer.experts.w1.device
 
     # ---- forward: gather replicas, calibrate, build the held stacks ------------------------------
 
@@ -259,7 +269,7 @@ class FssdpLayer:
         return replicas
 
     def _gather(self, owner: OwnerPlacement, materialized: MaterializedPlacement) -> Handle:
-        gather = SparseAllGather(owner, materialized, self.spec, self.transport)
+        gather = SparseAllGather(owner, materialized, self.spec, self.transport, device=self.device)
         sent = {e for e, devices in enumerate(materialized.devices_C) if len(devices) > 1}
         return gather.start(self.owned_chunks(sent))
 
@@ -302,9 +312,12 @@ class FssdpLayer:
     ) -> Handle[dict[int, torch.Tensor]]:
         """Issue SparseReduceScatter of the held experts' gradients; ``finish_reduce`` waits for it."""
         held = materialized.chunks_on(self.rank)
-        grads_H = [g if g is not None else torch.zeros((len(held), *s)) for g, s in zip(grads_H, self.shapes)]
+        device = self.layer.experts.w1.device
+        grads_H = [
+            g if g is not None else torch.zeros((len(held), *s), device=device) for g, s in zip(grads_H, self.shapes)
+        ]
         copies = {e: torch.cat([g[h].reshape(-1) for g in grads_H]) for h, e in enumerate(held)}
-        return SparseReduceScatter(owner, materialized, self.spec, self.transport).start(copies)
+        return SparseReduceScatter(owner, materialized, self.spec, self.transport, device=self.device).start(copies)
 
     def finish_reduce(self, pending: Handle[dict[int, torch.Tensor]], owner: OwnerPlacement) -> None:
         """At the end of backward: add every owned expert's summed gradient to its weights' ``.grad``."""
@@ -338,7 +351,7 @@ class FssdpLayer:
         for j, stack in enumerate(self.held_stacks):  # row by row into the old storage: no second stack
             stack.untyped_storage().resize_(stack.numel() * stack.element_size())
             # write through an alias with its own version counter: autograd saved views of ``stack``
-            alias = torch.empty(0, dtype=stack.dtype).set_(
+            alias = torch.empty(0, dtype=stack.dtype, device=stack.device).set_(
                 stack.untyped_storage(), stack.storage_offset(), stack.shape, stack.stride()
             )
             for h, row in enumerate(self.held_rows(j, replicas, owned, self.held_placement)):
@@ -352,6 +365,7 @@ class FssdpLayer:
         self.step_counts_E = torch.zeros_like(self.step_counts_E)
         self.last_rows, self.rows_computed = self.rows_computed, 0
         self.last_calibrated, self.calibrated = self.calibrated, 0
+        self.forward_held = None
 
     def plan(self, policy: Policy, budgets: tuple[int, int]) -> None:
         """The next step's plan, made by ``policy`` (built with ``budgets``: overlap, memory)."""
@@ -378,7 +392,7 @@ class FssdpLayer:
         moved = [(e, new.owner_C[e]) for e in range(new.num_chunks) if new.owner_C[e] != self.owner.owner_C[e]]
         spec = ChunkSpec.flat(sum(t[0].numel() for t in flat_rows), dtype)
         received = SparseAllGather(
-            self.owner, MaterializedPlacement.from_owner(self.owner, moved), spec, self.transport
+            self.owner, MaterializedPlacement.from_owner(self.owner, moved), spec, self.transport, device=self.device
         )(chunks)
         new_owned = new.chunks_on(self.rank)
         rows = [chunks[e] if e in chunks else received[e] for e in new_owned]
@@ -405,10 +419,10 @@ class FssdpLayer:
         self.transport.all_gather(gathered, local_O.contiguous(), name="fssdp.gather_full").wait()
         per_rank = local_O.shape[0]
         index = [r * per_rank + self.owner.chunks_on(r).index(e) for e, r in enumerate(self.owner.owner_C)]
-        return gathered[torch.tensor(index)]
+        return gathered[torch.tensor(index, device=gathered.device)]
 
     def local(self, full_E: torch.Tensor) -> torch.Tensor:
-        return full_E[torch.tensor(self.owner.chunks_on(self.rank))].clone()
+        return full_E[torch.tensor(self.owner.chunks_on(self.rank), device=full_E.device)].clone()
 
 
 class FssdpEngine:
@@ -452,6 +466,12 @@ class FssdpEngine:
             memory = self.measurements.memory_budget(cfg.memory_cap_mib, fl.bytes_per_replica, experts, ranks, alive)
         return overlap, memory
 
+    @property
+    def device(self) -> torch.device:
+        """Where the managed experts' weights live (the CPU before any layer is added)."""
+        layers = list(self.layers.values())
+        return layers[0].layer.experts.w1.device if layers else torch.device("cpu")
+
     def plan(self) -> None:
         for fl in self.layers.values():
             budgets = self.budgets(fl)
@@ -464,7 +484,9 @@ class FssdpEngine:
         fl = next(iter(self.layers.values()))
         owner, ranks = fl.owner, self.transport.world_size
         copies = [(e, (owner.owner_C[e] + 1) % ranks) for e in range(owner.num_chunks)]
-        gather = SparseAllGather(owner, MaterializedPlacement.from_owner(owner, copies), fl.spec, self.transport)
+        gather = SparseAllGather(
+            owner, MaterializedPlacement.from_owner(owner, copies), fl.spec, self.transport, device=fl.device
+        )
         chunks = fl.owned_chunks()
         self.transport.barrier(name="fssdp.probe").wait()
         start = time.perf_counter()
@@ -476,10 +498,10 @@ class FssdpEngine:
     def after_forward(self, fl: FssdpLayer, out: torch.Tensor) -> None:
         """After the block's forward: count its load; in RM mode free the replicas until backward needs them."""
         stats = fl.layer.stats
-        fl.held = None
+        fl.forward_held, fl.held = fl.held, None
         fl.drain()
         if fl.layer.training:
-            fl.step_counts_E += stats.counts_E.to(fl.step_counts_E.dtype)
+            fl.step_counts_E += stats.counts_E.to("cpu", fl.step_counts_E.dtype)
         if self.cfg.rematerialize and out.requires_grad:
             fl.free_replicas()
             out.register_hook(lambda grad, fl=fl: (self._rematerialize(fl), grad)[1])
@@ -503,7 +525,7 @@ class FssdpEngine:
         if self.measurements is not None:
             if should_probe(self.steps) and self.transport.world_size > 1:
                 self._probe()
-            self.measurements.agree(self.transport)
+            self.measurements.agree(self.transport, self.device)
         if self.cfg.reshard_every and self.steps % self.cfg.reshard_every == 0:
             owners = reshard_owners(
                 [fl.estimator.estimate() for fl in self.layers.values()],

@@ -82,12 +82,13 @@ class Measurements:
 
     # ---- agreed at the end of the step ---------------------------------------------------------
 
-    def agree(self, transport: Transport) -> None:
-        """All-reduce MIN of the step's samples over the group; every rank adds the same values."""
+    def agree(self, transport: Transport, device: torch.device) -> None:
+        """All-reduce MIN of the step's samples over the group; every rank adds the same values. The samples
+        travel on ``device`` (the experts'), where every MoE transport can carry them."""
         local = [statistics.median(s) if s else math.inf for s in self._non_moe]
         row = (1 + BACKWARD_OVER_FORWARD) * self._row_seconds / self._rows if self._rows else math.inf
         probe = self._probe or (math.inf, math.inf)
-        agreed = torch.tensor([*local, row, *probe], dtype=torch.float64)
+        agreed = torch.tensor([*local, row, *probe], dtype=torch.float64, device=device)
         agreed = transport.all_reduce(agreed, reduce="min", name="fssdp.measurements").wait().tolist()
         for median, value in zip([*self.non_moe_s, self.row_s, self.bandwidth, self.free_bytes], agreed):
             if math.isfinite(value):
