@@ -109,6 +109,7 @@ def layout_losses(cfg_dict: dict, device_type: str) -> list[float]:
     from hecate.parallel.parallelize import Parallel
     from hecate.trainer.config import config_from_dict
     from hecate.trainer.device import select_device
+    from hecate.trainer.plan import layout_of
     from hecate.trainer.train import Trainer
 
     cfg = config_from_dict(cfg_dict)
@@ -117,7 +118,7 @@ def layout_losses(cfg_dict: dict, device_type: str) -> list[float]:
     init_distributed(env, cfg.train.collective_timeout_s, process_group_backend(device, env.local_world_size))
     try:
         parallel = Parallel.from_world(
-            cfg.parallel, cfg.moe, cfg.model.n_layers, cfg.model.n_heads, cfg.fssdp, device=device
+            layout_of(cfg, dist.get_world_size()), cfg.parallel, cfg.moe, cfg.fssdp, device=device
         )
         trainer = Trainer(cfg, parallel=parallel)
         for layer in trainer.model.moe_layers().values():

@@ -59,7 +59,7 @@ def steps_and_eval(cfg_dict: dict, distributed: bool, skew: bool, default_device
         torch.set_default_device(default_device)
     cfg = config_from_dict(cfg_dict)
     parallel = (
-        Parallel.from_world(cfg.parallel, cfg.moe, cfg.model.n_layers, cfg.model.n_heads, cfg.fssdp)
+        Parallel.from_world(layout_of(cfg, torch.distributed.get_world_size()), cfg.parallel, cfg.moe, cfg.fssdp)
         if distributed
         else None
     )
