@@ -129,7 +129,7 @@ def agree_on_two_ranks() -> dict:
         measured.add_non_moe(1, 0.007)
     measured.add_rows(100, 0.001 * (rank + 1))  # 1 and 2 ms forward over 100 rows
     measured.add_probe((1e9, 2e9)[rank], (5e9, 4e9)[rank])
-    measured.agree(transport)
+    measured.agree(transport, torch.device("cpu"))
     return {
         "before": before,
         "non_moe": [m.value for m in measured.non_moe_s],

@@ -45,7 +45,7 @@ LAYOUTS = {  # name: (world, overrides, skewed routing)
     "dp2-bf16": (2, ["train.dtype=bf16"], False),
     "etp2-capacity-shared-expert": (
         2,
-        ["parallel.etp=2", "moe.capacity_factor=1.0", "moe.shared_expert=true"],
+        ["parallel.etp=2", "moe.capacity_factor=1.0", "moe.shared_experts=1"],
         False,
     ),
     "dp2-sub-batches": (2, ["moe.overlap_sub_batches=2"], False),
